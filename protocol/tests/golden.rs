@@ -1,0 +1,180 @@
+//! Golden byte vectors: each sample message's frame is stored in `protocol/golden/`.
+//! The Python codec's tests (`tests/test_codec.py`) build the same messages and must
+//! produce, and decode, exactly these bytes. Regenerate with `AUTOZYME_BLESS=1`.
+
+use autozyme_protocol::*;
+use std::path::PathBuf;
+
+fn arr(segment: &str, offset: u64, len: u64, dtype: DType) -> ArrayRef {
+    ArrayRef {
+        segment: segment.into(),
+        offset,
+        len,
+        dtype,
+    }
+}
+
+fn csr() -> Matrix {
+    Matrix::Csr {
+        n_rows: 3,
+        n_cols: 5,
+        data: arr("azm_1000_42_0", 0, 7, DType::F32),
+        indices: arr("azm_1000_42_1", 64, 7, DType::I32),
+        indptr: arr("azm_1000_42_2", 0, 4, DType::I64),
+    }
+}
+
+fn requests() -> Vec<(&'static str, Request)> {
+    vec![
+        (
+            "req_hello",
+            Request::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                build_id: "0.1.0+abc".into(),
+                client_pid: 4242,
+            },
+        ),
+        ("req_ping", Request::Ping),
+        ("req_status", Request::Status),
+        ("req_shutdown", Request::Shutdown),
+        (
+            "req_row_sums",
+            Request::RowSums {
+                x: csr(),
+                exclude_max_fraction: None,
+            },
+        ),
+        (
+            "req_row_sums_exclude",
+            Request::RowSums {
+                x: Matrix::Dense {
+                    n_rows: 2,
+                    n_cols: 2,
+                    data: arr("azm_1000_42_3", 8, 4, DType::F64),
+                },
+                exclude_max_fraction: Some(0.05),
+            },
+        ),
+        (
+            "req_divide_rows",
+            Request::DivideRows {
+                x: csr(),
+                factors: vec![1.0, 0.5, -2.25],
+                factors_dtype: DType::F32,
+                out: arr("azm_1000_42_4", 0, 7, DType::F64),
+            },
+        ),
+        ("req_sleep", Request::Sleep { millis: 1500 }),
+    ]
+}
+
+fn responses() -> Vec<(&'static str, Response)> {
+    vec![
+        (
+            "resp_hello",
+            Response::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                build_id: "0.1.0+abc".into(),
+                pid: 99,
+                threads: 2,
+            },
+        ),
+        ("resp_pong", Response::Pong),
+        (
+            "resp_status",
+            Response::Status(DaemonStatus {
+                pid: 99,
+                version: "0.1.0".into(),
+                build_id: "0.1.0+abc".into(),
+                protocol_version: PROTOCOL_VERSION,
+                threads: 2,
+                uptime_ms: 1234,
+                rss_bytes: 1 << 20,
+                peak_rss_bytes: 1 << 21,
+                requests_served: 7,
+                requests_failed: 1,
+                open_connections: 1,
+                mapped_segments: 3,
+                mapped_bytes: 4096,
+                cache: vec![CacheEntry {
+                    key: "csc:deadbeef".into(),
+                    bytes: 100,
+                    hits: 2,
+                }],
+                idle_timeout_s: 600,
+                runtime_dir: "/run/user/1000/autozyme".into(),
+            }),
+        ),
+        ("resp_shutting_down", Response::ShuttingDown),
+        (
+            "resp_row_sums",
+            Response::RowSums {
+                sums: vec![3.0, 0.0, 1e300],
+                highly_expressed: vec![1, 4],
+            },
+        ),
+        ("resp_done", Response::Done),
+        (
+            "resp_error",
+            Response::error(ErrorKind::BadMatrix, "indptr is not monotone at row 2"),
+        ),
+    ]
+}
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden")
+}
+
+fn check(name: &str, bytes: Vec<u8>) {
+    let path = golden_dir().join(format!("{name}.bin"));
+    if std::env::var_os("AUTOZYME_BLESS").is_some() {
+        std::fs::create_dir_all(golden_dir()).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        return;
+    }
+    let want = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run with AUTOZYME_BLESS=1)", path.display()));
+    assert_eq!(bytes, want, "{name}: wire bytes changed; bump PROTOCOL_VERSION and re-bless");
+}
+
+#[test]
+fn requests_match_golden_bytes_and_round_trip() {
+    for (name, req) in requests() {
+        let framed = frame(&req);
+        let back: Request = read_frame(&mut &framed[..]).unwrap().unwrap();
+        assert_eq!(back, req);
+        check(name, framed);
+    }
+}
+
+#[test]
+fn responses_match_golden_bytes_and_round_trip() {
+    for (name, resp) in responses() {
+        let framed = frame(&resp);
+        let back: Response = read_frame(&mut &framed[..]).unwrap().unwrap();
+        assert_eq!(back, resp);
+        check(name, framed);
+    }
+}
+
+#[test]
+fn oversized_and_truncated_frames_are_errors_not_panics() {
+    let big = (MAX_FRAME_BYTES + 1).to_le_bytes();
+    assert!(matches!(
+        read_payload(&mut &big[..]),
+        Err(FrameError::TooLarge(_))
+    ));
+    let mut framed = frame(&Request::Status);
+    framed.pop();
+    assert!(read_payload(&mut &framed[..]).is_err());
+    // A valid length with garbage: a decode error.
+    let junk = [4u8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
+    assert!(read_frame::<_, Request>(&mut &junk[..]).is_err());
+    // A vector claiming 2^60 elements must not allocate them.
+    let mut huge = vec![];
+    huge.extend_from_slice(&5u32.to_le_bytes()); // RowSums response
+    huge.extend_from_slice(&(1u64 << 60).to_le_bytes());
+    assert!(decode::<Response>(&huge).is_err());
+    // Clean end of stream.
+    assert!(read_payload(&mut &[][..]).unwrap().is_none());
+}
