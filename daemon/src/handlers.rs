@@ -1,0 +1,425 @@
+//! Maps each request to checks, views and kernels, and turns every failure (a bad
+//! request, a malformed matrix, even a panic) into an error response: nothing a
+//! client sends can bring the daemon down.
+
+use crate::config::{BUILD_ID, VERSION};
+use crate::error::{Failure, Result};
+use crate::kernels::divide_rows::{
+    csr_divide_rows, csr_divide_rows_in_place, dense_divide_rows, dense_divide_rows_in_place,
+};
+use crate::kernels::highly_expressed::{flagged_indices, highly_expressed_genes};
+use crate::kernels::row_sums::{csr_row_sums, csr_row_sums_excluding};
+use crate::kernels::{Float, SparseIndex};
+use crate::server::state::Daemon;
+use crate::shm::{CsrRegions, DenseRegions, FloatSlice, FloatSliceMut, IndexSlice, Resolver};
+use autozyme_protocol::{
+    ArrayRef, DType, DaemonStatus, ErrorKind, Matrix, Request, Response, PROTOCOL_VERSION,
+};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// What the connection should do after sending the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    Continue,
+    /// The response was `ShuttingDown`: send it, then stop the daemon.
+    Shutdown,
+}
+
+/// Handles one request from a peer with effective uid `peer_uid`.
+pub fn handle(daemon: &Daemon, peer_uid: u32, request: Request) -> (Response, After) {
+    match catch_unwind(AssertUnwindSafe(|| dispatch(daemon, peer_uid, request))) {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(failure)) => (failure.into_response(), After::Continue),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            let message = format!("internal error (daemon bug), request abandoned: {what}");
+            (
+                Response::error(ErrorKind::Internal, message),
+                After::Continue,
+            )
+        }
+    }
+}
+
+/// The reply to a valid `Hello`.
+pub fn hello(daemon: &Daemon) -> Response {
+    Response::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        build_id: BUILD_ID.to_string(),
+        pid: daemon.pid,
+        threads: daemon.config.threads as u32,
+    }
+}
+
+fn dispatch(daemon: &Daemon, peer_uid: u32, request: Request) -> Result<(Response, After)> {
+    let response = match request {
+        Request::Hello {
+            protocol_version, ..
+        } => {
+            // Greeting again is harmless; the version must still match.
+            if protocol_version != PROTOCOL_VERSION {
+                return Err(Failure::new(
+                    ErrorKind::Handshake,
+                    format!(
+                        "protocol version {protocol_version}, daemon speaks {PROTOCOL_VERSION}"
+                    ),
+                ));
+            }
+            hello(daemon)
+        }
+        Request::Ping => Response::Pong,
+        Request::Status => Response::Status(status(daemon)),
+        Request::Shutdown => return Ok((Response::ShuttingDown, After::Shutdown)),
+        Request::RowSums {
+            x,
+            exclude_max_fraction,
+        } => row_sums(daemon, peer_uid, &x, exclude_max_fraction)?,
+        Request::DivideRows {
+            x,
+            factors,
+            factors_dtype,
+            out,
+        } => divide_rows(daemon, peer_uid, &x, &factors, factors_dtype, &out)?,
+        Request::Sleep { millis } => sleep(daemon, millis)?,
+    };
+    Ok((response, After::Continue))
+}
+
+/// `VmRSS` and `VmHWM` of this process, in bytes (0 if unavailable).
+fn memory_usage() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(key))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map_or(0, |kib| kib * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+pub fn status(daemon: &Daemon) -> DaemonStatus {
+    let (rss_bytes, peak_rss_bytes) = memory_usage();
+    let (mapped_segments, mapped_bytes) = daemon.segments.stats();
+    DaemonStatus {
+        pid: daemon.pid,
+        version: VERSION.to_string(),
+        build_id: BUILD_ID.to_string(),
+        protocol_version: PROTOCOL_VERSION,
+        threads: daemon.config.threads as u32,
+        uptime_ms: daemon.uptime().as_millis() as u64,
+        rss_bytes,
+        peak_rss_bytes,
+        requests_served: daemon.requests_served.load(Ordering::SeqCst),
+        requests_failed: daemon.requests_failed.load(Ordering::SeqCst),
+        open_connections: daemon.open_connections.load(Ordering::SeqCst),
+        mapped_segments,
+        mapped_bytes,
+        // The cache of derived matrices does not exist yet.
+        cache: vec![],
+        idle_timeout_s: daemon.config.idle_timeout_s,
+        runtime_dir: daemon.config.runtime_dir.display().to_string(),
+    }
+}
+
+/// Test hook: keeps this connection busy for `millis`, checking for shutdown every
+/// 50 ms so a long sleep cannot hold the daemon's exit hostage.
+fn sleep(daemon: &Daemon, millis: u64) -> Result<Response> {
+    if !daemon.config.test_hooks {
+        return Err(Failure::bad_request(
+            "Sleep is a test hook; it needs AUTOZYME_TEST_HOOKS=1 when the daemon starts",
+        ));
+    }
+    let end = Instant::now().checked_add(Duration::from_millis(millis));
+    while !daemon.shutting_down() {
+        let remaining = match end {
+            Some(end) => end.saturating_duration_since(Instant::now()),
+            None => Duration::MAX,
+        };
+        if remaining.is_zero() {
+            break;
+        }
+        std::thread::sleep(remaining.min(Duration::from_millis(50)));
+    }
+    Ok(Response::Done)
+}
+
+// ---- RowSums ---------------------------------------------------------------------
+
+fn row_sums(
+    daemon: &Daemon,
+    peer_uid: u32,
+    x: &Matrix,
+    exclude_max_fraction: Option<f64>,
+) -> Result<Response> {
+    let Matrix::Csr {
+        n_rows,
+        n_cols,
+        data,
+        indices,
+        indptr,
+    } = x
+    else {
+        return Err(Failure::new(
+            ErrorKind::Unsupported,
+            "RowSums takes CSR matrices only (dense sums use numpy's pairwise summation)",
+        ));
+    };
+    let mut resolver = Resolver::new(&daemon.segments, peer_uid);
+    let csr = CsrRegions::resolve(&mut resolver, *n_rows, *n_cols, data, indices, indptr)?;
+    csr.validate_indptr()?;
+    if exclude_max_fraction.is_some() {
+        csr.validate_column_indices()?;
+    }
+    let job = RowSumsJob {
+        n_rows: csr.n_rows,
+        n_cols: csr.n_cols,
+        exclude_max_fraction,
+    };
+    let data = csr.data.floats().expect("dtype checked");
+    let indices = csr.indices.indices().expect("dtype checked");
+    let (sums, highly_expressed) = match csr.indptr.indices().expect("dtype checked") {
+        IndexSlice::I32(p) => job.with_indices(p, indices, data),
+        IndexSlice::I64(p) => job.with_indices(p, indices, data),
+    };
+    Ok(Response::RowSums {
+        sums,
+        highly_expressed,
+    })
+}
+
+struct RowSumsJob {
+    n_rows: usize,
+    n_cols: usize,
+    exclude_max_fraction: Option<f64>,
+}
+
+impl RowSumsJob {
+    fn with_indices<P: SparseIndex>(
+        &self,
+        indptr: &[P],
+        indices: IndexSlice<'_>,
+        data: FloatSlice<'_>,
+    ) -> (Vec<f64>, Vec<u64>) {
+        match indices {
+            IndexSlice::I32(i) => self.with_data(indptr, i, data),
+            IndexSlice::I64(i) => self.with_data(indptr, i, data),
+        }
+    }
+
+    fn with_data<P: SparseIndex, I: SparseIndex>(
+        &self,
+        indptr: &[P],
+        indices: &[I],
+        data: FloatSlice<'_>,
+    ) -> (Vec<f64>, Vec<u64>) {
+        match data {
+            FloatSlice::F32(d) => self.run(indptr, indices, d),
+            FloatSlice::F64(d) => self.run(indptr, indices, d),
+        }
+    }
+
+    /// Upstream's `_normalize_csr`: plain sums, then (with exclusion) the flagged
+    /// genes and the sums recomputed without them.
+    fn run<T: Float, P: SparseIndex, I: SparseIndex>(
+        &self,
+        indptr: &[P],
+        indices: &[I],
+        data: &[T],
+    ) -> (Vec<f64>, Vec<u64>) {
+        let sums = csr_row_sums(indptr, data, self.n_rows);
+        let Some(max_fraction) = self.exclude_max_fraction else {
+            return (widen(&sums), vec![]);
+        };
+        let flags = highly_expressed_genes(indptr, indices, data, &sums, self.n_cols, max_fraction);
+        let sums = csr_row_sums_excluding(indptr, indices, data, self.n_rows, &flags);
+        (widen(&sums), flagged_indices(&flags))
+    }
+}
+
+fn widen<T: Float>(values: &[T]) -> Vec<f64> {
+    values.iter().map(|v| v.to_f64()).collect()
+}
+
+// ---- DivideRows ------------------------------------------------------------------
+
+fn divide_rows(
+    daemon: &Daemon,
+    peer_uid: u32,
+    x: &Matrix,
+    factors: &[f64],
+    factors_dtype: DType,
+    out: &ArrayRef,
+) -> Result<Response> {
+    if !matches!(factors_dtype, DType::F32 | DType::F64) {
+        return Err(Failure::bad_request(format!(
+            "factors_dtype must be F32 or F64, not {factors_dtype:?}"
+        )));
+    }
+    if !matches!(out.dtype, DType::F32 | DType::F64) {
+        return Err(Failure::bad_request(format!(
+            "out must be F32 or F64, not {:?}",
+            out.dtype
+        )));
+    }
+    let factors_are_f32 = factors_dtype == DType::F32;
+    let mut resolver = Resolver::new(&daemon.segments, peer_uid);
+    match x {
+        Matrix::Csr {
+            n_rows,
+            n_cols,
+            data,
+            indices,
+            indptr,
+        } => {
+            let mut csr =
+                CsrRegions::resolve(&mut resolver, *n_rows, *n_cols, data, indices, indptr)?;
+            check_factors_len(factors, csr.n_rows)?;
+            csr.validate_indptr()?;
+            let mut out = resolver.region(out, "out")?;
+            check_out_len(out.len(), csr.data.len())?;
+            for (array, what) in [(&csr.indices, "indices"), (&csr.indptr, "indptr")] {
+                if out.overlaps(array) {
+                    return Err(Failure::bad_request(format!("out overlaps x's {what}")));
+                }
+            }
+            let indptr = csr.indptr.indices().expect("dtype checked");
+            if out.is_same_array(&csr.data) {
+                // SAFETY: `out` is x's data itself, which overlaps neither indices nor
+                // indptr (checked above); no other view of the data is alive.
+                let data = unsafe { csr.data.floats_mut() }.expect("dtype checked");
+                match indptr {
+                    IndexSlice::I32(p) => csr_in_place(p, data, factors, factors_are_f32),
+                    IndexSlice::I64(p) => csr_in_place(p, data, factors, factors_are_f32),
+                }
+            } else {
+                if out.overlaps(&csr.data) {
+                    return Err(Failure::bad_request(
+                        "out partially overlaps x's data (it may only be exactly x's data)",
+                    ));
+                }
+                // SAFETY: `out` overlaps none of x's arrays (checked above).
+                let out = unsafe { out.floats_mut() }.expect("dtype checked");
+                let data = csr.data.floats().expect("dtype checked");
+                match indptr {
+                    IndexSlice::I32(p) => csr_to_out(p, data, factors, factors_are_f32, out),
+                    IndexSlice::I64(p) => csr_to_out(p, data, factors, factors_are_f32, out),
+                }
+            }
+        }
+        Matrix::Dense {
+            n_rows,
+            n_cols,
+            data,
+        } => {
+            let mut dense = DenseRegions::resolve(&mut resolver, *n_rows, *n_cols, data)?;
+            check_factors_len(factors, dense.n_rows)?;
+            let mut out = resolver.region(out, "out")?;
+            check_out_len(out.len(), dense.data.len())?;
+            let n_cols = dense.n_cols;
+            if out.is_same_array(&dense.data) {
+                // SAFETY: `out` is x's data itself; no other view of it is alive.
+                let data = unsafe { dense.data.floats_mut() }.expect("dtype checked");
+                match data {
+                    FloatSliceMut::F32(d) => {
+                        dense_divide_rows_in_place(d, n_cols, factors, factors_are_f32)
+                    }
+                    FloatSliceMut::F64(d) => {
+                        dense_divide_rows_in_place(d, n_cols, factors, factors_are_f32)
+                    }
+                }
+            } else {
+                if out.overlaps(&dense.data) {
+                    return Err(Failure::bad_request(
+                        "out partially overlaps x's data (it may only be exactly x's data)",
+                    ));
+                }
+                // SAFETY: `out` does not overlap x's data (checked above).
+                let out = unsafe { out.floats_mut() }.expect("dtype checked");
+                let data = dense.data.floats().expect("dtype checked");
+                dense_to_out(data, n_cols, factors, factors_are_f32, out);
+            }
+        }
+    }
+    Ok(Response::Done)
+}
+
+fn check_factors_len(factors: &[f64], n_rows: usize) -> Result<()> {
+    if factors.len() != n_rows {
+        return Err(Failure::bad_request(format!(
+            "{} factors for {n_rows} rows",
+            factors.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_out_len(out_len: usize, stored: usize) -> Result<()> {
+    if out_len != stored {
+        return Err(Failure::bad_request(format!(
+            "out has {out_len} elements but x stores {stored} values"
+        )));
+    }
+    Ok(())
+}
+
+fn csr_in_place<P: SparseIndex>(
+    indptr: &[P],
+    data: FloatSliceMut<'_>,
+    factors: &[f64],
+    factors_are_f32: bool,
+) {
+    match data {
+        FloatSliceMut::F32(d) => csr_divide_rows_in_place(indptr, d, factors, factors_are_f32),
+        FloatSliceMut::F64(d) => csr_divide_rows_in_place(indptr, d, factors, factors_are_f32),
+    }
+}
+
+fn csr_to_out<P: SparseIndex>(
+    indptr: &[P],
+    data: FloatSlice<'_>,
+    factors: &[f64],
+    f32s: bool,
+    out: FloatSliceMut<'_>,
+) {
+    match (data, out) {
+        (FloatSlice::F32(d), FloatSliceMut::F32(o)) => csr_divide_rows(indptr, d, factors, f32s, o),
+        (FloatSlice::F32(d), FloatSliceMut::F64(o)) => csr_divide_rows(indptr, d, factors, f32s, o),
+        (FloatSlice::F64(d), FloatSliceMut::F32(o)) => csr_divide_rows(indptr, d, factors, f32s, o),
+        (FloatSlice::F64(d), FloatSliceMut::F64(o)) => csr_divide_rows(indptr, d, factors, f32s, o),
+    }
+}
+
+fn dense_to_out(
+    data: FloatSlice<'_>,
+    n_cols: usize,
+    factors: &[f64],
+    f32s: bool,
+    out: FloatSliceMut<'_>,
+) {
+    match (data, out) {
+        (FloatSlice::F32(d), FloatSliceMut::F32(o)) => {
+            dense_divide_rows(d, n_cols, factors, f32s, o)
+        }
+        (FloatSlice::F32(d), FloatSliceMut::F64(o)) => {
+            dense_divide_rows(d, n_cols, factors, f32s, o)
+        }
+        (FloatSlice::F64(d), FloatSliceMut::F32(o)) => {
+            dense_divide_rows(d, n_cols, factors, f32s, o)
+        }
+        (FloatSlice::F64(d), FloatSliceMut::F64(o)) => {
+            dense_divide_rows(d, n_cols, factors, f32s, o)
+        }
+    }
+}

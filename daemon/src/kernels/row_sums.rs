@@ -1,0 +1,145 @@
+//! Per-row sums of a CSR matrix, as scanpy's `_normalize_csr` computes them.
+//!
+//! Upstream (numba, no fastmath) starts each row with `count = 0.0`, a float64, adds
+//! the row's stored values in index order (each widened to float64) and stores the
+//! total into an array of the data's dtype. We do exactly that: accumulate in f64,
+//! in order, then round once to `T`.
+
+use super::{for_each_in_waves, row_chunks, row_range, split_at_offsets_mut, Float, SparseIndex};
+
+/// Sum of every stored value of each row, rounded to the data's dtype.
+pub fn csr_row_sums<T: Float, P: SparseIndex>(indptr: &[P], data: &[T], n_rows: usize) -> Vec<T> {
+    sum_rows(indptr, data, n_rows, |_| true)
+}
+
+/// Like [`csr_row_sums`], but skipping stored values whose column is excluded
+/// (`excluded[col]`). A column index outside `excluded` (or negative) can only come
+/// from a client rewriting memory mid-call; such entries are skipped too.
+pub fn csr_row_sums_excluding<T: Float, P: SparseIndex, I: SparseIndex>(
+    indptr: &[P],
+    indices: &[I],
+    data: &[T],
+    n_rows: usize,
+    excluded: &[bool],
+) -> Vec<T> {
+    let keep = |j: usize| {
+        let col = indices.get(j).and_then(|c| c.to_usize());
+        matches!(col.and_then(|c| excluded.get(c)), Some(false))
+    };
+    sum_rows(indptr, data, n_rows, keep)
+}
+
+/// Shared driver: rows are independent, so chunks of rows run in parallel and the
+/// result does not depend on how they are split. `keep(j)` decides whether stored
+/// value `j` counts.
+fn sum_rows<T: Float, P: SparseIndex>(
+    indptr: &[P],
+    data: &[T],
+    n_rows: usize,
+    keep: impl Fn(usize) -> bool + Sync,
+) -> Vec<T> {
+    let nnz = data.len();
+    let chunks = row_chunks(indptr, n_rows, nnz);
+    let mut sums = vec![T::from_f64(0.0); n_rows];
+    let pieces = split_at_offsets_mut(&mut sums, chunks.iter().map(|c| c.end));
+    for_each_in_waves(chunks.into_iter().zip(pieces), |(rows, out)| {
+        for (r, slot) in rows.zip(out.iter_mut()) {
+            let range = row_range(indptr, r, nnz);
+            let mut count = 0.0f64;
+            for (j, v) in range.clone().zip(&data[range]) {
+                if keep(j) {
+                    count += v.to_f64();
+                }
+            }
+            *slot = T::from_f64(count);
+        }
+    });
+    sums
+}
+
+#[cfg(test)]
+#[allow(clippy::needless_range_loop)] // the reference loops mirror upstream's
+mod tests {
+    use super::*;
+    use crate::kernels::test_util::{random_csr, shapes, with_threads};
+
+    fn reference_sums<T: Float>(
+        indptr: &[i64],
+        data: &[T],
+        skip: impl Fn(usize) -> bool,
+    ) -> Vec<T> {
+        (0..indptr.len() - 1)
+            .map(|r| {
+                let mut c = 0.0f64;
+                for j in indptr[r] as usize..indptr[r + 1] as usize {
+                    if !skip(j) {
+                        c += data[j].to_f64();
+                    }
+                }
+                T::from_f64(c)
+            })
+            .collect()
+    }
+
+    fn check<T: Float + std::fmt::Debug>(to_t: impl Fn(f64) -> T, bits: impl Fn(T) -> u64) {
+        for (seed, &(n_rows, n_cols, density)) in shapes().iter().enumerate() {
+            let m = random_csr(seed as u64, n_rows, n_cols, density);
+            let data: Vec<T> = m.data.iter().map(|&v| to_t(v)).collect();
+            let expected = reference_sums(&m.indptr, &data, |_| false);
+            for threads in [1, 2] {
+                let got = with_threads(threads, || csr_row_sums(&m.indptr, &data, n_rows));
+                assert_eq!(got.len(), n_rows);
+                let same = got.iter().zip(&expected).all(|(a, b)| bits(*a) == bits(*b));
+                assert!(same, "shape {n_rows}x{n_cols}, {threads} threads");
+            }
+
+            let excluded: Vec<bool> = (0..n_cols).map(|c| c % 3 == 1).collect();
+            let expected = reference_sums(&m.indptr, &data, |j| excluded[m.indices[j] as usize]);
+            for threads in [1, 2] {
+                let got = with_threads(threads, || {
+                    csr_row_sums_excluding(&m.indptr, &m.indices, &data, n_rows, &excluded)
+                });
+                let same = got.iter().zip(&expected).all(|(a, b)| bits(*a) == bits(*b));
+                assert!(
+                    same,
+                    "excluding, shape {n_rows}x{n_cols}, {threads} threads"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matches_reference_f32() {
+        check(|v| v as f32, |v: f32| v.to_bits() as u64);
+    }
+
+    #[test]
+    fn matches_reference_f64() {
+        check(|v| v, |v: f64| v.to_bits());
+    }
+
+    #[test]
+    fn f32_accumulates_in_f64() {
+        // 2^24 + 1 + 1 is not representable step by step in f32 but is in f64:
+        // an f32 accumulator would return 2^24, upstream's f64 one 2^24 + 2.
+        let data = [16_777_216.0f32, 1.0, 1.0];
+        let sums = csr_row_sums(&[0i32, 3], &data, 1);
+        assert_eq!(sums, vec![16_777_218.0f32]);
+    }
+
+    #[test]
+    fn empty_and_all_zero_rows() {
+        let indptr = [0i32, 0, 2, 2, 4];
+        let data = [0.0f64, 0.0, 1.5, -0.5];
+        assert_eq!(csr_row_sums(&indptr, &data, 4), vec![0.0, 0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn out_of_range_columns_are_skipped_not_fatal() {
+        let indptr = [0i32, 3];
+        let indices = [0i32, 99, -4];
+        let data = [1.0f32, 2.0, 4.0];
+        let got = csr_row_sums_excluding(&indptr, &indices, &data, 1, &[false, false]);
+        assert_eq!(got, vec![1.0]);
+    }
+}

@@ -1,0 +1,10 @@
+//! Client shared-memory segments: name validation, cached mappings, typed views,
+//! and the sweep that removes segments left behind by dead clients.
+
+pub mod mapping;
+pub mod names;
+pub mod sweep;
+pub mod view;
+
+pub use mapping::{Mapping, SegmentCache};
+pub use view::{CsrRegions, DenseRegions, FloatSlice, FloatSliceMut, IndexSlice, Region, Resolver};

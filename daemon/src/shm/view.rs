@@ -1,0 +1,391 @@
+//! Bounds-checked, typed views of arrays that live in client segments.
+//!
+//! Every number here (offsets, lengths, shapes, the contents of index arrays)
+//! comes from the client, so all arithmetic is checked and a bad value becomes a
+//! [`Failure`], never a panic or an out-of-bounds access.
+//!
+//! Soundness note: the segments are shared with the client process, which could
+//! write to them while a kernel runs. That is the client's own data race on its own
+//! data; the daemon only ever reads plain numbers (every bit pattern is a valid
+//! f32/f64/i32/i64) and kernels bounds-check every index they read, so the worst
+//! outcome is a wrong answer for that misbehaving client.
+
+use super::mapping::{Mapping, SegmentCache};
+use crate::error::{Failure, Result};
+use autozyme_protocol::{ArrayRef, DType};
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Element types that may be viewed in shared memory.
+///
+/// # Safety
+/// Implementors must be plain numbers for which every bit pattern is valid.
+pub unsafe trait Element: Copy + Send + Sync + 'static {
+    const DTYPE: DType;
+}
+unsafe impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+}
+unsafe impl Element for f64 {
+    const DTYPE: DType = DType::F64;
+}
+unsafe impl Element for i32 {
+    const DTYPE: DType = DType::I32;
+}
+unsafe impl Element for i64 {
+    const DTYPE: DType = DType::I64;
+}
+
+/// A checked array inside a mapped segment: `len` elements of `dtype` starting
+/// `offset` bytes into the mapping, all of it inside the mapping and aligned.
+#[derive(Debug)]
+pub struct Region {
+    mapping: Arc<Mapping>,
+    offset: usize,
+    len: usize,
+    dtype: DType,
+}
+
+pub enum FloatSlice<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+}
+
+pub enum FloatSliceMut<'a> {
+    F32(&'a mut [f32]),
+    F64(&'a mut [f64]),
+}
+
+pub enum IndexSlice<'a> {
+    I32(&'a [i32]),
+    I64(&'a [i64]),
+}
+
+impl Region {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn byte_range(&self) -> Range<usize> {
+        // Cannot overflow: checked when the region was made.
+        self.offset..self.offset + self.len * self.dtype.size()
+    }
+
+    /// True when both regions cover some common byte of the same file.
+    pub fn overlaps(&self, other: &Region) -> bool {
+        let (a, b) = (self.byte_range(), other.byte_range());
+        self.mapping.same_file(&other.mapping)
+            && !a.is_empty()
+            && !b.is_empty()
+            && a.start < b.end
+            && b.start < a.end
+    }
+
+    /// True when both regions are the very same array of the same file.
+    pub fn is_same_array(&self, other: &Region) -> bool {
+        self.mapping.same_file(&other.mapping)
+            && self.offset == other.offset
+            && self.len == other.len
+            && self.dtype == other.dtype
+    }
+
+    fn slice<T: Element>(&self) -> &[T] {
+        assert_eq!(
+            T::DTYPE,
+            self.dtype,
+            "region viewed with the wrong element type"
+        );
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: the region lies inside the mapping (checked in `Resolver::region`),
+        // which the Arc keeps alive for the borrow; the mapping is page-aligned and
+        // the offset a multiple of the element size, so the pointer is aligned; every
+        // bit pattern is a valid `T` (`Element`). See the module note on sharing.
+        unsafe {
+            std::slice::from_raw_parts(self.mapping.base().add(self.offset) as *const T, self.len)
+        }
+    }
+
+    /// # Safety
+    /// No other slice of any region overlapping this one may be alive while the
+    /// returned slice is (callers check with [`Region::overlaps`]).
+    unsafe fn slice_mut<T: Element>(&mut self) -> &mut [T] {
+        assert_eq!(
+            T::DTYPE,
+            self.dtype,
+            "region viewed with the wrong element type"
+        );
+        if self.len == 0 {
+            return &mut [];
+        }
+        // SAFETY: as in `slice`, plus the caller's promise of exclusivity.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.mapping.base().add(self.offset) as *mut T, self.len)
+        }
+    }
+
+    /// The region as floats; `None` if it holds integers.
+    pub fn floats(&self) -> Option<FloatSlice<'_>> {
+        match self.dtype {
+            DType::F32 => Some(FloatSlice::F32(self.slice())),
+            DType::F64 => Some(FloatSlice::F64(self.slice())),
+            DType::I32 | DType::I64 => None,
+        }
+    }
+
+    /// The region as mutable floats; `None` if it holds integers.
+    ///
+    /// # Safety
+    /// As for [`Region::slice_mut`]: nothing overlapping may be viewed meanwhile.
+    pub unsafe fn floats_mut(&mut self) -> Option<FloatSliceMut<'_>> {
+        // SAFETY: forwarded to the caller.
+        unsafe {
+            match self.dtype {
+                DType::F32 => Some(FloatSliceMut::F32(self.slice_mut())),
+                DType::F64 => Some(FloatSliceMut::F64(self.slice_mut())),
+                DType::I32 | DType::I64 => None,
+            }
+        }
+    }
+
+    /// The region as integers; `None` if it holds floats.
+    pub fn indices(&self) -> Option<IndexSlice<'_>> {
+        match self.dtype {
+            DType::I32 => Some(IndexSlice::I32(self.slice())),
+            DType::I64 => Some(IndexSlice::I64(self.slice())),
+            DType::F32 | DType::F64 => None,
+        }
+    }
+}
+
+/// Resolves the arrays of one request, mapping each distinct segment once.
+pub struct Resolver<'c> {
+    cache: &'c SegmentCache,
+    peer_uid: u32,
+    seen: HashMap<String, Arc<Mapping>>,
+}
+
+impl<'c> Resolver<'c> {
+    pub fn new(cache: &'c SegmentCache, peer_uid: u32) -> Self {
+        Resolver {
+            cache,
+            peer_uid,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Checks `array` (called `what` in messages) against its segment and returns
+    /// its region. The element type is the caller's to check.
+    pub fn region(&mut self, array: &ArrayRef, what: &str) -> Result<Region> {
+        let mapping = match self.seen.get(&array.segment) {
+            Some(m) => Arc::clone(m),
+            None => {
+                let m = self.cache.get(&array.segment, self.peer_uid)?;
+                self.seen.insert(array.segment.clone(), Arc::clone(&m));
+                m
+            }
+        };
+        let itemsize = array.dtype.size() as u64;
+        if !array.offset.is_multiple_of(itemsize) {
+            return Err(Failure::bad_request(format!(
+                "{what}: offset {} is not a multiple of the {:?} element size {itemsize}",
+                array.offset, array.dtype
+            )));
+        }
+        let end = array
+            .len
+            .checked_mul(itemsize)
+            .and_then(|bytes| bytes.checked_add(array.offset));
+        match end {
+            Some(end) if end <= mapping.len() as u64 => {}
+            _ => {
+                return Err(Failure::segment(format!(
+                    "{what}: {} elements of {:?} at offset {} do not fit in segment {} of {} bytes",
+                    array.len,
+                    array.dtype,
+                    array.offset,
+                    array.segment,
+                    mapping.len()
+                )))
+            }
+        }
+        // Both fit in usize: they are bounded by the mapping's length.
+        Ok(Region {
+            offset: array.offset as usize,
+            len: array.len as usize,
+            dtype: array.dtype,
+            mapping,
+        })
+    }
+}
+
+fn to_usize(v: u64, what: &str) -> Result<usize> {
+    usize::try_from(v).map_err(|_| Failure::bad_matrix(format!("{what} {v} is too large")))
+}
+
+/// The three arrays of a CSR matrix, with shapes and dtypes checked.
+pub struct CsrRegions {
+    pub n_rows: usize,
+    pub n_cols: usize,
+    pub data: Region,
+    pub indices: Region,
+    pub indptr: Region,
+}
+
+impl CsrRegions {
+    /// Checks dtypes and array lengths (not yet the contents of indptr; see
+    /// [`CsrRegions::validate_indptr`]).
+    pub fn resolve(
+        resolver: &mut Resolver<'_>,
+        n_rows: u64,
+        n_cols: u64,
+        data: &ArrayRef,
+        indices: &ArrayRef,
+        indptr: &ArrayRef,
+    ) -> Result<Self> {
+        let n_rows_usize = to_usize(n_rows, "n_rows")?;
+        let n_cols = to_usize(n_cols, "n_cols")?;
+        if !matches!(data.dtype, DType::F32 | DType::F64) {
+            return Err(Failure::bad_matrix(format!(
+                "CSR data must be F32 or F64, not {:?}",
+                data.dtype
+            )));
+        }
+        for (array, what) in [(indices, "indices"), (indptr, "indptr")] {
+            if !matches!(array.dtype, DType::I32 | DType::I64) {
+                return Err(Failure::bad_matrix(format!(
+                    "CSR {what} must be I32 or I64, not {:?}",
+                    array.dtype
+                )));
+            }
+        }
+        if n_rows.checked_add(1) != Some(indptr.len) {
+            return Err(Failure::bad_matrix(format!(
+                "CSR indptr has {} elements; n_rows {n_rows} needs n_rows + 1",
+                indptr.len
+            )));
+        }
+        if data.len != indices.len {
+            return Err(Failure::bad_matrix(format!(
+                "CSR data has {} elements but indices has {}",
+                data.len, indices.len
+            )));
+        }
+        Ok(CsrRegions {
+            n_rows: n_rows_usize,
+            n_cols,
+            data: resolver.region(data, "CSR data")?,
+            indices: resolver.region(indices, "CSR indices")?,
+            indptr: resolver.region(indptr, "CSR indptr")?,
+        })
+    }
+
+    /// indptr starts at 0, never decreases and ends at the stored-value count.
+    pub fn validate_indptr(&self) -> Result<()> {
+        let nnz = self.data.len();
+        match self.indptr.indices().expect("dtype checked in resolve") {
+            IndexSlice::I32(p) => check_indptr(p, nnz),
+            IndexSlice::I64(p) => check_indptr(p, nnz),
+        }
+    }
+
+    /// Every column index lies in `0..n_cols` (for kernels that index by column).
+    pub fn validate_column_indices(&self) -> Result<()> {
+        match self.indices.indices().expect("dtype checked in resolve") {
+            IndexSlice::I32(i) => check_columns(i, self.n_cols),
+            IndexSlice::I64(i) => check_columns(i, self.n_cols),
+        }
+    }
+}
+
+fn check_indptr<P: Copy + Into<i64>>(indptr: &[P], nnz: usize) -> Result<()> {
+    let first: i64 = indptr.first().map_or(0, |&v| v.into());
+    if first != 0 {
+        return Err(Failure::bad_matrix(format!(
+            "CSR indptr[0] is {first}, not 0"
+        )));
+    }
+    if let Some(i) = indptr.windows(2).position(|w| w[1].into() < w[0].into()) {
+        return Err(Failure::bad_matrix(format!(
+            "CSR indptr decreases at row {i}: indptr[{i}] = {}, indptr[{}] = {}",
+            indptr[i].into(),
+            i + 1,
+            indptr[i + 1].into()
+        )));
+    }
+    let last: i64 = indptr.last().map_or(0, |&v| v.into());
+    if u64::try_from(last).ok() != Some(nnz as u64) {
+        return Err(Failure::bad_matrix(format!(
+            "CSR indptr ends at {last} but there are {nnz} stored values"
+        )));
+    }
+    Ok(())
+}
+
+/// Elements per parallel scan job; separate jobs let other requests' kernels in
+/// between (see `kernels::for_each_in_waves`).
+const SCAN_WAVE: usize = 1 << 22;
+
+fn check_columns<I: Copy + Into<i64> + Send + Sync>(indices: &[I], n_cols: usize) -> Result<()> {
+    let n_cols = n_cols as i64;
+    for (wave, slab) in indices.chunks(SCAN_WAVE).enumerate() {
+        // position_first: the reported position does not depend on the thread count.
+        let bad = slab.par_iter().position_first(|&c| {
+            let c: i64 = c.into();
+            c < 0 || c >= n_cols
+        });
+        if let Some(j) = bad {
+            return Err(Failure::bad_matrix(format!(
+                "CSR column index {} at position {} is outside 0..{n_cols}",
+                slab[j].into(),
+                wave * SCAN_WAVE + j
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The data array of a C-contiguous dense matrix, with its shape checked.
+pub struct DenseRegions {
+    pub n_rows: usize,
+    pub n_cols: usize,
+    pub data: Region,
+}
+
+impl DenseRegions {
+    pub fn resolve(
+        resolver: &mut Resolver<'_>,
+        n_rows: u64,
+        n_cols: u64,
+        data: &ArrayRef,
+    ) -> Result<Self> {
+        if !matches!(data.dtype, DType::F32 | DType::F64) {
+            return Err(Failure::bad_matrix(format!(
+                "dense data must be F32 or F64, not {:?}",
+                data.dtype
+            )));
+        }
+        if n_rows.checked_mul(n_cols) != Some(data.len) {
+            return Err(Failure::bad_matrix(format!(
+                "dense data has {} elements but the shape is {n_rows} x {n_cols}",
+                data.len
+            )));
+        }
+        Ok(DenseRegions {
+            n_rows: to_usize(n_rows, "n_rows")?,
+            n_cols: to_usize(n_cols, "n_cols")?,
+            data: resolver.region(data, "dense data")?,
+        })
+    }
+}
