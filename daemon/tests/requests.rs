@@ -1,0 +1,710 @@
+//! Requests over the real socket against real /dev/shm segments.
+
+mod common;
+
+use autozyme_protocol::{
+    encode, ArrayRef, DType, ErrorKind, Matrix, Request, Response, PROTOCOL_VERSION,
+};
+use common::*;
+use std::io::Write;
+
+/// A 6 x 6 CSR fixture: a normal row, an empty row, an all-zero row, a full row,
+/// a single-entry row and a row dominated by one gene.
+struct Fixture {
+    n_rows: usize,
+    n_cols: usize,
+    indptr: Vec<i64>,
+    indices: Vec<i32>,
+    data: Vec<f64>,
+}
+
+fn fixture() -> Fixture {
+    let rows: Vec<Vec<(i32, f64)>> = vec![
+        vec![(0, 1.0), (2, 2.5), (5, 30.0)],
+        vec![],
+        vec![(1, 0.0), (3, 0.0)],
+        vec![(0, 0.1), (1, 0.2), (2, 0.3), (3, 0.4), (4, 0.5), (5, 0.6)],
+        vec![(4, 7.0)],
+        vec![(1, 1.0), (3, 1e6), (4, 3.0)],
+    ];
+    let mut f = Fixture {
+        n_rows: rows.len(),
+        n_cols: 6,
+        indptr: vec![0],
+        indices: vec![],
+        data: vec![],
+    };
+    for row in rows {
+        for (c, v) in row {
+            f.indices.push(c);
+            f.data.push(v);
+        }
+        f.indptr.push(f.indices.len() as i64);
+    }
+    f
+}
+
+/// Upstream's `_normalize_csr`, written plainly, over values already in the data
+/// dtype (given widened to f64) with `round` rounding to that dtype.
+fn reference_row_sums(
+    f: &Fixture,
+    data: &[f64],
+    round: impl Fn(f64) -> f64,
+    exclude: Option<f64>,
+) -> (Vec<f64>, Vec<u64>) {
+    let sums_over = |skip: &dyn Fn(usize) -> bool| -> Vec<f64> {
+        (0..f.n_rows)
+            .map(|r| {
+                let mut c = 0.0f64;
+                for j in f.indptr[r] as usize..f.indptr[r + 1] as usize {
+                    if !skip(f.indices[j] as usize) {
+                        c += data[j];
+                    }
+                }
+                round(c)
+            })
+            .collect()
+    };
+    let sums = sums_over(&|_| false);
+    let Some(frac) = exclude else {
+        return (sums, vec![]);
+    };
+    let mut hi = vec![false; f.n_cols];
+    for r in 0..f.n_rows {
+        for j in f.indptr[r] as usize..f.indptr[r + 1] as usize {
+            if data[j] > frac * sums[r] {
+                hi[f.indices[j] as usize] = true;
+            }
+        }
+    }
+    let genes = (0..f.n_cols as u64).filter(|&g| hi[g as usize]).collect();
+    (sums_over(&|c| hi[c]), genes)
+}
+
+fn csr(f: &Fixture, data: ArrayRef, indices: ArrayRef, indptr: ArrayRef) -> Matrix {
+    Matrix::Csr {
+        n_rows: f.n_rows as u64,
+        n_cols: f.n_cols as u64,
+        data,
+        indices,
+        indptr,
+    }
+}
+
+fn expect_error(response: Response, kind: ErrorKind) -> String {
+    match response {
+        Response::Error { kind: k, message } if k == kind => message,
+        other => panic!("expected {kind:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn handshake_ping_and_status() {
+    let d = TestDaemon::start(&["--threads", "2", "--idle-timeout", "0"], &[]);
+    let mut c = d.connect();
+    let build_id = std::process::Command::new(BIN)
+        .arg("--build-id")
+        .output()
+        .unwrap();
+    let build_id = String::from_utf8(build_id.stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    match c.hello() {
+        Response::Hello {
+            protocol_version,
+            build_id: id,
+            pid,
+            threads,
+        } => {
+            assert_eq!(protocol_version, PROTOCOL_VERSION);
+            assert_eq!(id, build_id);
+            assert_eq!(pid, d.pid);
+            assert_eq!(threads, 2);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.call(&Request::Ping), Response::Pong);
+    match c.call(&Request::Status) {
+        Response::Status(s) => {
+            assert_eq!(s.pid, d.pid);
+            assert_eq!(s.build_id, build_id);
+            assert_eq!(s.version, env!("CARGO_PKG_VERSION"));
+            assert_eq!(s.threads, 2);
+            assert_eq!(s.idle_timeout_s, 0);
+            assert_eq!(s.runtime_dir, d.runtime_dir().display().to_string());
+            assert_eq!(s.open_connections, 1);
+            assert!(s.rss_bytes > 0 && s.peak_rss_bytes >= s.rss_bytes);
+            assert!(s.requests_served >= 2);
+            assert!(s.cache.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn handshake_rejects_wrong_version_and_non_hello() {
+    let d = TestDaemon::start(&[], &[]);
+    let mut c = d.connect();
+    let r = c.call(&Request::Hello {
+        protocol_version: PROTOCOL_VERSION + 1,
+        build_id: "x".into(),
+        client_pid: 1,
+    });
+    expect_error(r, ErrorKind::Handshake);
+    assert_eq!(c.recv(), None, "connection closed after a failed handshake");
+
+    let mut c = d.connect();
+    expect_error(c.call(&Request::Ping), ErrorKind::Handshake);
+    assert_eq!(c.recv(), None);
+
+    // The daemon still serves.
+    let mut c = d.client();
+    assert_eq!(c.call(&Request::Ping), Response::Pong);
+}
+
+#[test]
+fn row_sums_f32_and_f64_with_and_without_exclusion() {
+    let d = TestDaemon::start(&[], &[]);
+    let mut c = d.client();
+    let f = fixture();
+    let mut seg = Segment::new();
+    let data32: Vec<f32> = f.data.iter().map(|&v| v as f32).collect();
+    let d32 = seg.f32s(&data32);
+    let d64 = seg.f64s(&f.data);
+    let i32s = seg.i32s(&f.indices);
+    let i64s = seg.i64s(&f.indices.iter().map(|&v| v as i64).collect::<Vec<_>>());
+    let p64 = seg.i64s(&f.indptr);
+    let p32 = seg.i32s(&f.indptr.iter().map(|&v| v as i32).collect::<Vec<_>>());
+    seg.write();
+
+    let widened32: Vec<f64> = data32.iter().map(|&v| v as f64).collect();
+    for exclude in [None, Some(0.05), Some(0.5), Some(0.9)] {
+        for (data, values, round) in [
+            (
+                &d32,
+                &widened32,
+                (|v: f64| v as f32 as f64) as fn(f64) -> f64,
+            ),
+            (&d64, &f.data, (|v: f64| v) as fn(f64) -> f64),
+        ] {
+            for (indices, indptr) in [(&i32s, &p64), (&i64s, &p32), (&i32s, &p32)] {
+                let x = csr(&f, data.clone(), indices.clone(), indptr.clone());
+                let got = c.call(&Request::RowSums {
+                    x,
+                    exclude_max_fraction: exclude,
+                });
+                let (sums, genes) = reference_row_sums(&f, values, round, exclude);
+                assert_eq!(
+                    got,
+                    Response::RowSums {
+                        sums,
+                        highly_expressed: genes
+                    },
+                    "exclude {exclude:?}, data {:?}",
+                    data.dtype
+                );
+            }
+        }
+    }
+    // Gene 5 (30 of 33.5 in row 0), gene 4 (all of row 4) and gene 3 (1e6 in
+    // row 5) dominate their rows.
+    let x = csr(&f, d64.clone(), i32s.clone(), p64.clone());
+    match c.call(&Request::RowSums {
+        x,
+        exclude_max_fraction: Some(0.5),
+    }) {
+        Response::RowSums {
+            sums,
+            highly_expressed,
+        } => {
+            assert_eq!(highly_expressed, vec![3, 4, 5]);
+            assert_eq!(sums, vec![3.5, 0.0, 0.0, 0.6000000000000001, 0.0, 1.0]);
+        }
+        other => panic!("{other:?}"),
+    }
+    match c.call(&Request::Status) {
+        Response::Status(s) => {
+            assert_eq!(s.mapped_segments, 1);
+            assert!(s.mapped_bytes > 0);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn row_sums_of_dense_is_unsupported() {
+    let d = TestDaemon::start(&[], &[]);
+    let mut c = d.client();
+    let mut seg = Segment::new();
+    let data = seg.f32s(&[1.0, 2.0, 3.0, 4.0]);
+    seg.write();
+    let r = c.call(&Request::RowSums {
+        x: Matrix::Dense {
+            n_rows: 2,
+            n_cols: 2,
+            data,
+        },
+        exclude_max_fraction: None,
+    });
+    expect_error(r, ErrorKind::Unsupported);
+}
+
+fn factors_for(f: &Fixture) -> Vec<f64> {
+    (0..f.n_rows).map(|r| 0.5 + r as f64 * 1.37).collect()
+}
+
+#[test]
+fn divide_rows_csr_in_place_and_to_other_arrays() {
+    let d = TestDaemon::start(&[], &[]);
+    let mut c = d.client();
+    let f = fixture();
+    let mut seg = Segment::new();
+    let data32: Vec<f32> = f.data.iter().map(|&v| v as f32).collect();
+    let d32 = seg.f32s(&data32);
+    let d64 = seg.f64s(&f.data);
+    let indices = seg.i32s(&f.indices);
+    let indptr = seg.i64s(&f.indptr);
+    let out32 = seg.f32s(&vec![0.0; f.data.len()]);
+    let out64 = seg.f64s(&vec![0.0; f.data.len()]);
+    seg.write();
+
+    let row_of: Vec<usize> = (0..f.n_rows)
+        .flat_map(|r| std::iter::repeat_n(r, (f.indptr[r + 1] - f.indptr[r]) as usize))
+        .collect();
+    let factors64 = factors_for(&f);
+    let factors32: Vec<f64> = factors64.iter().map(|&v| v as f32 as f64).collect();
+
+    // f32 data, f32 factors -> f32 division, into a separate f32 array.
+    let r = c.call(&Request::DivideRows {
+        x: csr(&f, d32.clone(), indices.clone(), indptr.clone()),
+        factors: factors32.clone(),
+        factors_dtype: DType::F32,
+        out: out32.clone(),
+    });
+    assert_eq!(r, Response::Done);
+    let expected: Vec<u32> = data32
+        .iter()
+        .zip(&row_of)
+        .map(|(&v, &r)| (v / factors32[r] as f32).to_bits())
+        .collect();
+    let got: Vec<u32> = seg.read_f32s(&out32).iter().map(|v| v.to_bits()).collect();
+    assert_eq!(got, expected);
+
+    // f32 data, f64 factors -> f64 division, f64 output.
+    let r = c.call(&Request::DivideRows {
+        x: csr(&f, d32.clone(), indices.clone(), indptr.clone()),
+        factors: factors64.clone(),
+        factors_dtype: DType::F64,
+        out: out64.clone(),
+    });
+    assert_eq!(r, Response::Done);
+    let expected: Vec<u64> = data32
+        .iter()
+        .zip(&row_of)
+        .map(|(&v, &r)| (v as f64 / factors64[r]).to_bits())
+        .collect();
+    let got: Vec<u64> = seg.read_f64s(&out64).iter().map(|v| v.to_bits()).collect();
+    assert_eq!(got, expected);
+
+    // f64 data, f32 factors, in place.
+    let r = c.call(&Request::DivideRows {
+        x: csr(&f, d64.clone(), indices.clone(), indptr.clone()),
+        factors: factors32.clone(),
+        factors_dtype: DType::F32,
+        out: d64.clone(),
+    });
+    assert_eq!(r, Response::Done);
+    let expected: Vec<u64> = f
+        .data
+        .iter()
+        .zip(&row_of)
+        .map(|(&v, &r)| (v / factors32[r]).to_bits())
+        .collect();
+    let got: Vec<u64> = seg.read_f64s(&d64).iter().map(|v| v.to_bits()).collect();
+    assert_eq!(got, expected);
+
+    // f32 data in place with f32 factors.
+    let r = c.call(&Request::DivideRows {
+        x: csr(&f, d32.clone(), indices.clone(), indptr.clone()),
+        factors: factors32.clone(),
+        factors_dtype: DType::F32,
+        out: d32.clone(),
+    });
+    assert_eq!(r, Response::Done);
+    let expected: Vec<u32> = data32
+        .iter()
+        .zip(&row_of)
+        .map(|(&v, &r)| (v / factors32[r] as f32).to_bits())
+        .collect();
+    let got: Vec<u32> = seg.read_f32s(&d32).iter().map(|v| v.to_bits()).collect();
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn divide_rows_dense() {
+    let d = TestDaemon::start(&[], &[]);
+    let mut c = d.client();
+    let (n_rows, n_cols) = (3usize, 4usize);
+    let values: Vec<f32> = (0..n_rows * n_cols).map(|i| i as f32 * 0.7).collect();
+    let factors = vec![3.0, 0.1f32 as f64, 7.0];
+    let mut seg = Segment::new();
+    let data = seg.f32s(&values);
+    let out = seg.f64s(&vec![0.0; values.len()]);
+    seg.write();
+    let x = Matrix::Dense {
+        n_rows: n_rows as u64,
+        n_cols: n_cols as u64,
+        data: data.clone(),
+    };
+    let r = c.call(&Request::DivideRows {
+        x: x.clone(),
+        factors: factors.clone(),
+        factors_dtype: DType::F64,
+        out: out.clone(),
+    });
+    assert_eq!(r, Response::Done);
+    let expected: Vec<f64> = values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v as f64 / factors[i / n_cols])
+        .collect();
+    assert_eq!(seg.read_f64s(&out), expected);
+
+    let r = c.call(&Request::DivideRows {
+        x,
+        factors: factors.clone(),
+        factors_dtype: DType::F32,
+        out: data.clone(),
+    });
+    assert_eq!(r, Response::Done);
+    let expected: Vec<f32> = values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v / factors[i / n_cols] as f32)
+        .collect();
+    assert_eq!(seg.read_f32s(&data), expected);
+}
+
+#[test]
+fn malformed_requests_get_the_right_error_and_the_daemon_keeps_serving() {
+    let d = TestDaemon::start(&[], &[]);
+    let mut c = d.client();
+    let f = fixture();
+    let mut seg = Segment::new();
+    let data = seg.f32s(&f.data.iter().map(|&v| v as f32).collect::<Vec<_>>());
+    let indices = seg.i32s(&f.indices);
+    let indptr = seg.i64s(&f.indptr);
+    let mut bad_indptr_values = f.indptr.clone();
+    bad_indptr_values.swap(2, 3); // 0, 3, 5, 3, ...: decreasing
+    let bad_indptr = seg.i64s(&bad_indptr_values);
+    let mut bad_indices_values = f.indices.clone();
+    bad_indices_values[4] = 6; // == n_cols
+    let bad_indices = seg.i32s(&bad_indices_values);
+    let mut neg_indices_values = f.indices.clone();
+    neg_indices_values[0] = -1;
+    let neg_indices = seg.i32s(&neg_indices_values);
+    let mut wrong_end_values = f.indptr.clone();
+    *wrong_end_values.last_mut().unwrap() -= 1;
+    let wrong_end = seg.i64s(&wrong_end_values);
+    let out = seg.f32s(&vec![0.0; f.data.len()]);
+    seg.write();
+    let good = || csr(&f, data.clone(), indices.clone(), indptr.clone());
+    let sums = |x: Matrix| Request::RowSums {
+        x,
+        exclude_max_fraction: Some(0.1),
+    };
+    let divide = |x: Matrix, out: ArrayRef| Request::DivideRows {
+        x,
+        factors: vec![1.0; 6],
+        factors_dtype: DType::F32,
+        out,
+    };
+
+    let mut cases: Vec<(&str, Request, ErrorKind)> = vec![
+        (
+            "non-monotone indptr",
+            sums(csr(&f, data.clone(), indices.clone(), bad_indptr.clone())),
+            ErrorKind::BadMatrix,
+        ),
+        (
+            "index out of range",
+            sums(csr(&f, data.clone(), bad_indices.clone(), indptr.clone())),
+            ErrorKind::BadMatrix,
+        ),
+        (
+            "negative index",
+            sums(csr(&f, data.clone(), neg_indices.clone(), indptr.clone())),
+            ErrorKind::BadMatrix,
+        ),
+        (
+            "indptr does not end at nnz",
+            sums(csr(&f, data.clone(), indices.clone(), wrong_end.clone())),
+            ErrorKind::BadMatrix,
+        ),
+        (
+            "data and indices lengths differ",
+            sums(csr(
+                &f,
+                ArrayRef {
+                    len: data.len - 1,
+                    ..data.clone()
+                },
+                indices.clone(),
+                indptr.clone(),
+            )),
+            ErrorKind::BadMatrix,
+        ),
+        (
+            "indptr length is not n_rows + 1",
+            sums(Matrix::Csr {
+                n_rows: 5,
+                n_cols: 6,
+                data: data.clone(),
+                indices: indices.clone(),
+                indptr: indptr.clone(),
+            }),
+            ErrorKind::BadMatrix,
+        ),
+        (
+            "integer data",
+            sums(csr(&f, indices.clone(), indices.clone(), indptr.clone())),
+            ErrorKind::BadMatrix,
+        ),
+        (
+            "float indptr",
+            sums(csr(&f, data.clone(), indices.clone(), data.clone())),
+            ErrorKind::BadMatrix,
+        ),
+        (
+            "segment too small",
+            sums(csr(
+                &f,
+                ArrayRef {
+                    offset: 1 << 20,
+                    ..data.clone()
+                },
+                indices.clone(),
+                indptr.clone(),
+            )),
+            ErrorKind::Segment,
+        ),
+        (
+            "length overflowing u64",
+            sums(csr(
+                &f,
+                ArrayRef {
+                    len: u64::MAX / 2,
+                    ..data.clone()
+                },
+                ArrayRef {
+                    len: u64::MAX / 2,
+                    ..indices.clone()
+                },
+                indptr.clone(),
+            )),
+            ErrorKind::Segment,
+        ),
+        (
+            "misaligned offset",
+            sums(csr(
+                &f,
+                ArrayRef {
+                    offset: data.offset + 2,
+                    ..data.clone()
+                },
+                indices.clone(),
+                indptr.clone(),
+            )),
+            ErrorKind::BadRequest,
+        ),
+        (
+            "missing segment",
+            sums(csr(
+                &f,
+                ArrayRef {
+                    segment: format!("azm_{}_{}_999999999", euid(), std::process::id()),
+                    ..data.clone()
+                },
+                indices.clone(),
+                indptr.clone(),
+            )),
+            ErrorKind::Segment,
+        ),
+        (
+            "factors length",
+            Request::DivideRows {
+                x: good(),
+                factors: vec![1.0; 5],
+                factors_dtype: DType::F32,
+                out: out.clone(),
+            },
+            ErrorKind::BadRequest,
+        ),
+        (
+            "out length",
+            divide(
+                good(),
+                ArrayRef {
+                    len: out.len - 1,
+                    ..out.clone()
+                },
+            ),
+            ErrorKind::BadRequest,
+        ),
+        (
+            "out partially overlapping data",
+            divide(
+                good(),
+                ArrayRef {
+                    offset: data.offset + 4,
+                    ..data.clone()
+                },
+            ),
+            ErrorKind::BadRequest,
+        ),
+        (
+            "out overlapping indices",
+            divide(
+                good(),
+                ArrayRef {
+                    dtype: DType::F32,
+                    ..indices.clone()
+                },
+            ),
+            ErrorKind::BadRequest,
+        ),
+        (
+            "integer out",
+            divide(good(), indices.clone()),
+            ErrorKind::BadRequest,
+        ),
+        (
+            "integer factors dtype",
+            Request::DivideRows {
+                x: good(),
+                factors: vec![1.0; 6],
+                factors_dtype: DType::I32,
+                out: out.clone(),
+            },
+            ErrorKind::BadRequest,
+        ),
+        (
+            "Sleep without test hooks",
+            Request::Sleep { millis: 1 },
+            ErrorKind::BadRequest,
+        ),
+    ];
+    for name in [
+        "../etc/passwd".to_string(),
+        "/dev/shm/x".to_string(),
+        format!("azm_{}_{}_1", euid() + 1, std::process::id()),
+        format!("{}.", seg.name),
+        format!("{}/../{}", seg.name, seg.name),
+    ] {
+        cases.push((
+            "bad segment name",
+            sums(csr(
+                &f,
+                ArrayRef {
+                    segment: name,
+                    ..data.clone()
+                },
+                indices.clone(),
+                indptr.clone(),
+            )),
+            ErrorKind::Segment,
+        ));
+    }
+
+    for (what, request, kind) in cases {
+        let r = c.call(&request);
+        match &r {
+            Response::Error { kind: k, message } => {
+                assert_eq!(*k, kind, "{what}: {message}");
+                assert!(!message.is_empty());
+            }
+            other => panic!("{what}: expected {kind:?}, got {other:?}"),
+        }
+        // Same connection, still served.
+        assert_eq!(c.call(&Request::Ping), Response::Pong, "after {what}");
+    }
+    // A well-formed request on the same data still works.
+    assert!(matches!(c.call(&sums(good())), Response::RowSums { .. }));
+    match c.call(&Request::Status) {
+        Response::Status(s) => assert!(s.requests_failed >= 20, "{s:?}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn segment_of_another_owner_is_refused() {
+    // A correctly named segment file that is not owned by the peer (possible here
+    // only when the tests run as root, which can chown).
+    if euid() != 0 {
+        return;
+    }
+    let d = TestDaemon::start(&[], &[]);
+    let mut c = d.client();
+    let mut seg = Segment::new();
+    let data = seg.f32s(&[1.0]);
+    let indices = seg.i32s(&[0]);
+    let indptr = seg.i32s(&[0, 1]);
+    seg.write();
+    std::os::unix::fs::chown(&seg.path, Some(12345), None).unwrap();
+    let r = c.call(&Request::RowSums {
+        x: Matrix::Csr {
+            n_rows: 1,
+            n_cols: 1,
+            data,
+            indices,
+            indptr,
+        },
+        exclude_max_fraction: None,
+    });
+    let message = expect_error(r, ErrorKind::Segment);
+    assert!(message.contains("owned by uid 12345"), "{message}");
+}
+
+#[test]
+fn garbage_closes_only_that_connection() {
+    let d = TestDaemon::start(&[], &[]);
+
+    // An undecodable frame after the handshake: BadRequest, then closed.
+    let mut c = d.client();
+    c.stream
+        .write_all(&[5, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff])
+        .unwrap();
+    expect_error(c.recv().unwrap(), ErrorKind::BadRequest);
+    assert_eq!(c.recv(), None);
+
+    // Garbage instead of a handshake.
+    let mut c = d.connect();
+    c.stream.write_all(&[3, 0, 0, 0, 1, 2, 3]).unwrap();
+    expect_error(c.recv().unwrap(), ErrorKind::Handshake);
+    assert_eq!(c.recv(), None);
+
+    // An oversized frame announcement: closed without reading it.
+    let mut c = d.client();
+    c.stream.write_all(&u32::MAX.to_le_bytes()).unwrap();
+    assert_eq!(c.recv(), None);
+
+    // A valid frame trickled in byte by byte, across the daemon's read timeouts.
+    let mut c = d.client();
+    let payload = encode(&Request::Ping);
+    let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&payload);
+    for b in frame {
+        c.stream.write_all(&[b]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(120));
+    }
+    assert_eq!(c.recv(), Some(Response::Pong));
+
+    // A client leaving mid-frame does not disturb anyone.
+    let mut c = d.client();
+    c.stream.write_all(&[100, 0, 0]).unwrap();
+    drop(c);
+
+    let mut c = d.client();
+    assert_eq!(c.call(&Request::Ping), Response::Pong);
+}
