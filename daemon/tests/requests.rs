@@ -1,4 +1,5 @@
 //! Requests over the real socket against real /dev/shm segments.
+#![allow(clippy::needless_range_loop)] // reference loops mirror upstream's
 
 mod common;
 

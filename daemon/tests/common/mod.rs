@@ -227,7 +227,7 @@ impl Segment {
     }
 
     fn push(&mut self, raw: &[u8], dtype: DType, len: usize) -> ArrayRef {
-        while self.bytes.len() % 8 != 0 {
+        while !self.bytes.len().is_multiple_of(8) {
             self.bytes.push(0);
         }
         let offset = self.bytes.len() as u64;
