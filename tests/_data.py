@@ -63,6 +63,9 @@ def assert_identical(a, b, what="value"):
         return
     if isinstance(a, np.ndarray):
         assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
+        if a.dtype.hasobject:
+            assert repr(a.tolist()) == repr(b.tolist()), what
+            return
         diff = np.flatnonzero(a.view(np.uint8).reshape(-1) != b.view(np.uint8).reshape(-1)) if a.size else []
         assert len(diff) == 0, f"{what}: differs at {len(diff)} bytes"
         return
@@ -73,9 +76,19 @@ def assert_same_anndata(a: AnnData, b: AnnData):
     assert_identical(a.X, b.X, "X")
     assert list(a.obs.columns) == list(b.obs.columns)
     for col in a.obs.columns:
-        assert_identical(a.obs[col].to_numpy(), b.obs[col].to_numpy(), f"obs[{col}]") \
-            if a.obs[col].dtype != object else None
-        assert a.obs[col].dtype == b.obs[col].dtype
+        ca, cb = a.obs[col], b.obs[col]
+        assert ca.dtype == cb.dtype, f"obs[{col}] dtype"
+        if ca.dtype.kind == "f":
+            assert_identical(ca.to_numpy(), cb.to_numpy(), f"obs[{col}]")
+        else:
+            assert ca.equals(cb), f"obs[{col}]"
+    for col in a.var.columns:
+        va, vb = a.var[col], b.var[col]
+        assert va.dtype == vb.dtype, f"var[{col}] dtype"
+        if va.dtype.kind == "f":
+            assert_identical(va.to_numpy(), vb.to_numpy(), f"var[{col}]")
+        else:
+            assert va.equals(vb), f"var[{col}]"
     assert set(a.layers) == set(b.layers)
     for k in a.layers:
         assert_identical(a.layers[k], b.layers[k], f"layers[{k}]")

@@ -42,12 +42,14 @@ def _get_executor(n: int) -> ThreadPoolExecutor:
 
 def blocks(n: int, itemsize_per_unit: int, align: int = 1) -> list[tuple[int, int]]:
     """Split range(n) into contiguous blocks, one or a few per thread."""
+    if n <= 0:
+        return [(0, 0)]
     threads = thread_count()
     max_blocks = max(1, (n * itemsize_per_unit) // MIN_BLOCK_BYTES)
     k = max(1, min(threads, max_blocks))
     step = -(-n // k)
     step = -(-step // align) * align
-    return [(a, min(a + step, n)) for a in range(0, n, step)] or [(0, 0)]
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
 def run_blocks(fn, bounds: list[tuple[int, int]]) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 START_TIMEOUT_S = 15.0
 
 _children: list[subprocess.Popen] = []
+_daemon_pids: list[int] = []
 
 
 class DaemonUnavailable(RuntimeError):
@@ -143,7 +144,16 @@ def start_daemon(timeout: float = START_TIMEOUT_S) -> int:
     finally:
         proc.stdout.close()
     words = line.decode(errors="replace").split()
-    if len(words) >= 2 and words[0] in ("READY", "RUNNING") and words[1].isdigit():
+    if len(words) >= 2 and words[0] == "RUNNING" and words[1].isdigit():
+        proc.wait(timeout=timeout)  # the loser of a start race exits at once
+        _children.remove(proc)
+        return int(words[1])
+    if len(words) >= 2 and words[0] == "READY" and words[1].isdigit():
+        # The daemon outlives this call (and maybe this process): reap it by pid
+        # if it exits first, and tell Popen not to warn about a running child.
+        _children.remove(proc)
+        _daemon_pids.append(proc.pid)
+        proc.returncode = 0
         return int(words[1])
     code = proc.poll()
     raise DaemonUnavailable(
@@ -156,6 +166,13 @@ def _reap_children() -> None:
     for p in list(_children):
         if p.poll() is not None:
             _children.remove(p)
+    for pid in list(_daemon_pids):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _daemon_pids.remove(pid)
 
 
 def daemon_pid_from_file() -> int | None:

@@ -44,6 +44,11 @@ def is_csr(x) -> bool:
     return sp.issparse(x) and x.format == "csr"
 
 
+def is_sparse_array(x) -> bool:
+    """scipy's newer sparse *array* classes (csr_array, ...), not sparse matrices."""
+    return sp.issparse(x) and not isinstance(x, sp.spmatrix)
+
+
 def is_csc(x) -> bool:
     return sp.issparse(x) and x.format == "csc"
 

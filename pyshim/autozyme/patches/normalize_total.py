@@ -54,6 +54,8 @@ def fast(upstream, adata, *args, **kwargs):
         _common.is_csr(x) or _common.is_csc(x)
     ):
         raise Fallback(f"{type(x).__name__} input")
+    if _common.is_sparse_array(x):
+        raise Fallback("scipy sparse array input (upstream 1.11.5 fails on csr_array)")
     _common.check_float_or_int(x)
     if target_sum is not None and not isinstance(target_sum, (int, float, np.floating, np.integer)):
         raise Fallback(f"target_sum of type {type(target_sum).__name__}")
