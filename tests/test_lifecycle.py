@@ -1,0 +1,285 @@
+"""The daemon's lifecycle as the shim drives it: auto-start, start races, stop,
+stale files, version mismatch, a daemon killed mid-call, and no leaked segments.
+Each test uses its own runtime dir and its own daemon."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _data import assert_identical, counts
+from autozyme import client as client_mod
+from autozyme import codec, fallback, runtime, shm
+
+
+@pytest.fixture
+def fresh_runtime(monkeypatch):
+    """A private runtime dir and a new process-wide client; stops its daemon after."""
+    d = tempfile.mkdtemp(prefix="azm-life-")
+    monkeypatch.setenv("AUTOZYME_RUNTIME_DIR", d)
+    old = client_mod._client
+    client_mod._set_client(client_mod.Client())
+    yield Path(d)
+    client_mod.get_client().shutdown()
+    runtime.terminate_daemon()
+    client_mod._set_client(old)
+
+
+def our_segments() -> list[str]:
+    prefix = f"azm_{os.geteuid()}_{os.getpid()}_"
+    return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+
+
+def wait_until(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_auto_start_permissions_and_status(fresh_runtime):
+    c = client_mod.get_client()
+    hello = c.connection(autostart=True).hello
+    assert hello.build_id == runtime.expected_build_id()
+    d = fresh_runtime
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(d / "daemon.sock").st_mode) == 0o600
+    assert int((d / "daemon.pid").read_text()) == hello.pid
+    st = c.status()
+    assert st.pid == hello.pid and st.runtime_dir == str(d)
+    print(f"auto-started daemon pid {hello.pid} in {d}")
+
+
+def test_two_clients_start_one_daemon(fresh_runtime):
+    code = (
+        "from autozyme.client import get_client; "
+        "print(get_client().connection().hello.pid)"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    pids = {p.communicate(timeout=60)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(pids) == 1, pids
+    print(f"3 racing starters all reached daemon {pids}")
+
+
+def test_cli_stop(fresh_runtime):
+    pid = client_mod.get_client().connection().hello.pid
+    client_mod.get_client().reset()
+    out = subprocess.run([sys.executable, "-m", "autozyme.cli", "daemon", "stop"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert wait_until(lambda: not runtime.pid_alive(pid))
+    assert not (fresh_runtime / "daemon.sock").exists()
+
+
+def test_stale_socket_and_pid_file(fresh_runtime):
+    d = fresh_runtime
+    # A socket file nobody listens on, and a pid file naming a dead process.
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(d / "daemon.sock"))
+    s.close()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (d / "daemon.pid").write_text(str(dead.pid))
+    hello = client_mod.get_client().connection().hello
+    assert hello.pid != dead.pid and runtime.pid_alive(hello.pid)
+
+
+def test_protocol_mismatch_is_refused(fresh_runtime):
+    client_mod.get_client().connection()
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(fresh_runtime / "daemon.sock"))
+    s.sendall(codec.frame(codec.REQUEST, codec.msg("Hello", protocol_version=999, build_id="x", client_pid=1)))
+    n = struct.unpack("<I", s.recv(4))[0]
+    reply = codec.decode(codec.RESPONSE, s.recv(n, socket.MSG_WAITALL))
+    assert reply.tag == "Error" and reply.kind == "Handshake"
+    s.close()
+
+
+def test_build_mismatch_replaces_the_old_daemon(fresh_runtime, monkeypatch):
+    """A daemon from another build is stopped and a new one started; if the new one
+    still does not match, the call falls back to upstream (and says why)."""
+    import scanpy as sc
+
+    import autozyme
+
+    old_pid = client_mod.get_client().connection().hello.pid
+    client_mod.get_client().reset()
+    monkeypatch.setattr(runtime, "expected_build_id", lambda: "0.0.0+another-build")
+    monkeypatch.setenv("AUTOZYME_STRICT", "0")
+    autozyme.activate("scanpy", prewarm=False)
+    try:
+        fallback.reset_counts()
+        a, b = counts(50, 30), counts(50, 30)
+        sc.pp.normalize_total.__autozyme_upstream__(a)
+        sc.pp.normalize_total(b)
+        assert_identical(a.X, b.X)
+        assert wait_until(lambda: not runtime.pid_alive(old_pid))
+        reasons = fallback.counts()["fallbacks"]["normalize_total"]
+        assert any("incompatible" in r for r in reasons), reasons
+    finally:
+        autozyme.deactivate()
+
+
+@pytest.mark.parametrize("phase", ["before RowSums", "during DivideRows"])
+def test_daemon_killed_mid_call(fresh_runtime, monkeypatch, phase):
+    """SIGKILL the daemon inside a call: the call returns upstream's result, the
+    next call is served by a new daemon, and no segment is left behind."""
+    import scanpy as sc
+
+    import autozyme
+
+    monkeypatch.setenv("AUTOZYME_STRICT", "0")
+    autozyme.activate("scanpy", prewarm=False)
+    try:
+        victim = client_mod.get_client().connection().hello.pid
+        real_call = client_mod.Connection.call
+        fired = []
+
+        def killing_call(self, request, timeout):
+            if not fired and request.tag == phase.split()[-1]:
+                fired.append(request.tag)
+                if phase.startswith("during"):
+                    self.sock.sendall(codec.frame(codec.REQUEST, request))
+                os.kill(victim, signal.SIGKILL)
+                wait_until(lambda: not runtime.pid_alive(victim))
+                if phase.startswith("during"):
+                    return real_call(self, codec.msg("Ping"), timeout)  # reads the dead socket
+            return real_call(self, request, timeout)
+
+        monkeypatch.setattr(client_mod.Connection, "call", killing_call)
+        fallback.reset_counts()
+        a, b = counts(300, 200, seed=9), counts(300, 200, seed=9)
+        sc.pp.normalize_total.__autozyme_upstream__(a, target_sum=1e4)
+        sc.pp.normalize_total(b, target_sum=1e4)
+        assert fired
+        assert_identical(a.X, b.X)
+        # The next call restarts the daemon and is served.
+        sc.pp.normalize_total.__autozyme_upstream__(a)
+        sc.pp.normalize_total(b)
+        assert_identical(a.X, b.X)
+        served = fallback.counts()["served"].get("normalize_total", 0)
+        assert served >= 1, fallback.counts()
+        assert client_mod.get_client().connection().hello.pid != victim
+        print(f"killed daemon {victim} {phase}: upstream result returned, next call served")
+    finally:
+        autozyme.deactivate()
+    del a, b
+    gc.collect()
+    shm.clear_pool()
+    gc.collect()
+    assert our_segments() == [], our_segments()
+
+
+def test_no_segments_left_after_anndata_is_freed(fresh_runtime):
+    import scanpy as sc
+
+    import autozyme
+
+    autozyme.activate("scanpy", prewarm=False)
+    try:
+        ad = counts(200, 100, seed=10)
+        sc.pp.normalize_total(ad)
+        sc.pp.normalize_total(ad, exclude_highly_expressed=True)
+        assert our_segments()
+        del ad
+        gc.collect()
+        shm.clear_pool()
+        gc.collect()
+        assert our_segments() == []
+    finally:
+        autozyme.deactivate()
+
+
+def test_killed_client_segments_are_swept(fresh_runtime):
+    """A client killed while holding segments: the daemon's sweeper (and any new
+    client's activation) unlinks them."""
+    code = (
+        "import numpy as np, os, time, sys; from autozyme import shm; "
+        "a = shm.copy_of(np.ones(1000)); print(shm.ref(a)['segment'], flush=True); time.sleep(60)"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    name = p.stdout.readline().strip()
+    assert os.path.exists(f"/dev/shm/{name}")
+    p.kill()
+    p.wait()
+    assert shm.sweep_dead_segments() >= 1
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_status_reports_counts(fresh_runtime):
+    import scanpy as sc
+
+    import autozyme
+
+    autozyme.activate("scanpy", prewarm=False)
+    try:
+        fallback.reset_counts()
+        sc.pp.normalize_total(counts(40, 30))
+        sc.pp.log1p(counts(40, 30))
+        st = autozyme.status()
+        assert st["served"] == {"normalize_total": 1, "log1p": 1}
+        assert st["daemon"]["requests_served"] >= 2
+        text = autozyme.format_status(st)
+        assert "normalize_total 1" in text and "daemon: pid" in text
+    finally:
+        autozyme.deactivate()
+
+
+def test_activation_is_idempotent_and_reversible():
+    import scanpy as sc
+
+    import autozyme
+
+    upstream = sc.pp.normalize_total
+    autozyme.activate("scanpy", prewarm=False)
+    autozyme.activate("scanpy", prewarm=False)
+    patched = sc.pp.normalize_total
+    assert patched is not upstream and patched.__autozyme_upstream__ is upstream
+    import scanpy.preprocessing._normalization as priv
+
+    assert priv.normalize_total is patched and sc.preprocessing.normalize_total is patched
+    autozyme.deactivate()
+    autozyme.deactivate()
+    assert sc.pp.normalize_total is upstream and priv.normalize_total is upstream
+
+
+def test_ipython_extension_round_trip():
+    IPython = pytest.importorskip("IPython")
+    import scanpy as sc
+
+    upstream = sc.pp.log1p
+    shell = IPython.core.interactiveshell.InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "autozyme")
+    assert sc.pp.log1p is not upstream
+    shell.run_line_magic("unload_ext", "autozyme")
+    assert sc.pp.log1p is upstream
+
+
+def test_pytest_plugin_activates_before_collection(tmp_path):
+    (tmp_path / "test_probe.py").write_text(
+        "import scanpy as sc\n"
+        "def test_probe():\n"
+        "    assert hasattr(sc.pp.normalize_total, '__autozyme_upstream__')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "autozyme.pytest_plugin", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "autozyme" in out.stdout
