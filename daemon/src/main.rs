@@ -84,3 +84,45 @@ fn main() {
     };
     std::process::exit(code);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, String> {
+        parse_args(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn options_in_both_spellings() {
+        let Ok(Command::Serve(opts)) = parse(&[
+            "--runtime-dir",
+            "/x/y",
+            "--threads=3",
+            "--idle-timeout",
+            "0",
+        ]) else {
+            panic!("should parse");
+        };
+        assert_eq!(
+            opts,
+            CliOptions {
+                runtime_dir: Some(PathBuf::from("/x/y")),
+                threads: Some(3),
+                idle_timeout_s: Some(0),
+            }
+        );
+        assert!(matches!(parse(&[]), Ok(Command::Serve(o)) if o == CliOptions::default()));
+        assert!(matches!(parse(&["--build-id"]), Ok(Command::BuildId)));
+        assert!(matches!(parse(&["--version"]), Ok(Command::Version)));
+    }
+
+    #[test]
+    fn bad_arguments() {
+        assert!(parse(&["--threads"]).is_err());
+        assert!(parse(&["--threads", "many"]).is_err());
+        assert!(parse(&["--idle-timeout=-1"]).is_err());
+        assert!(parse(&["--frobnicate"]).is_err());
+        assert!(parse(&["serve"]).is_err());
+    }
+}

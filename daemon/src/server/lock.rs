@@ -112,3 +112,35 @@ impl PidFile {
         drop(self.file);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_acquirer_sees_the_holder_and_takes_over_after_release() {
+        let dir = std::env::temp_dir().join(format!("azm-lock-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("daemon.pid");
+        // A leftover file from a dead daemon is simply taken over.
+        std::fs::write(&path, "999999999\n").unwrap();
+
+        let LockOutcome::Acquired(mut held) = acquire(&path).unwrap() else {
+            panic!("first acquire must win");
+        };
+        held.write_pid(4242).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "4242\n");
+        // flock is per open file description, so a second open in this process
+        // competes like another process would.
+        assert!(matches!(
+            acquire(&path).unwrap(),
+            LockOutcome::HeldBy(Some(4242))
+        ));
+
+        held.remove();
+        assert!(!path.exists());
+        assert!(matches!(acquire(&path).unwrap(), LockOutcome::Acquired(_)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
