@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Run scanpy 1.11.5's own tests against the installed scanpy, optionally under autozyme.
+
+    python tests/scanpy_upstream/run_scanpy_tests.py --functions normalize_total,log1p
+    python tests/scanpy_upstream/run_scanpy_tests.py --functions normalize_total,log1p --with-autozyme
+    python tests/scanpy_upstream/run_scanpy_tests.py --functions all -- -x -q
+
+Fetches the tests first (fetch_scanpy_tests.py), then runs pytest with the
+current interpreter on the tests mapped to the chosen functions in FUNCTION_TESTS,
+minus everything listed in deselect.txt (same deselection with and without
+autozyme). Arguments after the options (or after `--`) go to pytest unchanged;
+a `-k` among them is AND-ed with deselect.txt's `-k` lines. Exits with pytest's
+exit code. Run from the repo root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from fetch_scanpy_tests import REPO_ROOT, fetch  # noqa: E402
+
+INI = HERE / "pytest.ini"
+DESELECT = HERE / "deselect.txt"
+AUTOZYME_PLUGIN = "autozyme.pytest_plugin"
+COMPAT_PLUGIN = "upstream_compat"  # tests/scanpy_upstream/upstream_compat.py
+
+# Which upstream tests exercise which scanpy function. Entries are pytest node
+# ids relative to the extracted tree's root (`tests/...`): a whole file, a test
+# function (all its parametrizations) or one parametrization. Only tests that
+# call the function itself are listed (not tests that merely use it to prepare
+# data, except where noted). Tests that cannot run here are removed by
+# deselect.txt, not here.
+FUNCTION_TESTS: dict[str, tuple[str, ...]] = {
+    "normalize_total": (
+        "tests/test_normalization.py::test_normalize_matrix_types",
+        "tests/test_normalization.py::test_normalize_total",
+        "tests/test_normalization.py::test_normalize_total_rep",
+        "tests/test_normalization.py::test_normalize_total_view",
+        "tests/test_preprocessing_distributed.py::test_normalize_total",
+    ),
+    "log1p": (
+        "tests/test_preprocessing.py::test_log1p",
+        "tests/test_preprocessing.py::test_log1p_deprecated_arg",
+        "tests/test_preprocessing.py::test_log1p_rep",
+        "tests/test_backed.py::test_log1p_backed_errors",
+        "tests/test_preprocessing_distributed.py::test_log1p",
+    ),
+    "scale": (
+        "tests/test_scaling.py",
+        "tests/test_preprocessing.py::test_scale_matrix_types",
+        "tests/test_preprocessing.py::test_scale_zero_center_warns_dask_sparse",
+        "tests/test_preprocessing.py::test_scale",
+        "tests/test_preprocessing.py::test_scale_rep",
+        "tests/test_preprocessing.py::test_scale_array",
+        # backed_adata ids are swapped upstream: "sparse" is dense, "dense" is CSR
+        "tests/test_backed.py::test_backed_error[sparse-scale]",
+        "tests/test_backed.py::test_backed_error[dense-scale]",
+    ),
+    "highly_variable_genes": (
+        # also runs normalize_total + log1p as preprocessing in several tests
+        "tests/test_highly_variable_genes.py",
+    ),
+    "rank_genes_groups": (
+        "tests/test_rank_genes_groups.py",
+        "tests/test_filter_rank_genes_groups.py",
+        # t-test / logreg / default method: must fall back, not break
+        "tests/test_rank_genes_groups_logreg.py",
+        "tests/test_get.py::test_rank_genes_groups_df",
+        "tests/test_backed.py::test_backed_error[sparse-rank_genes_groups]",
+        "tests/test_backed.py::test_backed_error[dense-rank_genes_groups]",
+    ),
+    "leiden": (
+        "tests/test_clustering.py::test_leiden_basic",
+        "tests/test_clustering.py::test_leiden_random_state",
+        "tests/test_clustering.py::test_leiden_igraph_directed",
+        "tests/test_clustering.py::test_leiden_wrong_flavor",
+        "tests/test_clustering.py::test_leiden_igraph_partition_type",
+        "tests/test_clustering.py::test_leiden_equal_defaults_same_args",
+        "tests/test_clustering.py::test_leiden_equal_defaults",
+        "tests/test_clustering.py::test_leiden_objective_function",
+        "tests/test_clustering.py::test_clustering_subset[leiden-leiden]",
+        "tests/test_clustering.py::test_clustering_custom_key[leiden-leiden-0.8-custom_resolutions0]",
+        # leiden with neighbors_key= / obsp= (also runs neighbors, draw_graph, umap, paga)
+        "tests/test_neighbors_key_added.py::test_neighbors_key_obsp",
+    ),
+}
+
+
+def read_deselect(path: Path = DESELECT) -> tuple[list[str], list[str]]:
+    """Parse deselect.txt into (node-id prefixes, -k expressions).
+
+    One entry a line: a node id (prefix) or `-k EXPRESSION`; `# reason` comments
+    and blank lines are ignored. Every entry must carry a reason.
+    """
+    node_ids: list[str] = []
+    keywords: list[str] = []
+    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+        entry, _, reason = raw.partition("#")
+        entry = entry.strip()
+        if not entry:
+            continue
+        if not reason.strip():
+            msg = f"{path.name}:{lineno}: entry without a `# reason`: {raw!r}"
+            raise SystemExit(msg)
+        if entry.startswith("-k"):
+            expr = entry[2:].strip()
+            if len(expr) >= 2 and expr[0] == expr[-1] and expr[0] in "'\"":
+                expr = expr[1:-1]
+            if not expr:
+                msg = f"{path.name}:{lineno}: empty -k expression"
+                raise SystemExit(msg)
+            keywords.append(expr)
+        else:
+            node_ids.append(entry)
+    return node_ids, keywords
+
+
+def split_user_k(args: list[str]) -> tuple[list[str], list[str]]:
+    """Remove -k options from pytest args; return (remaining args, expressions)."""
+    rest: list[str] = []
+    exprs: list[str] = []
+    it = iter(args)
+    for a in it:
+        if a in ("-k", "--keyword"):
+            exprs.append(next(it, ""))
+        elif a.startswith("--keyword="):
+            exprs.append(a.split("=", 1)[1])
+        elif a.startswith("-k") and not a.startswith("--"):
+            exprs.append(a[2:])
+        else:
+            rest.append(a)
+    return rest, [e for e in exprs if e.strip()]
+
+
+def resolve_functions(spec: str) -> list[str]:
+    names = [f.strip() for f in spec.split(",") if f.strip()]
+    if names == ["all"]:
+        return list(FUNCTION_TESTS)
+    unknown = [n for n in names if n not in FUNCTION_TESTS]
+    if unknown or not names:
+        msg = f"unknown function(s) {unknown}; choose from: all, {', '.join(FUNCTION_TESTS)}"
+        raise SystemExit(msg)
+    return names
+
+
+def build_command(
+    functions: list[str], *, with_autozyme: bool, pytest_args: list[str], tests_root: Path
+) -> list[str]:
+    rel_root = os.path.relpath(tests_root, Path.cwd())
+    targets: list[str] = []
+    for fn in functions:
+        for node in FUNCTION_TESTS[fn]:
+            target = f"{rel_root}/{node}"
+            if target not in targets:  # pytest would run a repeated id twice
+                targets.append(target)
+
+    deselect_ids, deselect_k = read_deselect()
+    pytest_args, user_k = split_user_k(pytest_args)
+    k_terms = [f"({e})" for e in user_k] + [f"not ({e})" for e in deselect_k]
+
+    cmd = [
+        sys.executable, "-m", "pytest",
+        "-c", str(INI),
+        f"--rootdir={rel_root}",
+        # conftest.py of the extracted tree only; nothing from the repo's own dirs
+        f"--confcutdir={rel_root}",
+        "-p", "no:randomly",  # keep upstream order deterministic if installed
+        # restores an anndata test-helper name scanpy's helpers import (see module)
+        "-p", COMPAT_PLUGIN,
+        "-rfEs",
+    ]  # fmt: skip
+    if with_autozyme:
+        # Must come after testing.scanpy._pytest (ini addopts), which asserts
+        # that scanpy is not imported yet when it loads.
+        cmd += ["-p", AUTOZYME_PLUGIN]
+    for node in deselect_ids:
+        cmd.append(f"--deselect={node}")
+    if k_terms:
+        cmd += ["-k", " and ".join(k_terms)]
+    cmd += pytest_args
+    cmd += targets
+    return cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Run scanpy 1.11.5's own tests against the installed scanpy.",
+        epilog="Unrecognised arguments (and everything after `--`) are passed to pytest.",
+    )
+    p.add_argument(
+        "--functions",
+        default="normalize_total,log1p",
+        help=f"comma-separated, or `all` (default: %(default)s); known: {', '.join(FUNCTION_TESTS)}",
+    )
+    p.add_argument(
+        "--with-autozyme",
+        action="store_true",
+        help=f"load `-p {AUTOZYME_PLUGIN}` and set AUTOZYME_STRICT=1",
+    )
+    p.add_argument(
+        "--no-strict",
+        action="store_true",
+        help="with --with-autozyme: do not set AUTOZYME_STRICT=1 (fallbacks allowed)",
+    )
+    p.add_argument(
+        "--list-functions", action="store_true", help="print the function table and exit"
+    )
+    p.add_argument(
+        "--print-command", action="store_true", help="print the pytest command before running"
+    )
+    args, pytest_args = p.parse_known_args(argv)
+    if pytest_args[:1] == ["--"]:
+        pytest_args = pytest_args[1:]
+
+    if args.list_functions:
+        for fn, nodes in FUNCTION_TESTS.items():
+            print(fn)
+            for n in nodes:
+                print(f"    {n}")
+        return 0
+
+    functions = resolve_functions(args.functions)
+    tests_root = fetch()
+
+    env = os.environ.copy()
+    # make upstream_compat.py importable as a plugin
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(HERE), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    if args.with_autozyme:
+        if find_spec("autozyme") is None:
+            print(
+                "run_scanpy_tests: --with-autozyme but `autozyme` is not importable "
+                f"with {sys.executable}; install pyshim/ first",
+                file=sys.stderr,
+            )
+            return 4  # pytest's "usage error" code
+        if not args.no_strict:
+            env["AUTOZYME_STRICT"] = "1"
+    elif "AUTOZYME_STRICT" in env:
+        # irrelevant without the plugin; keep the baseline run clean
+        del env["AUTOZYME_STRICT"]
+
+    cmd = build_command(
+        functions,
+        with_autozyme=args.with_autozyme,
+        pytest_args=pytest_args,
+        tests_root=tests_root,
+    )
+    if args.print_command:
+        strict = " AUTOZYME_STRICT=1" if env.get("AUTOZYME_STRICT") == "1" else ""
+        print(f"+{strict} {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":
+    if Path.cwd().resolve() != REPO_ROOT:
+        print(
+            f"run_scanpy_tests: run from the repo root ({REPO_ROOT}), not {Path.cwd()}",
+            file=sys.stderr,
+        )
+        sys.exit(4)
+    sys.exit(main())
