@@ -31,6 +31,12 @@ REQUESTS = {
     "req_status": msg("Status"),
     "req_shutdown": msg("Shutdown"),
     "req_row_sums": msg("RowSums", x=CSR, exclude_max_fraction=None),
+    "req_row_sums_no_indices": msg(
+        "RowSums",
+        x=msg("Csr", n_rows=1, n_cols=2, data=arr("azm_1000_42_5", 0, 1, "F64"), indices=None,
+              indptr=arr("azm_1000_42_6", 0, 2, "I32")),
+        exclude_max_fraction=None,
+    ),
     "req_row_sums_exclude": msg(
         "RowSums",
         x=msg("Dense", n_rows=2, n_cols=2, data=arr("azm_1000_42_3", 8, 4, "F64")),

@@ -177,19 +177,36 @@ fn row_sums(
         ));
     };
     let mut resolver = Resolver::new(&daemon.segments, peer_uid);
-    let csr = CsrRegions::resolve(&mut resolver, *n_rows, *n_cols, data, indices, indptr)?;
+    let csr = CsrRegions::resolve(
+        &mut resolver,
+        *n_rows,
+        *n_cols,
+        data,
+        indices.as_ref(),
+        indptr,
+    )?;
     csr.validate_indptr()?;
-    if exclude_max_fraction.is_some() {
-        csr.validate_column_indices()?;
-    }
-    let job = RowSumsJob {
+    let data = csr.data.floats().expect("dtype checked");
+    let indptr = csr.indptr.indices().expect("dtype checked");
+    let Some(max_fraction) = exclude_max_fraction else {
+        let sums = match (indptr, data) {
+            (IndexSlice::I32(p), FloatSlice::F32(d)) => widen(&csr_row_sums(p, d, csr.n_rows)),
+            (IndexSlice::I32(p), FloatSlice::F64(d)) => widen(&csr_row_sums(p, d, csr.n_rows)),
+            (IndexSlice::I64(p), FloatSlice::F32(d)) => widen(&csr_row_sums(p, d, csr.n_rows)),
+            (IndexSlice::I64(p), FloatSlice::F64(d)) => widen(&csr_row_sums(p, d, csr.n_rows)),
+        };
+        return Ok(Response::RowSums {
+            sums,
+            highly_expressed: vec![],
+        });
+    };
+    let indices = csr.validated_column_indices()?;
+    let job = ExcludingJob {
         n_rows: csr.n_rows,
         n_cols: csr.n_cols,
-        exclude_max_fraction,
+        max_fraction,
     };
-    let data = csr.data.floats().expect("dtype checked");
-    let indices = csr.indices.indices().expect("dtype checked");
-    let (sums, highly_expressed) = match csr.indptr.indices().expect("dtype checked") {
+    let (sums, highly_expressed) = match indptr {
         IndexSlice::I32(p) => job.with_indices(p, indices, data),
         IndexSlice::I64(p) => job.with_indices(p, indices, data),
     };
@@ -199,13 +216,14 @@ fn row_sums(
     })
 }
 
-struct RowSumsJob {
+/// RowSums with exclusion of highly expressed genes, dispatched over the dtypes.
+struct ExcludingJob {
     n_rows: usize,
     n_cols: usize,
-    exclude_max_fraction: Option<f64>,
+    max_fraction: f64,
 }
 
-impl RowSumsJob {
+impl ExcludingJob {
     fn with_indices<P: SparseIndex>(
         &self,
         indptr: &[P],
@@ -230,8 +248,8 @@ impl RowSumsJob {
         }
     }
 
-    /// Upstream's `_normalize_csr`: plain sums, then (with exclusion) the flagged
-    /// genes and the sums recomputed without them.
+    /// Upstream's `_normalize_csr` with exclusion: plain sums, the flagged genes,
+    /// then the sums recomputed without them.
     fn run<T: Float, P: SparseIndex, I: SparseIndex>(
         &self,
         indptr: &[P],
@@ -239,10 +257,8 @@ impl RowSumsJob {
         data: &[T],
     ) -> (Vec<f64>, Vec<u64>) {
         let sums = csr_row_sums(indptr, data, self.n_rows);
-        let Some(max_fraction) = self.exclude_max_fraction else {
-            return (widen(&sums), vec![]);
-        };
-        let flags = highly_expressed_genes(indptr, indices, data, &sums, self.n_cols, max_fraction);
+        let flags =
+            highly_expressed_genes(indptr, indices, data, &sums, self.n_cols, self.max_fraction);
         if !flags.contains(&true) {
             // Nothing excluded: upstream's second pass adds the very same values in
             // the same order, so the plain sums are already its answer.
@@ -288,14 +304,23 @@ fn divide_rows(
             indices,
             indptr,
         } => {
-            let mut csr =
-                CsrRegions::resolve(&mut resolver, *n_rows, *n_cols, data, indices, indptr)?;
+            let mut csr = CsrRegions::resolve(
+                &mut resolver,
+                *n_rows,
+                *n_cols,
+                data,
+                indices.as_ref(),
+                indptr,
+            )?;
             check_factors_len(factors, csr.n_rows)?;
             csr.validate_indptr()?;
             let mut out = resolver.region(out, "out")?;
             check_out_len(out.len(), csr.data.len())?;
-            for (array, what) in [(&csr.indices, "indices"), (&csr.indptr, "indptr")] {
-                if out.overlaps(array) {
+            for (array, what) in [
+                (csr.indices.as_ref(), "indices"),
+                (Some(&csr.indptr), "indptr"),
+            ] {
+                if array.is_some_and(|a| out.overlaps(a)) {
                     return Err(Failure::bad_request(format!("out overlaps x's {what}")));
                 }
             }

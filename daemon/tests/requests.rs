@@ -87,7 +87,7 @@ fn csr(f: &Fixture, data: ArrayRef, indices: ArrayRef, indptr: ArrayRef) -> Matr
         n_rows: f.n_rows as u64,
         n_cols: f.n_cols as u64,
         data,
-        indices,
+        indices: Some(indices),
         indptr,
     }
 }
@@ -224,6 +224,26 @@ fn row_sums_f32_and_f64_with_and_without_exclusion() {
         }
         other => panic!("{other:?}"),
     }
+    // Without indices: plain sums are served, exclusion is refused.
+    let no_indices = |exclude| Request::RowSums {
+        x: Matrix::Csr {
+            n_rows: f.n_rows as u64,
+            n_cols: f.n_cols as u64,
+            data: d64.clone(),
+            indices: None,
+            indptr: p64.clone(),
+        },
+        exclude_max_fraction: exclude,
+    };
+    let (plain, _) = reference_row_sums(&f, &f.data, |v| v, None);
+    assert_eq!(
+        c.call(&no_indices(None)),
+        Response::RowSums {
+            sums: plain,
+            highly_expressed: vec![]
+        }
+    );
+    expect_error(c.call(&no_indices(Some(0.5))), ErrorKind::BadRequest);
     match c.call(&Request::Status) {
         Response::Status(s) => {
             assert_eq!(s.mapped_segments, 1);
@@ -462,7 +482,7 @@ fn malformed_requests_get_the_right_error_and_the_daemon_keeps_serving() {
                 n_rows: 5,
                 n_cols: 6,
                 data: data.clone(),
-                indices: indices.clone(),
+                indices: Some(indices.clone()),
                 indptr: indptr.clone(),
             }),
             ErrorKind::BadMatrix,
@@ -658,7 +678,7 @@ fn segment_of_another_owner_is_refused() {
             n_rows: 1,
             n_cols: 1,
             data,
-            indices,
+            indices: Some(indices),
             indptr,
         },
         exclude_max_fraction: None,

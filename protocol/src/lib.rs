@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// Bumped on any change of the wire types below.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame either side accepts. Bulk data never travels in frames (it lives
 /// in shared memory); the largest inline payloads are per-cell or per-gene vectors.
@@ -51,13 +51,15 @@ pub struct ArrayRef {
 }
 
 /// A matrix whose buffers live in shared memory. Dense matrices are C-contiguous.
+/// A CSR matrix's `indices` may be left out for requests whose kernels never read
+/// them (row sums without exclusion, row division): placing them would cost a copy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Matrix {
     Csr {
         n_rows: u64,
         n_cols: u64,
         data: ArrayRef,
-        indices: ArrayRef,
+        indices: Option<ArrayRef>,
         indptr: ArrayRef,
     },
     Dense {
@@ -100,7 +102,9 @@ pub enum Request {
     },
     /// Test hook, honoured only when the daemon runs with `AUTOZYME_TEST_HOOKS=1`:
     /// occupy a worker for `millis` milliseconds, as a long kernel would.
-    Sleep { millis: u64 },
+    Sleep {
+        millis: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,7 +19,7 @@ fn csr() -> Matrix {
         n_rows: 3,
         n_cols: 5,
         data: arr("azm_1000_42_0", 0, 7, DType::F32),
-        indices: arr("azm_1000_42_1", 64, 7, DType::I32),
+        indices: Some(arr("azm_1000_42_1", 64, 7, DType::I32)),
         indptr: arr("azm_1000_42_2", 0, 4, DType::I64),
     }
 }
@@ -41,6 +41,19 @@ fn requests() -> Vec<(&'static str, Request)> {
             "req_row_sums",
             Request::RowSums {
                 x: csr(),
+                exclude_max_fraction: None,
+            },
+        ),
+        (
+            "req_row_sums_no_indices",
+            Request::RowSums {
+                x: Matrix::Csr {
+                    n_rows: 1,
+                    n_cols: 2,
+                    data: arr("azm_1000_42_5", 0, 1, DType::F64),
+                    indices: None,
+                    indptr: arr("azm_1000_42_6", 0, 2, DType::I32),
+                },
                 exclude_max_fraction: None,
             },
         ),
@@ -134,7 +147,10 @@ fn check(name: &str, bytes: Vec<u8>) {
     }
     let want = std::fs::read(&path)
         .unwrap_or_else(|e| panic!("{}: {e} (run with AUTOZYME_BLESS=1)", path.display()));
-    assert_eq!(bytes, want, "{name}: wire bytes changed; bump PROTOCOL_VERSION and re-bless");
+    assert_eq!(
+        bytes, want,
+        "{name}: wire bytes changed; bump PROTOCOL_VERSION and re-bless"
+    );
 }
 
 #[test]

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 256 << 20
 
 
@@ -207,7 +207,7 @@ MATRIX = Enum(
                 ("n_rows", U64),
                 ("n_cols", U64),
                 ("data", ARRAY_REF),
-                ("indices", ARRAY_REF),
+                ("indices", Opt(ARRAY_REF)),
                 ("indptr", ARRAY_REF),
             ],
         ),

@@ -9,12 +9,17 @@ use super::{for_each_in_waves, row_chunks, row_range, split_at_offsets_mut, Floa
 
 /// Sum of every stored value of each row, rounded to the data's dtype.
 pub fn csr_row_sums<T: Float, P: SparseIndex>(indptr: &[P], data: &[T], n_rows: usize) -> Vec<T> {
-    sum_rows(indptr, data, n_rows, |_| true)
+    sum_rows(indptr, data, n_rows, |_, v: T| v.to_f64())
 }
 
 /// Like [`csr_row_sums`], but skipping stored values whose column is excluded
 /// (`excluded[col]`). A column index outside `excluded` (or negative) can only come
 /// from a client rewriting memory mid-call; such entries are skipped too.
+///
+/// A skipped value contributes `+0.0` instead, which is the same as skipping it:
+/// the accumulator starts at `+0.0` and IEEE addition never turns it into `-0.0`
+/// (`+0 + -0 = +0`, exact cancellation gives `+0`), and `x + 0.0 == x` for every
+/// other `x`, NaN and infinities included. That keeps the inner loop branch-free.
 pub fn csr_row_sums_excluding<T: Float, P: SparseIndex, I: SparseIndex>(
     indptr: &[P],
     indices: &[I],
@@ -22,39 +27,97 @@ pub fn csr_row_sums_excluding<T: Float, P: SparseIndex, I: SparseIndex>(
     n_rows: usize,
     excluded: &[bool],
 ) -> Vec<T> {
-    let keep = |j: usize| {
+    let value = |j: usize, v: T| {
         let col = indices.get(j).and_then(|c| c.to_usize());
-        matches!(col.and_then(|c| excluded.get(c)), Some(false))
+        match col.and_then(|c| excluded.get(c)) {
+            Some(false) => v.to_f64(),
+            _ => 0.0,
+        }
     };
-    sum_rows(indptr, data, n_rows, keep)
+    sum_rows(indptr, data, n_rows, value)
 }
 
 /// Shared driver: rows are independent, so chunks of rows run in parallel and the
-/// result does not depend on how they are split. `keep(j)` decides whether stored
-/// value `j` counts.
+/// result does not depend on how they are split. `value(j, data[j])` is what stored
+/// value `j` adds.
 fn sum_rows<T: Float, P: SparseIndex>(
     indptr: &[P],
     data: &[T],
     n_rows: usize,
-    keep: impl Fn(usize) -> bool + Sync,
+    value: impl Fn(usize, T) -> f64 + Sync,
 ) -> Vec<T> {
     let nnz = data.len();
     let chunks = row_chunks(indptr, n_rows, nnz);
     let mut sums = vec![T::from_f64(0.0); n_rows];
     let pieces = split_at_offsets_mut(&mut sums, chunks.iter().map(|c| c.end));
     for_each_in_waves(chunks.into_iter().zip(pieces), |(rows, out)| {
-        for (r, slot) in rows.zip(out.iter_mut()) {
-            let range = row_range(indptr, r, nnz);
-            let mut count = 0.0f64;
-            for (j, v) in range.clone().zip(&data[range]) {
-                if keep(j) {
-                    count += v.to_f64();
-                }
-            }
-            *slot = T::from_f64(count);
-        }
+        let ranges = rows.map(|r| row_range(indptr, r, nnz));
+        sum_ranges_interleaved(data, ranges, out, &value);
     });
     sums
+}
+
+/// Rows summed per pass in lockstep.
+const LANES: usize = 4;
+
+/// Each row's sum is one chain of dependent f64 additions, which must stay in index
+/// order to match upstream bit for bit; a single chain runs at the adder's latency,
+/// not its throughput. So `LANES` rows advance together, each still strictly in its
+/// own order: the order of additions within a row is unchanged, only rows overlap.
+/// A lane whose row ends takes the next row.
+fn sum_ranges_interleaved<T: Float>(
+    data: &[T],
+    mut ranges: impl Iterator<Item = std::ops::Range<usize>>,
+    out: &mut [T],
+    value: &impl Fn(usize, T) -> f64,
+) {
+    let mut slot = [usize::MAX; LANES];
+    let mut pos = [0usize; LANES];
+    let mut end = [0usize; LANES];
+    let mut acc = [0.0f64; LANES];
+    let mut next_slot = 0usize;
+    loop {
+        for l in 0..LANES {
+            while pos[l] == end[l] {
+                if slot[l] != usize::MAX {
+                    out[slot[l]] = T::from_f64(acc[l]);
+                    slot[l] = usize::MAX;
+                }
+                let Some(range) = ranges.next() else { break };
+                slot[l] = next_slot;
+                next_slot += 1;
+                (pos[l], end[l], acc[l]) = (range.start, range.end, 0.0);
+            }
+        }
+        let active = (0..LANES).filter(|&l| pos[l] < end[l]).count();
+        if active == 0 {
+            return;
+        }
+        if active < LANES {
+            // The last few rows: no lockstep partner left.
+            for l in 0..LANES {
+                for j in pos[l]..end[l] {
+                    acc[l] += value(j, data[j]);
+                }
+                pos[l] = end[l];
+            }
+            continue;
+        }
+        let step = (0..LANES).map(|l| end[l] - pos[l]).min().unwrap_or(0);
+        let lane = |l: usize| &data[pos[l]..pos[l] + step];
+        let (d0, d1, d2, d3) = (lane(0), lane(1), lane(2), lane(3));
+        let (mut a0, mut a1, mut a2, mut a3) = (acc[0], acc[1], acc[2], acc[3]);
+        for k in 0..step {
+            a0 += value(pos[0] + k, d0[k]);
+            a1 += value(pos[1] + k, d1[k]);
+            a2 += value(pos[2] + k, d2[k]);
+            a3 += value(pos[3] + k, d3[k]);
+        }
+        acc = [a0, a1, a2, a3];
+        for p in pos.iter_mut() {
+            *p += step;
+        }
+    }
 }
 
 #[cfg(test)]

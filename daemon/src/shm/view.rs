@@ -239,7 +239,8 @@ pub struct CsrRegions {
     pub n_rows: usize,
     pub n_cols: usize,
     pub data: Region,
-    pub indices: Region,
+    /// Absent when the request's kernels do not read column indices.
+    pub indices: Option<Region>,
     pub indptr: Region,
 }
 
@@ -251,7 +252,7 @@ impl CsrRegions {
         n_rows: u64,
         n_cols: u64,
         data: &ArrayRef,
-        indices: &ArrayRef,
+        indices: Option<&ArrayRef>,
         indptr: &ArrayRef,
     ) -> Result<Self> {
         let n_rows_usize = to_usize(n_rows, "n_rows")?;
@@ -262,7 +263,8 @@ impl CsrRegions {
                 data.dtype
             )));
         }
-        for (array, what) in [(indices, "indices"), (indptr, "indptr")] {
+        for (array, what) in [(indices, "indices"), (Some(indptr), "indptr")] {
+            let Some(array) = array else { continue };
             if !matches!(array.dtype, DType::I32 | DType::I64) {
                 return Err(Failure::bad_matrix(format!(
                     "CSR {what} must be I32 or I64, not {:?}",
@@ -276,7 +278,7 @@ impl CsrRegions {
                 indptr.len
             )));
         }
-        if data.len != indices.len {
+        if let Some(indices) = indices.filter(|i| i.len != data.len) {
             return Err(Failure::bad_matrix(format!(
                 "CSR data has {} elements but indices has {}",
                 data.len, indices.len
@@ -286,7 +288,10 @@ impl CsrRegions {
             n_rows: n_rows_usize,
             n_cols,
             data: resolver.region(data, "CSR data")?,
-            indices: resolver.region(indices, "CSR indices")?,
+            indices: match indices {
+                Some(i) => Some(resolver.region(i, "CSR indices")?),
+                None => None,
+            },
             indptr: resolver.region(indptr, "CSR indptr")?,
         })
     }
@@ -300,12 +305,20 @@ impl CsrRegions {
         }
     }
 
-    /// Every column index lies in `0..n_cols` (for kernels that index by column).
-    pub fn validate_column_indices(&self) -> Result<()> {
-        match self.indices.indices().expect("dtype checked in resolve") {
-            IndexSlice::I32(i) => check_columns(i, self.n_cols),
-            IndexSlice::I64(i) => check_columns(i, self.n_cols),
+    /// The column indices, for kernels that index by column: present, and every
+    /// one in `0..n_cols`.
+    pub fn validated_column_indices(&self) -> Result<IndexSlice<'_>> {
+        let indices = self
+            .indices
+            .as_ref()
+            .ok_or_else(|| Failure::bad_request("this request needs the CSR indices"))?
+            .indices()
+            .expect("dtype checked in resolve");
+        match indices {
+            IndexSlice::I32(i) => check_columns(i, self.n_cols)?,
+            IndexSlice::I64(i) => check_columns(i, self.n_cols)?,
         }
+        Ok(indices)
     }
 }
 

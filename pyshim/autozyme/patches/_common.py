@@ -3,6 +3,7 @@ type checks, and placing a CSR matrix's buffers in shared memory."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import numpy as np
@@ -16,20 +17,23 @@ FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 INDEX = (np.dtype(np.int32), np.dtype(np.int64))
 
 
-def bind(upstream, fast_defaults: dict, args: tuple, kwargs: dict) -> dict:
-    """Keyword arguments of a call, with upstream's defaults filled in.
+def bind(upstream, fast_defaults: dict, args: tuple, kwargs: dict):
+    """The data argument and the keyword arguments of a call, with upstream's
+    defaults filled in.
 
-    Positional arguments beyond the first go to upstream (scanpy's
-    ``old_positionals`` turns them into keywords with a FutureWarning); unknown
-    keywords too (upstream raises its TypeError)."""
-    if args:
-        raise Fallback("positional arguments after the data")
+    The data must come first and by position; anything else (positional
+    arguments after it, which scanpy's ``old_positionals`` turns into keywords with
+    a FutureWarning, or a legacy keyword for the data) goes to upstream, and so do
+    unknown keywords (upstream raises its TypeError)."""
+    if len(args) != 1:
+        raise Fallback("data not passed as the only positional argument")
     unknown = set(kwargs) - set(fast_defaults)
     if unknown:
         raise Delegate(f"unexpected keyword arguments {sorted(unknown)}")
-    return {**fast_defaults, **kwargs}
+    return args[0], {**fast_defaults, **kwargs}
 
 
+@functools.lru_cache(maxsize=None)
 def keyword_defaults(fn) -> dict:
     """Keyword-only parameters and defaults of upstream's function."""
     sig = inspect.signature(inspect.unwrap(fn))
@@ -59,22 +63,24 @@ def check_float_or_int(x) -> None:
         raise Fallback(f"dtype {dt}")
 
 
-def placed_csr(x):
+def placed_csr(x, *, with_indices: bool):
     """Shared-memory copies (or the arrays themselves, if already placed) of a CSR
-    matrix's buffers, and the wire Matrix describing them. Nothing of ``x`` is
-    changed here; the patch rebinds the placed arrays only after success."""
+    matrix's buffers, and the wire Matrix describing them. ``indices`` is placed
+    only when a kernel reads it (else None). Nothing of ``x`` is changed here; the
+    patch rebinds the placed arrays only after success."""
     if x.data.dtype not in FLOATS:
         raise Fallback(f"dtype {x.data.dtype}")
     if x.indptr.dtype not in INDEX or x.indices.dtype not in INDEX:
         raise Fallback(f"index dtype {x.indices.dtype}/{x.indptr.dtype}")
-    data, indices, indptr = (shm.placed(a) for a in (x.data, x.indices, x.indptr))
+    data, indptr = shm.placed(x.data), shm.placed(x.indptr)
+    indices = shm.placed(x.indices) if with_indices else None
     n_rows, n_cols = x.shape
     matrix = msg(
         "Csr",
         n_rows=n_rows,
         n_cols=n_cols,
         data=shm.ref(data),
-        indices=shm.ref(indices),
+        indices=shm.ref(indices) if indices is not None else None,
         indptr=shm.ref(indptr),
     )
     return matrix, data, indices, indptr

@@ -22,10 +22,10 @@ VERIFIED = ("1.11.5",)
 _ARRAY_ONLY = ("chunked", "chunk_size", "layer", "obsm")
 
 
-def fast(upstream, data, *args, **kwargs):
+def fast(upstream, *args, **kwargs):
     from anndata import AnnData
 
-    p = _common.bind(upstream, _common.keyword_defaults(upstream), args, kwargs)
+    data, p = _common.bind(upstream, _common.keyword_defaults(upstream), args, kwargs)
     if isinstance(data, AnnData):
         return _anndata(data, **p)
     if not _array_in_scope(data):

@@ -27,13 +27,13 @@ from . import _common
 VERIFIED = ("1.11.5",)
 
 
-def fast(upstream, adata, *args, **kwargs):
+def fast(upstream, *args, **kwargs):
     from anndata import AnnData
     from scanpy import logging as logg
     from scanpy._utils import view_to_actual
     from scanpy.get import _get_obs_rep, _set_obs_rep
 
-    p = _common.bind(upstream, _common.keyword_defaults(upstream), args, kwargs)
+    adata, p = _common.bind(upstream, _common.keyword_defaults(upstream), args, kwargs)
     target_sum, exclude = p["target_sum"], p["exclude_highly_expressed"]
     max_fraction, key_added, layer = p["max_fraction"], p["key_added"], p["layer"]
     inplace, copy = p["inplace"], p["copy"]
@@ -119,7 +119,7 @@ def _factors(counts_per_cell, target_sum):
 
 
 def _csr(x, exclude, max_fraction, target_sum, own_structure):
-    matrix, data, indices, indptr = _common.placed_csr(x)
+    matrix, data, indices, indptr = _common.placed_csr(x, with_indices=exclude)
     client = get_client()
     reply = client.call(
         msg("RowSums", x=matrix, exclude_max_fraction=float(max_fraction) if exclude else None)
@@ -130,21 +130,26 @@ def _csr(x, exclude, max_fraction, target_sum, own_structure):
         target_sum = np.median(counts_per_cell)  # upstream's CSR path: zeros included
     counts_per_cell, scaling = _factors(counts_per_cell, target_sum)
 
+    # Upstream makes a new data array. When the input had to be copied into shared
+    # memory, that copy is ours alone: divide it in place (if the daemon dies
+    # mid-way, the user's data is untouched and upstream runs on it). Otherwise
+    # the result goes to a recycled segment.
     out_dtype = np.result_type(x.data.dtype, scaling.dtype)
-    out = shm.empty(data.shape, out_dtype)
+    in_place = data is not x.data and out_dtype == data.dtype
+    out = data if in_place else shm.empty(data.shape, out_dtype)
     client.call(
         msg("DivideRows", x=matrix, factors=scaling.astype(np.float64),
-            factors_dtype=shm.dtype_tag(scaling.dtype), out=shm.ref(out))
+            factors_dtype=shm.dtype_tag(scaling.dtype), out=shm.ref(out)),
+        retry=not in_place,  # dividing twice would be wrong
     )
-    # Our hold on the input goes through a holder, so that when the input was a
-    # fresh copy, or x's previous data that nothing else references, its segment
-    # is recycled for the next call's output.
-    holder = _Holder(data)
+    # Our hold on the input goes through a holder, so that when it was x's
+    # previous data and nothing else references it, its segment is recycled for
+    # the next call's output.
+    holder = _Holder(None if in_place else data)
     del data
     if own_structure:
-        # inplace=False: a new matrix whose placed buffers are its own.
-        if indices is x.indices:
-            indices = shm.copy_of(indices)
+        # inplace=False: a new matrix whose buffers are its own.
+        indices = shm.copy_of(x.indices) if indices is None or indices is x.indices else indices
         if indptr is x.indptr:
             indptr = shm.copy_of(indptr)
         new = type(x)(x.shape, dtype=out.dtype)

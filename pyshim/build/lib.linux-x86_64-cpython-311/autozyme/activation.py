@@ -1,0 +1,129 @@
+"""Patching scanpy in place, and undoing it.
+
+A target is replaced wherever scanpy binds it (``sc.pp``, ``scanpy.preprocessing``,
+the private module, and any scanpy module that imported it by name), so scanpy's
+own internal callers get the fast path too.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import sys
+import threading
+import warnings
+
+from . import fallback, shm
+
+# name -> (module that defines it, attribute, patch module)
+TARGETS = {
+    "normalize_total": ("scanpy.preprocessing._normalization", "normalize_total", "normalize_total"),
+    "log1p": ("scanpy.preprocessing._simple", "log1p", "log1p"),
+}
+
+_lock = threading.RLock()
+# name -> (upstream function, wrapper, [(module, attribute)])
+_patched: dict[str, tuple] = {}
+_warned_main = False
+
+
+def is_active() -> bool:
+    return bool(_patched)
+
+
+def version_problem() -> str | None:
+    """Why the fast paths must not run on this scanpy, or None."""
+    if os.environ.get("AUTOZYME_ALLOW_UNVERIFIED", "") not in ("", "0"):
+        return None
+    from .patches import log1p, normalize_total
+
+    verified = set(normalize_total.VERIFIED) & set(log1p.VERIFIED)
+    version = scanpy_version()
+    if version not in verified:
+        return (
+            f"scanpy {version} is not verified (verified: {', '.join(sorted(verified))}); "
+            "set AUTOZYME_ALLOW_UNVERIFIED=1 to opt in"
+        )
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def scanpy_version() -> str:
+    from importlib.metadata import version
+
+    return version("scanpy")
+
+
+def _scanpy_modules():
+    return [m for name, m in list(sys.modules.items())
+            if m is not None and (name == "scanpy" or name.startswith("scanpy."))]
+
+
+def activate(library: str = "scanpy", *, prewarm: bool = True) -> None:
+    if library != "scanpy":
+        raise ValueError(f"autozyme accelerates 'scanpy', not {library!r}")
+    import scanpy  # noqa: F401  (imports every module that binds a target)
+
+    with _lock:
+        if _patched:
+            return
+        for name, (modname, attr, patch_name) in TARGETS.items():
+            upstream = getattr(importlib.import_module(modname), attr)
+            upstream = getattr(upstream, "__autozyme_upstream__", upstream)
+            patch = importlib.import_module(f"autozyme.patches.{patch_name}")
+            wrapper = fallback.fast_or_upstream(name, patch.fast, upstream)
+            sites = []
+            for mod in _scanpy_modules():
+                for key, value in list(vars(mod).items()):
+                    if value is upstream:
+                        setattr(mod, key, wrapper)
+                        sites.append((mod, key))
+            _patched[name] = (upstream, wrapper, sites)
+        _warn_main_bindings()
+    shm.sweep_dead_segments()
+    if prewarm:
+        threading.Thread(target=_prewarm, name="autozyme-prewarm", daemon=True).start()
+
+
+def _prewarm() -> None:
+    """Connect (starting the daemon if needed) and warm the shim's thread pool, so
+    the first call pays neither. Never raises: failure just means fallback later."""
+    from . import parallel
+    from .client import get_client
+
+    try:
+        parallel.warm()
+        get_client().connection()
+    except Exception:  # noqa: BLE001 - activation never fails because of the daemon
+        pass
+
+
+def _warn_main_bindings() -> None:
+    """A name imported into __main__ before activation keeps pointing at upstream."""
+    global _warned_main
+    main = sys.modules.get("__main__")
+    if main is None or _warned_main:
+        return
+    stale = [key for key, value in vars(main).items()
+             for upstream, _, _ in _patched.values() if value is upstream]
+    if stale:
+        _warned_main = True
+        warnings.warn(
+            f"autozyme: {', '.join(sorted(stale))} was imported into __main__ before activation "
+            "and still refers to upstream scanpy; call it as sc.pp.<name> or re-import it.",
+            stacklevel=3,
+        )
+
+
+def deactivate() -> None:
+    with _lock:
+        for upstream, wrapper, sites in _patched.values():
+            for mod, key in sites:
+                if getattr(mod, key, None) is wrapper:
+                    setattr(mod, key, upstream)
+        _patched.clear()
+
+
+def patched_targets() -> list[str]:
+    return sorted(_patched)

@@ -1,0 +1,247 @@
+"""``autozyme bench``: upstream scanpy and autozyme side by side, in fresh processes.
+
+For each call, one worker process per side loads the same generated count
+matrix and times three phases:
+  first   the first call in the fresh process (upstream pays numba's cache load
+          or compilation; autozyme talks to an already running daemon, as with
+          the login service or any earlier call)
+  warm    a warm call on a fresh copy of the data
+  rerun   the call again on the same object (autozyme: buffers already adopted)
+and records peak RSS per phase for the client and the daemon (VmHWM reset through
+/proc/<pid>/clear_refs; shared segments count in both). The parent compares the
+results (max ulp) and prints ratios and a roofline for memory-bound calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CALLS = {
+    # name: (kwargs, minimal bytes moved per stored value for the roofline)
+    "normalize_total": ({"target_sum": 1e4}, "read data twice, write once"),
+    "log1p": ({}, "read data once, write once"),
+}
+PHASES = ("first", "warm", "rerun")
+
+
+# --- data -----------------------------------------------------------------------
+def make_counts(n_cells: int, n_genes: int, density: float, seed: int = 0):
+    """A realistic-looking count matrix, vectorized: gene popularity is lognormal,
+    cells have lognormal depth, 8 clusters re-weight genes, 4 batches shift depth;
+    values are Poisson + 1 (so many ties). Returns CSR (float32)."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    depth = rng.lognormal(0, 0.4, n_cells) * (1 + 0.25 * rng.integers(0, 4, n_cells))
+    k = np.minimum(rng.poisson(density * n_genes * depth / depth.mean()), n_genes).astype(np.int64)
+    popularity = rng.lognormal(0, 1.0, n_genes)
+    cdf = np.cumsum(popularity)
+    cdf /= cdf[-1]
+    rows = np.repeat(np.arange(n_cells, dtype=np.int64), k)
+    genes = np.searchsorted(cdf, rng.random(rows.size)).clip(max=n_genes - 1)
+    key = rows * n_genes + genes
+    del rows, genes
+    key.sort()
+    keep = np.ones(key.size, dtype=bool)
+    keep[1:] = key[1:] != key[:-1]
+    key = key[keep]
+    del keep
+    rows = (key // n_genes).astype(np.int64)
+    cols = (key % n_genes).astype(np.int32)
+    del key
+    cluster = rng.integers(0, 8, n_cells)
+    program = rng.lognormal(0, 0.5, (8, n_genes)).astype(np.float32)
+    lam = (popularity[cols] / popularity.mean() * 0.5).astype(np.float32)
+    lam *= program[cluster[rows], cols]
+    lam *= depth[rows].astype(np.float32)
+    data = (rng.poisson(lam) + 1).astype(np.float32)
+    del lam
+    indptr = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_cells), out=indptr[1:])
+    indptr = indptr.astype(np.int32) if indptr[-1] < 2**31 else indptr
+    return sp.csr_matrix((data, cols, indptr), shape=(n_cells, n_genes))
+
+
+def dataset_path(cache: Path, cells: int, genes: int, density: float) -> Path:
+    path = cache / f"counts_{cells}x{genes}_{density:g}.npz"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        x = make_counts(cells, genes, density)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, data=x.data, indices=x.indices, indptr=x.indptr, shape=np.array(x.shape))
+        tmp.rename(path)
+        print(f"generated {cells} x {genes} counts, {x.nnz / 1e6:.1f}M non-zeros "
+              f"({x.nnz / cells / genes:.1%}) in {time.perf_counter() - t:.1f}s -> {path}", flush=True)
+    return path
+
+
+def load_anndata(path: Path):
+    import anndata as ad
+    import scipy.sparse as sp
+
+    z = np.load(path)
+    x = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
+    return ad.AnnData(x)
+
+
+# --- memory ---------------------------------------------------------------------
+def _reset_peak(pid: int | str) -> None:
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_bytes(pid: int | str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# --- worker (one fresh process per side and call) -----------------------------
+def worker(mode: str, call: str, data: Path, out: Path) -> dict:
+    import scanpy as sc
+
+    daemon_pid = None
+    if mode == "autozyme":
+        import autozyme
+        from autozyme.client import get_client
+
+        os.environ.setdefault("AUTOZYME_STRICT", "1")
+        autozyme.activate("scanpy")
+        daemon_pid = get_client().connection().hello.pid
+    fn = getattr(sc.pp, call)
+    kwargs = CALLS[call][0]
+    base = load_anndata(data)
+    result = {"mode": mode, "call": call, "nnz": int(base.X.nnz)}
+    a = base.copy()
+    b = base.copy()
+    for phase, target in (("first", a), ("warm", b), ("rerun", b)):
+        _reset_peak("self")
+        if daemon_pid:
+            _reset_peak(daemon_pid)
+        t = time.perf_counter()
+        fn(target, **kwargs)
+        result[phase] = time.perf_counter() - t
+        result[f"{phase}_client_peak"] = _peak_bytes("self")
+        result[f"{phase}_daemon_peak"] = _peak_bytes(daemon_pid) if daemon_pid else 0
+        if phase == "first":
+            np.save(out / f"{call}_{mode}.npy", np.asarray(a.X.data))
+    if mode == "autozyme":
+        from autozyme import fallback
+
+        result["served"] = fallback.counts()["served"].get(call, 0)
+    return result
+
+
+# --- parent ---------------------------------------------------------------------
+def max_ulp(a: np.ndarray, b: np.ndarray) -> int | None:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return None
+    if a.size == 0:
+        return 0
+    ints = {4: np.int32, 8: np.int64}[a.dtype.itemsize]
+    ia, ib = a.view(ints).astype(np.int64), b.view(ints).astype(np.int64)
+    # Map the sign-magnitude float encoding onto a monotone integer line.
+    ia = np.where(ia < 0, np.iinfo(ints).min - ia, ia)
+    ib = np.where(ib < 0, np.iinfo(ints).min - ib, ib)
+    return int(np.max(np.abs(ia - ib)))
+
+
+def copy_bandwidth(nbytes: int = 256 << 20) -> float:
+    """Single-thread copy bandwidth (bytes/s, read + write counted) on warm pages."""
+    src = np.ones(nbytes // 8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def _run_worker(mode: str, call: str, data: Path, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "autozyme.bench", "--worker", mode, call, str(data), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} {call} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _fmt_t(s: float) -> str:
+    return f"{s * 1000:8.1f} ms" if s < 10 else f"{s:8.2f} s "
+
+
+def run(args) -> int:
+    from .client import get_client
+
+    cache = Path(args.cache).expanduser()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = dataset_path(cache, args.cells, args.genes, args.density)
+    calls = [c for c in args.calls.split(",") if c]
+    hello = get_client().connection().hello  # a running daemon, as after login
+    bw = copy_bandwidth()
+    print(f"\nautozyme bench: {args.cells} cells x {args.genes} genes, density {args.density:g}; "
+          f"daemon pid {hello.pid} with {hello.threads} threads; {os.cpu_count()} cores; "
+          f"copy bandwidth {bw / 1e9:.1f} GB/s (1 thread)\n", flush=True)
+    # One throwaway upstream run, so numba's on-disk cache exists as it does for
+    # anyone who has called these functions before.
+    _run_worker("upstream", calls[0], data, out)
+    rows = []
+    for call in calls:
+        up = _run_worker("upstream", call, data, out)
+        fast = _run_worker("autozyme", call, data, out)
+        ulp = max_ulp(np.load(out / f"{call}_upstream.npy"), np.load(out / f"{call}_autozyme.npy"))
+        rows.append((call, up, fast, ulp))
+        print(f"{call}  ({up['nnz'] / 1e6:.1f}M non-zeros; max ulp vs upstream: {ulp}; "
+              f"served by autozyme: {fast.get('served', 0)}/3)")
+        print(f"  {'phase':<7} {'upstream':>12} {'autozyme':>12} {'speedup':>8}   "
+              f"{'peak client (up)':>16} {'peak client+daemon (az)':>24}")
+        for phase in PHASES:
+            mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
+            az_mem = f"{mib(fast[f'{phase}_client_peak'])} + {mib(fast[f'{phase}_daemon_peak'])}"
+            print(f"  {phase:<7} {_fmt_t(up[phase]):>12} {_fmt_t(fast[phase]):>12} "
+                  f"{up[phase] / fast[phase]:7.1f}x   {mib(up[f'{phase}_client_peak']):>16} {az_mem:>24}")
+        moved = {"normalize_total": 12, "log1p": 8}[call] * up["nnz"]
+        print(f"  roofline: {CALLS[call][1]} = {moved / 1e9:.2f} GB / {bw / 1e9:.1f} GB/s "
+              f"= {moved / bw * 1000:.0f} ms on one thread\n", flush=True)
+    (out / "bench.json").write_text(json.dumps(
+        [dict(call=c, upstream=u, autozyme=f, max_ulp=m) for c, u, f, m in rows], indent=1))
+    bad = [c for c, _, f, m in rows if m != 0 or f.get("served", 0) != 3]
+    if bad:
+        print(f"NOT EQUIVALENT or not served: {', '.join(bad)}")
+        return 1
+    return 0
+
+
+def add_parser(sub) -> None:
+    b = sub.add_parser("bench", help="time upstream scanpy and autozyme side by side")
+    b.add_argument("--cells", type=int, default=100_000)
+    b.add_argument("--genes", type=int, default=25_000)
+    b.add_argument("--density", type=float, default=0.07)
+    b.add_argument("--calls", default=",".join(CALLS))
+    b.add_argument("--cache", default="~/.cache/autozyme/bench")
+    b.add_argument("--out", default="bench-out")
+    b.set_defaults(func=run)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "--worker":
+        res = worker(sys.argv[2], sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]))
+        print(json.dumps(res))
+    else:
+        sys.exit("usage: python -m autozyme.bench --worker MODE CALL DATA OUT")

@@ -1,0 +1,94 @@
+"""Pieces every patch uses: argument binding against upstream's signature, input
+type checks, and placing a CSR matrix's buffers in shared memory."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import numpy as np
+import scipy.sparse as sp
+
+from .. import shm
+from ..codec import msg
+from ..fallback import Delegate, Fallback
+
+FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+INDEX = (np.dtype(np.int32), np.dtype(np.int64))
+
+
+def bind(upstream, fast_defaults: dict, args: tuple, kwargs: dict):
+    """The data argument and the keyword arguments of a call, with upstream's
+    defaults filled in.
+
+    The data must come first and by position; anything else (positional
+    arguments after it, which scanpy's ``old_positionals`` turns into keywords with
+    a FutureWarning, or a legacy keyword for the data) goes to upstream, and so do
+    unknown keywords (upstream raises its TypeError)."""
+    if len(args) != 1:
+        raise Fallback("data not passed as the only positional argument")
+    unknown = set(kwargs) - set(fast_defaults)
+    if unknown:
+        raise Delegate(f"unexpected keyword arguments {sorted(unknown)}")
+    return args[0], {**fast_defaults, **kwargs}
+
+
+@functools.lru_cache(maxsize=None)
+def keyword_defaults(fn) -> dict:
+    """Keyword-only parameters and defaults of upstream's function."""
+    sig = inspect.signature(inspect.unwrap(fn))
+    return {
+        name: p.default
+        for name, p in sig.parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def is_csr(x) -> bool:
+    return sp.issparse(x) and x.format == "csr"
+
+
+def is_sparse_array(x) -> bool:
+    """scipy's newer sparse *array* classes (csr_array, ...), not sparse matrices."""
+    return sp.issparse(x) and not isinstance(x, sp.spmatrix)
+
+
+def is_csc(x) -> bool:
+    return sp.issparse(x) and x.format == "csc"
+
+
+def check_float_or_int(x) -> None:
+    dt = x.dtype
+    if dt not in FLOATS and not np.issubdtype(dt, np.integer):
+        raise Fallback(f"dtype {dt}")
+
+
+def placed_csr(x, *, with_indices: bool):
+    """Shared-memory copies (or the arrays themselves, if already placed) of a CSR
+    matrix's buffers, and the wire Matrix describing them. ``indices`` is placed
+    only when a kernel reads it (else None). Nothing of ``x`` is changed here; the
+    patch rebinds the placed arrays only after success."""
+    if x.data.dtype not in FLOATS:
+        raise Fallback(f"dtype {x.data.dtype}")
+    if x.indptr.dtype not in INDEX or x.indices.dtype not in INDEX:
+        raise Fallback(f"index dtype {x.indices.dtype}/{x.indptr.dtype}")
+    data, indptr = shm.placed(x.data), shm.placed(x.indptr)
+    indices = shm.placed(x.indices) if with_indices else None
+    n_rows, n_cols = x.shape
+    matrix = msg(
+        "Csr",
+        n_rows=n_rows,
+        n_cols=n_cols,
+        data=shm.ref(data),
+        indices=shm.ref(indices) if indices is not None else None,
+        indptr=shm.ref(indptr),
+    )
+    return matrix, data, indices, indptr
+
+
+def adopt_csr(x, data=None, indices=None, indptr=None) -> None:
+    """Rebind a CSR matrix's buffers to segment-backed arrays of equal content (or,
+    for ``data``, the result); later calls then copy nothing."""
+    for attr, new in (("data", data), ("indices", indices), ("indptr", indptr)):
+        if new is not None and getattr(x, attr) is not new:
+            shm.replace_attr(x, attr, new)

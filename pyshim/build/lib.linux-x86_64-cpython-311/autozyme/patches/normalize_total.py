@@ -1,0 +1,211 @@
+"""sc.pp.normalize_total, verified against scanpy 1.11.5.
+
+Mirrors upstream's steps one for one; only the O(non-zeros) work moves:
+- CSR: per-cell sums (f64 accumulation in index order, as upstream's numba
+  ``_normalize_csr``), the highly-expressed-gene exclusion and the row division run
+  in the daemon over shared memory. The division writes a new data array, as
+  upstream's ``x.data = x.data / np.repeat(...)`` does, into a recycled segment.
+- dense: numpy's own pairwise row sums and ``true_divide``, on row blocks in
+  parallel threads (the summation order is numpy's implementation detail, so
+  numpy computes it).
+Everything O(cells) (median, ``/ target_sum``, the zero guard) is upstream's numpy
+expression on the same arrays, so dtypes and rounding follow by construction.
+"""
+
+from __future__ import annotations
+
+from warnings import warn
+
+import numpy as np
+
+from .. import parallel, shm
+from ..client import get_client
+from ..codec import msg
+from ..fallback import Delegate, Fallback
+from . import _common
+
+VERIFIED = ("1.11.5",)
+
+
+def fast(upstream, *args, **kwargs):
+    from anndata import AnnData
+    from scanpy import logging as logg
+    from scanpy._utils import view_to_actual
+    from scanpy.get import _get_obs_rep, _set_obs_rep
+
+    adata, p = _common.bind(upstream, _common.keyword_defaults(upstream), args, kwargs)
+    target_sum, exclude = p["target_sum"], p["exclude_highly_expressed"]
+    max_fraction, key_added, layer = p["max_fraction"], p["key_added"], p["layer"]
+    inplace, copy = p["inplace"], p["copy"]
+
+    # Scope and error checks first, before anything changes.
+    if not isinstance(adata, AnnData):
+        raise Delegate(f"{type(adata).__name__} is not an AnnData")
+    if copy and not inplace:
+        raise Delegate("copy=True with inplace=False")
+    if not isinstance(max_fraction, (int, float)) or not 0 <= max_fraction <= 1:
+        raise Delegate("max_fraction outside [0, 1]")
+    if adata.isbacked:
+        raise Fallback("backed AnnData")
+    if layer is not None and layer not in adata.layers:
+        raise Delegate(f"no layer {layer!r}")
+    x = adata.X if layer is None else adata.layers[layer]
+    if not (isinstance(x, np.ndarray) and not isinstance(x, np.matrix)) and not (
+        _common.is_csr(x) or _common.is_csc(x)
+    ):
+        raise Fallback(f"{type(x).__name__} input")
+    if _common.is_sparse_array(x):
+        raise Fallback("scipy sparse array input (upstream 1.11.5 fails on csr_array)")
+    _common.check_float_or_int(x)
+    if target_sum is not None and not isinstance(target_sum, (int, float, np.floating, np.integer)):
+        raise Fallback(f"target_sum of type {type(target_sum).__name__}")
+
+    if copy:
+        adata = adata.copy()
+    view_to_actual(adata)
+    x = _get_obs_rep(adata, layer=layer)
+    if _common.is_csc(x):
+        x = x.tocsr()
+    if isinstance(x, np.ndarray) and not x.flags.c_contiguous:
+        raise Fallback("dense input that is not C-contiguous")
+    was_float = x.dtype in _common.FLOATS
+    if not inplace and was_float and not _common.is_csr(x):
+        x = x.copy()
+    if not was_float:
+        x = x.astype(np.float32)  # upstream: "TODO: Check if float64 should be used"
+
+    start = logg.info("normalizing counts per cell")
+    if _common.is_csr(x):
+        # A CSR result never shares buffers with the input: the data array is new
+        # and inplace=False gets its own indices/indptr (upstream copies them).
+        x, counts_per_cell, highly_expressed = _csr(
+            x, exclude, max_fraction, target_sum, own_structure=not inplace and was_float
+        )
+    else:
+        x, counts_per_cell, highly_expressed = _dense(x, exclude, max_fraction, target_sum)
+
+    if exclude:
+        logg.info(
+            "The following highly-expressed genes are not considered during normalization factor computation:\n"
+            f"{adata.var_names[highly_expressed].tolist()}"
+        )
+    cell_subset = counts_per_cell > 0
+    if not np.all(cell_subset):
+        # stacklevel: the user's call -> autozyme's wrapper -> here.
+        warn("Some cells have zero counts", UserWarning, stacklevel=3)
+
+    dat = dict(X=x, norm_factor=counts_per_cell)
+    if inplace:
+        if key_added is not None:
+            adata.obs[key_added] = dat["norm_factor"]
+        _set_obs_rep(adata, dat["X"], layer=layer)
+    logg.info("    finished ({time_passed})", time=start)
+    if key_added is not None:
+        logg.debug(f"and added {key_added!r}, counts per cell before normalization (adata.obs)")
+    if copy:
+        return adata
+    if not inplace:
+        return dat
+    return None
+
+
+def _factors(counts_per_cell, target_sum):
+    """Upstream's ``counts / target_sum`` and ``axis_mul_or_truediv``'s zero guard."""
+    counts_per_cell = counts_per_cell / target_sum
+    scaling = counts_per_cell.copy() + (counts_per_cell == 0)
+    if scaling.dtype not in _common.FLOATS:
+        raise Fallback(f"scaling dtype {scaling.dtype}")
+    return counts_per_cell, scaling
+
+
+def _csr(x, exclude, max_fraction, target_sum, own_structure):
+    matrix, data, indices, indptr = _common.placed_csr(x, with_indices=exclude)
+    client = get_client()
+    reply = client.call(
+        msg("RowSums", x=matrix, exclude_max_fraction=float(max_fraction) if exclude else None)
+    )
+    counts_per_cell = reply.sums.astype(x.dtype)
+    highly_expressed = reply.highly_expressed.astype(np.intp)
+    if target_sum is None:
+        target_sum = np.median(counts_per_cell)  # upstream's CSR path: zeros included
+    counts_per_cell, scaling = _factors(counts_per_cell, target_sum)
+
+    # Upstream makes a new data array. When the input had to be copied into shared
+    # memory, that copy is ours alone: divide it in place (if the daemon dies
+    # mid-way, the user's data is untouched and upstream runs on it). Otherwise
+    # the result goes to a recycled segment.
+    out_dtype = np.result_type(x.data.dtype, scaling.dtype)
+    in_place = data is not x.data and out_dtype == data.dtype
+    out = data if in_place else shm.empty(data.shape, out_dtype)
+    client.call(
+        msg("DivideRows", x=matrix, factors=scaling.astype(np.float64),
+            factors_dtype=shm.dtype_tag(scaling.dtype), out=shm.ref(out)),
+        retry=not in_place,  # dividing twice would be wrong
+    )
+    # Our hold on the input goes through a holder, so that when it was x's
+    # previous data and nothing else references it, its segment is recycled for
+    # the next call's output.
+    holder = _Holder(None if in_place else data)
+    del data
+    if own_structure:
+        # inplace=False: a new matrix whose buffers are its own.
+        indices = shm.copy_of(x.indices) if indices is None or indices is x.indices else indices
+        if indptr is x.indptr:
+            indptr = shm.copy_of(indptr)
+        new = type(x)(x.shape, dtype=out.dtype)
+        # Assigned after construction: the constructor could narrow int64 indices,
+        # while upstream's copy keeps the input's index dtypes.
+        new.data, new.indices, new.indptr = out, indices, indptr
+        x = new
+    else:
+        _common.adopt_csr(x, data=out, indices=indices, indptr=indptr)
+    shm.replace_attr(holder, "value", None)
+    return x, counts_per_cell, highly_expressed
+
+
+class _Holder:
+    """Lets a local array go through ``shm.replace_attr``'s recycling."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _dense(x, exclude, max_fraction, target_sum):
+    n_rows = x.shape[0]
+    row_bytes = max(1, x.shape[1] * x.dtype.itemsize)
+    bounds = parallel.blocks(n_rows, row_bytes)
+    counts_per_cell = np.empty(n_rows, dtype=np.sum(x[:0], axis=1).dtype)
+
+    def sums(a, b):
+        counts_per_cell[a:b] = np.sum(x[a:b], axis=1)
+
+    parallel.run_blocks(sums, bounds)
+    highly_expressed = np.empty(0, dtype=np.intp)
+    if exclude:
+        hi = np.zeros(x.shape[1], dtype=bool)
+        hi_parts = []
+
+        def flag(a, b):
+            hi_parts.append(np.any(x[a:b] > counts_per_cell[a:b, None] * max_fraction, axis=0))
+
+        parallel.run_blocks(flag, bounds)
+        for part in hi_parts:
+            hi |= part
+        gene_subset = ~hi
+        highly_expressed = np.flatnonzero(hi)
+
+        def subset_sums(a, b):
+            counts_per_cell[a:b] = np.sum(x[a:b][:, gene_subset], axis=1)
+
+        parallel.run_blocks(subset_sums, bounds)
+    if target_sum is None:
+        from scanpy.preprocessing._normalization import _compute_nnz_median
+
+        target_sum = _compute_nnz_median(counts_per_cell)
+    counts_per_cell, scaling = _factors(counts_per_cell, target_sum)
+
+    def divide(a, b):
+        np.true_divide(x[a:b], scaling[a:b, None], out=x[a:b])
+
+    parallel.run_blocks(divide, bounds)
+    return x, counts_per_cell, highly_expressed

@@ -1,0 +1,73 @@
+"""``autozyme.status()``: the daemon, the shim's shared memory, and what was served."""
+
+from __future__ import annotations
+
+from . import activation, fallback, runtime, shm
+from .client import DaemonError, get_client
+
+
+def status(*, start: bool = False) -> dict:
+    """A snapshot. Does not start the daemon unless ``start``."""
+    out = {
+        "active": activation.is_active(),
+        "patched": activation.patched_targets(),
+        "version_problem": None,
+        "runtime_dir": str(runtime.runtime_dir()),
+        "shared_memory": shm.stats(),
+        **fallback.counts(),
+    }
+    try:
+        out["version_problem"] = activation.version_problem()
+    except ImportError:
+        out["version_problem"] = "scanpy is not installed"
+    try:
+        st = get_client().status(autostart=start)
+        out["daemon"] = {k: v for k, v in st.fields.items() if k != "cache"}
+        out["daemon"]["cache"] = [dict(e.fields) for e in st.cache]
+    except (runtime.DaemonUnavailable, DaemonError) as e:
+        out["daemon"] = None
+        out["daemon_problem"] = str(e)
+    return out
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def format_status(st: dict | None = None) -> str:
+    st = status() if st is None else st
+    lines = [f"autozyme: {'active' if st['active'] else 'inactive'}"
+             + (f" (patched: {', '.join(st['patched'])})" if st["patched"] else "")]
+    if st.get("version_problem"):
+        lines.append(f"  falls back: {st['version_problem']}")
+    d = st.get("daemon")
+    if d:
+        lines.append(
+            f"daemon: pid {d['pid']}, version {d['version']} (build {d['build_id']}), "
+            f"{d['threads']} threads, up {d['uptime_ms'] / 1000:.0f}s"
+        )
+        lines.append(f"  memory: rss {_mib(d['rss_bytes'])}, peak {_mib(d['peak_rss_bytes'])}")
+        lines.append(
+            f"  requests: {d['requests_served']} served, {d['requests_failed']} failed; "
+            f"{d['open_connections']} connections; {d['mapped_segments']} segments mapped "
+            f"({_mib(d['mapped_bytes'])})"
+        )
+        cache = d.get("cache") or []
+        lines.append(f"  cache: {len(cache)} entries, {_mib(sum(e['bytes'] for e in cache))}")
+        for e in cache:
+            lines.append(f"    {e['key']}: {_mib(e['bytes'])}, {e['hits']} hits")
+        lines.append(f"  idle exit after {d['idle_timeout_s']}s; runtime dir {d['runtime_dir']}")
+    else:
+        lines.append(f"daemon: not running ({st.get('daemon_problem', 'unknown')})")
+    m = st["shared_memory"]
+    lines.append(
+        f"shim shared memory: {m['segments']} segments ({_mib(m['bytes'])}), "
+        f"{m['pooled_segments']} pooled ({_mib(m['pooled_bytes'])})"
+    )
+    lines.append("served: " + (", ".join(f"{k} {v}" for k, v in sorted(st["served"].items())) or "none"))
+    if st["fallbacks"]:
+        lines.append("fallbacks:")
+        for name, reasons in sorted(st["fallbacks"].items()):
+            for reason, n in sorted(reasons.items()):
+                lines.append(f"  {name}: {n} x {reason}")
+    return "\n".join(lines)
