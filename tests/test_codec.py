@@ -49,6 +49,7 @@ REQUESTS = {
         factors_dtype="F32",
         out=arr("azm_1000_42_4", 0, 7, "F64"),
     ),
+    "req_prefault": msg("Prefault", segments=["azm_1000_42_7", "azm_1000_42_8"]),
     "req_sleep": msg("Sleep", millis=1500),
 }
 

@@ -86,6 +86,7 @@ fn dispatch(daemon: &Daemon, peer_uid: u32, request: Request) -> Result<(Respons
             factors_dtype,
             out,
         } => divide_rows(daemon, peer_uid, &x, &factors, factors_dtype, &out)?,
+        Request::Prefault { segments } => prefault(daemon, peer_uid, &segments)?,
         Request::Sleep { millis } => sleep(daemon, millis)?,
     };
     Ok((response, After::Continue))
@@ -131,6 +132,15 @@ pub fn status(daemon: &Daemon) -> DaemonStatus {
         idle_timeout_s: daemon.config.idle_timeout_s,
         runtime_dir: daemon.config.runtime_dir.display().to_string(),
     }
+}
+
+/// Maps the named segments now (the mapping cache keeps them), so the request
+/// that later uses them pays no mapping cost. Names are validated as for any use.
+fn prefault(daemon: &Daemon, peer_uid: u32, segments: &[String]) -> Result<Response> {
+    for name in segments {
+        daemon.segments.get(name, peer_uid)?;
+    }
+    Ok(Response::Done)
 }
 
 /// Test hook: keeps this connection busy for `millis`, checking for shutdown every

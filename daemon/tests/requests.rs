@@ -688,6 +688,33 @@ fn segment_of_another_owner_is_refused() {
 }
 
 #[test]
+fn prefault_maps_valid_segments_and_refuses_bad_names() {
+    let d = TestDaemon::start(&[], &[]);
+    let mut c = d.client();
+    let mut seg = Segment::new();
+    seg.f32s(&[1.0, 2.0]);
+    seg.write();
+    let name = seg.path.file_name().unwrap().to_str().unwrap().to_string();
+    assert_eq!(
+        c.call(&Request::Prefault {
+            segments: vec![name]
+        }),
+        Response::Done
+    );
+    match c.call(&Request::Status) {
+        Response::Status(s) => assert_eq!(s.mapped_segments, 1),
+        other => panic!("{other:?}"),
+    }
+    for bad in ["../etc/passwd", "azm_1_2", "azm_0_1_2/x"] {
+        let r = c.call(&Request::Prefault {
+            segments: vec![bad.into()],
+        });
+        expect_error(r, ErrorKind::Segment);
+    }
+    assert_eq!(c.call(&Request::Ping), Response::Pong);
+}
+
+#[test]
 fn garbage_closes_only_that_connection() {
     let d = TestDaemon::start(&[], &[]);
 

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// Bumped on any change of the wire types below.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame either side accepts. Bulk data never travels in frames (it lives
 /// in shared memory); the largest inline payloads are per-cell or per-gene vectors.
@@ -99,6 +99,12 @@ pub enum Request {
         factors: Vec<f64>,
         factors_dtype: DType,
         out: ArrayRef,
+    },
+    /// Map these segments now (all pages at once) and keep the mappings, so a later
+    /// request using them pays no mapping cost. Sent ahead for buffers the client
+    /// prepares in the background.
+    Prefault {
+        segments: Vec<String>,
     },
     /// Test hook, honoured only when the daemon runs with `AUTOZYME_TEST_HOOKS=1`:
     /// occupy a worker for `millis` milliseconds, as a long kernel would.

@@ -77,6 +77,12 @@ fn requests() -> Vec<(&'static str, Request)> {
                 out: arr("azm_1000_42_4", 0, 7, DType::F64),
             },
         ),
+        (
+            "req_prefault",
+            Request::Prefault {
+                segments: vec!["azm_1000_42_7".into(), "azm_1000_42_8".into()],
+            },
+        ),
         ("req_sleep", Request::Sleep { millis: 1500 }),
     ]
 }

@@ -215,8 +215,24 @@ def get_client() -> Client:
 
 
 _client_pid = os.getpid()
+_background: Client | None = None
 
 
 def _set_client(c: Client) -> None:
-    global _client, _client_pid
-    _client, _client_pid = c, os.getpid()
+    global _client, _client_pid, _background
+    _client, _client_pid, _background = c, os.getpid(), None
+
+
+def prefault_in_background(name: str) -> None:
+    """Ask the daemon to map segment ``name`` now, over a second connection so a
+    foreground call never waits behind it. Best effort: a failure only means the
+    first use pays the mapping."""
+    global _background
+    with _client_lock:
+        if _background is None or _client_pid != os.getpid():
+            _background = Client()
+        bg = _background
+    try:
+        bg.call(msg("Prefault", segments=[name]), timeout=CONNECT_TIMEOUT_S, autostart=False)
+    except (DaemonUnavailable, DaemonError):
+        pass

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_FRAME_BYTES = 256 << 20
 
 
@@ -231,6 +231,7 @@ REQUEST = Enum(
                 ("out", ARRAY_REF),
             ],
         ),
+        ("Prefault", [("segments", Vec(STR))]),
         ("Sleep", [("millis", U64)]),
     ],
 )

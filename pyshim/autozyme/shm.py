@@ -1,16 +1,22 @@
 """Shared-memory placement: numpy arrays backed by POSIX segments the daemon maps.
 
-A segment is named ``azm_<uid>_<pid>_<seq>`` (the daemon maps only names of its
-peer's uid; a sweep unlinks segments whose creating pid is dead). Its memory
-lives as long as a mapping does: the name is unlinked when the last numpy array
-over it is freed (a ``weakref.finalize`` on the ``mmap``), and the daemon drops
-its cached mapping once the name is gone.
+A segment is named ``azm_<uid>_<pid>_<seq>``; the daemon maps only names of its
+peer's uid, and a sweep (here and in the daemon) unlinks segments whose creating
+pid is dead, so a killed client leaks nothing for long.
 
-Page faults on fresh memory are the dominant cost on the machines we measured
-(first touch of a new 4 KiB page costs ~10x a warm write), so segments are
-populated in bulk at creation and recycled through a small pool: a kernel that
-produces a new array (upstream allocates one too) writes into a pooled segment
-that both processes have already mapped.
+Lifetime. Each segment's mapping has one root array (a uint8 array whose
+``base`` is the mmap); arrays handed out are views of it, and numpy makes every
+further view keep the root alive. When the root is freed, nothing in Python can
+reach that memory any more: its finalizer moves the still-mapped segment to a
+pool instead of unlinking it. Its pages stay allocated and the daemon's mapping
+of it stays valid, so the next array of a similar size (a call's result, or the
+copy of a fresh input) costs neither allocation nor page faults on either side. The pool is bounded (``AUTOZYME_POOL_BYTES``), ages out after
+``POOL_MAX_AGE_S`` and is unlinked at exit.
+
+Why the pool matters: allocating shared memory is the dominant cost of a call
+here. tmpfs hands out 4 KiB pages (shared memory rarely gets transparent huge
+pages), so a fresh 150 MB segment costs ~100 ms to allocate and map, where the
+kernels themselves take ~20 ms.
 
 Python's ``multiprocessing.shared_memory`` would register every segment with the
 3.11 resource tracker, which unlinks them when *a* process exits even while the
@@ -20,10 +26,10 @@ same ``_posixshmem`` primitive, untracked.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import mmap
 import os
-import sys
 import threading
 import time
 import weakref
@@ -36,9 +42,11 @@ SHM_DIR = "/dev/shm"
 _PREFIX = f"azm_{os.geteuid()}_"
 _DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64",
            np.dtype(np.int32): "I32", np.dtype(np.int64): "I64"}
+POOL_MAX_AGE_S = 600.0
 
 _seq = itertools.count()
 _lock = threading.Lock()
+_exiting = False
 
 
 class PlacementError(RuntimeError):
@@ -50,13 +58,15 @@ class _Live:
     name: str
     addr: int
     size: int
-    mm: weakref.ref
+    mm: mmap.mmap
+    root: weakref.ref
 
 
 _live: dict[str, _Live] = {}
-# Recycled segments: name -> (mmap, last use); held strongly so they stay mapped.
-_pool: dict[str, tuple[mmap.mmap, float]] = {}
-_pool_bytes = 0
+# Pooled segments, still mapped: name -> (mmap, time released).
+_free: dict[str, tuple[mmap.mmap, float]] = {}
+# Spares being allocated in the background: size -> thread.
+_spares_pending: dict[int, threading.Thread] = {}
 
 
 def pool_limit() -> int:
@@ -66,73 +76,144 @@ def pool_limit() -> int:
     return 4 << 30
 
 
-POOL_MAX_AGE_S = 300.0
-
-
 def dtype_tag(dtype) -> str | None:
     return _DTYPES.get(np.dtype(dtype))
 
 
-def _unlink(name: str, creator: int) -> None:
-    with _lock:
-        _live.pop(name, None)
-    if os.getpid() != creator:  # a forked child must not remove its parent's segments
-        return
+def _new_name() -> str:
+    return f"{_PREFIX}{os.getpid()}_{next(_seq)}"
+
+
+def _unlink(name: str) -> None:
     try:
         _posixshmem.shm_unlink("/" + name)
     except FileNotFoundError:
         pass
 
 
-def _create(nbytes: int) -> tuple[str, mmap.mmap]:
-    size = max(int(nbytes), 1)
-    name = f"{_PREFIX}{os.getpid()}_{next(_seq)}"
+def _allocate(name: str, size: int) -> int:
+    """Create segment ``name`` with ``size`` bytes of pages reserved; returns its fd."""
     fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
-        try:
-            # Reserve the pages now: a full /dev/shm then fails here with ENOSPC,
-            # instead of a SIGBUS when the memory is first written.
-            os.posix_fallocate(fd, 0, size)
-        except OSError as e:
-            _posixshmem.shm_unlink("/" + name)
-            raise PlacementError(f"cannot allocate {size} bytes in {SHM_DIR}: {e}") from e
-        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        # Reserve the pages now: a full /dev/shm then fails here with ENOSPC,
+        # instead of a SIGBUS when the memory is first written.
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        os.close(fd)
+        _unlink(name)
+        raise PlacementError(f"cannot allocate {size} bytes in {SHM_DIR}: {e}") from e
+    return fd
+
+
+def _map(fd: int, size: int) -> mmap.mmap:
+    """Map a segment, all pages at once (bulk population is ~10x cheaper than
+    faulting 4 KiB pages in one by one)."""
+    try:
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     finally:
         os.close(fd)
-    addr = np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data
-    weakref.finalize(mm, _unlink, name, os.getpid())
-    with _lock:
-        _live[name] = _Live(name, addr, size, weakref.ref(mm))
-    return name, mm
 
 
-def _take_from_pool(nbytes: int) -> mmap.mmap | None:
-    """A pooled segment of at least nbytes and not more than twice that."""
-    global _pool_bytes
+def _root(name: str, mm: mmap.mmap) -> np.ndarray:
+    """Register a mapped segment as live and return its root array."""
+    root = np.ndarray(len(mm), dtype=np.uint8, buffer=mm)
+    weakref.finalize(root, _released, name, os.getpid())
     with _lock:
-        best = None
-        for name, (mm, _) in _pool.items():
-            if nbytes <= len(mm) <= 2 * max(nbytes, 4096) and (best is None or len(mm) < len(_pool[best][0])):
-                best = name
-        if best is None:
+        _live[name] = _Live(name, root.ctypes.data, len(mm), mm, weakref.ref(root))
+    return root
+
+
+def _released(name: str, creator: int) -> None:
+    """The root array of segment ``name`` is gone: pool the segment, or unlink it."""
+    if os.getpid() != creator:  # a forked child must not touch its parent's segments
+        return
+    with _lock:
+        seg = _live.pop(name, None)
+        if seg is None:
+            return
+        keep = not _exiting and _pooled_bytes() + seg.size <= pool_limit()
+        if keep:
+            _free[name] = (seg.mm, time.monotonic())
+    if not keep:
+        _unlink(name)
+
+
+def _pooled_bytes() -> int:
+    return sum(len(m) for m, _ in _free.values())
+
+
+def _fits(want: int, size: int) -> bool:
+    return want <= size <= 2 * max(want, 4096)
+
+
+def _pop_free(want: int) -> tuple[str, mmap.mmap] | None:
+    """The smallest pooled segment of at least ``want`` bytes and at most twice that."""
+    with _lock:
+        fits = [(len(m), name) for name, (m, _) in _free.items() if _fits(want, len(m))]
+        if not fits:
             return None
-        mm, _ = _pool.pop(best)
-        _pool_bytes -= len(mm)
-        return mm
+        _, name = min(fits)
+        return name, _free.pop(name)[0]
+
+
+def _wait_for_spare(want: int) -> bool:
+    """Wait for a fitting spare that is being allocated right now (cheaper than
+    allocating a second one beside it)."""
+    with _lock:
+        pending = [t for size, t in _spares_pending.items() if _fits(want, size)]
+    for t in pending:
+        t.join()
+    return bool(pending)
 
 
 def empty(shape, dtype) -> np.ndarray:
-    """A new array backed by a (possibly recycled) segment; contents undefined."""
+    """A new array backed by a (preferably pooled) segment; contents undefined."""
     dtype = np.dtype(dtype)
     count = int(np.prod(shape, dtype=np.int64))
     nbytes = count * dtype.itemsize
-    mm = _take_from_pool(nbytes)
-    if mm is None:
-        _trim_pool(0)
-        _, mm = _create(nbytes)
-    # The array's base is the mmap itself, so any view of it keeps the array (not
-    # only the mmap) alive: the array's refcount tells whether anything sees it.
-    return np.ndarray(shape, dtype=dtype, buffer=mm)
+    want = max(nbytes, 1)
+    _trim_pool()
+    found = _pop_free(want)
+    if found is None and _wait_for_spare(want):
+        found = _pop_free(want)
+    if found is None:
+        name = _new_name()
+        found = name, _map(_allocate(name, want), want)
+    root = _root(*found)
+    return root[:nbytes].view(dtype).reshape(shape)
+
+
+def ensure_spare(nbytes: int, on_ready=None) -> None:
+    """Make sure a pooled segment of ``nbytes`` will be there for the next call
+    (re-running a call on the same object needs a fresh output while the input is
+    still in use). Allocated in a background thread, off the caller's path;
+    ``on_ready(name)`` then runs there too (the daemon maps it ahead of use)."""
+    want = max(nbytes, 1)
+    with _lock:
+        if any(_fits(want, s) for s in _spares_pending) or any(
+            _fits(want, len(m)) for m, _ in _free.values()
+        ):
+            return
+        if _pooled_bytes() + want > pool_limit():
+            return
+
+        def allocate():
+            try:
+                name = _new_name()
+                mm = _map(_allocate(name, want), want)
+                if on_ready is not None:
+                    on_ready(name)
+                with _lock:
+                    _free[name] = (mm, time.monotonic())
+            except PlacementError:
+                pass
+            finally:
+                with _lock:
+                    _spares_pending.pop(want, None)
+
+        t = threading.Thread(target=allocate, name="autozyme-spare", daemon=True)
+        _spares_pending[want] = t
+    t.start()
 
 
 def copy_of(arr: np.ndarray) -> np.ndarray:
@@ -150,7 +231,7 @@ def ref(arr: np.ndarray) -> dict | None:
     end = addr + arr.nbytes
     with _lock:
         for seg in _live.values():
-            if seg.addr <= addr and end <= seg.addr + seg.size and seg.mm() is not None:
+            if seg.addr <= addr and end <= seg.addr + seg.size and seg.root() is not None:
                 return dict(segment=seg.name, offset=addr - seg.addr, len=arr.size, dtype=tag)
     return None
 
@@ -164,61 +245,46 @@ def placed(arr: np.ndarray) -> np.ndarray:
     return arr if ref(arr) is not None else copy_of(np.ascontiguousarray(arr))
 
 
-def replace_attr(holder, attr: str, new) -> None:
-    """``setattr(holder, attr, new)``; when the replaced array lay in a segment and
-    nothing but ``holder`` referenced it (no view, no other matrix, no user
-    variable), its segment goes back to the pool for the next result to reuse:
-    then replacing (upstream's behaviour) and recycling cannot be told apart."""
-    global _pool_bytes
-    old = getattr(holder, attr)
-    mm = old.base if isinstance(old, np.ndarray) else None
-    # References to `old`: holder's attribute, this local, getrefcount's argument;
-    # to `mm`: old.base, this local, the argument.
-    unshared = (
-        isinstance(mm, mmap.mmap)
-        and sys.getrefcount(old) <= 3
-        and sys.getrefcount(mm) <= 3
-        and len(mm) <= pool_limit()
-    )
-    setattr(holder, attr, new)
-    del old
-    if not unshared:
-        return
-    with _lock:
-        name = next((s.name for s in _live.values() if s.mm() is mm), None)
-        if name is None or name in _pool:
-            return
-        _pool[name] = (mm, time.monotonic())
-        _pool_bytes += len(mm)
-    _trim_pool(pool_limit())
-
-
-def _trim_pool(limit: int) -> None:
-    """Drop pooled segments beyond ``limit`` bytes (oldest first) or unused for
-    POOL_MAX_AGE_S. Dropping the last reference unmaps and unlinks them."""
-    global _pool_bytes
+def _trim_pool(limit: int | None = None, max_age: float = POOL_MAX_AGE_S) -> None:
+    """Unlink pooled segments beyond ``limit`` bytes (oldest first) or older than
+    ``max_age``; dropping the mmap unmaps them here."""
+    limit = pool_limit() if limit is None else limit
     now = time.monotonic()
-    dropped = []
+    drop = []
     with _lock:
-        for name, (mm, used) in sorted(_pool.items(), key=lambda kv: kv[1][1]):
-            if _pool_bytes > limit or now - used > POOL_MAX_AGE_S:
-                dropped.append(_pool.pop(name)[0])
-                _pool_bytes -= len(mm)
-    del dropped
+        total = _pooled_bytes()
+        for name, (mm, released) in sorted(_free.items(), key=lambda kv: kv[1][1]):
+            if total > limit or now - released > max_age:
+                drop.append(name)
+                total -= len(mm)
+                del _free[name]
+    for name in drop:
+        _unlink(name)
 
 
 def clear_pool() -> None:
-    _trim_pool(-1)
+    """Unlink every pooled segment (after any spare still being allocated)."""
+    with _lock:
+        pending = list(_spares_pending.values())
+    for t in pending:
+        t.join()
+    _trim_pool(limit=-1)
+
+
+@atexit.register
+def _at_exit() -> None:
+    global _exiting
+    _exiting = True
+    clear_pool()
 
 
 def stats() -> dict:
     with _lock:
-        live = [s for s in _live.values() if s.mm() is not None]
         return dict(
-            segments=len(live),
-            bytes=sum(s.size for s in live),
-            pooled_segments=len(_pool),
-            pooled_bytes=_pool_bytes,
+            segments=len(_live),
+            bytes=sum(s.size for s in _live.values()),
+            pooled_segments=len(_free),
+            pooled_bytes=_pooled_bytes(),
         )
 
 
@@ -245,9 +311,6 @@ def sweep_dead_segments() -> int:
             pass
         except PermissionError:
             continue
-        try:
-            _posixshmem.shm_unlink("/" + name)
-            removed += 1
-        except OSError:
-            pass
+        _unlink(name)
+        removed += 1
     return removed

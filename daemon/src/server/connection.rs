@@ -217,6 +217,7 @@ fn variant_name(request: &Request) -> &'static str {
         Request::Shutdown => "Shutdown",
         Request::RowSums { .. } => "RowSums",
         Request::DivideRows { .. } => "DivideRows",
+        Request::Prefault { .. } => "Prefault",
         Request::Sleep { .. } => "Sleep",
     }
 }

@@ -90,8 +90,12 @@ impl SegmentCache {
         }
         let len = usize::try_from(size)
             .map_err(|_| Failure::segment(format!("segment {name} is too large to map")))?;
+        // Populate the whole mapping at once: faulting tmpfs pages in one by one
+        // (4 KiB each, as shared memory rarely gets huge pages) costs about ten
+        // times more than the kernel filling the page table in bulk.
         let map = MmapOptions::new()
             .len(len)
+            .populate()
             .map_raw(&file)
             .map_err(|e| Failure::segment(format!("cannot map segment {name}: {e}")))?;
         let mapping = Arc::new(Mapping {

@@ -88,7 +88,8 @@ def placed_csr(x, *, with_indices: bool):
 
 def adopt_csr(x, data=None, indices=None, indptr=None) -> None:
     """Rebind a CSR matrix's buffers to segment-backed arrays of equal content (or,
-    for ``data``, the result); later calls then copy nothing."""
+    for ``data``, the result); later calls then copy nothing. A replaced
+    segment-backed array's segment is pooled once nothing else references it."""
     for attr, new in (("data", data), ("indices", indices), ("indptr", indptr)):
-        if new is not None and getattr(x, attr) is not new:
-            shm.replace_attr(x, attr, new)
+        if new is not None:
+            setattr(x, attr, new)

@@ -19,7 +19,7 @@ from warnings import warn
 import numpy as np
 
 from .. import parallel, shm
-from ..client import get_client
+from ..client import get_client, prefault_in_background
 from ..codec import msg
 from ..fallback import Delegate, Fallback
 from . import _common
@@ -142,11 +142,6 @@ def _csr(x, exclude, max_fraction, target_sum, own_structure):
             factors_dtype=shm.dtype_tag(scaling.dtype), out=shm.ref(out)),
         retry=not in_place,  # dividing twice would be wrong
     )
-    # Our hold on the input goes through a holder, so that when it was x's
-    # previous data and nothing else references it, its segment is recycled for
-    # the next call's output.
-    holder = _Holder(None if in_place else data)
-    del data
     if own_structure:
         # inplace=False: a new matrix whose buffers are its own.
         indices = shm.copy_of(x.indices) if indices is None or indices is x.indices else indices
@@ -159,15 +154,9 @@ def _csr(x, exclude, max_fraction, target_sum, own_structure):
         x = new
     else:
         _common.adopt_csr(x, data=out, indices=indices, indptr=indptr)
-    shm.replace_attr(holder, "value", None)
+    # A re-run on this object will need a new output while its input is in use.
+    shm.ensure_spare(out.nbytes, on_ready=prefault_in_background)
     return x, counts_per_cell, highly_expressed
-
-
-class _Holder:
-    """Lets a local array go through ``shm.replace_attr``'s recycling."""
-
-    def __init__(self, value):
-        self.value = value
 
 
 def _dense(x, exclude, max_fraction, target_sum):
