@@ -13,7 +13,11 @@ GOLDEN = Path(__file__).resolve().parents[1] / "protocol" / "golden"
 
 
 def arr(segment, offset, n, dtype):
-    return dict(segment=segment, offset=offset, len=n, dtype=dtype)
+    return dict(location=msg("Segment", name=segment, offset=offset), len=n, dtype=dtype)
+
+
+def peer(address, n, dtype):
+    return dict(location=msg("Peer", address=address), len=n, dtype=dtype)
 
 
 CSR = msg(
@@ -33,7 +37,7 @@ REQUESTS = {
     "req_row_sums": msg("RowSums", x=CSR, exclude_max_fraction=None),
     "req_row_sums_no_indices": msg(
         "RowSums",
-        x=msg("Csr", n_rows=1, n_cols=2, data=arr("azm_1000_42_5", 0, 1, "F64"), indices=None,
+        x=msg("Csr", n_rows=1, n_cols=2, data=peer(0x7F0012345000, 1, "F64"), indices=None,
               indptr=arr("azm_1000_42_6", 0, 2, "I32")),
         exclude_max_fraction=None,
     ),

@@ -211,7 +211,7 @@ def test_killed_client_segments_are_swept(fresh_runtime):
     client's activation) unlinks them."""
     code = (
         "import numpy as np, os, time, sys; from autozyme import shm; "
-        "a = shm.copy_of(np.ones(1000)); print(shm.ref(a)['segment'], flush=True); time.sleep(60)"
+        "a = shm.copy_of(np.ones(1000)); print(shm.ref(a)['location'].name, flush=True); time.sleep(60)"
     )
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     name = p.stdout.readline().strip()

@@ -171,3 +171,45 @@ def test_errors_match_upstream(active, kwargs, exc):
     with pytest.raises(exc):
         sc.pp.normalize_total(ad, **kwargs)
     assert_same_anndata(ad, counts(20, 10))
+
+
+@pytest.mark.parametrize("path", ["peer memory", "shared memory"])
+@pytest.mark.parametrize("kwargs", KWARGS, ids=repr)
+def test_both_transports_match_upstream(active, monkeypatch, path, kwargs):
+    """A fresh input travels by peer memory (no pooled segment at hand) or through
+    shared memory (copied into a segment, then adopted); both are exact."""
+    from autozyme import shm
+
+    monkeypatch.setattr(shm, "has_free", lambda nbytes: path == "shared memory")
+    make = lambda: counts(300, 210, seed=11, zero_cells=[5], zero_genes=[7])  # noqa: E731
+    compare(*run_both(active, make, kwargs, reruns=2))
+    ad = make()
+    active.pp.normalize_total(ad, **{k: v for k, v in kwargs.items() if k not in ("inplace", "copy")})
+    assert shm.is_placed(ad.X.data) == (path == "shared memory")
+
+
+def test_peer_memory_refused_falls_back_to_shared_memory(active, monkeypatch):
+    """Where the kernel forbids reading another process's memory, the daemon says
+    Unsupported and the shim places the data in shared memory instead."""
+    from autozyme import shm
+    from autozyme.patches import normalize_total as nt
+
+    monkeypatch.setattr(shm, "has_free", lambda nbytes: False)
+    monkeypatch.setattr(nt, "_peer_refused", False)
+    real = nt.get_client
+
+    class Refusing:
+        def __init__(self):
+            self.inner = real()
+
+        def call(self, request, **kw):
+            loc = request.x.data["location"] if request.tag == "RowSums" else None
+            if loc is not None and loc.tag == "Peer":
+                from autozyme.client import DaemonError
+
+                raise DaemonError("Unsupported", "cannot read the client's memory: EPERM")
+            return self.inner.call(request, **kw)
+
+    monkeypatch.setattr(nt, "get_client", Refusing)
+    compare(*run_both(active, lambda: counts(200, 100, seed=12), {}))
+    assert nt._peer_refused

@@ -11,7 +11,7 @@ use crate::kernels::highly_expressed::{flagged_indices, highly_expressed_genes};
 use crate::kernels::row_sums::{csr_row_sums, csr_row_sums_excluding};
 use crate::kernels::{Float, SparseIndex};
 use crate::server::state::Daemon;
-use crate::shm::{CsrRegions, DenseRegions, FloatSlice, FloatSliceMut, IndexSlice, Resolver};
+use crate::shm::{CsrRegions, DenseRegions, FloatSlice, FloatSliceMut, IndexSlice, Peer, Resolver};
 use autozyme_protocol::{
     ArrayRef, DType, DaemonStatus, ErrorKind, Matrix, Request, Response, PROTOCOL_VERSION,
 };
@@ -27,9 +27,9 @@ pub enum After {
     Shutdown,
 }
 
-/// Handles one request from a peer with effective uid `peer_uid`.
-pub fn handle(daemon: &Daemon, peer_uid: u32, request: Request) -> (Response, After) {
-    match catch_unwind(AssertUnwindSafe(|| dispatch(daemon, peer_uid, request))) {
+/// Handles one request from `peer`.
+pub fn handle(daemon: &Daemon, peer: Peer, request: Request) -> (Response, After) {
+    match catch_unwind(AssertUnwindSafe(|| dispatch(daemon, peer, request))) {
         Ok(Ok(reply)) => reply,
         Ok(Err(failure)) => (failure.into_response(), After::Continue),
         Err(panic) => {
@@ -57,7 +57,7 @@ pub fn hello(daemon: &Daemon) -> Response {
     }
 }
 
-fn dispatch(daemon: &Daemon, peer_uid: u32, request: Request) -> Result<(Response, After)> {
+fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, After)> {
     let response = match request {
         Request::Hello {
             protocol_version, ..
@@ -79,14 +79,14 @@ fn dispatch(daemon: &Daemon, peer_uid: u32, request: Request) -> Result<(Respons
         Request::RowSums {
             x,
             exclude_max_fraction,
-        } => row_sums(daemon, peer_uid, &x, exclude_max_fraction)?,
+        } => row_sums(daemon, peer, &x, exclude_max_fraction)?,
         Request::DivideRows {
             x,
             factors,
             factors_dtype,
             out,
-        } => divide_rows(daemon, peer_uid, &x, &factors, factors_dtype, &out)?,
-        Request::Prefault { segments } => prefault(daemon, peer_uid, &segments)?,
+        } => divide_rows(daemon, peer, &x, &factors, factors_dtype, &out)?,
+        Request::Prefault { segments } => prefault(daemon, peer, &segments)?,
         Request::Sleep { millis } => sleep(daemon, millis)?,
     };
     Ok((response, After::Continue))
@@ -136,9 +136,9 @@ pub fn status(daemon: &Daemon) -> DaemonStatus {
 
 /// Maps the named segments now (the mapping cache keeps them), so the request
 /// that later uses them pays no mapping cost. Names are validated as for any use.
-fn prefault(daemon: &Daemon, peer_uid: u32, segments: &[String]) -> Result<Response> {
+fn prefault(daemon: &Daemon, peer: Peer, segments: &[String]) -> Result<Response> {
     for name in segments {
-        daemon.segments.get(name, peer_uid)?;
+        daemon.segments.get(name, peer.uid)?;
     }
     Ok(Response::Done)
 }
@@ -169,7 +169,7 @@ fn sleep(daemon: &Daemon, millis: u64) -> Result<Response> {
 
 fn row_sums(
     daemon: &Daemon,
-    peer_uid: u32,
+    peer: Peer,
     x: &Matrix,
     exclude_max_fraction: Option<f64>,
 ) -> Result<Response> {
@@ -186,7 +186,7 @@ fn row_sums(
             "RowSums takes CSR matrices only (dense sums use numpy's pairwise summation)",
         ));
     };
-    let mut resolver = Resolver::new(&daemon.segments, peer_uid);
+    let mut resolver = Resolver::new(&daemon.segments, peer);
     let csr = CsrRegions::resolve(
         &mut resolver,
         *n_rows,
@@ -287,7 +287,7 @@ fn widen<T: Float>(values: &[T]) -> Vec<f64> {
 
 fn divide_rows(
     daemon: &Daemon,
-    peer_uid: u32,
+    peer: Peer,
     x: &Matrix,
     factors: &[f64],
     factors_dtype: DType,
@@ -305,7 +305,7 @@ fn divide_rows(
         )));
     }
     let factors_are_f32 = factors_dtype == DType::F32;
-    let mut resolver = Resolver::new(&daemon.segments, peer_uid);
+    let mut resolver = Resolver::new(&daemon.segments, peer);
     match x {
         Matrix::Csr {
             n_rows,
@@ -324,7 +324,7 @@ fn divide_rows(
             )?;
             check_factors_len(factors, csr.n_rows)?;
             csr.validate_indptr()?;
-            let mut out = resolver.region(out, "out")?;
+            let mut out = resolver.output(out, "out")?;
             check_out_len(out.len(), csr.data.len())?;
             for (array, what) in [
                 (csr.indices.as_ref(), "indices"),
@@ -343,6 +343,7 @@ fn divide_rows(
                     IndexSlice::I32(p) => csr_in_place(p, data, factors, factors_are_f32),
                     IndexSlice::I64(p) => csr_in_place(p, data, factors, factors_are_f32),
                 }
+                csr.data.write_back(peer)?;
             } else {
                 if out.overlaps(&csr.data) {
                     return Err(Failure::bad_request(
@@ -350,12 +351,13 @@ fn divide_rows(
                     ));
                 }
                 // SAFETY: `out` overlaps none of x's arrays (checked above).
-                let out = unsafe { out.floats_mut() }.expect("dtype checked");
+                let values = unsafe { out.floats_mut() }.expect("dtype checked");
                 let data = csr.data.floats().expect("dtype checked");
                 match indptr {
-                    IndexSlice::I32(p) => csr_to_out(p, data, factors, factors_are_f32, out),
-                    IndexSlice::I64(p) => csr_to_out(p, data, factors, factors_are_f32, out),
+                    IndexSlice::I32(p) => csr_to_out(p, data, factors, factors_are_f32, values),
+                    IndexSlice::I64(p) => csr_to_out(p, data, factors, factors_are_f32, values),
                 }
+                out.write_back(peer)?;
             }
         }
         Matrix::Dense {
@@ -365,7 +367,7 @@ fn divide_rows(
         } => {
             let mut dense = DenseRegions::resolve(&mut resolver, *n_rows, *n_cols, data)?;
             check_factors_len(factors, dense.n_rows)?;
-            let mut out = resolver.region(out, "out")?;
+            let mut out = resolver.output(out, "out")?;
             check_out_len(out.len(), dense.data.len())?;
             let n_cols = dense.n_cols;
             if out.is_same_array(&dense.data) {
@@ -379,6 +381,7 @@ fn divide_rows(
                         dense_divide_rows_in_place(d, n_cols, factors, factors_are_f32)
                     }
                 }
+                dense.data.write_back(peer)?;
             } else {
                 if out.overlaps(&dense.data) {
                     return Err(Failure::bad_request(
@@ -386,9 +389,10 @@ fn divide_rows(
                     ));
                 }
                 // SAFETY: `out` does not overlap x's data (checked above).
-                let out = unsafe { out.floats_mut() }.expect("dtype checked");
+                let values = unsafe { out.floats_mut() }.expect("dtype checked");
                 let data = dense.data.floats().expect("dtype checked");
-                dense_to_out(data, n_cols, factors, factors_are_f32, out);
+                dense_to_out(data, n_cols, factors, factors_are_f32, values);
+                out.write_back(peer)?;
             }
         }
     }

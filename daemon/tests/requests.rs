@@ -4,7 +4,7 @@
 mod common;
 
 use autozyme_protocol::{
-    encode, ArrayRef, DType, ErrorKind, Matrix, Request, Response, PROTOCOL_VERSION,
+    encode, ArrayRef, DType, ErrorKind, Location, Matrix, Request, Response, PROTOCOL_VERSION,
 };
 use common::*;
 use std::io::Write;
@@ -89,6 +89,31 @@ fn csr(f: &Fixture, data: ArrayRef, indices: ArrayRef, indptr: ArrayRef) -> Matr
         data,
         indices: Some(indices),
         indptr,
+    }
+}
+
+/// The same array moved to another byte offset of its segment.
+fn at_offset(r: &ArrayRef, offset: u64) -> ArrayRef {
+    let Location::Segment { name, .. } = &r.location else {
+        panic!("not a segment array")
+    };
+    ArrayRef {
+        location: Location::Segment {
+            name: name.clone(),
+            offset,
+        },
+        ..r.clone()
+    }
+}
+
+/// The same array said to be in another segment.
+fn in_segment(r: &ArrayRef, name: String) -> ArrayRef {
+    ArrayRef {
+        location: Location::Segment {
+            name,
+            offset: offset_of(r) as u64,
+        },
+        ..r.clone()
     }
 }
 
@@ -501,10 +526,7 @@ fn malformed_requests_get_the_right_error_and_the_daemon_keeps_serving() {
             "segment too small",
             sums(csr(
                 &f,
-                ArrayRef {
-                    offset: 1 << 20,
-                    ..data.clone()
-                },
+                at_offset(&data, 1 << 20),
                 indices.clone(),
                 indptr.clone(),
             )),
@@ -524,16 +546,13 @@ fn malformed_requests_get_the_right_error_and_the_daemon_keeps_serving() {
                 },
                 indptr.clone(),
             )),
-            ErrorKind::Segment,
+            ErrorKind::BadRequest,
         ),
         (
             "misaligned offset",
             sums(csr(
                 &f,
-                ArrayRef {
-                    offset: data.offset + 2,
-                    ..data.clone()
-                },
+                at_offset(&data, offset_of(&data) as u64 + 2),
                 indices.clone(),
                 indptr.clone(),
             )),
@@ -543,10 +562,10 @@ fn malformed_requests_get_the_right_error_and_the_daemon_keeps_serving() {
             "missing segment",
             sums(csr(
                 &f,
-                ArrayRef {
-                    segment: format!("azm_{}_{}_999999999", euid(), std::process::id()),
-                    ..data.clone()
-                },
+                in_segment(
+                    &data,
+                    format!("azm_{}_{}_999999999", euid(), std::process::id()),
+                ),
                 indices.clone(),
                 indptr.clone(),
             )),
@@ -575,13 +594,7 @@ fn malformed_requests_get_the_right_error_and_the_daemon_keeps_serving() {
         ),
         (
             "out partially overlapping data",
-            divide(
-                good(),
-                ArrayRef {
-                    offset: data.offset + 4,
-                    ..data.clone()
-                },
-            ),
+            divide(good(), at_offset(&data, offset_of(&data) as u64 + 4)),
             ErrorKind::BadRequest,
         ),
         (
@@ -627,10 +640,7 @@ fn malformed_requests_get_the_right_error_and_the_daemon_keeps_serving() {
             "bad segment name",
             sums(csr(
                 &f,
-                ArrayRef {
-                    segment: name,
-                    ..data.clone()
-                },
+                in_segment(&data, name),
                 indices.clone(),
                 indptr.clone(),
             )),
@@ -711,6 +721,87 @@ fn prefault_maps_valid_segments_and_refuses_bad_names() {
         });
         expect_error(r, ErrorKind::Segment);
     }
+    assert_eq!(c.call(&Request::Ping), Response::Pong);
+}
+
+fn peer<T>(v: &[T], dtype: DType) -> ArrayRef {
+    ArrayRef {
+        location: Location::Peer {
+            address: v.as_ptr() as u64,
+        },
+        len: v.len() as u64,
+        dtype,
+    }
+}
+
+/// Arrays in the client's own memory (this test process is the client): the
+/// daemon copies them in and writes the output back, with the same results as
+/// through shared memory.
+#[test]
+fn peer_memory_arrays_give_the_same_results() {
+    let d = TestDaemon::start(&[], &[]);
+    let mut c = d.client();
+    let f = fixture();
+    let data: Vec<f32> = f.data.iter().map(|&v| v as f32).collect();
+    let indices: Vec<i32> = f.indices.clone();
+    let indptr: Vec<i64> = f.indptr.clone();
+    let widened: Vec<f64> = data.iter().map(|&v| v as f64).collect();
+    let x = Matrix::Csr {
+        n_rows: f.n_rows as u64,
+        n_cols: f.n_cols as u64,
+        data: peer(&data, DType::F32),
+        indices: Some(peer(&indices, DType::I32)),
+        indptr: peer(&indptr, DType::I64),
+    };
+    for exclude in [None, Some(0.5)] {
+        let (sums, genes) = reference_row_sums(&f, &widened, |v| v as f32 as f64, exclude);
+        assert_eq!(
+            c.call(&Request::RowSums {
+                x: x.clone(),
+                exclude_max_fraction: exclude,
+            }),
+            Response::RowSums {
+                sums,
+                highly_expressed: genes
+            }
+        );
+    }
+    let factors: Vec<f64> = (0..f.n_rows).map(|r| 1.0 + r as f64 * 0.5).collect();
+    let mut out = vec![0f32; data.len()];
+    let reply = c.call(&Request::DivideRows {
+        x: x.clone(),
+        factors: factors.clone(),
+        factors_dtype: DType::F32,
+        out: peer(&out, DType::F32),
+    });
+    assert_eq!(reply, Response::Done);
+    // The daemon wrote into `out` behind the compiler's back.
+    let out = std::hint::black_box(&mut out);
+    for r in 0..f.n_rows {
+        for j in f.indptr[r] as usize..f.indptr[r + 1] as usize {
+            let want = data[j] / factors[r] as f32;
+            let got = unsafe { std::ptr::read_volatile(&out[j]) };
+            assert_eq!(got.to_bits(), want.to_bits(), "row {r}, entry {j}");
+        }
+    }
+    // An address that is not mapped in the client: an error, not a crash.
+    let bogus = ArrayRef {
+        location: Location::Peer { address: 8 },
+        len: 4,
+        dtype: DType::F32,
+    };
+    let bad = Matrix::Csr {
+        n_rows: 1,
+        n_cols: 2,
+        data: bogus,
+        indices: None,
+        indptr: peer(&[0i64, 4], DType::I64),
+    };
+    let r = c.call(&Request::RowSums {
+        x: bad,
+        exclude_max_fraction: None,
+    });
+    expect_error(r, ErrorKind::BadRequest);
     assert_eq!(c.call(&Request::Ping), Response::Pong);
 }
 

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// Bumped on any change of the wire types below.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame either side accepts. Bulk data never travels in frames (it lives
 /// in shared memory); the largest inline payloads are per-cell or per-gene vectors.
@@ -39,13 +39,24 @@ impl DType {
     }
 }
 
-/// A 1-D array inside a shared-memory segment created by the client.
-/// `segment` is a bare segment name (`azm_<uid>_<pid>_<seq>`), never a path;
-/// `offset` is in bytes from the start of the segment, `len` in elements.
+/// Where an array's elements are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Location {
+    /// In a shared-memory segment created by the client: `name` is a bare segment
+    /// name (`azm_<uid>_<pid>_<seq>`), never a path; `offset` is in bytes.
+    Segment { name: String, offset: u64 },
+    /// In the connected client's own memory, at `address`. The daemon copies such
+    /// an array in (`process_vm_readv`) or, as an output, out (`process_vm_writev`)
+    /// for the peer whose pid the socket reports, instead of mapping it. The shim
+    /// uses this for arrays not yet in shared memory when no pooled segment is at
+    /// hand: allocating a segment costs several times more than the copy.
+    Peer { address: u64 },
+}
+
+/// A 1-D array of `len` elements of `dtype`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArrayRef {
-    pub segment: String,
-    pub offset: u64,
+    pub location: Location,
     pub len: u64,
     pub dtype: DType,
 }

@@ -7,8 +7,18 @@ use std::path::PathBuf;
 
 fn arr(segment: &str, offset: u64, len: u64, dtype: DType) -> ArrayRef {
     ArrayRef {
-        segment: segment.into(),
-        offset,
+        location: Location::Segment {
+            name: segment.into(),
+            offset,
+        },
+        len,
+        dtype,
+    }
+}
+
+fn peer(address: u64, len: u64, dtype: DType) -> ArrayRef {
+    ArrayRef {
+        location: Location::Peer { address },
         len,
         dtype,
     }
@@ -50,7 +60,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                 x: Matrix::Csr {
                     n_rows: 1,
                     n_cols: 2,
-                    data: arr("azm_1000_42_5", 0, 1, DType::F64),
+                    data: peer(0x7f00_1234_5000, 1, DType::F64),
                     indices: None,
                     indptr: arr("azm_1000_42_6", 0, 2, DType::I32),
                 },

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_FRAME_BYTES = 256 << 20
 
 
@@ -195,9 +195,8 @@ class _UnitEnum(Enum):
 
 
 DTYPE = _UnitEnum("DType", [("F32", []), ("F64", []), ("I32", []), ("I64", [])])
-ARRAY_REF = Struct(
-    "ArrayRef", [("segment", STR), ("offset", U64), ("len", U64), ("dtype", DTYPE)]
-)
+LOCATION = Enum("Location", [("Segment", [("name", STR), ("offset", U64)]), ("Peer", [("address", U64)])])
+ARRAY_REF = Struct("ArrayRef", [("location", LOCATION), ("len", U64), ("dtype", DTYPE)])
 MATRIX = Enum(
     "Matrix",
     [

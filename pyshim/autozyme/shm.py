@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import _posixshmem
 import numpy as np
 
+from .codec import Msg
+
 SHM_DIR = "/dev/shm"
 _PREFIX = f"azm_{os.geteuid()}_"
 _DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64",
@@ -232,8 +234,28 @@ def ref(arr: np.ndarray) -> dict | None:
     with _lock:
         for seg in _live.values():
             if seg.addr <= addr and end <= seg.addr + seg.size and seg.root() is not None:
-                return dict(segment=seg.name, offset=addr - seg.addr, len=arr.size, dtype=tag)
+                location = Msg("Segment", dict(name=seg.name, offset=addr - seg.addr))
+                return dict(location=location, len=arr.size, dtype=tag)
     return None
+
+
+def peer_ref(arr: np.ndarray) -> dict | None:
+    """The wire ArrayRef of a C-contiguous array in this process's own memory, for
+    the daemon to copy in or out (the caller keeps ``arr`` alive meanwhile)."""
+    tag = dtype_tag(arr.dtype)
+    if tag is None or not arr.flags.c_contiguous:
+        return None
+    location = Msg("Peer", dict(address=arr.__array_interface__["data"][0]))
+    return dict(location=location, len=arr.size, dtype=tag)
+
+
+def has_free(nbytes: int) -> bool:
+    """Whether a pooled segment of about ``nbytes`` is at hand (or being prepared)."""
+    want = max(nbytes, 1)
+    with _lock:
+        return any(_fits(want, len(m)) for m, _ in _free.values()) or any(
+            _fits(want, s) for s in _spares_pending
+        )
 
 
 def is_placed(arr) -> bool:

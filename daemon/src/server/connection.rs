@@ -4,6 +4,7 @@
 use super::log;
 use super::state::{ConnectionGuard, Daemon};
 use crate::handlers::{self, After};
+use crate::shm::Peer;
 use autozyme_protocol::{
     decode, write_frame, ErrorKind, Request, Response, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
@@ -99,8 +100,8 @@ pub fn serve(daemon: &Daemon, stream: Stream, id: u64) {
 
     // Only our own user may use us: the segments we map and the memory we write
     // belong to whoever connects.
-    let peer_uid = match stream.peer_creds().map(|c| c.euid()) {
-        Ok(Some(uid)) => uid,
+    let (peer_uid, peer_pid) = match stream.peer_creds().map(|c| (c.euid(), c.pid())) {
+        Ok((Some(uid), Some(pid))) => (uid, pid),
         other => {
             log(&format!(
                 "connection {id}: cannot read peer credentials ({other:?}); closing"
@@ -159,7 +160,14 @@ pub fn serve(daemon: &Daemon, stream: Stream, id: u64) {
                 return;
             }
         };
-        let (response, after) = handlers::handle(daemon, peer_uid, request);
+        let (response, after) = handlers::handle(
+            daemon,
+            Peer {
+                uid: peer_uid,
+                pid: peer_pid,
+            },
+            request,
+        );
         count(daemon, &response);
         if let Response::Error { kind, message } = &response {
             log(&format!("connection {id}: {kind:?}: {message}"));

@@ -3,8 +3,11 @@
 
 pub mod mapping;
 pub mod names;
+pub mod peer;
 pub mod sweep;
 pub mod view;
 
 pub use mapping::{Mapping, SegmentCache};
-pub use view::{CsrRegions, DenseRegions, FloatSlice, FloatSliceMut, IndexSlice, Region, Resolver};
+pub use view::{
+    CsrRegions, DenseRegions, FloatSlice, FloatSliceMut, IndexSlice, Peer, Region, Resolver,
+};

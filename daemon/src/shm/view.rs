@@ -1,4 +1,5 @@
-//! Bounds-checked, typed views of arrays that live in client segments.
+//! Bounds-checked, typed views of a client's arrays: in its shared-memory segments
+//! (mapped), or in its own memory (copied, see [`super::peer`]).
 //!
 //! Every number here (offsets, lengths, shapes, the contents of index arrays)
 //! comes from the client, so all arithmetic is checked and a bad value becomes a
@@ -11,8 +12,9 @@
 //! outcome is a wrong answer for that misbehaving client.
 
 use super::mapping::{Mapping, SegmentCache};
+use super::peer::PeerBuffer;
 use crate::error::{Failure, Result};
-use autozyme_protocol::{ArrayRef, DType};
+use autozyme_protocol::{ArrayRef, DType, Location};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -42,10 +44,26 @@ unsafe impl Element for i64 {
 /// `offset` bytes into the mapping, all of it inside the mapping and aligned.
 #[derive(Debug)]
 pub struct Region {
-    mapping: Arc<Mapping>,
+    backing: Backing,
     offset: usize,
     len: usize,
     dtype: DType,
+}
+
+/// Where a region's bytes are while the daemon works on them.
+#[derive(Debug)]
+enum Backing {
+    /// A client segment, mapped (shared with the client).
+    Mapped(Arc<Mapping>),
+    /// A private copy of the peer's memory (or an output buffer written back to it).
+    Peer(PeerBuffer),
+}
+
+/// The connected client: who it is, for segment ownership and peer-memory access.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub uid: u32,
+    pub pid: i32,
 }
 
 pub enum FloatSlice<'a> {
@@ -77,26 +95,59 @@ impl Region {
     }
 
     fn byte_range(&self) -> Range<usize> {
-        // Cannot overflow: checked when the region was made.
         self.offset..self.offset + self.len * self.dtype.size()
     }
 
-    /// True when both regions cover some common byte of the same file.
+    /// The same memory in the same place: the same segment file, or the same
+    /// peer addresses.
+    fn same_place(&self, other: &Region) -> bool {
+        match (&self.backing, &other.backing) {
+            (Backing::Mapped(a), Backing::Mapped(b)) => a.same_file(b),
+            (Backing::Peer(_), Backing::Peer(_)) => true,
+            _ => false,
+        }
+    }
+
+    /// Byte range in the place's own coordinates (segment offsets, or peer addresses).
+    fn place_range(&self) -> Range<u64> {
+        let r = self.byte_range();
+        let base = match &self.backing {
+            Backing::Mapped(_) => 0,
+            Backing::Peer(buf) => buf.address,
+        };
+        base + r.start as u64..base + r.end as u64
+    }
+
     pub fn overlaps(&self, other: &Region) -> bool {
-        let (a, b) = (self.byte_range(), other.byte_range());
-        self.mapping.same_file(&other.mapping)
+        let (a, b) = (self.place_range(), other.place_range());
+        self.same_place(other)
             && !a.is_empty()
             && !b.is_empty()
             && a.start < b.end
             && b.start < a.end
     }
 
-    /// True when both regions are the very same array of the same file.
     pub fn is_same_array(&self, other: &Region) -> bool {
-        self.mapping.same_file(&other.mapping)
-            && self.offset == other.offset
+        self.same_place(other)
+            && self.place_range() == other.place_range()
             && self.len == other.len
             && self.dtype == other.dtype
+    }
+
+    fn base(&self) -> *mut u8 {
+        match &self.backing {
+            Backing::Mapped(m) => m.base(),
+            Backing::Peer(buf) => buf.as_ptr() as *mut u8,
+        }
+    }
+
+    /// For an output in the peer's memory: write the result back (a no-op for a
+    /// mapped segment, which the client already sees).
+    pub fn write_back(&mut self, peer: Peer) -> Result<()> {
+        match &mut self.backing {
+            Backing::Mapped(_) => Ok(()),
+            Backing::Peer(buf) => buf.write_to(peer.pid),
+        }
     }
 
     fn slice<T: Element>(&self) -> &[T] {
@@ -112,9 +163,7 @@ impl Region {
         // which the Arc keeps alive for the borrow; the mapping is page-aligned and
         // the offset a multiple of the element size, so the pointer is aligned; every
         // bit pattern is a valid `T` (`Element`). See the module note on sharing.
-        unsafe {
-            std::slice::from_raw_parts(self.mapping.base().add(self.offset) as *const T, self.len)
-        }
+        unsafe { std::slice::from_raw_parts(self.base().add(self.offset) as *const T, self.len) }
     }
 
     /// # Safety
@@ -130,9 +179,7 @@ impl Region {
             return &mut [];
         }
         // SAFETY: as in `slice`, plus the caller's promise of exclusivity.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.mapping.base().add(self.offset) as *mut T, self.len)
-        }
+        unsafe { std::slice::from_raw_parts_mut(self.base().add(self.offset) as *mut T, self.len) }
     }
 
     /// The region as floats; `None` if it holds integers.
@@ -172,60 +219,89 @@ impl Region {
 /// Resolves the arrays of one request, mapping each distinct segment once.
 pub struct Resolver<'c> {
     cache: &'c SegmentCache,
-    peer_uid: u32,
+    peer: Peer,
     seen: HashMap<String, Arc<Mapping>>,
 }
 
 impl<'c> Resolver<'c> {
-    pub fn new(cache: &'c SegmentCache, peer_uid: u32) -> Self {
+    pub fn new(cache: &'c SegmentCache, peer: Peer) -> Self {
         Resolver {
             cache,
-            peer_uid,
+            peer,
             seen: HashMap::new(),
         }
     }
 
-    /// Checks `array` (called `what` in messages) against its segment and returns
-    /// its region. The element type is the caller's to check.
+    /// An input array: mapped, or copied from the peer's memory.
     pub fn region(&mut self, array: &ArrayRef, what: &str) -> Result<Region> {
-        let mapping = match self.seen.get(&array.segment) {
+        self.resolve(array, what, true)
+    }
+
+    /// An output array: mapped, or a private buffer that [`Region::write_back`]
+    /// copies into the peer's memory once the kernel is done.
+    pub fn output(&mut self, array: &ArrayRef, what: &str) -> Result<Region> {
+        self.resolve(array, what, false)
+    }
+
+    fn resolve(&mut self, array: &ArrayRef, what: &str, read: bool) -> Result<Region> {
+        let itemsize = array.dtype.size() as u64;
+        let bytes = array
+            .len
+            .checked_mul(itemsize)
+            .and_then(|b| usize::try_from(b).ok())
+            .ok_or_else(|| {
+                Failure::bad_request(format!("{what}: {} elements is too many", array.len))
+            })?;
+        let (name, offset) = match &array.location {
+            Location::Segment { name, offset } => (name, *offset),
+            Location::Peer { address } => {
+                if !address.is_multiple_of(itemsize) {
+                    return Err(Failure::bad_request(format!(
+                        "{what}: peer address {address:#x} is not aligned to {itemsize} bytes"
+                    )));
+                }
+                let mut buf = PeerBuffer::new(*address, bytes)?;
+                if read {
+                    buf.read_from(self.peer.pid)?;
+                }
+                return Ok(Region {
+                    backing: Backing::Peer(buf),
+                    offset: 0,
+                    len: array.len as usize,
+                    dtype: array.dtype,
+                });
+            }
+        };
+        let mapping = match self.seen.get(name) {
             Some(m) => Arc::clone(m),
             None => {
-                let m = self.cache.get(&array.segment, self.peer_uid)?;
-                self.seen.insert(array.segment.clone(), Arc::clone(&m));
+                let m = self.cache.get(name, self.peer.uid)?;
+                self.seen.insert(name.clone(), Arc::clone(&m));
                 m
             }
         };
-        let itemsize = array.dtype.size() as u64;
-        if !array.offset.is_multiple_of(itemsize) {
+        if !offset.is_multiple_of(itemsize) {
             return Err(Failure::bad_request(format!(
-                "{what}: offset {} is not a multiple of the {:?} element size {itemsize}",
-                array.offset, array.dtype
+                "{what}: offset {offset} is not a multiple of the {:?} element size {itemsize}",
+                array.dtype
             )));
         }
-        let end = array
-            .len
-            .checked_mul(itemsize)
-            .and_then(|bytes| bytes.checked_add(array.offset));
-        match end {
+        match (bytes as u64).checked_add(offset) {
             Some(end) if end <= mapping.len() as u64 => {}
             _ => {
                 return Err(Failure::segment(format!(
-                    "{what}: {} elements of {:?} at offset {} do not fit in segment {} of {} bytes",
+                    "{what}: {} elements of {:?} at offset {offset} do not fit in segment {name} of {} bytes",
                     array.len,
                     array.dtype,
-                    array.offset,
-                    array.segment,
                     mapping.len()
                 )))
             }
         }
-        // Both fit in usize: they are bounded by the mapping's length.
         Ok(Region {
-            offset: array.offset as usize,
+            backing: Backing::Mapped(mapping),
+            offset: offset as usize,
             len: array.len as usize,
             dtype: array.dtype,
-            mapping,
         })
     }
 }

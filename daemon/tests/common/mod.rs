@@ -3,7 +3,8 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use autozyme_protocol::{
-    decode, read_payload, write_frame, ArrayRef, DType, Request, Response, PROTOCOL_VERSION,
+    decode, read_payload, write_frame, ArrayRef, DType, Location, Request, Response,
+    PROTOCOL_VERSION,
 };
 use interprocess::local_socket::traits::Stream as _;
 use interprocess::local_socket::{GenericFilePath, Stream, ToFsName};
@@ -233,8 +234,10 @@ impl Segment {
         let offset = self.bytes.len() as u64;
         self.bytes.extend_from_slice(raw);
         ArrayRef {
-            segment: self.name.clone(),
-            offset,
+            location: Location::Segment {
+                name: self.name.clone(),
+                offset,
+            },
             len: len as u64,
             dtype,
         }
@@ -269,7 +272,7 @@ impl Segment {
 
     pub fn read_f32s(&self, r: &ArrayRef) -> Vec<f32> {
         let bytes = std::fs::read(&self.path).unwrap();
-        let start = r.offset as usize;
+        let start = offset_of(r);
         bytes[start..start + 4 * r.len as usize]
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
@@ -278,11 +281,19 @@ impl Segment {
 
     pub fn read_f64s(&self, r: &ArrayRef) -> Vec<f64> {
         let bytes = std::fs::read(&self.path).unwrap();
-        let start = r.offset as usize;
+        let start = offset_of(r);
         bytes[start..start + 8 * r.len as usize]
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
             .collect()
+    }
+}
+
+/// The byte offset of an array placed in a test segment.
+pub fn offset_of(r: &ArrayRef) -> usize {
+    match &r.location {
+        Location::Segment { offset, .. } => *offset as usize,
+        Location::Peer { .. } => panic!("not a segment array"),
     }
 }
 

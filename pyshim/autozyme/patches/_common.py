@@ -63,25 +63,34 @@ def check_float_or_int(x) -> None:
         raise Fallback(f"dtype {dt}")
 
 
-def placed_csr(x, *, with_indices: bool):
-    """Shared-memory copies (or the arrays themselves, if already placed) of a CSR
-    matrix's buffers, and the wire Matrix describing them. ``indices`` is placed
-    only when a kernel reads it (else None). Nothing of ``x`` is changed here; the
-    patch rebinds the placed arrays only after success."""
+def csr_refs(x, *, with_indices: bool, peer: bool):
+    """The wire Matrix for a CSR matrix, and the arrays it refers to.
+
+    ``peer=False``: the buffers in shared memory (the arrays themselves if already
+    placed, else segment-backed copies, which the patch may adopt after success).
+    ``peer=True``: ``x``'s own arrays, which the daemon copies from this process.
+    ``indices`` is included only when a kernel reads it (else None). Nothing of
+    ``x`` is changed here."""
     if x.data.dtype not in FLOATS:
         raise Fallback(f"dtype {x.data.dtype}")
     if x.indptr.dtype not in INDEX or x.indices.dtype not in INDEX:
         raise Fallback(f"index dtype {x.indices.dtype}/{x.indptr.dtype}")
-    data, indptr = shm.placed(x.data), shm.placed(x.indptr)
-    indices = shm.placed(x.indices) if with_indices else None
+    if peer:
+        data, indptr = np.ascontiguousarray(x.data), np.ascontiguousarray(x.indptr)
+        indices = np.ascontiguousarray(x.indices) if with_indices else None
+        to_ref = shm.peer_ref
+    else:
+        data, indptr = shm.placed(x.data), shm.placed(x.indptr)
+        indices = shm.placed(x.indices) if with_indices else None
+        to_ref = shm.ref
     n_rows, n_cols = x.shape
     matrix = msg(
         "Csr",
         n_rows=n_rows,
         n_cols=n_cols,
-        data=shm.ref(data),
-        indices=shm.ref(indices) if indices is not None else None,
-        indptr=shm.ref(indptr),
+        data=to_ref(data),
+        indices=to_ref(indices) if indices is not None else None,
+        indptr=to_ref(indptr),
     )
     return matrix, data, indices, indptr
 

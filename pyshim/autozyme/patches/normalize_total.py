@@ -19,7 +19,7 @@ from warnings import warn
 import numpy as np
 
 from .. import parallel, shm
-from ..client import get_client, prefault_in_background
+from ..client import DaemonError, get_client, prefault_in_background
 from ..codec import msg
 from ..fallback import Delegate, Fallback
 from . import _common
@@ -118,43 +118,68 @@ def _factors(counts_per_cell, target_sum):
     return counts_per_cell, scaling
 
 
+# Set when the kernel forbids reading this process's memory (Yama ptrace_scope):
+# then every input goes through shared memory.
+_peer_refused = False
+
+
 def _csr(x, exclude, max_fraction, target_sum, own_structure):
-    matrix, data, indices, indptr = _common.placed_csr(x, with_indices=exclude)
+    """Two daemon requests: the per-cell sums, then the division into a new array.
+
+    Where the data lives decides how it travels. Already in shared memory (a
+    re-run on an adopted object): nothing is copied, the result goes to a pooled
+    segment and the matrix adopts it. Not yet placed, with a pooled segment at
+    hand: copied there once and divided in place (that copy is ours alone, so if
+    the daemon dies mid-way the user's data is untouched). Not placed and no
+    segment at hand (a fresh process): the daemon copies the arrays straight out
+    of this process and writes the result into a new numpy array, because
+    allocating shared memory costs several times more than the copy; a spare
+    segment is then prepared in the background for the next call."""
+    global _peer_refused
+    peer = not _peer_refused and not shm.is_placed(x.data) and not shm.has_free(x.data.nbytes)
+    matrix, data, indices, indptr = _common.csr_refs(x, with_indices=exclude, peer=peer)
     client = get_client()
-    reply = client.call(
-        msg("RowSums", x=matrix, exclude_max_fraction=float(max_fraction) if exclude else None)
-    )
+    try:
+        reply = client.call(
+            msg("RowSums", x=matrix, exclude_max_fraction=float(max_fraction) if exclude else None)
+        )
+    except DaemonError as e:
+        if not peer or e.kind != "Unsupported":
+            raise
+        _peer_refused = True
+        return _csr(x, exclude, max_fraction, target_sum, own_structure)
     counts_per_cell = reply.sums.astype(x.dtype)
     highly_expressed = reply.highly_expressed.astype(np.intp)
     if target_sum is None:
         target_sum = np.median(counts_per_cell)  # upstream's CSR path: zeros included
     counts_per_cell, scaling = _factors(counts_per_cell, target_sum)
 
-    # Upstream makes a new data array. When the input had to be copied into shared
-    # memory, that copy is ours alone: divide it in place (if the daemon dies
-    # mid-way, the user's data is untouched and upstream runs on it). Otherwise
-    # the result goes to a recycled segment.
     out_dtype = np.result_type(x.data.dtype, scaling.dtype)
-    in_place = data is not x.data and out_dtype == data.dtype
-    out = data if in_place else shm.empty(data.shape, out_dtype)
+    in_place = not peer and data is not x.data and out_dtype == data.dtype
+    if peer:
+        out = np.empty(data.shape, out_dtype)
+    else:
+        out = data if in_place else shm.empty(data.shape, out_dtype)
     client.call(
         msg("DivideRows", x=matrix, factors=scaling.astype(np.float64),
-            factors_dtype=shm.dtype_tag(scaling.dtype), out=shm.ref(out)),
+            factors_dtype=shm.dtype_tag(scaling.dtype),
+            out=shm.peer_ref(out) if peer else shm.ref(out)),
         retry=not in_place,  # dividing twice would be wrong
     )
     if own_structure:
-        # inplace=False: a new matrix whose buffers are its own.
-        indices = shm.copy_of(x.indices) if indices is None or indices is x.indices else indices
-        if indptr is x.indptr:
-            indptr = shm.copy_of(indptr)
+        # inplace=False: a new matrix whose buffers are its own (upstream copies).
         new = type(x)(x.shape, dtype=out.dtype)
         # Assigned after construction: the constructor could narrow int64 indices,
         # while upstream's copy keeps the input's index dtypes.
-        new.data, new.indices, new.indptr = out, indices, indptr
+        new.data = out
+        new.indices = x.indices.copy() if indices is None or indices is x.indices else indices
+        new.indptr = x.indptr.copy() if indptr is x.indptr else indptr
         x = new
+    elif peer:
+        x.data = out
     else:
         _common.adopt_csr(x, data=out, indices=indices, indptr=indptr)
-    # A re-run on this object will need a new output while its input is in use.
+    # The next call (a re-run, or this data again) gets a segment ready for it.
     shm.ensure_spare(out.nbytes, on_ready=prefault_in_background)
     return x, counts_per_cell, highly_expressed
 

@@ -1,0 +1,164 @@
+//! Arrays in the connected client's own memory, copied with Linux cross-memory
+//! attach (`process_vm_readv` / `process_vm_writev`).
+//!
+//! The pid is the one the socket reports for the peer (SO_PEERCRED), never a
+//! number the client sends, and the kernel applies its ptrace access check, so
+//! only memory the peer could read itself is reachable. A bad address is an
+//! `EFAULT` error reply; a kernel that forbids cross-memory attach (Yama
+//! `ptrace_scope`) is `Unsupported`, and the shim places the array in shared
+//! memory instead.
+
+use crate::error::{Failure, Result};
+use autozyme_protocol::ErrorKind;
+
+/// A private, 8-byte aligned copy of (or output buffer for) peer memory.
+#[derive(Debug)]
+pub struct PeerBuffer {
+    words: Vec<u64>,
+    /// Where the bytes came from / go to in the peer.
+    pub address: u64,
+    pub bytes: usize,
+}
+
+/// Largest peer array copied into the daemon: `AUTOZYME_MAX_BYTES`, else half of
+/// the memory the kernel reports available, so a client cannot make the daemon
+/// allocate itself into the OOM killer.
+fn budget() -> usize {
+    if let Some(v) = std::env::var("AUTOZYME_MAX_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return v;
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib: usize = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    kib * 1024 / 2
+}
+
+impl PeerBuffer {
+    /// A buffer of `bytes` bytes standing for peer memory at `address`; its
+    /// contents are zero until [`PeerBuffer::read_from`].
+    pub fn new(address: u64, bytes: usize) -> Result<Self> {
+        if bytes > budget() {
+            return Err(Failure::new(
+                ErrorKind::TooLarge,
+                format!("an array of {bytes} bytes exceeds the daemon's memory budget"),
+            ));
+        }
+        address
+            .checked_add(bytes as u64)
+            .ok_or_else(|| Failure::bad_request("peer address range overflows"))?;
+        Ok(PeerBuffer {
+            words: vec![0u64; bytes.div_ceil(8)],
+            address,
+            bytes,
+        })
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.words.as_ptr() as *const u8
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.words.as_mut_ptr() as *mut u8
+    }
+
+    /// Fills the buffer from the peer's memory.
+    pub fn read_from(&mut self, pid: i32) -> Result<()> {
+        let (ptr, address, bytes) = (self.as_mut_ptr(), self.address, self.bytes);
+        transfer(pid, ptr, address, bytes, Direction::Read)
+    }
+
+    /// Writes the buffer back into the peer's memory.
+    pub fn write_to(&mut self, pid: i32) -> Result<()> {
+        let (ptr, address, bytes) = (self.as_mut_ptr(), self.address, self.bytes);
+        transfer(pid, ptr, address, bytes, Direction::Write)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
+}
+
+/// Bytes per system call: large transfers go in pieces, so a partial transfer
+/// (which the kernel may return) is simply continued.
+const PIECE: usize = 1 << 30;
+
+fn transfer(pid: i32, local: *mut u8, remote: u64, bytes: usize, dir: Direction) -> Result<()> {
+    let mut done = 0usize;
+    while done < bytes {
+        let step = (bytes - done).min(PIECE);
+        let local_iov = libc::iovec {
+            // SAFETY: `local` points to a buffer of at least `bytes` bytes.
+            iov_base: unsafe { local.add(done) } as *mut libc::c_void,
+            iov_len: step,
+        };
+        let remote_iov = libc::iovec {
+            iov_base: (remote + done as u64) as *mut libc::c_void,
+            iov_len: step,
+        };
+        // SAFETY: the local iovec lies within our buffer; the kernel checks the
+        // remote one against the peer's address space.
+        let n = unsafe {
+            match dir {
+                Direction::Read => libc::process_vm_readv(pid, &local_iov, 1, &remote_iov, 1, 0),
+                Direction::Write => libc::process_vm_writev(pid, &local_iov, 1, &remote_iov, 1, 0),
+            }
+        };
+        if n <= 0 {
+            let err = std::io::Error::last_os_error();
+            let what = match dir {
+                Direction::Read => "read",
+                Direction::Write => "write",
+            };
+            let kind = match err.raw_os_error() {
+                Some(libc::EPERM) | Some(libc::ENOSYS) => ErrorKind::Unsupported,
+                Some(libc::ESRCH) => ErrorKind::BadRequest,
+                _ if n == 0 => ErrorKind::BadRequest,
+                _ => ErrorKind::BadRequest,
+            };
+            return Err(Failure::new(
+                kind,
+                format!(
+                    "cannot {what} {step} bytes of the client's memory at {:#x}: {err}",
+                    remote + done as u64
+                ),
+            ));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_and_writes_own_memory_and_rejects_bad_addresses() {
+        // Our own process is a valid peer of itself.
+        let pid = std::process::id() as i32;
+        let src: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+        let mut buf = PeerBuffer::new(src.as_ptr() as u64, 4000).unwrap();
+        buf.read_from(pid).unwrap();
+        let copy = unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const f32, 1000) };
+        assert_eq!(copy, &src[..]);
+
+        let mut dst = vec![0f32; 1000];
+        let mut out = PeerBuffer::new(dst.as_mut_ptr() as u64, 4000).unwrap();
+        unsafe { out.as_mut_ptr().copy_from(buf.as_ptr(), 4000) };
+        out.write_to(pid).unwrap();
+        assert_eq!(dst, src);
+
+        let mut bad = PeerBuffer::new(8, 64).unwrap();
+        assert!(bad.read_from(pid).is_err());
+        assert!(PeerBuffer::new(u64::MAX - 4, 64).is_err());
+        assert!(PeerBuffer::new(0, usize::MAX / 2).is_err());
+    }
+}
