@@ -268,6 +268,7 @@ fn spawn_sweeper(daemon: &Arc<Daemon>) {
                 std::thread::sleep(Duration::from_millis(100));
             }
             state.segments.prune();
+            crate::shm::peer::trim_scratch();
             let removed = sweep::unlink_dead_segments(state.euid);
             if !removed.is_empty() {
                 log(&format!("removed segments of dead clients: {removed:?}"));

@@ -10,14 +10,86 @@
 
 use crate::error::{Failure, Result};
 use autozyme_protocol::ErrorKind;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-/// A private, 8-byte aligned copy of (or output buffer for) peer memory.
+/// A private, 8-byte aligned copy of (or output buffer for) peer memory. Its
+/// storage comes from, and returns to, a scratch pool (see [`take_words`]).
 #[derive(Debug)]
 pub struct PeerBuffer {
     words: Vec<u64>,
     /// Where the bytes came from / go to in the peer.
     pub address: u64,
     pub bytes: usize,
+}
+
+impl Drop for PeerBuffer {
+    fn drop(&mut self) {
+        give_back(std::mem::take(&mut self.words));
+    }
+}
+
+/// Released buffers kept for reuse, with the time they were released. Fresh
+/// memory costs a page fault per page on first touch, several times the cost of
+/// the copy itself, so a re-run that reuses a buffer only pays the copy.
+static SCRATCH: Mutex<Vec<(Vec<u64>, Instant)>> = Mutex::new(Vec::new());
+/// Bytes of scratch kept at most, and for how long unused.
+const SCRATCH_MAX_BYTES: usize = 4 << 30;
+const SCRATCH_MAX_IDLE: Duration = Duration::from_secs(600);
+
+fn scratch() -> std::sync::MutexGuard<'static, Vec<(Vec<u64>, Instant)>> {
+    SCRATCH.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A vector of `words` elements whose contents are arbitrary (every caller
+/// overwrites all of it: a peer read, or a kernel writing every output element).
+fn take_words(words: usize) -> Vec<u64> {
+    let reused = {
+        let mut pool = scratch();
+        let best = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, (v, _))| v.capacity() >= words && v.capacity() <= 2 * words.max(512))
+            .min_by_key(|(_, (v, _))| v.capacity())
+            .map(|(i, _)| i);
+        best.map(|i| pool.swap_remove(i).0)
+    };
+    // A reused vector keeps its old (initialized) contents up to its length; only
+    // growth is zero-filled. Either way every word is initialized, and callers
+    // overwrite what they use.
+    match reused {
+        Some(mut v) if v.len() >= words => {
+            v.truncate(words);
+            v
+        }
+        Some(mut v) => {
+            v.resize(words, 0);
+            v
+        }
+        // Fresh memory through calloc: the kernel's zero pages, no second pass.
+        None => vec![0u64; words],
+    }
+}
+
+fn give_back(words: Vec<u64>) {
+    if words.capacity() == 0 {
+        return;
+    }
+    let mut pool = scratch();
+    pool.push((words, Instant::now()));
+    let mut total: usize = pool.iter().map(|(v, _)| v.capacity() * 8).sum();
+    // Oldest first out, past the byte limit.
+    pool.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
+    while total > SCRATCH_MAX_BYTES {
+        if let Some((v, _)) = pool.pop() {
+            total -= v.capacity() * 8;
+        }
+    }
+}
+
+/// Frees scratch buffers unused for a while (called by the daemon's sweeper).
+pub fn trim_scratch() {
+    scratch().retain(|(_, released)| released.elapsed() < SCRATCH_MAX_IDLE);
 }
 
 /// Largest peer array copied into the daemon: `AUTOZYME_MAX_BYTES`, else half of
@@ -53,7 +125,7 @@ impl PeerBuffer {
             .checked_add(bytes as u64)
             .ok_or_else(|| Failure::bad_request("peer address range overflows"))?;
         Ok(PeerBuffer {
-            words: vec![0u64; bytes.div_ceil(8)],
+            words: take_words(bytes.div_ceil(8)),
             address,
             bytes,
         })
@@ -89,8 +161,43 @@ enum Direction {
 /// Bytes per system call: large transfers go in pieces, so a partial transfer
 /// (which the kernel may return) is simply continued.
 const PIECE: usize = 1 << 30;
+/// Transfers above this size are split across the pool's threads: the copy runs
+/// at memory speed per thread, and page faults on either side are taken in
+/// parallel.
+const PARALLEL_ABOVE: usize = 4 << 20;
 
+/// Copies `bytes` between our buffer at `local` and the peer's memory at `remote`,
+/// in parallel pieces for large transfers.
 fn transfer(pid: i32, local: *mut u8, remote: u64, bytes: usize, dir: Direction) -> Result<()> {
+    use rayon::prelude::*;
+    if bytes <= PARALLEL_ABOVE {
+        return transfer_serial(pid, local, remote, bytes, dir);
+    }
+    let parts = rayon::current_num_threads().max(1) * 2;
+    let step = bytes.div_ceil(parts).next_multiple_of(4096);
+    // Raw pointers are not Send; the address travels as an integer. Each piece
+    // covers a disjoint part of our buffer.
+    let local = local as usize;
+    (0..bytes.div_ceil(step)).into_par_iter().try_for_each(|i| {
+        let start = i * step;
+        let len = step.min(bytes - start);
+        transfer_serial(
+            pid,
+            (local + start) as *mut u8,
+            remote + start as u64,
+            len,
+            dir,
+        )
+    })
+}
+
+fn transfer_serial(
+    pid: i32,
+    local: *mut u8,
+    remote: u64,
+    bytes: usize,
+    dir: Direction,
+) -> Result<()> {
     let mut done = 0usize;
     while done < bytes {
         let step = (bytes - done).min(PIECE);
@@ -155,6 +262,18 @@ mod tests {
         unsafe { out.as_mut_ptr().copy_from(buf.as_ptr(), 4000) };
         out.write_to(pid).unwrap();
         assert_eq!(dst, src);
+
+        // Large enough to be copied in parallel pieces.
+        let big: Vec<f64> = (0..3_000_001).map(|i| i as f64 * 0.5).collect();
+        let mut buf = PeerBuffer::new(big.as_ptr() as u64, big.len() * 8).unwrap();
+        buf.read_from(pid).unwrap();
+        let copy = unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const f64, big.len()) };
+        assert_eq!(copy, &big[..]);
+        let mut back = vec![0f64; big.len()];
+        let mut out = PeerBuffer::new(back.as_mut_ptr() as u64, big.len() * 8).unwrap();
+        unsafe { out.as_mut_ptr().copy_from(buf.as_ptr(), big.len() * 8) };
+        out.write_to(pid).unwrap();
+        assert_eq!(std::hint::black_box(&back), &big);
 
         let mut bad = PeerBuffer::new(8, 64).unwrap();
         assert!(bad.read_from(pid).is_err());
