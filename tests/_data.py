@@ -72,23 +72,22 @@ def assert_identical(a, b, what="value"):
     assert a == b, f"{what}: {a!r} vs {b!r}"
 
 
+def _assert_same_frame(a, b, what):
+    """Same columns and dtypes; float columns bit for bit, others equal."""
+    assert list(a.columns) == list(b.columns), what
+    for col in a.columns:
+        ca, cb = a[col], b[col]
+        assert ca.dtype == cb.dtype, f"{what}[{col}] dtype"
+        if ca.dtype.kind == "f":
+            assert_identical(ca.to_numpy(), cb.to_numpy(), f"{what}[{col}]")
+        else:
+            assert ca.equals(cb), f"{what}[{col}]"
+
+
 def assert_same_anndata(a: AnnData, b: AnnData):
     assert_identical(a.X, b.X, "X")
-    assert list(a.obs.columns) == list(b.obs.columns)
-    for col in a.obs.columns:
-        ca, cb = a.obs[col], b.obs[col]
-        assert ca.dtype == cb.dtype, f"obs[{col}] dtype"
-        if ca.dtype.kind == "f":
-            assert_identical(ca.to_numpy(), cb.to_numpy(), f"obs[{col}]")
-        else:
-            assert ca.equals(cb), f"obs[{col}]"
-    for col in a.var.columns:
-        va, vb = a.var[col], b.var[col]
-        assert va.dtype == vb.dtype, f"var[{col}] dtype"
-        if va.dtype.kind == "f":
-            assert_identical(va.to_numpy(), vb.to_numpy(), f"var[{col}]")
-        else:
-            assert va.equals(vb), f"var[{col}]"
+    _assert_same_frame(a.obs, b.obs, "obs")
+    _assert_same_frame(a.var, b.var, "var")
     assert set(a.layers) == set(b.layers)
     for k in a.layers:
         assert_identical(a.layers[k], b.layers[k], f"layers[{k}]")

@@ -12,8 +12,9 @@ use crate::kernels::row_sums::{csr_row_sums, csr_row_sums_excluding};
 use crate::kernels::{Float, SparseIndex};
 use crate::server::state::Daemon;
 use crate::shm::{CsrRegions, DenseRegions, FloatSlice, FloatSliceMut, IndexSlice, Peer, Resolver};
+use crate::streaming::{self, PeerArray};
 use autozyme_protocol::{
-    ArrayRef, DType, DaemonStatus, ErrorKind, Matrix, Request, Response, PROTOCOL_VERSION,
+    ArrayRef, DType, DaemonStatus, ErrorKind, Location, Matrix, Request, Response, PROTOCOL_VERSION,
 };
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
@@ -187,6 +188,25 @@ fn row_sums(
         ));
     };
     let mut resolver = Resolver::new(&daemon.segments, peer);
+    if let (None, Some(data_at)) = (exclude_max_fraction, peer_array(data)?) {
+        // Plain sums of data in the client's memory: streamed, not copied whole.
+        let indptr = CsrRegions::resolve_indptr_only(&mut resolver, *n_rows, data, indptr)?;
+        let n = indptr.len() - 1;
+        let sums = match (indptr.indices().expect("dtype checked"), data.dtype) {
+            (IndexSlice::I32(p), DType::F32) => {
+                widen(&streaming::row_sums::<f32, _>(peer, p, data_at, n)?)
+            }
+            (IndexSlice::I32(p), _) => widen(&streaming::row_sums::<f64, _>(peer, p, data_at, n)?),
+            (IndexSlice::I64(p), DType::F32) => {
+                widen(&streaming::row_sums::<f32, _>(peer, p, data_at, n)?)
+            }
+            (IndexSlice::I64(p), _) => widen(&streaming::row_sums::<f64, _>(peer, p, data_at, n)?),
+        };
+        return Ok(Response::RowSums {
+            sums,
+            highly_expressed: vec![],
+        });
+    }
     let csr = CsrRegions::resolve(
         &mut resolver,
         *n_rows,
@@ -279,6 +299,40 @@ impl ExcludingJob {
     }
 }
 
+/// Where an array lies in the peer's memory, if it does (else it is a segment).
+fn peer_array(array: &ArrayRef) -> Result<Option<PeerArray>> {
+    match array.location {
+        Location::Peer { address } => Ok(Some(PeerArray {
+            address,
+            len: usize::try_from(array.len)
+                .map_err(|_| Failure::bad_request("array length too large"))?,
+        })),
+        Location::Segment { .. } => Ok(None),
+    }
+}
+
+/// Dispatches a streamed CSR division over the data and output dtypes.
+#[allow(clippy::too_many_arguments)]
+fn streamed_divide<P: SparseIndex>(
+    peer: Peer,
+    indptr: &[P],
+    data_dtype: DType,
+    out_dtype: DType,
+    data: PeerArray,
+    factors: &[f64],
+    factors_are_f32: bool,
+    out: PeerArray,
+) -> Result<()> {
+    use crate::streaming::divide_rows as div;
+    let f = factors_are_f32;
+    match (data_dtype, out_dtype) {
+        (DType::F32, DType::F32) => div::<f32, f32, P>(peer, indptr, data, factors, f, out),
+        (DType::F32, _) => div::<f32, f64, P>(peer, indptr, data, factors, f, out),
+        (_, DType::F32) => div::<f64, f32, P>(peer, indptr, data, factors, f, out),
+        (_, _) => div::<f64, f64, P>(peer, indptr, data, factors, f, out),
+    }
+}
+
 fn widen<T: Float>(values: &[T]) -> Vec<f64> {
     values.iter().map(|v| v.to_f64()).collect()
 }
@@ -306,6 +360,37 @@ fn divide_rows(
     }
     let factors_are_f32 = factors_dtype == DType::F32;
     let mut resolver = Resolver::new(&daemon.segments, peer);
+    if let Matrix::Csr {
+        n_rows,
+        data,
+        indptr,
+        ..
+    } = x
+    {
+        if let (Some(data_at), Some(out_at)) = (peer_array(data)?, peer_array(out)?) {
+            // Data and output in the client's memory: streamed block by block.
+            let indptr = CsrRegions::resolve_indptr_only(&mut resolver, *n_rows, data, indptr)?;
+            check_factors_len(factors, indptr.len() - 1)?;
+            check_out_len(out_at.len, data_at.len)?;
+            let (lo, hi) = (data_at.address, out_at.address);
+            let (data_bytes, out_bytes) = (
+                data_at.len * data.dtype.size(),
+                out_at.len * out.dtype.size(),
+            );
+            if data_at.len > 0 && lo < hi + out_bytes as u64 && hi < lo + data_bytes as u64 {
+                return Err(Failure::bad_request(
+                    "a streamed division needs an output apart from the data",
+                ));
+            }
+            let f = factors_are_f32;
+            let (d, o) = (data.dtype, out.dtype);
+            match indptr.indices().expect("dtype checked") {
+                IndexSlice::I32(p) => streamed_divide(peer, p, d, o, data_at, factors, f, out_at)?,
+                IndexSlice::I64(p) => streamed_divide(peer, p, d, o, data_at, factors, f, out_at)?,
+            }
+            return Ok(Response::Done);
+        }
+    }
     match x {
         Matrix::Csr {
             n_rows,

@@ -11,3 +11,4 @@ pub mod handlers;
 pub mod kernels;
 pub mod server;
 pub mod shm;
+pub mod streaming;

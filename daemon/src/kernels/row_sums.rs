@@ -96,8 +96,8 @@ fn sum_ranges_interleaved<T: Float>(
         if active < LANES {
             // The last few rows: no lockstep partner left.
             for l in 0..LANES {
-                for j in pos[l]..end[l] {
-                    acc[l] += value(j, data[j]);
+                for (j, &v) in (pos[l]..end[l]).zip(&data[pos[l]..end[l]]) {
+                    acc[l] += value(j, v);
                 }
                 pos[l] = end[l];
             }

@@ -9,6 +9,7 @@
 //! memory instead.
 
 use crate::error::{Failure, Result};
+use crate::kernels::Float;
 use autozyme_protocol::ErrorKind;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -137,6 +138,20 @@ impl PeerBuffer {
 
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.words.as_mut_ptr() as *mut u8
+    }
+
+    /// The buffer as `bytes / size_of::<T>()` values (f32/f64: every bit pattern
+    /// is a value, and the storage is 8-byte aligned).
+    pub fn as_slice<T: Float>(&self) -> &[T] {
+        let n = self.bytes / std::mem::size_of::<T>();
+        // SAFETY: the words hold at least `bytes` initialized bytes, aligned to 8.
+        unsafe { std::slice::from_raw_parts(self.as_ptr() as *const T, n) }
+    }
+
+    pub fn as_mut_slice<T: Float>(&mut self) -> &mut [T] {
+        let n = self.bytes / std::mem::size_of::<T>();
+        // SAFETY: as for `as_slice`, and `&mut self` makes it the only view.
+        unsafe { std::slice::from_raw_parts_mut(self.as_mut_ptr() as *mut T, n) }
     }
 
     /// Fills the buffer from the peer's memory.

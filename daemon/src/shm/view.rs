@@ -331,38 +331,10 @@ impl CsrRegions {
         indices: Option<&ArrayRef>,
         indptr: &ArrayRef,
     ) -> Result<Self> {
-        let n_rows_usize = to_usize(n_rows, "n_rows")?;
-        let n_cols = to_usize(n_cols, "n_cols")?;
-        if !matches!(data.dtype, DType::F32 | DType::F64) {
-            return Err(Failure::bad_matrix(format!(
-                "CSR data must be F32 or F64, not {:?}",
-                data.dtype
-            )));
-        }
-        for (array, what) in [(indices, "indices"), (Some(indptr), "indptr")] {
-            let Some(array) = array else { continue };
-            if !matches!(array.dtype, DType::I32 | DType::I64) {
-                return Err(Failure::bad_matrix(format!(
-                    "CSR {what} must be I32 or I64, not {:?}",
-                    array.dtype
-                )));
-            }
-        }
-        if n_rows.checked_add(1) != Some(indptr.len) {
-            return Err(Failure::bad_matrix(format!(
-                "CSR indptr has {} elements; n_rows {n_rows} needs n_rows + 1",
-                indptr.len
-            )));
-        }
-        if let Some(indices) = indices.filter(|i| i.len != data.len) {
-            return Err(Failure::bad_matrix(format!(
-                "CSR data has {} elements but indices has {}",
-                data.len, indices.len
-            )));
-        }
+        check_csr_shape(n_rows, data, indices, indptr)?;
         Ok(CsrRegions {
-            n_rows: n_rows_usize,
-            n_cols,
+            n_rows: to_usize(n_rows, "n_rows")?,
+            n_cols: to_usize(n_cols, "n_cols")?,
             data: resolver.region(data, "CSR data")?,
             indices: match indices {
                 Some(i) => Some(resolver.region(i, "CSR indices")?),
@@ -370,6 +342,24 @@ impl CsrRegions {
             },
             indptr: resolver.region(indptr, "CSR indptr")?,
         })
+    }
+
+    /// For kernels that stream the data instead (see `crate::streaming`): the same
+    /// checks, with only indptr resolved, and its contents validated.
+    pub fn resolve_indptr_only(
+        resolver: &mut Resolver<'_>,
+        n_rows: u64,
+        data: &ArrayRef,
+        indptr: &ArrayRef,
+    ) -> Result<Region> {
+        check_csr_shape(n_rows, data, None, indptr)?;
+        let region = resolver.region(indptr, "CSR indptr")?;
+        let nnz = to_usize(data.len, "CSR data length")?;
+        match region.indices().expect("dtype checked") {
+            IndexSlice::I32(p) => check_indptr(p, nnz)?,
+            IndexSlice::I64(p) => check_indptr(p, nnz)?,
+        }
+        Ok(region)
     }
 
     /// indptr starts at 0, never decreases and ends at the stored-value count.
@@ -396,6 +386,43 @@ impl CsrRegions {
         }
         Ok(indices)
     }
+}
+
+/// Dtypes and lengths of a CSR matrix's arrays (not yet indptr's contents).
+fn check_csr_shape(
+    n_rows: u64,
+    data: &ArrayRef,
+    indices: Option<&ArrayRef>,
+    indptr: &ArrayRef,
+) -> Result<()> {
+    if !matches!(data.dtype, DType::F32 | DType::F64) {
+        return Err(Failure::bad_matrix(format!(
+            "CSR data must be F32 or F64, not {:?}",
+            data.dtype
+        )));
+    }
+    for (array, what) in [(indices, "indices"), (Some(indptr), "indptr")] {
+        let Some(array) = array else { continue };
+        if !matches!(array.dtype, DType::I32 | DType::I64) {
+            return Err(Failure::bad_matrix(format!(
+                "CSR {what} must be I32 or I64, not {:?}",
+                array.dtype
+            )));
+        }
+    }
+    if n_rows.checked_add(1) != Some(indptr.len) {
+        return Err(Failure::bad_matrix(format!(
+            "CSR indptr has {} elements; n_rows {n_rows} needs n_rows + 1",
+            indptr.len
+        )));
+    }
+    if let Some(indices) = indices.filter(|i| i.len != data.len) {
+        return Err(Failure::bad_matrix(format!(
+            "CSR data has {} elements but indices has {}",
+            data.len, indices.len
+        )));
+    }
+    Ok(())
 }
 
 fn check_indptr<P: Copy + Into<i64>>(indptr: &[P], nnz: usize) -> Result<()> {
