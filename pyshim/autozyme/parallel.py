@@ -63,5 +63,10 @@ def run_blocks(fn, bounds: list[tuple[int, int]]) -> None:
         f.result()
 
 
+def submit(fn, *args):
+    """Run ``fn(*args)`` on the pool; returns its future."""
+    return _get_executor(thread_count()).submit(fn, *args)
+
+
 def warm() -> None:
     run_blocks(lambda a, b: None, [(0, 0)] * thread_count())

@@ -138,6 +138,11 @@ def _csr(x, exclude, max_fraction, target_sum, own_structure):
     global _peer_refused
     peer = not _peer_refused and not shm.is_placed(x.data) and not shm.has_free(x.data.nbytes)
     matrix, data, indices, indptr = _common.csr_refs(x, with_indices=exclude, peer=peer)
+    if peer:
+        # The new array's pages are populated while the daemon sums (the kernel
+        # call releases the GIL); numpy's promotion fixes its dtype beforehand.
+        probe = np.zeros(1, x.dtype) / (np.median(np.zeros(1, x.dtype)) if target_sum is None else target_sum)
+        out_pending = parallel.submit(shm.private_empty, data.shape, np.result_type(x.data.dtype, probe.dtype))
     client = get_client()
     try:
         reply = client.call(
@@ -157,7 +162,9 @@ def _csr(x, exclude, max_fraction, target_sum, own_structure):
     out_dtype = np.result_type(x.data.dtype, scaling.dtype)
     in_place = not peer and data is not x.data and out_dtype == data.dtype
     if peer:
-        out = np.empty(data.shape, out_dtype)
+        out = out_pending.result()
+        if out.dtype != out_dtype:
+            out = shm.private_empty(data.shape, out_dtype)
     else:
         out = data if in_place else shm.empty(data.shape, out_dtype)
     client.call(
