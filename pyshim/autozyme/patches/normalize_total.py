@@ -141,7 +141,8 @@ def _csr(x, exclude, max_fraction, target_sum, own_structure):
     if peer:
         # The new array's pages are populated while the daemon sums (the kernel
         # call releases the GIL); numpy's promotion fixes its dtype beforehand.
-        probe = np.zeros(1, x.dtype) / (np.median(np.zeros(1, x.dtype)) if target_sum is None else target_sum)
+        with np.errstate(all="ignore"):  # the probe's 0/0 must not warn
+            probe = np.ones(1, x.dtype) / (np.median(np.ones(1, x.dtype)) if target_sum is None else target_sum)
         out_pending = parallel.submit(shm.private_empty, data.shape, np.result_type(x.data.dtype, probe.dtype))
     client = get_client()
     try:
