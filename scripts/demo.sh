@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/autozyme bench --cells "${CELLS:-20000}" --genes "${GENES:-20000}" "$@"
+exec .venv/bin/autozyme bench --cells "${CELLS:-20000}" --genes "${GENES:-20000}" --repeat 1 "$@"
