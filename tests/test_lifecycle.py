@@ -283,3 +283,72 @@ def test_pytest_plugin_activates_before_collection(tmp_path):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "autozyme" in out.stdout
+
+
+def test_install_service_writes_a_user_unit(tmp_path):
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path), "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "autozyme.cli", "daemon", "install-service"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    unit = (tmp_path / "systemd/user/autozymed.service").read_text()
+    assert "ExecStart=" in unit and "--runtime-dir" in unit and "autozymed" in unit
+    assert "systemctl --user" in out.stdout and "enable" in out.stdout
+    print(out.stdout)
+
+
+def test_status_command(fresh_runtime):
+    client_mod.get_client().connection()
+    out = subprocess.run([sys.executable, "-m", "autozyme.cli", "status"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "daemon: pid" in out.stdout and "threads" in out.stdout and "cache:" in out.stdout
+    js = subprocess.run([sys.executable, "-m", "autozyme.cli", "daemon", "status", "--json"],
+                        capture_output=True, text=True, timeout=60)
+    import json
+
+    assert json.loads(js.stdout)["daemon"]["pid"] > 0
+
+
+def test_warns_once_about_names_imported_into_main(monkeypatch):
+    import scanpy as sc
+
+    import autozyme
+    from autozyme import activation
+
+    main = sys.modules["__main__"]
+    monkeypatch.setattr(main, "normalize_total", sc.pp.normalize_total, raising=False)
+    monkeypatch.setattr(activation, "_warned_main", False)
+    with pytest.warns(UserWarning, match="normalize_total was imported into __main__"):
+        autozyme.activate("scanpy", prewarm=False)
+    autozyme.deactivate()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        autozyme.activate("scanpy", prewarm=False)  # once only
+    autozyme.deactivate()
+
+
+def test_unverified_scanpy_version_falls_back_with_reason(monkeypatch):
+    import scanpy as sc
+
+    import autozyme
+    from autozyme import activation
+
+    monkeypatch.setattr(activation, "scanpy_version", lambda: "1.99.0")
+    monkeypatch.setenv("AUTOZYME_STRICT", "0")
+    autozyme.activate("scanpy", prewarm=False)
+    try:
+        fallback.reset_counts()
+        a, b = counts(40, 30), counts(40, 30)
+        sc.pp.normalize_total.__autozyme_upstream__(a)
+        sc.pp.normalize_total(b)
+        assert_identical(a.X, b.X)
+        reasons = fallback.counts()["fallbacks"]["normalize_total"]
+        assert any("1.99.0 is not verified" in r for r in reasons), reasons
+        assert "not verified" in autozyme.status()["version_problem"]
+        monkeypatch.setenv("AUTOZYME_ALLOW_UNVERIFIED", "1")
+        sc.pp.normalize_total(counts(40, 30))
+        assert fallback.counts()["served"]["normalize_total"] == 1
+    finally:
+        autozyme.deactivate()
