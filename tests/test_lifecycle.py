@@ -352,3 +352,29 @@ def test_unverified_scanpy_version_falls_back_with_reason(monkeypatch):
         assert fallback.counts()["served"]["normalize_total"] == 1
     finally:
         autozyme.deactivate()
+
+
+def test_verify_mode_checks_against_upstream_and_reports_differences(monkeypatch):
+    import scanpy as sc
+
+    import autozyme
+    from autozyme import verify
+    from autozyme.patches import normalize_total as nt
+
+    monkeypatch.setenv("AUTOZYME_VERIFY", "1")
+    monkeypatch.setattr(verify, "differences", [])
+    monkeypatch.setattr(verify, "checked", 0)
+    autozyme.activate("scanpy", prewarm=False)
+    try:
+        sc.pp.normalize_total(counts(60, 40, seed=13), target_sum=1e4)
+        sc.pp.log1p(counts(60, 40, seed=13))
+        assert verify.report()["checked"] == 2 and verify.report()["differences"] == []
+        # A fast path that is wrong by one factor of two is caught and named.
+        real = nt._factors
+        monkeypatch.setattr(nt, "_factors", lambda c, t: tuple(v * 2 for v in real(c, t)))
+        with pytest.warns(UserWarning, match="normalize_total differs from upstream"):
+            sc.pp.normalize_total(counts(60, 40, seed=13), target_sum=1e4)
+        assert any("X.data" in d for d in verify.report()["differences"])
+        assert "differences" in autozyme.format_status()
+    finally:
+        autozyme.deactivate()

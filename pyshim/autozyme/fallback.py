@@ -14,8 +14,10 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import warnings
 from collections import Counter, defaultdict
 
+from . import verify
 from .client import DaemonError
 from .runtime import DaemonUnavailable
 from .shm import PlacementError
@@ -44,6 +46,7 @@ _lock = threading.Lock()
 served: Counter = Counter()
 fallbacks: dict[str, Counter] = defaultdict(Counter)
 _strict_scope = True
+_pure = threading.local()
 
 
 def strict() -> bool:
@@ -72,10 +75,18 @@ def fast_or_upstream(name: str, fast, upstream):
     def wrapper(*args, **kwargs):
         from . import activation
 
+        if getattr(_pure, "on", False):
+            # Inside verify mode's reference run: scanpy calling its own (patched)
+            # functions must get upstream too.
+            return upstream(*args, **kwargs)
+
         reason = activation.version_problem()
         if reason is not None:
             _record_fallback(name, "failure", reason)
             return upstream(*args, **kwargs)
+        check = verify.enabled()
+        if check:
+            up_args, up_kwargs = verify.snapshot_args(args, kwargs)
         try:
             result = fast(upstream, *args, **kwargs)
         except Delegate as e:
@@ -90,6 +101,15 @@ def fast_or_upstream(name: str, fast, upstream):
             return upstream(*args, **kwargs)
         with _lock:
             served[name] += 1
+        if check:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the user saw the call's warnings once
+                _pure.on = True
+                try:
+                    up_result = upstream(*up_args, **up_kwargs)
+                finally:
+                    _pure.on = False
+            verify.compare_calls(name, args, result, up_args, up_result)
         return result
 
     wrapper.__autozyme_upstream__ = upstream

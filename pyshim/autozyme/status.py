@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import activation, fallback, runtime, shm
+from . import activation, fallback, runtime, shm, verify
 from .client import DaemonError, get_client
 
 
@@ -14,6 +14,7 @@ def status(*, start: bool = False) -> dict:
         "version_problem": None,
         "runtime_dir": str(runtime.runtime_dir()),
         "shared_memory": shm.stats(),
+        "verify": verify.report(),
         **fallback.counts(),
     }
     try:
@@ -65,6 +66,11 @@ def format_status(st: dict | None = None) -> str:
         f"{m['pooled_segments']} pooled ({_mib(m['pooled_bytes'])})"
     )
     lines.append("served: " + (", ".join(f"{k} {v}" for k, v in sorted(st["served"].items())) or "none"))
+    v = st.get("verify") or {}
+    if v.get("enabled") or v.get("checked"):
+        lines.append(f"verify mode: {v['checked']} calls checked against upstream, "
+                     f"{len(v['differences'])} differences")
+        lines += [f"  {d}" for d in v["differences"][-10:]]
     if st["fallbacks"]:
         lines.append("fallbacks:")
         for name, reasons in sorted(st["fallbacks"].items()):
