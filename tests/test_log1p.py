@@ -112,3 +112,15 @@ def test_block_parallel_ufunc_equals_one_call(n, dtype):
     want = np.log1p(x)
     _elementwise(x, np.log1p)
     assert_identical(want, x)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e38])
+def test_non_finite_in_a_late_block_gives_upstreams_outcome(active, bad):
+    """Large enough for the parallel finiteness check to use several blocks; the
+    bad value sits in the last one. 3e38 is finite (only the sum overflows)."""
+    def make():
+        ad = counts(3000, 1200, density=0.2, seed=14)
+        ad.X.data[-5] = bad
+        return ad
+
+    run_both(active, make, {})

@@ -78,9 +78,7 @@ def _anndata(adata, *, base, copy, chunked, chunk_size, layer, obsm):
 def log1p_values(x, *, base, copy):
     """upstream's ``log1p_sparse`` / ``log1p_array``, with the ufuncs parallel."""
     if sp.issparse(x):
-        from sklearn.utils import check_array
-
-        x = check_array(x, accept_sparse=("csr", "csc"), dtype=(np.float64, np.float32), copy=copy)
+        x = _check_sparse(x, copy)
         x.data = log1p_values(x.data, base=base, copy=False)
         return x
     if copy:
@@ -92,6 +90,39 @@ def log1p_values(x, *, base, copy):
         log_base = np.log(base)
         _elementwise(x, lambda v, out: np.divide(v, log_base, out=out))
     return x
+
+
+def _check_sparse(x, copy: bool):
+    """sklearn's ``check_array`` as upstream calls it, with its finiteness pass
+    (one single-threaded read of every value) run on parallel blocks instead.
+    Its outcome is "raise if any value is NaN or infinite"; when a block says so,
+    sklearn's own check runs and raises its own error (or, with sklearn's
+    ``assume_finite`` set, lets it pass, as upstream would)."""
+    from sklearn.utils import check_array
+
+    kwargs = dict(accept_sparse=("csr", "csc"), dtype=(np.float64, np.float32), copy=copy)
+    try:
+        checked = check_array(x, ensure_all_finite=False, **kwargs)
+    except TypeError:  # an sklearn without ensure_all_finite: its own check, as is
+        return check_array(x, **kwargs)
+    if _all_finite(checked.data):
+        return checked
+    return check_array(x, **kwargs)
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """Whether every value is finite: a sum per block (cheap) and, for a block
+    whose sum is not finite (a non-finite value, or overflow), an exact test."""
+    flat = values.reshape(-1)
+    verdicts = []
+
+    def block(a, b):
+        with np.errstate(over="ignore", invalid="ignore"):
+            part = flat[a:b]
+            verdicts.append(bool(np.isfinite(np.sum(part))) or bool(np.isfinite(part).all()))
+
+    parallel.run_blocks(block, parallel.blocks(flat.size, flat.itemsize, align=parallel.ALIGN))
+    return all(verdicts)
 
 
 def _elementwise(x: np.ndarray, ufunc) -> None:
