@@ -10,7 +10,7 @@
 use crate::error::{Failure, Result};
 use crate::kernels::divide_rows::csr_divide_rows;
 use crate::kernels::row_sums::csr_row_sums;
-use crate::kernels::{row_range, Float, SparseIndex};
+use crate::kernels::{row_range, split_rows, Float, SparseIndex};
 use crate::shm::peer::PeerBuffer;
 use crate::shm::Peer;
 use std::ops::Range;
@@ -29,21 +29,7 @@ pub struct PeerArray {
 /// Consecutive row ranges whose stored values total about `BLOCK_VALUES`; a row
 /// larger than that is a block of its own.
 fn row_blocks<P: SparseIndex>(indptr: &[P], n_rows: usize, nnz: usize) -> Vec<Range<usize>> {
-    let mut blocks = Vec::new();
-    let mut start = 0;
-    let mut start_value = row_range(indptr, 0, nnz).start;
-    for r in 0..n_rows {
-        let end_value = row_range(indptr, r, nnz).end;
-        if end_value - start_value >= BLOCK_VALUES {
-            blocks.push(start..r + 1);
-            start = r + 1;
-            start_value = end_value;
-        }
-    }
-    if start < n_rows {
-        blocks.push(start..n_rows);
-    }
-    blocks
+    split_rows(indptr, n_rows, nnz, BLOCK_VALUES, usize::MAX)
 }
 
 /// The block's stored-value range and its indptr rebased to start at 0.

@@ -107,15 +107,32 @@ pub fn row_range<P: SparseIndex>(indptr: &[P], r: usize, nnz: usize) -> Range<us
 /// task. The split depends only on the matrix, never on the thread count (results
 /// do not depend on it either, since rows are independent).
 pub fn row_chunks<P: SparseIndex>(indptr: &[P], n_rows: usize, nnz: usize) -> Vec<Range<usize>> {
+    split_rows(
+        indptr,
+        n_rows,
+        nnz,
+        TARGET_NNZ_PER_CHUNK,
+        MAX_ROWS_PER_CHUNK,
+    )
+}
+
+/// Consecutive row ranges, each closed once it holds at least `target_values`
+/// stored values or `max_rows` rows; a row larger than the target is a range of
+/// its own. Rows are never split.
+pub fn split_rows<P: SparseIndex>(
+    indptr: &[P],
+    n_rows: usize,
+    nnz: usize,
+    target_values: usize,
+    max_rows: usize,
+) -> Vec<Range<usize>> {
     let mut chunks = Vec::new();
     let mut chunk_start = 0;
     let mut chunk_nnz_start = row_range(indptr, 0, nnz).start;
     for r in 0..n_rows {
         let row_end = row_range(indptr, r, nnz).end;
         let rows = r + 1 - chunk_start;
-        if row_end.saturating_sub(chunk_nnz_start) >= TARGET_NNZ_PER_CHUNK
-            || rows >= MAX_ROWS_PER_CHUNK
-        {
+        if row_end.saturating_sub(chunk_nnz_start) >= target_values || rows >= max_rows {
             chunks.push(chunk_start..r + 1);
             chunk_start = r + 1;
             chunk_nnz_start = row_end;
