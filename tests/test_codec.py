@@ -54,6 +54,8 @@ REQUESTS = {
         out=arr("azm_1000_42_4", 0, 7, "F64"),
     ),
     "req_prefault": msg("Prefault", segments=["azm_1000_42_7", "azm_1000_42_8"]),
+    "req_lease": msg("Lease", bytes=1 << 30, create=True),
+    "req_release": msg("Release", segments=["azm_1000_7_3"]),
     "req_sleep": msg("Sleep", millis=1500),
 }
 
@@ -68,7 +70,7 @@ def test_every_golden_file_is_covered():
     assert {n for n in names if n.startswith("req_")} == set(REQUESTS)
     assert {n for n in names if n.startswith("resp_")} == {
         "resp_hello", "resp_pong", "resp_status", "resp_shutting_down",
-        "resp_row_sums", "resp_done", "resp_error",
+        "resp_row_sums", "resp_done", "resp_error", "resp_leased", "resp_leased_none",
     }
 
 
@@ -93,6 +95,9 @@ def test_decode_responses():
     err = _decode_golden("resp_error")
     assert (err.kind, err.message) == ("BadMatrix", "indptr is not monotone at row 2")
     assert _decode_golden("resp_done").tag == "Done"
+    leased = _decode_golden("resp_leased")
+    assert (leased.segment, leased.size) == ("azm_1000_7_3", 4096)
+    assert _decode_golden("resp_leased_none").segment is None
     assert _decode_golden("resp_shutting_down").tag == "ShuttingDown"
 
 

@@ -378,3 +378,62 @@ def test_verify_mode_checks_against_upstream_and_reports_differences(monkeypatch
         assert "differences" in autozyme.format_status()
     finally:
         autozyme.deactivate()
+
+
+def test_a_new_process_leases_what_an_exited_one_gave_back(fresh_runtime):
+    """Segments lent by the daemon go back to its pool when a client exits, so the
+    next client's first call copies into memory that is already allocated; and the
+    daemon unlinks them all when it stops."""
+    code = (
+        "import sys, time; sys.path.insert(0, %r)\n"
+        "import autozyme, scanpy as sc\n"
+        "from _data import counts\n"
+        "from autozyme import shm\n"
+        "autozyme.activate('scanpy', prewarm=False)\n"
+        "ad = counts(400, 300, seed=3)\n"
+        "sc.pp.normalize_total(ad)\n"
+        "print('placed' if shm.is_placed(ad.X.data) else 'peer', flush=True)\n"
+        "sc.pp.normalize_total(ad)\n"
+        "time.sleep(0.5)\n"
+    ) % str(Path(__file__).parent)
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout.split() == ["peer"], first.stdout  # an empty daemon pool
+    assert second.stdout.split() == ["placed"], second.stdout  # leased at once
+    pid = client_mod.get_client().connection().hello.pid
+    client_mod.get_client().shutdown()
+    assert wait_until(lambda: not runtime.pid_alive(pid))
+    prefix = f"azm_{os.geteuid()}_{pid}_"
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(prefix)] == []
+
+
+def test_a_daemon_whose_replies_cannot_be_decoded_is_replaced(fresh_runtime):
+    """A daemon of another protocol version may answer in a layout we cannot read;
+    it is replaced by ours rather than leaving every call to fall back."""
+    import threading
+
+    path = str(fresh_runtime / "daemon.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(4)
+    answered = []
+
+    def serve_garbage():
+        server.settimeout(10)
+        try:
+            conn, _ = server.accept()
+            conn.recv(4096)
+            conn.sendall(struct.pack("<I", 12) + b"\x06\x00\x00\x00" + b"\xff" * 8)
+            answered.append(True)
+            conn.close()
+        except OSError:
+            pass
+
+    t = threading.Thread(target=serve_garbage, daemon=True)
+    t.start()
+    hello = client_mod.get_client().connection().hello
+    t.join(10)
+    server.close()
+    assert answered and hello.tag == "Hello" and runtime.pid_alive(hello.pid)
+    assert hello.build_id == runtime.expected_build_id()

@@ -180,7 +180,7 @@ def test_both_transports_match_upstream(active, monkeypatch, path, kwargs):
     shared memory (copied into a segment, then adopted); both are exact."""
     from autozyme import shm
 
-    monkeypatch.setattr(shm, "has_free", lambda nbytes: path == "shared memory")
+    monkeypatch.setattr(shm, "reserve", lambda nbytes: path == "shared memory")
     make = lambda: counts(300, 210, seed=11, zero_cells=[5], zero_genes=[7])  # noqa: E731
     compare(*run_both(active, make, kwargs, reruns=2))
     ad = make()
@@ -194,7 +194,7 @@ def test_peer_memory_refused_falls_back_to_shared_memory(active, monkeypatch):
     from autozyme import shm
     from autozyme.patches import normalize_total as nt
 
-    monkeypatch.setattr(shm, "has_free", lambda nbytes: False)
+    monkeypatch.setattr(shm, "reserve", lambda nbytes: False)
     monkeypatch.setattr(nt, "_peer_refused", False)
     real = nt.get_client
 

@@ -88,6 +88,11 @@ fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, 
             out,
         } => divide_rows(daemon, peer, &x, &factors, factors_dtype, &out)?,
         Request::Prefault { segments } => prefault(daemon, peer, &segments)?,
+        Request::Lease { bytes, create } => lease(daemon, peer, bytes, create)?,
+        Request::Release { segments } => {
+            daemon.pool.release(peer.pid, &segments);
+            Response::Done
+        }
         Request::Sleep { millis } => sleep(daemon, millis)?,
     };
     Ok((response, After::Continue))
@@ -142,6 +147,34 @@ fn prefault(daemon: &Daemon, peer: Peer, segments: &[String]) -> Result<Response
         daemon.segments.get(name, peer.uid)?;
     }
     Ok(Response::Done)
+}
+
+/// Lends a pooled segment (see `shm::pool`), within the daemon's memory budget.
+fn lease(daemon: &Daemon, peer: Peer, bytes: u64, create: bool) -> Result<Response> {
+    if create && bytes > crate::shm::peer::budget() as u64 {
+        return Err(Failure::new(
+            ErrorKind::TooLarge,
+            format!("a segment of {bytes} bytes exceeds the daemon's memory budget"),
+        ));
+    }
+    let lent = daemon.pool.lease(
+        &daemon.segments,
+        peer.uid,
+        daemon.pid,
+        peer.pid,
+        bytes,
+        create,
+    )?;
+    Ok(match lent {
+        Some((name, size)) => Response::Leased {
+            segment: Some(name),
+            size,
+        },
+        None => Response::Leased {
+            segment: None,
+            size: 0,
+        },
+    })
 }
 
 /// Test hook: keeps this connection busy for `millis`, checking for shutdown every

@@ -805,6 +805,72 @@ fn peer_memory_arrays_give_the_same_results() {
     assert_eq!(c.call(&Request::Ping), Response::Pong);
 }
 
+/// The daemon's own segments: lent, given back, lent again, unlinked at exit.
+#[test]
+fn lease_release_and_cleanup_at_exit() {
+    let mut d = TestDaemon::start(&[], &[]);
+    let mut c = d.client();
+    assert_eq!(
+        c.call(&Request::Lease {
+            bytes: 10_000,
+            create: false
+        }),
+        Response::Leased {
+            segment: None,
+            size: 0
+        }
+    );
+    let Response::Leased {
+        segment: Some(name),
+        size,
+    } = c.call(&Request::Lease {
+        bytes: 10_000,
+        create: true,
+    })
+    else {
+        panic!("no segment lent")
+    };
+    assert_eq!(size, 10_000);
+    assert!(
+        name.starts_with(&format!("azm_{}_{}_", euid(), d.pid)),
+        "{name}"
+    );
+    let path = std::path::Path::new("/dev/shm").join(&name);
+    let mode = std::fs::metadata(&path).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    // Given back, it is lent again to the next asker of a similar size.
+    let release = |segments: Vec<String>| Request::Release { segments };
+    assert_eq!(
+        c.call(&release(vec![name.clone(), "azm_1_2_3".into()])),
+        Response::Done
+    );
+    assert_eq!(
+        c.call(&Request::Lease {
+            bytes: 9_000,
+            create: false
+        }),
+        Response::Leased {
+            segment: Some(name.clone()),
+            size: 10_000
+        }
+    );
+    // Far larger requests do not get it.
+    match c.call(&Request::Lease {
+        bytes: 1 << 40,
+        create: true,
+    }) {
+        Response::Error { kind, .. } => assert_eq!(kind, ErrorKind::TooLarge),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.call(&Request::Shutdown), Response::ShuttingDown);
+    d.wait_exit(std::time::Duration::from_secs(15))
+        .expect("daemon exits");
+    assert!(!path.exists(), "the daemon unlinks its segments at exit");
+}
+
 #[test]
 fn garbage_closes_only_that_connection() {
     let d = TestDaemon::start(&[], &[]);

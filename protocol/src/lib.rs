@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// Bumped on any change of the wire types below.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest frame either side accepts. Bulk data never travels in frames (it lives
 /// in shared memory); the largest inline payloads are per-cell or per-gene vectors.
@@ -117,6 +117,18 @@ pub enum Request {
     Prefault {
         segments: Vec<String>,
     },
+    /// Lend the client a shared-memory segment of at least `bytes` bytes from the
+    /// daemon's pool: segments the daemon created and keeps mapped, returned by
+    /// earlier clients (also ones that have exited). With `create`, allocate one
+    /// when none fits; without, answer `Leased { segment: None }` at once.
+    Lease {
+        bytes: u64,
+        create: bool,
+    },
+    /// Give leased segments back to the pool (the client no longer uses them).
+    Release {
+        segments: Vec<String>,
+    },
     /// Test hook, honoured only when the daemon runs with `AUTOZYME_TEST_HOOKS=1`:
     /// occupy a worker for `millis` milliseconds, as a long kernel would.
     Sleep {
@@ -169,6 +181,9 @@ pub struct DaemonStatus {
     pub runtime_dir: String,
 }
 
+/// Variant indices of `Request::Hello` (0), `Response::Hello` (0) and
+/// `Response::Error` (6) never change, so a client and a daemon of different
+/// versions can always tell each other so; new variants are appended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     Hello {
@@ -190,6 +205,11 @@ pub enum Response {
     Error {
         kind: ErrorKind,
         message: String,
+    },
+    /// A lent segment's name and size, or none (see `Request::Lease`).
+    Leased {
+        segment: Option<String>,
+        size: u64,
     },
 }
 

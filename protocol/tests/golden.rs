@@ -93,6 +93,19 @@ fn requests() -> Vec<(&'static str, Request)> {
                 segments: vec!["azm_1000_42_7".into(), "azm_1000_42_8".into()],
             },
         ),
+        (
+            "req_lease",
+            Request::Lease {
+                bytes: 1 << 30,
+                create: true,
+            },
+        ),
+        (
+            "req_release",
+            Request::Release {
+                segments: vec!["azm_1000_7_3".into()],
+            },
+        ),
         ("req_sleep", Request::Sleep { millis: 1500 }),
     ]
 }
@@ -143,6 +156,20 @@ fn responses() -> Vec<(&'static str, Response)> {
             },
         ),
         ("resp_done", Response::Done),
+        (
+            "resp_leased",
+            Response::Leased {
+                segment: Some("azm_1000_7_3".into()),
+                size: 4096,
+            },
+        ),
+        (
+            "resp_leased_none",
+            Response::Leased {
+                segment: None,
+                size: 0,
+            },
+        ),
         (
             "resp_error",
             Response::error(ErrorKind::BadMatrix, "indptr is not monotone at row 2"),

@@ -82,6 +82,9 @@ def activate(library: str = "scanpy", *, prewarm: bool = True) -> None:
             _patched[name] = (upstream, wrapper, sites)
         _warn_main_bindings()
     shm.sweep_dead_segments()
+    from .client import lease_segment, release_segments
+
+    shm.set_lender(lease_segment, release_segments)
     if prewarm:
         threading.Thread(target=_prewarm, name="autozyme-prewarm", daemon=True).start()
 

@@ -118,7 +118,10 @@ class Client:
                 raise DaemonUnavailable(f"cannot connect to {path}: {e}") from e
             try:
                 hello = _handshake(sock)
-            except (OSError, codec.CodecError) as e:
+            except codec.CodecError as e:
+                # A reply we cannot read: a daemon of an incompatible version.
+                hello = codec.Msg("Undecodable", {"error": str(e)})
+            except OSError as e:
                 sock.close()
                 if time.monotonic() > deadline:
                     raise DaemonUnavailable(f"handshake failed: {e}") from e
@@ -223,16 +226,43 @@ def _set_client(c: Client) -> None:
     _client, _client_pid, _background = c, os.getpid(), None
 
 
-def prefault_in_background(name: str) -> None:
-    """Ask the daemon to map segment ``name`` now, over a second connection so a
-    foreground call never waits behind it. Best effort: a failure only means the
-    first use pays the mapping."""
+def _background_client() -> Client:
+    """A second connection for work off the caller's path (spares, leases,
+    releases), so a foreground call never waits behind it."""
     global _background
     with _client_lock:
         if _background is None or _client_pid != os.getpid():
             _background = Client()
-        bg = _background
+        return _background
+
+
+def prefault_in_background(name: str) -> None:
+    """Ask the daemon to map segment ``name`` now. Best effort: a failure only
+    means the first use pays the mapping."""
     try:
-        bg.call(msg("Prefault", segments=[name]), timeout=CONNECT_TIMEOUT_S, autostart=False)
+        _background_client().call(msg("Prefault", segments=[name]), timeout=CONNECT_TIMEOUT_S,
+                                  autostart=False)
+    except (DaemonUnavailable, DaemonError):
+        pass
+
+
+def lease_segment(nbytes: int, create: bool) -> tuple[str, int] | None:
+    """A segment lent from the daemon's pool, or None (none fits, or no daemon)."""
+    try:
+        reply = _background_client().call(msg("Lease", bytes=int(nbytes), create=create),
+                                          timeout=CONNECT_TIMEOUT_S if not create else None,
+                                          autostart=False)
+    except (DaemonUnavailable, DaemonError):
+        return None
+    return (reply.segment, reply.size) if reply.segment is not None else None
+
+
+def release_segments(names: list[str]) -> None:
+    """Give leased segments back to the daemon's pool. Best effort: a daemon that
+    is gone has unlinked them already, and one that missed this reclaims them when
+    this process dies."""
+    try:
+        _background_client().call(msg("Release", segments=list(names)), timeout=CONNECT_TIMEOUT_S,
+                                  retry=False, autostart=False)
     except (DaemonUnavailable, DaemonError):
         pass

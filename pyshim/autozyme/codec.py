@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAX_FRAME_BYTES = 256 << 20
 
 
@@ -231,6 +231,8 @@ REQUEST = Enum(
             ],
         ),
         ("Prefault", [("segments", Vec(STR))]),
+        ("Lease", [("bytes", U64), ("create", BOOL)]),
+        ("Release", [("segments", Vec(STR))]),
         ("Sleep", [("millis", U64)]),
     ],
 )
@@ -281,6 +283,7 @@ RESPONSE = Enum(
         ("RowSums", [("sums", Vec(F64)), ("highly_expressed", Vec(U64))]),
         ("Done", []),
         ("Error", [("kind", ERROR_KIND), ("message", STR)]),
+        ("Leased", [("segment", Opt(STR)), ("size", U64)]),
     ],
 )
 

@@ -18,6 +18,11 @@ here. tmpfs hands out 4 KiB pages (shared memory rarely gets transparent huge
 pages), so a fresh 150 MB segment costs ~100 ms to allocate and map, where the
 kernels themselves take ~20 ms.
 
+The daemon keeps a pool of its own as well, which outlives client processes:
+segments are leased from it (``Lease``) when this process has none that fits,
+and given back (``Release``) instead of unlinked, also at exit, so the first
+call of the next notebook kernel finds memory already allocated and mapped.
+
 Python's ``multiprocessing.shared_memory`` would register every segment with the
 3.11 resource tracker, which unlinks them when *a* process exits even while the
 daemon or another array still uses them; so segments are opened here with the
@@ -62,11 +67,15 @@ class _Live:
     size: int
     mm: mmap.mmap
     root: weakref.ref
+    lent: bool  # leased from the daemon: given back, never unlinked, by us
 
 
 _live: dict[str, _Live] = {}
-# Pooled segments, still mapped: name -> (mmap, time released).
-_free: dict[str, tuple[mmap.mmap, float]] = {}
+# Pooled segments, still mapped: name -> (mmap, time released, lent by the daemon).
+_free: dict[str, tuple[mmap.mmap, float, bool]] = {}
+# The daemon's segment pool, when activation has wired it: lease(nbytes, create)
+# -> (name, size) | None, and release(names).
+_lender = None
 # Spares being allocated in the background: size -> thread.
 _spares_pending: dict[int, threading.Thread] = {}
 
@@ -76,6 +85,11 @@ def pool_limit() -> int:
     if env and env.isdigit():
         return int(env)
     return 4 << 30
+
+
+def set_lender(lease, release) -> None:
+    global _lender
+    _lender = (lease, release)
 
 
 def dtype_tag(dtype) -> str | None:
@@ -116,46 +130,76 @@ def _map(fd: int, size: int) -> mmap.mmap:
         os.close(fd)
 
 
-def _root(name: str, mm: mmap.mmap) -> np.ndarray:
+def _root(name: str, mm: mmap.mmap, lent: bool) -> np.ndarray:
     """Register a mapped segment as live and return its root array."""
     root = np.ndarray(len(mm), dtype=np.uint8, buffer=mm)
     weakref.finalize(root, _released, name, os.getpid())
     with _lock:
-        _live[name] = _Live(name, root.ctypes.data, len(mm), mm, weakref.ref(root))
+        _live[name] = _Live(name, root.ctypes.data, len(mm), mm, weakref.ref(root), lent)
     return root
 
 
 def _released(name: str, creator: int) -> None:
-    """The root array of segment ``name`` is gone: pool the segment, or unlink it."""
+    """The root array of segment ``name`` is gone: pool the segment."""
     if os.getpid() != creator:  # a forked child must not touch its parent's segments
         return
     with _lock:
         seg = _live.pop(name, None)
         if seg is None:
             return
-        keep = not _exiting and _pooled_bytes() + seg.size <= pool_limit()
-        if keep:
-            _free[name] = (seg.mm, time.monotonic())
-    if not keep:
-        _unlink(name)
+        _free[name] = (seg.mm, time.monotonic(), seg.lent)
+    if not _exiting:
+        _trim_pool()
 
 
 def _pooled_bytes() -> int:
-    return sum(len(m) for m, _ in _free.values())
+    return sum(len(m) for m, _, _ in _free.values())
 
 
 def _fits(want: int, size: int) -> bool:
     return want <= size <= 2 * max(want, 4096)
 
 
-def _pop_free(want: int) -> tuple[str, mmap.mmap] | None:
+def _pop_free(want: int) -> tuple[str, mmap.mmap, bool] | None:
     """The smallest pooled segment of at least ``want`` bytes and at most twice that."""
     with _lock:
-        fits = [(len(m), name) for name, (m, _) in _free.items() if _fits(want, len(m))]
+        fits = [(len(m), name) for name, (m, _, _) in _free.items() if _fits(want, len(m))]
         if not fits:
             return None
         _, name = min(fits)
-        return name, _free.pop(name)[0]
+        mm, _, lent = _free.pop(name)
+        return name, mm, lent
+
+
+def _lease(want: int, create: bool) -> bool:
+    """Lease a segment from the daemon's pool into ours; whether one came."""
+    if _lender is None:
+        return False
+    got = _lender[0](want, create)
+    if got is None:
+        return False
+    name, size = got
+    try:
+        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, 0o600)
+        mm = _map(fd, size)
+    except OSError:
+        _lender[1]([name])
+        return False
+    with _lock:
+        _free[name] = (mm, time.monotonic(), True)
+    return True
+
+
+def reserve(nbytes: int) -> bool:
+    """Whether a segment of about ``nbytes`` is at hand: in our pool, being
+    prepared, or lent now from the daemon's pool (never newly allocated here)."""
+    want = max(nbytes, 1)
+    with _lock:
+        if any(_fits(want, len(m)) for m, _, _ in _free.values()) or any(
+            _fits(want, size) for size in _spares_pending
+        ):
+            return True
+    return _lease(want, create=False)
 
 
 def _wait_for_spare(want: int) -> bool:
@@ -180,7 +224,7 @@ def empty(shape, dtype) -> np.ndarray:
         found = _pop_free(want)
     if found is None:
         name = _new_name()
-        found = name, _map(_allocate(name, want), want)
+        found = name, _map(_allocate(name, want), want), False
     root = _root(*found)
     return root[:nbytes].view(dtype).reshape(shape)
 
@@ -193,7 +237,7 @@ def ensure_spare(nbytes: int, on_ready=None) -> None:
     want = max(nbytes, 1)
     with _lock:
         if any(_fits(want, s) for s in _spares_pending) or any(
-            _fits(want, len(m)) for m, _ in _free.values()
+            _fits(want, len(m)) for m, _, _ in _free.values()
         ):
             return
         if _pooled_bytes() + want > pool_limit():
@@ -201,13 +245,16 @@ def ensure_spare(nbytes: int, on_ready=None) -> None:
 
         def allocate():
             try:
+                # The daemon's pool first: it creates and maps the segment itself.
+                if _lease(want, create=True):
+                    return
                 name = _new_name()
                 mm = _map(_allocate(name, want), want)
                 if on_ready is not None:
                     on_ready(name)
                 with _lock:
-                    _free[name] = (mm, time.monotonic())
-            except PlacementError:
+                    _free[name] = (mm, time.monotonic(), False)
+            except Exception:  # noqa: BLE001 - a spare is an optimisation only
                 pass
             finally:
                 with _lock:
@@ -261,15 +308,6 @@ def private_empty(shape, dtype) -> np.ndarray:
     return np.ndarray(shape, dtype=dtype, buffer=mmap.mmap(-1, nbytes, flags=flags))
 
 
-def has_free(nbytes: int) -> bool:
-    """Whether a pooled segment of about ``nbytes`` is at hand (or being prepared)."""
-    want = max(nbytes, 1)
-    with _lock:
-        return any(_fits(want, len(m)) for m, _ in _free.values()) or any(
-            _fits(want, s) for s in _spares_pending
-        )
-
-
 def is_placed(arr) -> bool:
     return isinstance(arr, np.ndarray) and ref(arr) is not None
 
@@ -280,20 +318,23 @@ def placed(arr: np.ndarray) -> np.ndarray:
 
 
 def _trim_pool(limit: int | None = None, max_age: float = POOL_MAX_AGE_S) -> None:
-    """Unlink pooled segments beyond ``limit`` bytes (oldest first) or older than
-    ``max_age``; dropping the mmap unmaps them here."""
+    """Let go of pooled segments beyond ``limit`` bytes (oldest first) or older
+    than ``max_age``: ours are unlinked, the daemon's given back to it. Dropping
+    the mmap unmaps them here."""
     limit = pool_limit() if limit is None else limit
     now = time.monotonic()
-    drop = []
+    unlink, give_back = [], []
     with _lock:
         total = _pooled_bytes()
-        for name, (mm, released) in sorted(_free.items(), key=lambda kv: kv[1][1]):
+        for name, (mm, released, lent) in sorted(_free.items(), key=lambda kv: kv[1][1]):
             if total > limit or now - released > max_age:
-                drop.append(name)
+                (give_back if lent else unlink).append(name)
                 total -= len(mm)
                 del _free[name]
-    for name in drop:
+    for name in unlink:
         _unlink(name)
+    if give_back and _lender is not None:
+        _lender[1](give_back)
 
 
 def clear_pool() -> None:
@@ -307,9 +348,15 @@ def clear_pool() -> None:
 
 @atexit.register
 def _at_exit() -> None:
+    """Unlink our segments; give the daemon's back, including ones still under
+    live arrays (this process is ending), for the next process to lease."""
     global _exiting
     _exiting = True
     clear_pool()
+    with _lock:
+        lent = [name for name, seg in _live.items() if seg.lent]
+    if lent and _lender is not None:
+        _lender[1](lent)
 
 
 def stats() -> dict:
@@ -319,6 +366,7 @@ def stats() -> dict:
             bytes=sum(s.size for s in _live.values()),
             pooled_segments=len(_free),
             pooled_bytes=_pooled_bytes(),
+            lent_by_daemon=sum(s.lent for s in _live.values()) + sum(l for _, _, l in _free.values()),
         )
 
 

@@ -226,6 +226,8 @@ fn variant_name(request: &Request) -> &'static str {
         Request::RowSums { .. } => "RowSums",
         Request::DivideRows { .. } => "DivideRows",
         Request::Prefault { .. } => "Prefault",
+        Request::Lease { .. } => "Lease",
+        Request::Release { .. } => "Release",
         Request::Sleep { .. } => "Sleep",
     }
 }

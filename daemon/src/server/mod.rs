@@ -239,6 +239,7 @@ fn serve(daemon: &Arc<Daemon>, socket: BoundSocket, pid_file: PidFile) -> i32 {
             .load(std::sync::atomic::Ordering::SeqCst)
             == 0
     });
+    daemon.pool.unlink_all();
     // Last: while we hold the lock, a new daemon cannot start and take over the
     // socket path we were cleaning up.
     pid_file.remove();
@@ -267,6 +268,7 @@ fn spawn_sweeper(daemon: &Arc<Daemon>) {
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
+            state.pool.sweep();
             state.segments.prune();
             crate::shm::peer::trim_scratch();
             let removed = sweep::unlink_dead_segments(state.euid);

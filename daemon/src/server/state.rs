@@ -1,7 +1,7 @@
 //! State shared by the accept loop, the connection threads and the sweeper.
 
 use crate::config::Config;
-use crate::shm::SegmentCache;
+use crate::shm::{SegmentCache, SegmentPool};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,8 @@ pub struct Daemon {
     pub euid: u32,
     pub started: Instant,
     pub segments: SegmentCache,
+    /// Segments the daemon owns and lends to clients.
+    pub pool: SegmentPool,
     pub requests_served: AtomicU64,
     pub requests_failed: AtomicU64,
     pub open_connections: AtomicU32,
@@ -28,6 +30,7 @@ impl Daemon {
             euid: crate::config::euid(),
             started: Instant::now(),
             segments: SegmentCache::new(),
+            pool: SegmentPool::default(),
             requests_served: AtomicU64::new(0),
             requests_failed: AtomicU64::new(0),
             open_connections: AtomicU32::new(0),

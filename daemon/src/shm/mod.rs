@@ -4,10 +4,12 @@
 pub mod mapping;
 pub mod names;
 pub mod peer;
+pub mod pool;
 pub mod sweep;
 pub mod view;
 
 pub use mapping::{Mapping, SegmentCache};
+pub use pool::SegmentPool;
 pub use view::{
     CsrRegions, DenseRegions, FloatSlice, FloatSliceMut, IndexSlice, Peer, Region, Resolver,
 };

@@ -96,7 +96,7 @@ pub fn trim_scratch() {
 /// Largest peer array copied into the daemon: `AUTOZYME_MAX_BYTES`, else half of
 /// the memory the kernel reports available, so a client cannot make the daemon
 /// allocate itself into the OOM killer.
-fn budget() -> usize {
+pub fn budget() -> usize {
     if let Some(v) = std::env::var("AUTOZYME_MAX_BYTES")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -129,14 +129,14 @@ def _csr(x, exclude, max_fraction, target_sum, own_structure):
     Where the data lives decides how it travels. Already in shared memory (a
     re-run on an adopted object): nothing is copied, the result goes to a pooled
     segment and the matrix adopts it. Not yet placed, with a pooled segment at
-    hand: copied there once and divided in place (that copy is ours alone, so if
+    hand (ours, or lent from the daemon's pool): copied there once and divided in place (that copy is ours alone, so if
     the daemon dies mid-way the user's data is untouched). Not placed and no
     segment at hand (a fresh process): the daemon copies the arrays straight out
     of this process and writes the result into a new numpy array, because
     allocating shared memory costs several times more than the copy; a spare
     segment is then prepared in the background for the next call."""
     global _peer_refused
-    peer = not _peer_refused and not shm.is_placed(x.data) and not shm.has_free(x.data.nbytes)
+    peer = not _peer_refused and not shm.is_placed(x.data) and not shm.reserve(x.data.nbytes)
     matrix, data, indices, indptr = _common.csr_refs(x, with_indices=exclude, peer=peer)
     if peer:
         # The new array's pages are populated while the daemon sums (the kernel

@@ -1,0 +1,238 @@
+//! Segments the daemon owns and lends to clients.
+//!
+//! Allocating shared memory (tmpfs pages, 4 KiB each) costs several times more
+//! than the work done on it, and a client process's own pool dies with it. The
+//! daemon keeps segments across client processes: a new notebook kernel's first
+//! call gets memory that is already allocated and mapped on the daemon's side.
+//!
+//! A segment is lent to one client pid at a time. The client gives it back with
+//! `Release` when its arrays over it are gone (or when it exits); a client that
+//! dies without doing so gets its leases reclaimed by the sweeper. Segments are
+//! named `azm_<uid>_<daemon pid>_<seq>`, so if the daemon dies, the shim's and any
+//! new daemon's dead-creator sweep removes them.
+
+use super::mapping::SegmentCache;
+use super::names::path_of;
+use super::sweep::pid_is_dead;
+use crate::error::{Failure, Result};
+use autozyme_protocol::ErrorKind;
+use std::collections::HashMap;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Bytes of idle segments kept at most, and for how long.
+const IDLE_MAX_BYTES: u64 = 4 << 30;
+const IDLE_MAX_AGE: Duration = Duration::from_secs(600);
+
+#[derive(Debug)]
+struct Idle {
+    name: String,
+    size: u64,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    idle: Vec<Idle>,
+    /// name -> (size, borrowing client pid)
+    lent: HashMap<String, (u64, i32)>,
+    next_seq: u64,
+}
+
+#[derive(Default)]
+pub struct SegmentPool {
+    inner: Mutex<Inner>,
+}
+
+fn fits(want: u64, size: u64) -> bool {
+    want <= size && size <= 2 * want.max(4096)
+}
+
+impl SegmentPool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Lends a segment of at least `bytes` to client `pid`: the smallest idle one
+    /// that fits, else (with `create`) a new one. `None` when nothing fits.
+    pub fn lease(
+        &self,
+        cache: &SegmentCache,
+        uid: u32,
+        daemon_pid: u32,
+        pid: i32,
+        bytes: u64,
+        create: bool,
+    ) -> Result<Option<(String, u64)>> {
+        {
+            let mut inner = self.lock();
+            let best = inner
+                .idle
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| fits(bytes, s.size))
+                .min_by_key(|(_, s)| s.size)
+                .map(|(i, _)| i);
+            if let Some(i) = best {
+                let seg = inner.idle.swap_remove(i);
+                inner.lent.insert(seg.name.clone(), (seg.size, pid));
+                return Ok(Some((seg.name, seg.size)));
+            }
+            if !create {
+                return Ok(None);
+            }
+        }
+        let name = {
+            let mut inner = self.lock();
+            inner.next_seq += 1;
+            format!("azm_{uid}_{daemon_pid}_{}", inner.next_seq)
+        };
+        let size = bytes.max(1);
+        allocate(&name, size)?;
+        // Map it now (all pages), so the client's first use costs nothing here.
+        if let Err(e) = cache.get(&name, uid) {
+            let _ = std::fs::remove_file(path_of(&name));
+            return Err(e);
+        }
+        self.lock().lent.insert(name.clone(), (size, pid));
+        Ok(Some((name, size)))
+    }
+
+    /// Takes back segments client `pid` borrowed; names it did not borrow are
+    /// ignored.
+    pub fn release(&self, pid: i32, names: &[String]) {
+        let mut inner = self.lock();
+        for name in names {
+            if matches!(inner.lent.get(name), Some(&(_, owner)) if owner == pid) {
+                let (size, _) = inner.lent.remove(name).expect("checked above");
+                inner.idle.push(Idle {
+                    name: name.clone(),
+                    size,
+                    since: Instant::now(),
+                });
+            }
+        }
+    }
+
+    /// Reclaims the leases of dead clients, and unlinks idle segments beyond the
+    /// byte limit (oldest first) or idle too long. The cache forgets their
+    /// mappings at its next prune.
+    pub fn sweep(&self) -> Vec<String> {
+        let mut inner = self.lock();
+        let dead: Vec<String> = inner
+            .lent
+            .iter()
+            .filter(|(_, &(_, pid))| pid_is_dead(pid as u64))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in dead {
+            let (size, _) = inner.lent.remove(&name).expect("listed above");
+            inner.idle.push(Idle {
+                name,
+                size,
+                since: Instant::now(),
+            });
+        }
+        inner.idle.sort_by_key(|s| std::cmp::Reverse(s.since));
+        let mut total = 0u64;
+        let mut dropped = Vec::new();
+        inner.idle.retain(|s| {
+            total += s.size;
+            let keep = total <= IDLE_MAX_BYTES && s.since.elapsed() < IDLE_MAX_AGE;
+            if !keep {
+                dropped.push(s.name.clone());
+            }
+            keep
+        });
+        drop(inner);
+        for name in &dropped {
+            let _ = std::fs::remove_file(path_of(name));
+        }
+        dropped
+    }
+
+    /// At exit: unlinks every segment the daemon created. Clients still using a
+    /// lent one keep their mapping; the memory goes when they let it go.
+    pub fn unlink_all(&self) {
+        let mut inner = self.lock();
+        let mut names: Vec<String> = inner.idle.drain(..).map(|s| s.name).collect();
+        names.extend(inner.lent.drain().map(|(n, _)| n));
+        drop(inner);
+        for name in names {
+            let _ = std::fs::remove_file(path_of(&name));
+        }
+    }
+
+    /// (idle segments, idle bytes, lent segments, lent bytes)
+    pub fn stats(&self) -> (usize, u64, usize, u64) {
+        let inner = self.lock();
+        (
+            inner.idle.len(),
+            inner.idle.iter().map(|s| s.size).sum(),
+            inner.lent.len(),
+            inner.lent.values().map(|(s, _)| s).sum(),
+        )
+    }
+}
+
+/// Creates `/dev/shm/<name>` (mode 0600, never an existing file) with `size` bytes
+/// of pages reserved, so a full /dev/shm is an error here, not a SIGBUS later.
+fn allocate(name: &str, size: u64) -> Result<()> {
+    let path = path_of(name);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| Failure::segment(format!("cannot create segment {name}: {e}")))?;
+    let len = libc::off_t::try_from(size)
+        .map_err(|_| Failure::new(ErrorKind::TooLarge, "segment too large"))?;
+    // SAFETY: a plain system call on a file descriptor we own.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    if rc != 0 {
+        drop(file);
+        let _ = std::fs::remove_file(&path);
+        return Err(Failure::new(
+            ErrorKind::TooLarge,
+            format!(
+                "cannot reserve {size} bytes of shared memory: {}",
+                std::io::Error::from_raw_os_error(rc)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lease held by a process that died goes back to the pool at the next sweep.
+    #[test]
+    fn dead_clients_leases_are_reclaimed() {
+        let cache = SegmentCache::new();
+        let pool = SegmentPool::default();
+        let uid = crate::config::euid();
+        let me = std::process::id();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id() as i32;
+        child.wait().unwrap();
+        let (name, _) = pool
+            .lease(&cache, uid, me, dead, 8192, true)
+            .unwrap()
+            .unwrap();
+        assert!(pool
+            .lease(&cache, uid, me, 1, 8192, false)
+            .unwrap()
+            .is_none());
+        pool.sweep();
+        let again = pool.lease(&cache, uid, me, 1, 8192, false).unwrap();
+        assert_eq!(again.map(|(n, _)| n), Some(name.clone()));
+        pool.unlink_all();
+        assert!(!path_of(&name).exists());
+    }
+}
