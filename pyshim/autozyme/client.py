@@ -91,7 +91,6 @@ class Client:
     def __init__(self):
         self._lock = threading.Lock()
         self._conn: Connection | None = None
-        self.restarts = 0
 
     # -- connection management -------------------------------------------------
     def _open(self, autostart: bool) -> Connection:
@@ -137,7 +136,6 @@ class Client:
             self._stop_incompatible(path, hello)
             runtime.start_daemon()
             started = True
-            self.restarts += 1
 
     @staticmethod
     def _stop_incompatible(path: str, hello: codec.Msg) -> None:

@@ -29,10 +29,6 @@ class Fallback(Exception):
     kind = "scope"
 
 
-class Failure(Fallback):
-    kind = "failure"
-
-
 class Delegate(Exception):
     """Upstream raises for this input (bad arguments, missing layer): let it raise
     its own error. Counted, but never a strict-mode violation."""
