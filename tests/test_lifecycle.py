@@ -437,3 +437,31 @@ def test_a_daemon_whose_replies_cannot_be_decoded_is_replaced(fresh_runtime):
     server.close()
     assert answered and hello.tag == "Hello" and runtime.pid_alive(hello.pid)
     assert hello.build_id == runtime.expected_build_id()
+
+
+def test_adopted_data_in_a_lent_segment_survives_a_daemon_restart(fresh_runtime):
+    """A daemon that exits unlinks the segments it lent; a client still holding
+    one re-places its data and is served by the next daemon (strict mode on)."""
+    import scanpy as sc
+
+    import autozyme
+
+    autozyme.activate("scanpy", prewarm=False)
+    try:
+        a, b = counts(400, 300, seed=17), counts(400, 300, seed=17)
+        up = sc.pp.normalize_total.__autozyme_upstream__
+        for _ in range(3):  # the later calls use segments lent by the daemon
+            up(a, target_sum=1e4)
+            sc.pp.normalize_total(b, target_sum=1e4)
+            time.sleep(0.3)
+        assert shm.stats()["lent_by_daemon"] > 0
+        pid = client_mod.get_client().connection().hello.pid
+        client_mod.get_client().shutdown()
+        assert wait_until(lambda: not runtime.pid_alive(pid))
+        fallback.reset_counts()
+        up(a, target_sum=1e4)
+        sc.pp.normalize_total(b, target_sum=1e4)  # a new daemon starts and serves it
+        assert_identical(a.X, b.X)
+        assert fallback.counts()["served"]["normalize_total"] == 1
+    finally:
+        autozyme.deactivate()

@@ -124,3 +124,54 @@ def test_non_finite_in_a_late_block_gives_upstreams_outcome(active, bad):
         return ad
 
     run_both(active, make, {})
+
+
+@pytest.mark.parametrize("base", [None, 2, 10.0])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_fused_pass_on_adopted_data(active, monkeypatch, base, dtype):
+    """After normalize_total the data lives in shared memory; log1p then checks and
+    transforms it in one pass into a new segment: same bits as upstream."""
+    from autozyme import shm
+
+    monkeypatch.setattr(shm, "reserve", lambda nbytes: True)  # shared-memory transport
+    sc = active
+
+    def make():
+        ad = counts(3000, 1200, density=0.2, dtype=dtype, seed=15)
+        sc.pp.normalize_total(ad)  # adopts X's buffers
+        return ad
+
+    a, b = make(), make()
+    segment = lambda arr: shm.ref(arr)["location"].name  # noqa: E731 (holds no reference)
+    before = segment(b.X.data)
+    sc.pp.log1p.__autozyme_upstream__(a, base=base)
+    sc.pp.log1p(b, base=base)
+    assert segment(b.X.data) != before  # the fused path ran: a new segment
+    assert_same_anndata(a, b)
+
+
+def test_fused_pass_leaves_input_untouched_on_nan_and_steps_aside_for_held_arrays(active, monkeypatch):
+    from autozyme import shm
+
+    monkeypatch.setattr(shm, "reserve", lambda nbytes: True)
+    sc = active
+
+    def make():
+        ad = counts(3000, 1200, density=0.2, seed=16)
+        sc.pp.normalize_total(ad)
+        return ad
+
+    b = make()
+    b.X.data[-3] = np.nan
+    saved = b.X.data.copy()
+    with pytest.raises(ValueError):
+        sc.pp.log1p(b)
+    assert_identical(b.X.data, saved)
+
+    # A user holding the data array sees upstream's in-place update.
+    a, b = make(), make()
+    held_a, held_b = a.X.data, b.X.data
+    sc.pp.log1p.__autozyme_upstream__(a)
+    sc.pp.log1p(b)
+    assert b.X.data is held_b
+    assert_identical(held_a, held_b)

@@ -163,6 +163,8 @@ def _fits(want: int, size: int) -> bool:
 def _pop_free(want: int) -> tuple[str, mmap.mmap, bool] | None:
     """The smallest pooled segment of at least ``want`` bytes and at most twice that."""
     with _lock:
+        for name in [n for n, (_, _, lent) in _free.items() if lent and not _still_linked(n)]:
+            del _free[name]  # its daemon exited; dropping the mmap unmaps it
         fits = [(len(m), name) for name, (m, _, _) in _free.items() if _fits(want, len(m))]
         if not fits:
             return None
@@ -195,9 +197,9 @@ def reserve(nbytes: int) -> bool:
     prepared, or lent now from the daemon's pool (never newly allocated here)."""
     want = max(nbytes, 1)
     with _lock:
-        if any(_fits(want, len(m)) for m, _, _ in _free.values()) or any(
-            _fits(want, size) for size in _spares_pending
-        ):
+        if any(
+            _fits(want, len(m)) and (not lent or _still_linked(n)) for n, (m, _, lent) in _free.items()
+        ) or any(_fits(want, size) for size in _spares_pending):
             return True
     return _lease(want, create=False)
 
@@ -281,9 +283,17 @@ def ref(arr: np.ndarray) -> dict | None:
     with _lock:
         for seg in _live.values():
             if seg.addr <= addr and end <= seg.addr + seg.size and seg.root() is not None:
+                if seg.lent and not _still_linked(seg.name):
+                    # Lent by a daemon that has since exited and unlinked it: the
+                    # memory is still ours, but no daemon can open it by name.
+                    return None
                 location = Msg("Segment", dict(name=seg.name, offset=addr - seg.addr))
                 return dict(location=location, len=arr.size, dtype=tag)
     return None
+
+
+def _still_linked(name: str) -> bool:
+    return os.path.exists(os.path.join(SHM_DIR, name))
 
 
 def peer_ref(arr: np.ndarray) -> dict | None:
