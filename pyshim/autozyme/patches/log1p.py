@@ -11,13 +11,10 @@ dtype rules, ``uns["log1p"]``, the warnings) is upstream's own code path.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import scipy.sparse as sp
 
-from .. import parallel, shm
-from ..client import prefault_in_background
+from .. import parallel
 from ..fallback import Delegate, Fallback
 from . import _common
 
@@ -81,8 +78,6 @@ def _anndata(adata, *, base, copy, chunked, chunk_size, layer, obsm):
 def log1p_values(x, *, base, copy):
     """upstream's ``log1p_sparse`` / ``log1p_array``, with the ufuncs parallel."""
     if sp.issparse(x):
-        if not copy and _fused_into_segment(x, base):
-            return x
         x = _check_sparse(x, copy)
         x.data = log1p_values(x.data, base=base, copy=False)
         return x
@@ -95,66 +90,6 @@ def log1p_values(x, *, base, copy):
         log_base = np.log(base)
         _elementwise(x, lambda v, out: np.divide(v, log_base, out=out))
     return x
-
-
-def _fused_into_segment(x, base) -> bool:
-    """The finiteness check and log1p in one pass, into shared memory.
-
-    Upstream reads every value twice (sklearn's finiteness sum, then log1p in
-    place). When nothing but the matrix references its data array and a segment
-    is at hand (pooled, lent by the daemon, or the data's own pool partner), the
-    values are instead checked and transformed block by block, while in cache,
-    into that segment; only if every block was finite does the matrix take the
-    result (adopting it; the old array, if in shared memory, goes back to the
-    pool). No one can see the swap, and a NaN leaves the input untouched for
-    sklearn to raise on. Returns False (nothing changed) when it does not apply."""
-    from sklearn.utils import check_array
-
-    data = x.data
-    if data.dtype not in _common.FLOATS or x.format not in ("csr", "csc") or not data.flags.c_contiguous:
-        return False
-    if not shm.is_placed(data) and not shm.reserve(data.nbytes):
-        return False
-    # References to the array: x's attribute, `data`, getrefcount's argument.
-    if sys.getrefcount(data) > 3:
-        return False
-    try:
-        checked = check_array(x, accept_sparse=("csr", "csc"), dtype=(np.float64, np.float32),
-                              copy=False, ensure_all_finite=False)
-    except TypeError:
-        return False
-    if checked is not x:
-        return False
-    out = shm.empty(data.shape, data.dtype)
-    log_base = None if base is None else np.log(base)
-    verdicts = []
-
-    def block(a, b):
-        for lo in range(a, b, _CACHE_BLOCK):
-            hi = min(lo + _CACHE_BLOCK, b)
-            part = data[lo:hi]
-            with np.errstate(over="ignore", invalid="ignore"):
-                finite = bool(np.isfinite(np.sum(part))) or bool(np.isfinite(part).all())
-            if not finite:
-                verdicts.append(False)
-                return
-            np.log1p(part, out=out[lo:hi])
-            if log_base is not None:
-                np.divide(out[lo:hi], log_base, out=out[lo:hi])
-        verdicts.append(True)
-
-    parallel.run_blocks(block, parallel.blocks(data.size, data.itemsize, align=parallel.ALIGN))
-    if not all(verdicts):
-        return False
-    x.data = out
-    # A re-run will need another segment while this one is in use.
-    shm.ensure_spare(out.nbytes, on_ready=prefault_in_background)
-    return True
-
-
-# Values per step of the fused pass: small enough to stay in L2 between the
-# finiteness check and log1p, a multiple of the SIMD alignment.
-_CACHE_BLOCK = 32 * 1024
 
 
 def _check_sparse(x, copy: bool):
