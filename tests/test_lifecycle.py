@@ -42,6 +42,14 @@ def our_segments() -> list[str]:
     return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
 
 
+def normalize_both_and_compare(sc, adata):
+    """normalize_total by upstream and by autozyme on equal copies: same X."""
+    a, b = adata, adata.copy()
+    sc.pp.normalize_total.__autozyme_upstream__(a)
+    sc.pp.normalize_total(b)
+    assert_identical(a.X, b.X)
+
+
 def wait_until(cond, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -125,10 +133,7 @@ def test_build_mismatch_replaces_the_old_daemon(fresh_runtime, monkeypatch):
     autozyme.activate("scanpy", prewarm=False)
     try:
         fallback.reset_counts()
-        a, b = counts(50, 30), counts(50, 30)
-        sc.pp.normalize_total.__autozyme_upstream__(a)
-        sc.pp.normalize_total(b)
-        assert_identical(a.X, b.X)
+        normalize_both_and_compare(sc, counts(50, 30))
         assert wait_until(lambda: not runtime.pid_alive(old_pid))
         reasons = fallback.counts()["fallbacks"]["normalize_total"]
         assert any("incompatible" in r for r in reasons), reasons
@@ -340,10 +345,7 @@ def test_unverified_scanpy_version_falls_back_with_reason(monkeypatch):
     autozyme.activate("scanpy", prewarm=False)
     try:
         fallback.reset_counts()
-        a, b = counts(40, 30), counts(40, 30)
-        sc.pp.normalize_total.__autozyme_upstream__(a)
-        sc.pp.normalize_total(b)
-        assert_identical(a.X, b.X)
+        normalize_both_and_compare(sc, counts(40, 30))
         reasons = fallback.counts()["fallbacks"]["normalize_total"]
         assert any("1.99.0 is not verified" in r for r in reasons), reasons
         assert "not verified" in autozyme.status()["version_problem"]

@@ -205,6 +205,15 @@ mod tests {
             .collect()
     }
 
+    /// The row of every stored value.
+    fn row_of(indptr: &[i64]) -> Vec<usize> {
+        indptr
+            .windows(2)
+            .enumerate()
+            .flat_map(|(r, w)| std::iter::repeat_n(r, (w[1] - w[0]) as usize))
+            .collect()
+    }
+
     fn bits<U: Float>(v: &[U]) -> Vec<u64> {
         v.iter().map(|x| x.to_f64().to_bits()).collect()
     }
@@ -213,9 +222,7 @@ mod tests {
         for (seed, &(n_rows, n_cols, density)) in shapes().iter().enumerate() {
             let m = random_csr(200 + seed as u64, n_rows, n_cols, density);
             let data: Vec<T> = m.data.iter().map(|&v| to_t(v)).collect();
-            let row_of: Vec<usize> = (0..n_rows)
-                .flat_map(|r| std::iter::repeat_n(r, (m.indptr[r + 1] - m.indptr[r]) as usize))
-                .collect();
+            let row_of = row_of(&m.indptr);
             for factors_are_f32 in [false, true] {
                 let f = factors(n_rows, seed as u64, factors_are_f32);
                 let expected: Vec<U> = reference(&row_of, &data, &f, factors_are_f32);
@@ -234,9 +241,7 @@ mod tests {
         for (seed, &(n_rows, n_cols, density)) in shapes().iter().enumerate() {
             let m = random_csr(300 + seed as u64, n_rows, n_cols, density);
             let data: Vec<T> = m.data.iter().map(|&v| to_t(v)).collect();
-            let row_of: Vec<usize> = (0..n_rows)
-                .flat_map(|r| std::iter::repeat_n(r, (m.indptr[r + 1] - m.indptr[r]) as usize))
-                .collect();
+            let row_of = row_of(&m.indptr);
             for factors_are_f32 in [false, true] {
                 let f = factors(n_rows, seed as u64, factors_are_f32);
                 let expected: Vec<T> = reference(&row_of, &data, &f, factors_are_f32);

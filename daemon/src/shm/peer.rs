@@ -239,10 +239,10 @@ fn transfer_serial(
                 Direction::Read => "read",
                 Direction::Write => "write",
             };
+            // Not allowed here (Yama, no such syscall): the shim uses shared memory
+            // instead. Anything else (a bad address, a gone peer) is the request's.
             let kind = match err.raw_os_error() {
                 Some(libc::EPERM) | Some(libc::ENOSYS) => ErrorKind::Unsupported,
-                Some(libc::ESRCH) => ErrorKind::BadRequest,
-                _ if n == 0 => ErrorKind::BadRequest,
                 _ => ErrorKind::BadRequest,
             };
             return Err(Failure::new(
