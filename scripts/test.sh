@@ -3,9 +3,17 @@
 # socket), the Python integration tests against a real daemon with upstream
 # scanpy as the oracle, then scanpy's own tests of the patched functions with
 # autozyme active. Run scripts/setup.sh first.
+#
+# Every stage has a time bound, and pytest dumps every thread's stack if a test
+# runs past 5 minutes, so a hang fails loudly instead of stalling CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export AUTOZYME_RUNTIME_DIR="${AUTOZYME_RUNTIME_DIR:-$(mktemp -d /tmp/azm-test-XXXXXX)}"
-cargo test --workspace --release 2>&1 | tail -n 40
-.venv/bin/python -m pytest -q tests --ignore=tests/scanpy_upstream -p no:cacheprovider
-.venv/bin/python tests/scanpy_upstream/run_scanpy_tests.py --with-autozyme --functions normalize_total,log1p -- -q
+# The daemon the last stage starts is stopped when this script ends.
+trap '.venv/bin/autozyme daemon stop >/dev/null 2>&1 || true' EXIT
+bounded() { timeout --kill-after=30 "$@"; }
+bounded 900 cargo test --workspace --release 2>&1 | tail -n 40
+bounded 900 .venv/bin/python -m pytest -q tests --ignore=tests/scanpy_upstream -p no:cacheprovider \
+    -o faulthandler_timeout=300
+bounded 900 .venv/bin/python tests/scanpy_upstream/run_scanpy_tests.py --with-autozyme \
+    --functions normalize_total,log1p -- -q -o faulthandler_timeout=300

@@ -211,6 +211,22 @@ def test_no_segments_left_after_anndata_is_freed(fresh_runtime):
         autozyme.deactivate()
 
 
+def test_segment_freed_while_placement_is_busy_does_not_deadlock():
+    """A garbage collection can free a segment-backed array inside any allocation,
+    including one made while placement holds its lock; the finalizer then runs in
+    that same thread and must not wait for the lock (it hung CI once)."""
+    code = (
+        "import gc, numpy as np; from autozyme import shm\n"
+        "a = shm.empty(1000, np.float64); cycle = [a]; cycle.append(cycle); del a, cycle\n"
+        "with shm._lock:\n"
+        "    gc.collect()\n"
+        "assert shm.stats()['segments'] == 0 and shm.stats()['pooled_segments'] == 1\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
 def test_killed_client_segments_are_swept(fresh_runtime):
     """A client killed while holding segments: the daemon's sweeper (and any new
     client's activation) unlinks them."""

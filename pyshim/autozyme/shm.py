@@ -35,6 +35,7 @@ import atexit
 import itertools
 import mmap
 import os
+import queue
 import threading
 import time
 import weakref
@@ -54,6 +55,13 @@ POOL_MAX_AGE_S = 600.0
 _seq = itertools.count()
 _lock = threading.Lock()
 _exiting = False
+# Names of segments whose root array was freed. A finalizer may run inside any
+# allocation, including one made while this thread holds ``_lock`` (a garbage
+# collection there frees an AnnData cycle): it must never take a lock itself, so
+# it only queues the name (SimpleQueue.put is safe there) and the pooling is done
+# by a worker thread, or by the next call here, whichever comes first.
+_released_names: queue.SimpleQueue = queue.SimpleQueue()
+_release_worker: list[int] = []  # pid of the process whose worker runs
 
 
 class PlacementError(RuntimeError):
@@ -132,6 +140,7 @@ def _map(fd: int, size: int) -> mmap.mmap:
 
 def _root(name: str, mm: mmap.mmap, lent: bool) -> np.ndarray:
     """Register a mapped segment as live and return its root array."""
+    _start_release_worker()
     root = np.ndarray(len(mm), dtype=np.uint8, buffer=mm)
     weakref.finalize(root, _released, name, os.getpid())
     with _lock:
@@ -140,9 +149,14 @@ def _root(name: str, mm: mmap.mmap, lent: bool) -> np.ndarray:
 
 
 def _released(name: str, creator: int) -> None:
+    """Finalizer of segment ``name``'s root array: queue it for pooling (no lock
+    may be taken here, see ``_released_names``)."""
+    if os.getpid() == creator:  # a forked child must not touch its parent's segments
+        _released_names.put(name)
+
+
+def _pool_released(name: str) -> None:
     """The root array of segment ``name`` is gone: pool the segment."""
-    if os.getpid() != creator:  # a forked child must not touch its parent's segments
-        return
     with _lock:
         seg = _live.pop(name, None)
         if seg is None:
@@ -150,6 +164,28 @@ def _released(name: str, creator: int) -> None:
         _free[name] = (seg.mm, time.monotonic(), seg.lent)
     if not _exiting:
         _trim_pool()
+
+
+def _drain_released() -> None:
+    """Pool every segment released so far (called before looking at the pools)."""
+    while True:
+        try:
+            name = _released_names.get_nowait()
+        except queue.Empty:
+            return
+        _pool_released(name)
+
+
+def _start_release_worker() -> None:
+    if _release_worker and _release_worker[0] == os.getpid():
+        return
+    _release_worker[:] = [os.getpid()]
+
+    def work():
+        while True:
+            _pool_released(_released_names.get())
+
+    threading.Thread(target=work, name="autozyme-release", daemon=True).start()
 
 
 def _pooled_bytes() -> int:
@@ -196,6 +232,7 @@ def reserve(nbytes: int) -> bool:
     """Whether a segment of about ``nbytes`` is at hand: in our pool, being
     prepared, or lent now from the daemon's pool (never newly allocated here)."""
     want = max(nbytes, 1)
+    _drain_released()
     with _lock:
         if any(
             _fits(want, len(m)) and (not lent or _still_linked(n)) for n, (m, _, lent) in _free.items()
@@ -220,6 +257,7 @@ def empty(shape, dtype) -> np.ndarray:
     count = int(np.prod(shape, dtype=np.int64))
     nbytes = count * dtype.itemsize
     want = max(nbytes, 1)
+    _drain_released()
     _trim_pool()
     found = _pop_free(want)
     if found is None and _wait_for_spare(want):
@@ -332,6 +370,8 @@ def _trim_pool(limit: int | None = None, max_age: float = POOL_MAX_AGE_S) -> Non
     than ``max_age``: ours are unlinked, the daemon's given back to it. Dropping
     the mmap unmaps them here."""
     limit = pool_limit() if limit is None else limit
+    if limit < 0:
+        _drain_released()
     now = time.monotonic()
     unlink, give_back = [], []
     with _lock:
@@ -370,6 +410,7 @@ def _at_exit() -> None:
 
 
 def stats() -> dict:
+    _drain_released()
     with _lock:
         return dict(
             segments=len(_live),
