@@ -4,6 +4,7 @@
 
 use crate::config::{BUILD_ID, VERSION};
 use crate::error::{Failure, Result};
+use crate::faults::{self, Phase};
 use crate::kernels::divide_rows::{
     csr_divide_rows, csr_divide_rows_in_place, dense_divide_rows, dense_divide_rows_in_place,
 };
@@ -30,8 +31,15 @@ pub enum After {
 
 /// Handles one request from `peer`.
 pub fn handle(daemon: &Daemon, peer: Peer, request: Request) -> (Response, After) {
+    if daemon.config.test_hooks {
+        faults::begin(&faults::request_name(&request));
+        faults::point(Phase::Received);
+    }
     match catch_unwind(AssertUnwindSafe(|| dispatch(daemon, peer, request))) {
-        Ok(Ok(reply)) => reply,
+        Ok(Ok(reply)) => {
+            faults::point(Phase::Reply);
+            reply
+        }
         Ok(Err(failure)) => (failure.into_response(), After::Continue),
         Err(panic) => {
             let what = panic

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod error;
+pub mod faults;
 pub mod handlers;
 pub mod kernels;
 pub mod server;

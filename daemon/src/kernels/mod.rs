@@ -169,6 +169,9 @@ pub fn for_each_in_waves<T: Send>(items: impl IntoIterator<Item = T>, f: impl Fn
             break;
         }
         wave.into_par_iter().for_each(&f);
+        // Between waves, part of the output is written: where a test kills the
+        // daemon "inside a kernel" (a no-op unless the test hooks are on).
+        crate::faults::point(crate::faults::Phase::Kernel);
     }
 }
 

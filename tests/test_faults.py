@@ -1,0 +1,99 @@
+"""Faults injected inside the daemon: it SIGKILLs itself at a chosen phase of a
+chosen request (daemon/src/faults.rs; test hooks only). Whatever the phase and
+however the data travels, the call returns upstream's result, the next call is
+served (by a restarted daemon), and no segment outlives the sweep."""
+
+from __future__ import annotations
+
+import gc
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from _data import assert_identical
+from autozyme import client as client_mod
+from autozyme import fallback, runtime, shm
+
+
+def random_counts(big, seed=0):
+    """Big: more stored values than one wave of a kernel (4.2 M), so a kill "inside
+    a kernel" lands with part of the output written."""
+    import anndata as ad
+
+    rng = np.random.default_rng(seed)
+    n_cells = 25_000 if big else 2_000
+    x = sp.random(n_cells, 1_800, density=0.1, format="csr", dtype=np.float32, random_state=rng,
+                  data_rvs=lambda k: rng.integers(1, 30, k).astype(np.float32))
+    return ad.AnnData(x)
+
+
+def segments_of(pid: int) -> list[str]:
+    prefix = f"azm_{os.geteuid()}_{pid}_"
+    return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+
+
+@pytest.fixture
+def killable(monkeypatch):
+    d = tempfile.mkdtemp(prefix="azm-fault-")
+    flag = Path(d) / "kill.flag"
+    monkeypatch.setenv("AUTOZYME_RUNTIME_DIR", d)
+    monkeypatch.setenv("AUTOZYME_TEST_HOOKS", "1")
+    monkeypatch.setenv("AUTOZYME_STRICT", "0")
+    old = client_mod._client
+    client_mod._set_client(client_mod.Client())
+
+    def arm(request, phase):
+        monkeypatch.setenv("AUTOZYME_TEST_KILL_AT", f"{request}:{phase}:{flag}")
+        flag.touch()
+        return flag
+
+    yield arm
+    client_mod.get_client().shutdown()
+    runtime.terminate_daemon()
+    client_mod._set_client(old)
+
+
+@pytest.mark.parametrize("transport", ["peer memory", "shared memory"])
+@pytest.mark.parametrize("phase", ["received", "kernel", "reply"])
+@pytest.mark.parametrize("request_name", ["RowSums", "DivideRows"])
+def test_daemon_killed_at_each_phase(killable, monkeypatch, request_name, phase, transport):
+    import scanpy as sc
+
+    import autozyme
+
+    flag = killable(request_name, phase)
+    monkeypatch.setattr(shm, "reserve", lambda nbytes: transport == "shared memory")
+    autozyme.activate("scanpy", prewarm=False)
+    try:
+        victim = client_mod.get_client().connection().hello.pid
+        fallback.reset_counts()
+        a, b = random_counts(phase == "kernel"), random_counts(phase == "kernel")
+        sc.pp.normalize_total.__autozyme_upstream__(a, target_sum=1e4)
+        sc.pp.normalize_total(b, target_sum=1e4)
+        assert not flag.exists(), "the daemon did not reach the fault"
+        assert not runtime.pid_alive(victim)
+        assert_identical(a.X, b.X)
+        first = "served" if fallback.counts()["served"].get("normalize_total") else "fell back"
+        # The next call is served by a new daemon, exactly.
+        fallback.reset_counts()
+        sc.pp.normalize_total.__autozyme_upstream__(a)
+        sc.pp.normalize_total(b)
+        assert_identical(a.X, b.X)
+        assert fallback.counts()["served"].get("normalize_total") == 1, fallback.counts()
+        print(f"killed at {request_name}:{phase} ({transport}): call {first} exactly, next call served")
+    finally:
+        autozyme.deactivate()
+    del a, b
+    gc.collect()
+    shm.clear_pool()
+    # The dead daemon's own segments (its lending pool) go with the next sweep.
+    deadline = time.monotonic() + 30
+    while segments_of(victim) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert segments_of(victim) == []
+    assert segments_of(os.getpid()) == []
