@@ -97,3 +97,28 @@ def test_daemon_killed_at_each_phase(killable, monkeypatch, request_name, phase,
         time.sleep(0.2)
     assert segments_of(victim) == []
     assert segments_of(os.getpid()) == []
+
+
+def test_request_beyond_the_memory_budget_falls_back_with_a_clear_reason(killable, monkeypatch):
+    """AUTOZYME_MAX_BYTES caps what the daemon allocates for one request: beyond
+    it the daemon answers TooLarge (it never grows into the OOM killer), and the
+    call runs upstream, with the reason counted."""
+    import scanpy as sc
+
+    import autozyme
+
+    monkeypatch.setenv("AUTOZYME_MAX_BYTES", "100000")
+    monkeypatch.setattr(shm, "reserve", lambda nbytes: False)  # peer memory: copied in
+    autozyme.activate("scanpy", prewarm=False)
+    try:
+        fallback.reset_counts()
+        a, b = random_counts(False), random_counts(False)
+        sc.pp.normalize_total.__autozyme_upstream__(a, target_sum=1e4)
+        sc.pp.normalize_total(b, target_sum=1e4)
+        assert_identical(a.X, b.X)
+        reasons = fallback.counts()["fallbacks"]["normalize_total"]
+        print(f"budget 100000 bytes, input {b.X.data.nbytes} bytes: {reasons}")
+        assert any("budget" in r for r in reasons), reasons
+        assert client_mod.get_client().call(client_mod.msg("Ping")).tag == "Pong"
+    finally:
+        autozyme.deactivate()
