@@ -122,3 +122,40 @@ def test_request_beyond_the_memory_budget_falls_back_with_a_clear_reason(killabl
         assert client_mod.get_client().call(client_mod.msg("Ping")).tag == "Pong"
     finally:
         autozyme.deactivate()
+
+
+@pytest.mark.parametrize("request_name", ["RowSums", "DivideRows"])
+def test_kernel_outliving_the_client_timeout(killable, monkeypatch, request_name):
+    """The daemon stalls 3 s inside a request, past the client's 1 s timeout: the
+    call runs upstream, the daemon finishes on its own and keeps serving, and its
+    late writes land nowhere a later call reads (those segments are quarantined)."""
+    import scanpy as sc
+
+    import autozyme
+
+    flag = killable(request_name, "received")
+    monkeypatch.setenv("AUTOZYME_TEST_KILL_AT", f"{request_name}:received:{flag}:3000")
+    monkeypatch.setattr(shm, "reserve", lambda nbytes: True)  # shared memory: late writes possible
+    autozyme.activate("scanpy", prewarm=False)
+    try:
+        pid = client_mod.get_client().connection().hello.pid
+        fallback.reset_counts()
+        monkeypatch.setenv("AUTOZYME_TIMEOUT", "1")
+        a, b = random_counts(False), random_counts(False)
+        sc.pp.normalize_total.__autozyme_upstream__(a, target_sum=1e4)
+        sc.pp.normalize_total(b, target_sum=1e4)
+        assert_identical(a.X, b.X)
+        reasons = fallback.counts()["fallbacks"]["normalize_total"]
+        assert any("no reply within" in r for r in reasons), reasons
+        monkeypatch.setenv("AUTOZYME_TIMEOUT", "600")
+        # Calls right away, while the stalled request is still going to write.
+        for seed in range(4):
+            c, d = random_counts(False, seed), random_counts(False, seed)
+            sc.pp.normalize_total.__autozyme_upstream__(c)
+            sc.pp.normalize_total(d)
+            time.sleep(0.5)
+            assert_identical(c.X, d.X)
+        assert client_mod.get_client().connection().hello.pid == pid
+        print(f"stalled {request_name} 3 s past a 1 s timeout: {reasons}; daemon {pid} kept serving")
+    finally:
+        autozyme.deactivate()

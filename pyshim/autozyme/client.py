@@ -24,6 +24,19 @@ def request_timeout() -> float:
         return 600.0
 
 
+def segment_names(value) -> list[str]:
+    """Every shared-memory segment a request refers to."""
+    if isinstance(value, codec.Msg):
+        if value.tag == "Segment":
+            return [value.name]
+        value = list(value.fields.values())
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in segment_names(v)]
+    return []
+
+
 class DaemonError(RuntimeError):
     """The daemon answered with an error (kind is the wire ErrorKind)."""
 
@@ -179,8 +192,12 @@ class Client:
                     break
                 except socket.timeout as e:
                     # The connection's state is unknown: drop it. The daemon finishes
-                    # or abandons the work on its own; its reply goes nowhere.
+                    # or abandons the work on its own; its reply goes nowhere, and
+                    # the segments it may still write are never reused.
                     self.reset()
+                    from . import shm
+
+                    shm.quarantine(segment_names(request))
                     raise DaemonUnavailable(f"no reply within {timeout:.0f}s") from e
                 except (OSError, codec.CodecError) as e:
                     self.reset()

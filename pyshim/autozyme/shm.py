@@ -61,6 +61,10 @@ _exiting = False
 # it only queues the name (SimpleQueue.put is safe there) and the pooling is done
 # by a worker thread, or by the next call here, whichever comes first.
 _released_names: queue.SimpleQueue = queue.SimpleQueue()
+# Segments named in a request the daemon did not answer in time: it may still
+# write into them, so once free they are never pooled or given back, only dropped
+# (and unlinked if ours), and no later call can receive a late write.
+_quarantined: set[str] = set()
 _release_worker: list[int] = []  # pid of the process whose worker runs
 
 
@@ -161,9 +165,26 @@ def _pool_released(name: str) -> None:
         seg = _live.pop(name, None)
         if seg is None:
             return
+        if name in _quarantined:
+            _quarantined.discard(name)
+            if not seg.lent:
+                _unlink(name)
+            return  # dropping the mmap unmaps it here
         _free[name] = (seg.mm, time.monotonic(), seg.lent)
     if not _exiting:
         _trim_pool()
+
+
+def quarantine(names) -> None:
+    """The daemon may still write into these segments (a request timed out)."""
+    with _lock:
+        for name in names:
+            if name in _live:
+                _quarantined.add(name)
+            elif name in _free:  # pooled meanwhile: drop it now
+                _, _, lent = _free.pop(name)
+                if not lent:
+                    _unlink(name)
 
 
 def _drain_released() -> None:
