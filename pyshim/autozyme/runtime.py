@@ -125,8 +125,8 @@ def start_daemon(timeout: float = START_TIMEOUT_S) -> int:
             start_new_session=True,
             close_fds=True,
         )
+    _reap_children()  # earlier ones (not this one: a race loser exits at once)
     _children.append(proc)
-    _reap_children()
     deadline = time.monotonic() + timeout
     line = b""
     try:
@@ -146,12 +146,12 @@ def start_daemon(timeout: float = START_TIMEOUT_S) -> int:
     words = line.decode(errors="replace").split()
     if len(words) >= 2 and words[0] == "RUNNING" and words[1].isdigit():
         proc.wait(timeout=timeout)  # the loser of a start race exits at once
-        _children.remove(proc)
+        _forget(proc)
         return int(words[1])
     if len(words) >= 2 and words[0] == "READY" and words[1].isdigit():
         # The daemon outlives this call (and maybe this process): reap it by pid
         # if it exits first, and tell Popen not to warn about a running child.
-        _children.remove(proc)
+        _forget(proc)
         _daemon_pids.append(proc.pid)
         proc.returncode = 0
         return int(words[1])
@@ -161,11 +161,19 @@ def start_daemon(timeout: float = START_TIMEOUT_S) -> int:
     )
 
 
+def _forget(proc: subprocess.Popen) -> None:
+    """Stop tracking ``proc`` (another thread's reaping may have done it already)."""
+    try:
+        _children.remove(proc)
+    except ValueError:
+        pass
+
+
 def _reap_children() -> None:
     """Collect exited daemons this process started, so they leave no zombies."""
     for p in list(_children):
         if p.poll() is not None:
-            _children.remove(p)
+            _forget(p)
     for pid in list(_daemon_pids):
         try:
             done, _ = os.waitpid(pid, os.WNOHANG)
