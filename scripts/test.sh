@@ -13,8 +13,11 @@ export AUTOZYME_RUNTIME_DIR="${AUTOZYME_RUNTIME_DIR:-$(mktemp -d /tmp/azm-test-X
 trap '.venv/bin/autozyme daemon stop >/dev/null 2>&1 || true' EXIT
 bounded() { timeout --kill-after=30 "$@"; }
 bounded 900 cargo test --workspace --release 2>&1 | tail -n 40
+HARDENING="tests/test_faults.py tests/test_bad_input.py tests/test_load.py tests/test_access.py"
 bounded 900 .venv/bin/python -m pytest -q tests --ignore=tests/scanpy_upstream -p no:cacheprovider \
-    -o faulthandler_timeout=300
+    $(printf -- '--ignore=%s ' $HARDENING) -o faulthandler_timeout=300
+# Hardening (faults, bad input, load, access), printing what each test tried.
+bounded 900 .venv/bin/python -m pytest -q -s $HARDENING -p no:cacheprovider -o faulthandler_timeout=300
 bounded 900 .venv/bin/python tests/scanpy_upstream/run_scanpy_tests.py --with-autozyme \
     --functions normalize_total,log1p -- -q -o faulthandler_timeout=300
 # Coverage-guided fuzzing of frames and requests, 20 s a target (prints executions).

@@ -63,6 +63,24 @@ def check_float_or_int(x) -> None:
         raise Fallback(f"dtype {dt}")
 
 
+def check_csr_structure(x) -> None:
+    """Raise ValueError (as scipy's format check would) for a CSR whose indptr
+    decreases or runs past its data: upstream's compiled kernels would read out
+    of bounds on it (a crash, or garbage), and the daemon refuses it anyway.
+    O(rows); the O(stored values) index checks stay in the daemon."""
+    indptr = x.indptr
+    if len(indptr) != x.shape[0] + 1:
+        raise ValueError(f"autozyme: malformed CSR: indptr has {len(indptr)} entries for {x.shape[0]} rows")
+    if len(x.indices) != len(x.data):
+        raise ValueError(f"autozyme: malformed CSR: {len(x.indices)} indices but {len(x.data)} values")
+    if len(indptr) and (indptr[0] != 0 or indptr[-1] > len(x.data)):
+        raise ValueError(
+            f"autozyme: malformed CSR: indptr runs from {indptr[0]} to {indptr[-1]} over {len(x.data)} values"
+        )
+    if len(indptr) > 1 and not np.all(indptr[1:] >= indptr[:-1]):
+        raise ValueError("autozyme: malformed CSR: indptr decreases")
+
+
 def csr_refs(x, *, with_indices: bool, peer: bool):
     """The wire Matrix for a CSR matrix, and the arrays it refers to.
 

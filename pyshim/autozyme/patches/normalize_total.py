@@ -136,6 +136,7 @@ def _csr(x, exclude, max_fraction, target_sum, own_structure):
     allocating shared memory costs several times more than the copy; a spare
     segment is then prepared in the background for the next call."""
     global _peer_refused
+    _common.check_csr_structure(x)
     peer = not _peer_refused and not shm.is_placed(x.data) and not shm.reserve(x.data.nbytes)
     matrix, data, indices, indptr = _common.csr_refs(x, with_indices=exclude, peer=peer)
     if peer:
