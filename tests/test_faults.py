@@ -159,3 +159,57 @@ def test_kernel_outliving_the_client_timeout(killable, monkeypatch, request_name
         print(f"stalled {request_name} 3 s past a 1 s timeout: {reasons}; daemon {pid} kept serving")
     finally:
         autozyme.deactivate()
+
+
+@pytest.mark.parametrize("transport", ["peer memory", "shared memory"])
+def test_client_killed_in_the_middle_of_a_call(killable, tmp_path, transport):
+    """A notebook kernel dies (SIGKILL) while the daemon works on its DivideRows:
+    the daemon finishes or abandons the work (the peer is gone), keeps serving
+    others, and the dead client's segments are swept."""
+    import signal
+    import subprocess
+    import sys
+
+    flag = killable("DivideRows", "received")
+    os.environ["AUTOZYME_TEST_KILL_AT"] += ":1500"  # stall 1.5 s: the client dies meanwhile
+    code = (
+        "import sys, numpy as np, scipy.sparse as sp, anndata as ad, scanpy as sc, autozyme\n"
+        "from autozyme import shm\n"
+        f"shm.reserve = lambda nbytes: {transport == 'shared memory'}\n"
+        "autozyme.activate('scanpy', prewarm=False)\n"
+        "x = ad.AnnData(sp.random(2000, 500, density=0.1, format='csr', dtype=np.float32))\n"
+        "print('calling', flush=True)\n"
+        "sc.pp.normalize_total(x)\n"
+        "print('returned', flush=True)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "calling"
+    deadline = time.monotonic() + 30
+    while flag.exists() and time.monotonic() < deadline:  # the daemon reached the stall
+        time.sleep(0.01)
+    stalled = runtime.daemon_pid_from_file()
+    p.send_signal(signal.SIGKILL)
+    p.wait(30)
+    victim = p.pid
+    # The daemon (the same one) serves this process next.
+    pid = client_mod.get_client().connection().hello.pid
+    assert pid == stalled
+    import scanpy as sc
+
+    import autozyme
+
+    autozyme.activate("scanpy", prewarm=False)
+    try:
+        a, b = random_counts(False), random_counts(False)
+        sc.pp.normalize_total.__autozyme_upstream__(a)
+        sc.pp.normalize_total(b)
+        assert_identical(a.X, b.X)
+        assert client_mod.get_client().connection().hello.pid == pid
+    finally:
+        autozyme.deactivate()
+    deadline = time.monotonic() + 30
+    while segments_of(victim) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert segments_of(victim) == []
+    print(f"client {victim} killed mid-DivideRows ({transport}): daemon {pid} kept serving, "
+          "its segments swept")
