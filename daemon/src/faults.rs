@@ -78,9 +78,3 @@ pub fn point(phase: Phase) {
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
 }
-
-/// The variant name of a request, from its Debug form (`RowSums { .. }` -> `RowSums`).
-pub fn request_name(request: &impl std::fmt::Debug) -> String {
-    let text = format!("{request:?}");
-    text.split(|c: char| !c.is_alphanumeric()).next().unwrap_or_default().to_string()
-}

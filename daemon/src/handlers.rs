@@ -32,7 +32,7 @@ pub enum After {
 /// Handles one request from `peer`.
 pub fn handle(daemon: &Daemon, peer: Peer, request: Request) -> (Response, After) {
     if daemon.config.test_hooks {
-        faults::begin(&faults::request_name(&request));
+        faults::begin(crate::server::connection::variant_name(&request));
         faults::point(Phase::Received);
     }
     match catch_unwind(AssertUnwindSafe(|| dispatch(daemon, peer, request))) {

@@ -217,7 +217,7 @@ fn handshake(daemon: &Daemon, stream: &Stream, id: u64) -> bool {
     false
 }
 
-fn variant_name(request: &Request) -> &'static str {
+pub(crate) fn variant_name(request: &Request) -> &'static str {
     match request {
         Request::Hello { .. } => "Hello",
         Request::Ping => "Ping",
