@@ -20,6 +20,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+mod scale;
+
 /// What the connection should do after sending the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum After {
@@ -94,6 +96,20 @@ fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, 
             Response::Done
         }
         Request::Sleep { millis } => sleep(daemon, millis)?,
+        Request::ScaleStats {
+            x,
+            rows,
+            partitions,
+            along_rows,
+        } => scale::stats(daemon, peer, &x, rows.as_deref(), partitions, along_rows)?,
+        Request::ScaleApply {
+            x,
+            rows,
+            mean,
+            std,
+            max_value,
+            out,
+        } => scale::apply(daemon, peer, &x, rows.as_deref(), mean.as_deref(), &std, max_value, &out)?,
     };
     Ok((response, After::Continue))
 }

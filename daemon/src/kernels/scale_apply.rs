@@ -1,0 +1,340 @@
+//! The fused pass of scanpy's `sc.pp.scale`: centre, divide by the per-gene
+//! standard deviation and clip, writing dense rows, in one read of the input.
+//!
+//! Upstream's arithmetic, step by step (numpy then numba):
+//! - sparse input: `x.todense() - mean` (the densified matrix in the data's
+//!   dtype, duplicates added in index order onto 0.0, then widened and centred
+//!   in f64: an f64 result), `np.true_divide(x, std, out=x)` in f64, then the
+//!   clip.
+//! - dense input of dtype T: `x -= mean` (f64 arithmetic rounded to T),
+//!   `true_divide(x, std, out=x)` (f64 rounded to T), then the clip.
+//! - clip (numba `clip_array`): compared in f64, `v > max` becomes `max`, else,
+//!   when centring, `v < -max` becomes `-max`; NaN stays NaN.
+//!
+//! Rows are independent, so parallel row blocks give identical results for every
+//! thread count.
+
+use super::{dense_rows_per_chunk, for_each_in_waves, row_range, Float, SparseIndex};
+
+/// What to do with each value after densifying.
+#[derive(Debug, Clone, Copy)]
+pub struct Transform<'a> {
+    /// Subtract (`zero_center`); also makes the clip symmetric.
+    pub mean: Option<&'a [f64]>,
+    pub std: &'a [f64],
+    pub max_value: Option<f64>,
+}
+
+impl Transform<'_> {
+    /// Clips `v` (already of the output dtype) as numba's `clip_array` does.
+    #[inline]
+    fn clip<U: Float>(&self, v: U) -> U {
+        match self.max_value {
+            None => v,
+            Some(max) => {
+                let f = v.to_f64();
+                if f > max {
+                    U::from_f64(max)
+                } else if self.mean.is_some() && f < -max {
+                    U::from_f64(-max)
+                } else {
+                    v
+                }
+            }
+        }
+    }
+
+    /// Dense input of dtype T: centre and divide, each rounded to T, then clip.
+    #[inline]
+    fn dense_value<T: Float>(&self, v: T, c: usize) -> T {
+        let centred = match self.mean {
+            Some(mean) => T::from_f64(v.to_f64() - mean[c]),
+            None => v,
+        };
+        self.clip(T::from_f64(centred.to_f64() / self.std[c]))
+    }
+
+    /// Sparse input: the densified value `v` (dtype T), centred and divided in
+    /// f64 (the centred dense matrix is f64).
+    #[inline]
+    fn sparse_value<T: Float>(&self, v: T, c: usize) -> f64 {
+        let centred = match self.mean {
+            Some(mean) => v.to_f64() - mean[c],
+            None => v.to_f64(),
+        };
+        self.clip(centred / self.std[c])
+    }
+
+    fn n_cols(&self) -> usize {
+        self.std.len()
+    }
+
+    /// Whether `mean` (when given) has a value per column.
+    pub fn is_consistent(&self) -> bool {
+        self.mean.is_none_or(|m| m.len() == self.std.len())
+    }
+}
+
+/// Calls `f(row, out_row)` for every row of a dense `out` with `n_cols`
+/// columns, in parallel row blocks.
+fn for_each_out_row<U: Send>(n_cols: usize, out: &mut [U], f: impl Fn(usize, &mut [U]) + Sync) {
+    if n_cols == 0 {
+        return;
+    }
+    let rows_per_chunk = dense_rows_per_chunk(n_cols);
+    let tasks = out.chunks_mut(rows_per_chunk * n_cols).enumerate();
+    for_each_in_waves(tasks, |(chunk, part)| {
+        for (i, row) in part.chunks_exact_mut(n_cols).enumerate() {
+            f(chunk * rows_per_chunk + i, row);
+        }
+    });
+}
+
+/// CSR (dtype T) to a dense f64 `out` of `n_rows * n_cols` values, centred (the
+/// caller passes `mean`: upstream only densifies when centring) and scaled.
+///
+/// Every row starts as the image of an all-zero row (one template, copied), then
+/// the stored columns are overwritten: their values are first added up in T onto
+/// 0.0 in index order (scipy's `todense`), so duplicates and -0.0 come out as
+/// upstream's.
+pub fn csr_to_dense<T: Float, P: SparseIndex, I: SparseIndex>(
+    indptr: &[P],
+    indices: &[I],
+    data: &[T],
+    t: Transform<'_>,
+    out: &mut [f64],
+) {
+    let n_cols = t.n_cols();
+    let nnz = data.len().min(indices.len());
+    let zero = T::from_f64(0.0);
+    let template: Vec<f64> = (0..n_cols).map(|c| t.sparse_value(zero, c)).collect();
+    if n_cols == 0 {
+        return;
+    }
+    let rows_per_chunk = dense_rows_per_chunk(n_cols);
+    let tasks = out.chunks_mut(rows_per_chunk * n_cols).enumerate();
+    for_each_in_waves(tasks, |(chunk, part)| {
+        // The row densified in T; kept all zero between rows.
+        let mut dense = vec![zero; n_cols];
+        for (i, row) in part.chunks_exact_mut(n_cols).enumerate() {
+            let r = chunk * rows_per_chunk + i;
+            row.copy_from_slice(&template);
+            let stored = row_range(indptr, r, nnz);
+            let columns = || {
+                indices[stored.clone()]
+                    .iter()
+                    .filter_map(|c| c.to_usize())
+                    .filter(|&c| c < n_cols)
+            };
+            for (c, &v) in indices[stored.clone()].iter().zip(&data[stored.clone()]) {
+                if let Some(c) = c.to_usize().filter(|&c| c < n_cols) {
+                    dense[c] = T::from_f64(dense[c].to_f64() + v.to_f64());
+                }
+            }
+            for c in columns() {
+                row[c] = t.sparse_value(dense[c], c);
+            }
+            for c in columns() {
+                dense[c] = zero;
+            }
+        }
+    });
+}
+
+/// Dense (dtype T, C-contiguous) to `out` of the same shape and dtype. With
+/// `selected`, only those rows are transformed and the others copied.
+pub fn dense_to_dense<T: Float>(
+    data: &[T],
+    t: Transform<'_>,
+    selected: Option<&[bool]>,
+    out: &mut [T],
+) {
+    let n_cols = t.n_cols();
+    for_each_out_row(n_cols, out, |r, row| {
+        let start = r * n_cols;
+        let Some(values) = data.get(start..start + n_cols) else {
+            return;
+        };
+        if selected.is_some_and(|s| !s.get(r).copied().unwrap_or(false)) {
+            row.copy_from_slice(values);
+            return;
+        }
+        for (c, (o, &v)) in row.iter_mut().zip(values).enumerate() {
+            *o = t.dense_value(v, c);
+        }
+    });
+}
+
+/// Dense, in place. With `selected`, only those rows.
+pub fn dense_in_place<T: Float>(data: &mut [T], t: Transform<'_>, selected: Option<&[bool]>) {
+    let n_cols = t.n_cols();
+    for_each_out_row(n_cols, data, |r, row| {
+        if selected.is_some_and(|s| !s.get(r).copied().unwrap_or(false)) {
+            return;
+        }
+        for (c, v) in row.iter_mut().enumerate() {
+            *v = t.dense_value(*v, c);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::test_util::{random_csr, shapes, with_threads, Lcg};
+
+    fn bits<U: Float>(v: &[U]) -> Vec<u64> {
+        v.iter().map(|x| x.to_f64().to_bits()).collect()
+    }
+
+    fn stats(n_cols: usize, seed: u64) -> (Vec<f64>, Vec<f64>) {
+        let mut rng = Lcg(seed);
+        let mean = (0..n_cols).map(|_| rng.unit() * 5.0 - 1.0).collect();
+        let std = (0..n_cols)
+            .map(|c| if c % 5 == 0 { 1.0 } else { rng.unit() * 3.0 + 0.01 })
+            .collect();
+        (mean, std)
+    }
+
+    fn clip_ref(v: f64, max: Option<f64>, centre: bool) -> f64 {
+        match max {
+            Some(m) if v > m => m,
+            Some(m) if centre && v < -m => -m,
+            _ => v,
+        }
+    }
+
+    #[test]
+    fn csr_matches_densify_then_numpy_order() {
+        for (seed, &(n_rows, n_cols, density)) in shapes().iter().enumerate() {
+            let m = random_csr(700 + seed as u64, n_rows, n_cols, density);
+            let data: Vec<f32> = m.data.iter().map(|&v| (v * 0.3) as f32).collect();
+            let (mean, std) = stats(n_cols, seed as u64);
+            for max in [None, Some(2.5)] {
+                let mut dense = vec![0.0f32; n_rows * n_cols];
+                for r in 0..n_rows {
+                    for j in m.indptr[r] as usize..m.indptr[r + 1] as usize {
+                        dense[r * n_cols + m.indices[j] as usize] += data[j];
+                    }
+                }
+                let want: Vec<f64> = dense
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| {
+                        let c = i % n_cols.max(1);
+                        clip_ref((v as f64 - mean[c]) / std[c], max, true)
+                    })
+                    .collect();
+                let t = Transform {
+                    mean: Some(&mean),
+                    std: &std,
+                    max_value: max,
+                };
+                for threads in [1, 2, 3] {
+                    let mut out = vec![-7.0f64; n_rows * n_cols];
+                    with_threads(threads, || {
+                        csr_to_dense(&m.indptr, &m.indices, &data, t, &mut out)
+                    });
+                    assert_eq!(bits(&out), bits(&want), "{n_rows}x{n_cols} t={threads}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn csr_duplicates_add_in_data_dtype() {
+        // Two entries of column 1 in row 0: added in f32 first.
+        let indptr = [0i64, 3];
+        let indices = [1i32, 1, 0];
+        let data = [16_777_216.0f32, 1.0, -0.0];
+        let mean = [0.0, 0.0];
+        let std = [1.0, 1.0];
+        let mut out = [9.0f64; 2];
+        let t = Transform {
+            mean: Some(&mean),
+            std: &std,
+            max_value: None,
+        };
+        csr_to_dense(&indptr, &indices, &data, t, &mut out);
+        assert_eq!(out[1], (16_777_216.0f32 + 1.0f32) as f64);
+        assert_eq!(out[0].to_bits(), 0.0f64.to_bits());
+    }
+
+    fn dense_reference_f32(
+        data: &[f32],
+        n_cols: usize,
+        mean: Option<&[f64]>,
+        std: &[f64],
+        max: Option<f64>,
+    ) -> Vec<f32> {
+        data.iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let c = i % n_cols;
+                let v = match mean {
+                    Some(m) => (v as f64 - m[c]) as f32,
+                    None => v,
+                };
+                let v = (v as f64 / std[c]) as f32;
+                clip_ref(v as f64, max, mean.is_some()) as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dense_double_rounding_and_selection() {
+        let mut rng = Lcg(3);
+        for &(n_rows, n_cols) in &[(0usize, 3usize), (1, 1), (7, 5), (400, 33)] {
+            let data: Vec<f32> = (0..n_rows * n_cols)
+                .map(|i| if i % 3 == 0 { 0.0 } else { (rng.unit() * 9.0) as f32 })
+                .collect();
+            let (mean, std) = stats(n_cols, 11);
+            let selected: Vec<bool> = (0..n_rows).map(|r| r % 4 != 2).collect();
+            for centre in [false, true] {
+                for max in [None, Some(0.7), Some(f64::NAN)] {
+                    let m = centre.then_some(&mean[..]);
+                    let full = dense_reference_f32(&data, n_cols.max(1), m, &std, max);
+                    let want_sel: Vec<f32> = full
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &v)| if selected[i / n_cols] { v } else { data[i] })
+                        .collect();
+                    let t = Transform {
+                        mean: m,
+                        std: &std,
+                        max_value: max,
+                    };
+                    for threads in [1, 2] {
+                        let mut out = vec![5.0f32; data.len()];
+                        with_threads(threads, || dense_to_dense(&data, t, None, &mut out));
+                        assert_eq!(bits(&out), bits(&full));
+                        let mut out = vec![5.0f32; data.len()];
+                        with_threads(threads, || {
+                            dense_to_dense(&data, t, Some(&selected), &mut out)
+                        });
+                        assert_eq!(bits(&out), bits(&want_sel));
+                        let mut inplace = data.clone();
+                        with_threads(threads, || dense_in_place(&mut inplace, t, Some(&selected)));
+                        assert_eq!(bits(&inplace), bits(&want_sel));
+                        let mut inplace = data.clone();
+                        with_threads(threads, || dense_in_place(&mut inplace, t, None));
+                        assert_eq!(bits(&inplace), bits(&full));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_indices_never_panic() {
+        let mean = [0.0, 0.0];
+        let std = [1.0, 1.0];
+        let t = Transform {
+            mean: Some(&mean),
+            std: &std,
+            max_value: Some(1.0),
+        };
+        let mut out = [0.0f64; 4];
+        csr_to_dense(&[0i64, 9, -3], &[5i32, -1, 0], &[1.0f32, 2.0, 3.0], t, &mut out);
+    }
+}
