@@ -65,6 +65,7 @@ REQUESTS = {
         rows=None,
         mean=np.array([0.5, -1.0, 0.0, 2.0, 1e-3]),
         std=np.array([1.0, 2.0, 1.0, 0.25, 3.0]),
+        per_row=False,
         max_value=8.0,
         out=arr("azm_1000_42_9", 0, 15, "F64"),
     ),

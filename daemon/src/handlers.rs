@@ -107,9 +107,18 @@ fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, 
             rows,
             mean,
             std,
+            per_row,
             max_value,
             out,
-        } => scale::apply(daemon, peer, &x, rows.as_deref(), mean.as_deref(), &std, max_value, &out)?,
+        } => {
+            let stats = scale::Stats {
+                mean: mean.as_deref(),
+                std: &std,
+                per_row,
+                max_value,
+            };
+            scale::apply(daemon, peer, &x, rows.as_deref(), stats, &out)?
+        }
     };
     Ok((response, After::Continue))
 }

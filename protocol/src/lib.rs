@@ -165,12 +165,16 @@ pub enum Request {
     /// Clipping compares in f64: above `max_value` becomes `max_value`, and with
     /// `mean` given, below `-max_value` becomes `-max_value` (numba's clip).
     /// With `rows` (dense only), only those rows are transformed; the others are
-    /// copied from `x` when `out` is a separate array.
+    /// copied from `x` when `out` is a separate array. `mean` and `std` hold one
+    /// value per column, or with `per_row` one per row: the shim sends a CSC or
+    /// F-ordered matrix as its transpose, whose rows are the genes, and gets the
+    /// transposed (F-ordered) result upstream returns for such input.
     ScaleApply {
         x: Matrix,
         rows: Option<Vec<u64>>,
         mean: Option<Vec<f64>>,
         std: Vec<f64>,
+        per_row: bool,
         max_value: Option<f64>,
         out: ArrayRef,
     },

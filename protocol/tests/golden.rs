@@ -123,6 +123,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                 rows: None,
                 mean: Some(vec![0.5, -1.0, 0.0, 2.0, 1e-3]),
                 std: vec![1.0, 2.0, 1.0, 0.25, 3.0],
+                per_row: false,
                 max_value: Some(8.0),
                 out: arr("azm_1000_42_9", 0, 15, DType::F64),
             },

@@ -245,6 +245,7 @@ REQUEST = Enum(
                 ("rows", Opt(Vec(U64))),
                 ("mean", Opt(Vec(F64))),
                 ("std", Vec(F64)),
+                ("per_row", BOOL),
                 ("max_value", Opt(F64)),
                 ("out", ARRAY_REF),
             ],

@@ -153,29 +153,29 @@ impl ColumnJob<'_> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The per-gene part of a `ScaleApply` request.
+pub struct Stats<'a> {
+    pub mean: Option<&'a [f64]>,
+    pub std: &'a [f64],
+    pub per_row: bool,
+    pub max_value: Option<f64>,
+}
+
 pub fn apply(
     daemon: &Daemon,
     peer: Peer,
     x: &Matrix,
     rows: Option<&[u64]>,
-    mean: Option<&[f64]>,
-    std: &[f64],
-    max_value: Option<f64>,
+    stats: Stats<'_>,
     out: &ArrayRef,
 ) -> Result<Response> {
+    let mean = stats.mean;
     let t = Transform {
         mean,
-        std,
-        max_value,
+        std: stats.std,
+        per_row: stats.per_row,
+        max_value: stats.max_value,
     };
-    if !t.is_consistent() {
-        return Err(Failure::bad_request(format!(
-            "{} means for {} standard deviations",
-            mean.map_or(0, |m| m.len()),
-            std.len()
-        )));
-    }
     let mut resolver = Resolver::new(&daemon.segments, peer);
     match x {
         Matrix::Csr {
@@ -200,7 +200,7 @@ pub fn apply(
                 indptr,
             )?;
             csr.validate_indptr()?;
-            check_std(std, csr.n_cols)?;
+            check_stats(&t, csr.n_rows, csr.n_cols)?;
             if out.dtype != DType::F64 {
                 return Err(Failure::bad_request("a densified CSR matrix's out must be F64"));
             }
@@ -222,9 +222,10 @@ pub fn apply(
             let Some(FloatSliceMut::F64(values)) = (unsafe { out_region.floats_mut() }) else {
                 return Err(Failure::bad_request("out must be F64"));
             };
+            let n_cols = csr.n_cols;
             match indptr {
-                IndexSlice::I32(p) => densify_with_indices(p, cols, data, t, values),
-                IndexSlice::I64(p) => densify_with_indices(p, cols, data, t, values),
+                IndexSlice::I32(p) => densify_with_indices(p, cols, data, n_cols, t, values),
+                IndexSlice::I64(p) => densify_with_indices(p, cols, data, n_cols, t, values),
             }
             out_region.write_back(peer)?;
         }
@@ -234,7 +235,7 @@ pub fn apply(
             data,
         } => {
             let mut dense = DenseRegions::resolve(&mut resolver, *n_rows, *n_cols, data)?;
-            check_std(std, dense.n_cols)?;
+            check_stats(&t, dense.n_rows, dense.n_cols)?;
             let selected = selection(rows, dense.n_rows)?.map(|rows| {
                 let mut flags = vec![false; dense.n_rows];
                 for r in rows {
@@ -243,6 +244,7 @@ pub fn apply(
                 flags
             });
             let sel = selected.as_deref();
+            let n_cols = dense.n_cols;
             if out.dtype != dense.data.dtype() {
                 return Err(Failure::bad_request("out must have x's dtype"));
             }
@@ -251,8 +253,8 @@ pub fn apply(
             if out_region.is_same_array(&dense.data) {
                 // SAFETY: `out` is x's data itself; no other view of it is alive.
                 match unsafe { dense.data.floats_mut() }.expect("dtype checked") {
-                    FloatSliceMut::F32(d) => dense_in_place(d, t, sel),
-                    FloatSliceMut::F64(d) => dense_in_place(d, t, sel),
+                    FloatSliceMut::F32(d) => dense_in_place(d, n_cols, t, sel),
+                    FloatSliceMut::F64(d) => dense_in_place(d, n_cols, t, sel),
                 }
                 dense.data.write_back(peer)?;
             } else {
@@ -264,8 +266,12 @@ pub fn apply(
                 // SAFETY: `out` does not overlap x's data (checked above).
                 let values = unsafe { out_region.floats_mut() }.expect("dtype checked");
                 match (dense.data.floats().expect("dtype checked"), values) {
-                    (FloatSlice::F32(d), FloatSliceMut::F32(o)) => dense_to_dense(d, t, sel, o),
-                    (FloatSlice::F64(d), FloatSliceMut::F64(o)) => dense_to_dense(d, t, sel, o),
+                    (FloatSlice::F32(d), FloatSliceMut::F32(o)) => {
+                        dense_to_dense(d, n_cols, t, sel, o)
+                    }
+                    (FloatSlice::F64(d), FloatSliceMut::F64(o)) => {
+                        dense_to_dense(d, n_cols, t, sel, o)
+                    }
                     _ => return Err(Failure::bad_request("out must have x's dtype")),
                 }
                 out_region.write_back(peer)?;
@@ -279,22 +285,25 @@ fn densify_with_indices<P: SparseIndex>(
     indptr: &[P],
     indices: IndexSlice<'_>,
     data: FloatSlice<'_>,
+    n_cols: usize,
     t: Transform<'_>,
     out: &mut [f64],
 ) {
     match (indices, data) {
-        (IndexSlice::I32(i), FloatSlice::F32(d)) => csr_to_dense(indptr, i, d, t, out),
-        (IndexSlice::I32(i), FloatSlice::F64(d)) => csr_to_dense(indptr, i, d, t, out),
-        (IndexSlice::I64(i), FloatSlice::F32(d)) => csr_to_dense(indptr, i, d, t, out),
-        (IndexSlice::I64(i), FloatSlice::F64(d)) => csr_to_dense(indptr, i, d, t, out),
+        (IndexSlice::I32(i), FloatSlice::F32(d)) => csr_to_dense(indptr, i, d, n_cols, t, out),
+        (IndexSlice::I32(i), FloatSlice::F64(d)) => csr_to_dense(indptr, i, d, n_cols, t, out),
+        (IndexSlice::I64(i), FloatSlice::F32(d)) => csr_to_dense(indptr, i, d, n_cols, t, out),
+        (IndexSlice::I64(i), FloatSlice::F64(d)) => csr_to_dense(indptr, i, d, n_cols, t, out),
     }
 }
 
-fn check_std(std: &[f64], n_cols: usize) -> Result<()> {
-    if std.len() != n_cols {
+fn check_stats(t: &Transform<'_>, n_rows: usize, n_cols: usize) -> Result<()> {
+    if !t.fits(n_rows, n_cols) {
         return Err(Failure::bad_request(format!(
-            "{} standard deviations for {n_cols} columns",
-            std.len()
+            "{} means and {} standard deviations for a {n_rows} x {n_cols} matrix{}",
+            t.mean.map_or(0, |m| m.len()),
+            t.std.len(),
+            if t.per_row { " (per row)" } else { "" }
         )));
     }
     Ok(())

@@ -22,10 +22,29 @@ pub struct Transform<'a> {
     /// Subtract (`zero_center`); also makes the clip symmetric.
     pub mean: Option<&'a [f64]>,
     pub std: &'a [f64],
+    /// `mean` and `std` are per row (the matrix is a transpose), not per column.
+    pub per_row: bool,
     pub max_value: Option<f64>,
 }
 
+/// One gene's statistics: the mean to subtract (if centring) and the std.
+#[derive(Debug, Clone, Copy)]
+struct Gene {
+    mean: Option<f64>,
+    std: f64,
+}
+
 impl Transform<'_> {
+    /// Statistics of gene `i` (a column, or with `per_row` a row); NaN if the
+    /// index is out of range (impossible after the handler's length checks).
+    #[inline]
+    fn gene(&self, i: usize) -> Gene {
+        Gene {
+            mean: self.mean.map(|m| m.get(i).copied().unwrap_or(f64::NAN)),
+            std: self.std.get(i).copied().unwrap_or(f64::NAN),
+        }
+    }
+
     /// Clips `v` (already of the output dtype) as numba's `clip_array` does.
     #[inline]
     fn clip<U: Float>(&self, v: U) -> U {
@@ -46,32 +65,30 @@ impl Transform<'_> {
 
     /// Dense input of dtype T: centre and divide, each rounded to T, then clip.
     #[inline]
-    fn dense_value<T: Float>(&self, v: T, c: usize) -> T {
-        let centred = match self.mean {
-            Some(mean) => T::from_f64(v.to_f64() - mean[c]),
+    fn dense_value<T: Float>(&self, v: T, g: Gene) -> T {
+        let centred = match g.mean {
+            Some(mean) => T::from_f64(v.to_f64() - mean),
             None => v,
         };
-        self.clip(T::from_f64(centred.to_f64() / self.std[c]))
+        self.clip(T::from_f64(centred.to_f64() / g.std))
     }
 
     /// Sparse input: the densified value `v` (dtype T), centred and divided in
     /// f64 (the centred dense matrix is f64).
     #[inline]
-    fn sparse_value<T: Float>(&self, v: T, c: usize) -> f64 {
-        let centred = match self.mean {
-            Some(mean) => v.to_f64() - mean[c],
+    fn sparse_value<T: Float>(&self, v: T, g: Gene) -> f64 {
+        let centred = match g.mean {
+            Some(mean) => v.to_f64() - mean,
             None => v.to_f64(),
         };
-        self.clip(centred / self.std[c])
+        self.clip(centred / g.std)
     }
 
-    fn n_cols(&self) -> usize {
-        self.std.len()
-    }
-
-    /// Whether `mean` (when given) has a value per column.
-    pub fn is_consistent(&self) -> bool {
-        self.mean.is_none_or(|m| m.len() == self.std.len())
+    /// Whether `mean` and `std` have one value per gene of an `n_rows` x
+    /// `n_cols` matrix.
+    pub fn fits(&self, n_rows: usize, n_cols: usize) -> bool {
+        let n = if self.per_row { n_rows } else { n_cols };
+        self.std.len() == n && self.mean.is_none_or(|m| m.len() == n)
     }
 }
 
@@ -101,13 +118,17 @@ pub fn csr_to_dense<T: Float, P: SparseIndex, I: SparseIndex>(
     indptr: &[P],
     indices: &[I],
     data: &[T],
+    n_cols: usize,
     t: Transform<'_>,
     out: &mut [f64],
 ) {
-    let n_cols = t.n_cols();
     let nnz = data.len().min(indices.len());
     let zero = T::from_f64(0.0);
-    let template: Vec<f64> = (0..n_cols).map(|c| t.sparse_value(zero, c)).collect();
+    let template: Vec<f64> = if t.per_row {
+        vec![]
+    } else {
+        (0..n_cols).map(|c| t.sparse_value(zero, t.gene(c))).collect()
+    };
     if n_cols == 0 {
         return;
     }
@@ -118,7 +139,12 @@ pub fn csr_to_dense<T: Float, P: SparseIndex, I: SparseIndex>(
         let mut dense = vec![zero; n_cols];
         for (i, row) in part.chunks_exact_mut(n_cols).enumerate() {
             let r = chunk * rows_per_chunk + i;
-            row.copy_from_slice(&template);
+            let row_gene = t.gene(r);
+            if t.per_row {
+                row.fill(t.sparse_value(zero, row_gene));
+            } else {
+                row.copy_from_slice(&template);
+            }
             let stored = row_range(indptr, r, nnz);
             let columns = || {
                 indices[stored.clone()]
@@ -132,7 +158,8 @@ pub fn csr_to_dense<T: Float, P: SparseIndex, I: SparseIndex>(
                 }
             }
             for c in columns() {
-                row[c] = t.sparse_value(dense[c], c);
+                let g = if t.per_row { row_gene } else { t.gene(c) };
+                row[c] = t.sparse_value(dense[c], g);
             }
             for c in columns() {
                 dense[c] = zero;
@@ -141,15 +168,40 @@ pub fn csr_to_dense<T: Float, P: SparseIndex, I: SparseIndex>(
     });
 }
 
+/// One dense row, transformed from `values` into `row`.
+#[inline]
+fn dense_row<T: Float>(t: &Transform<'_>, r: usize, values: &[T], row: &mut [T]) {
+    if t.per_row {
+        let g = t.gene(r);
+        for (o, &v) in row.iter_mut().zip(values) {
+            *o = t.dense_value(v, g);
+        }
+        return;
+    }
+    // Per column: the statistics zipped in (lengths checked by the caller).
+    match t.mean {
+        Some(mean) => {
+            for ((o, &v), (&m, &s)) in row.iter_mut().zip(values).zip(mean.iter().zip(t.std)) {
+                *o = t.dense_value(v, Gene { mean: Some(m), std: s });
+            }
+        }
+        None => {
+            for ((o, &v), &s) in row.iter_mut().zip(values).zip(t.std) {
+                *o = t.dense_value(v, Gene { mean: None, std: s });
+            }
+        }
+    }
+}
+
 /// Dense (dtype T, C-contiguous) to `out` of the same shape and dtype. With
 /// `selected`, only those rows are transformed and the others copied.
 pub fn dense_to_dense<T: Float>(
     data: &[T],
+    n_cols: usize,
     t: Transform<'_>,
     selected: Option<&[bool]>,
     out: &mut [T],
 ) {
-    let n_cols = t.n_cols();
     for_each_out_row(n_cols, out, |r, row| {
         let start = r * n_cols;
         let Some(values) = data.get(start..start + n_cols) else {
@@ -159,21 +211,39 @@ pub fn dense_to_dense<T: Float>(
             row.copy_from_slice(values);
             return;
         }
-        for (c, (o, &v)) in row.iter_mut().zip(values).enumerate() {
-            *o = t.dense_value(v, c);
-        }
+        dense_row(&t, r, values, row);
     });
 }
 
 /// Dense, in place. With `selected`, only those rows.
-pub fn dense_in_place<T: Float>(data: &mut [T], t: Transform<'_>, selected: Option<&[bool]>) {
-    let n_cols = t.n_cols();
+pub fn dense_in_place<T: Float>(
+    data: &mut [T],
+    n_cols: usize,
+    t: Transform<'_>,
+    selected: Option<&[bool]>,
+) {
     for_each_out_row(n_cols, data, |r, row| {
         if selected.is_some_and(|s| !s.get(r).copied().unwrap_or(false)) {
             return;
         }
-        for (c, v) in row.iter_mut().enumerate() {
-            *v = t.dense_value(*v, c);
+        if t.per_row {
+            let g = t.gene(r);
+            for v in row.iter_mut() {
+                *v = t.dense_value(*v, g);
+            }
+            return;
+        }
+        match t.mean {
+            Some(mean) => {
+                for (v, (&m, &s)) in row.iter_mut().zip(mean.iter().zip(t.std)) {
+                    *v = t.dense_value(*v, Gene { mean: Some(m), std: s });
+                }
+            }
+            None => {
+                for (v, &s) in row.iter_mut().zip(t.std) {
+                    *v = t.dense_value(*v, Gene { mean: None, std: s });
+                }
+            }
         }
     });
 }
@@ -228,12 +298,13 @@ mod tests {
                 let t = Transform {
                     mean: Some(&mean),
                     std: &std,
+                    per_row: false,
                     max_value: max,
                 };
                 for threads in [1, 2, 3] {
                     let mut out = vec![-7.0f64; n_rows * n_cols];
                     with_threads(threads, || {
-                        csr_to_dense(&m.indptr, &m.indices, &data, t, &mut out)
+                        csr_to_dense(&m.indptr, &m.indices, &data, n_cols, t, &mut out)
                     });
                     assert_eq!(bits(&out), bits(&want), "{n_rows}x{n_cols} t={threads}");
                 }
@@ -253,9 +324,10 @@ mod tests {
         let t = Transform {
             mean: Some(&mean),
             std: &std,
+            per_row: false,
             max_value: None,
         };
-        csr_to_dense(&indptr, &indices, &data, t, &mut out);
+        csr_to_dense(&indptr, &indices, &data, 2, t, &mut out);
         assert_eq!(out[1], (16_777_216.0f32 + 1.0f32) as f64);
         assert_eq!(out[0].to_bits(), 0.0f64.to_bits());
     }
@@ -302,22 +374,23 @@ mod tests {
                     let t = Transform {
                         mean: m,
                         std: &std,
+                        per_row: false,
                         max_value: max,
                     };
                     for threads in [1, 2] {
                         let mut out = vec![5.0f32; data.len()];
-                        with_threads(threads, || dense_to_dense(&data, t, None, &mut out));
+                        with_threads(threads, || dense_to_dense(&data, n_cols, t, None, &mut out));
                         assert_eq!(bits(&out), bits(&full));
                         let mut out = vec![5.0f32; data.len()];
                         with_threads(threads, || {
-                            dense_to_dense(&data, t, Some(&selected), &mut out)
+                            dense_to_dense(&data, n_cols, t, Some(&selected), &mut out)
                         });
                         assert_eq!(bits(&out), bits(&want_sel));
                         let mut inplace = data.clone();
-                        with_threads(threads, || dense_in_place(&mut inplace, t, Some(&selected)));
+                        with_threads(threads, || dense_in_place(&mut inplace, n_cols, t, Some(&selected)));
                         assert_eq!(bits(&inplace), bits(&want_sel));
                         let mut inplace = data.clone();
-                        with_threads(threads, || dense_in_place(&mut inplace, t, None));
+                        with_threads(threads, || dense_in_place(&mut inplace, n_cols, t, None));
                         assert_eq!(bits(&inplace), bits(&full));
                     }
                 }
@@ -329,12 +402,75 @@ mod tests {
     fn bad_indices_never_panic() {
         let mean = [0.0, 0.0];
         let std = [1.0, 1.0];
+        for per_row in [false, true] {
+            let t = Transform {
+                mean: Some(&mean),
+                std: &std,
+                per_row,
+                max_value: Some(1.0),
+            };
+            let mut out = [0.0f64; 4];
+            csr_to_dense(&[0i64, 9, -3], &[5i32, -1, 0], &[1.0f32, 2.0, 3.0], 2, t, &mut out);
+        }
+    }
+
+    #[test]
+    fn per_row_statistics_give_the_transposed_result() {
+        // A CSC matrix's transpose (genes x cells) with per-row statistics gives
+        // the transpose of the CSR result with per-column statistics.
+        let m = random_csr(77, 30, 12, 0.3);
+        let data: Vec<f32> = m.data.iter().map(|&v| v as f32).collect();
+        let (mean, std) = stats(12, 5);
         let t = Transform {
             mean: Some(&mean),
             std: &std,
-            max_value: Some(1.0),
+            per_row: false,
+            max_value: Some(1.5),
         };
-        let mut out = [0.0f64; 4];
-        csr_to_dense(&[0i64, 9, -3], &[5i32, -1, 0], &[1.0f32, 2.0, 3.0], t, &mut out);
+        let mut by_col = vec![0.0f64; 30 * 12];
+        csr_to_dense(&m.indptr, &m.indices, &data, 12, t, &mut by_col);
+        // Transpose the CSR (12 x 30), stable in row order.
+        let mut indptr = vec![0i64; 13];
+        for &c in &m.indices {
+            indptr[c as usize + 1] += 1;
+        }
+        for g in 0..12 {
+            indptr[g + 1] += indptr[g];
+        }
+        let mut next = indptr.clone();
+        let mut indices = vec![0i32; data.len()];
+        let mut tdata = vec![0.0f32; data.len()];
+        for r in 0..30 {
+            for j in m.indptr[r] as usize..m.indptr[r + 1] as usize {
+                let g = m.indices[j] as usize;
+                let at = next[g] as usize;
+                indices[at] = r as i32;
+                tdata[at] = data[j];
+                next[g] += 1;
+            }
+        }
+        let t = Transform { per_row: true, ..t };
+        for threads in [1, 2] {
+            let mut by_row = vec![0.0f64; 12 * 30];
+            with_threads(threads, || csr_to_dense(&indptr, &indices, &tdata, 30, t, &mut by_row));
+            for r in 0..30 {
+                for g in 0..12 {
+                    assert_eq!(by_row[g * 30 + r].to_bits(), by_col[r * 12 + g].to_bits());
+                }
+            }
+            let dense32: Vec<f32> = (0..12 * 30).map(|i| (i % 7) as f32 * 0.5).collect();
+            let mut a = vec![0.0f32; dense32.len()];
+            with_threads(threads, || dense_to_dense(&dense32, 30, t, None, &mut a));
+            let mut b = dense32.clone();
+            with_threads(threads, || dense_in_place(&mut b, 30, t, None));
+            assert_eq!(bits(&a), bits(&b));
+            for g in 0..12 {
+                for r in 0..30 {
+                    let v = dense32[g * 30 + r];
+                    let c = ((v as f64 - mean[g]) as f32 as f64 / std[g]) as f32;
+                    assert_eq!(a[g * 30 + r], clip_ref(c as f64, Some(1.5), true) as f32);
+                }
+            }
+        }
     }
 }

@@ -86,19 +86,22 @@ fn column_blocks(n_cols: usize, parts: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// One task's partial sums and sums of squares.
+type Partial = (Vec<f64>, Vec<f64>);
+
 /// Runs `part_sums(part, columns)` for every part and column block in parallel,
 /// then adds the parts in order (from 0.0) per column.
 fn combine_parts(
     n_cols: usize,
     parts: usize,
-    part_sums: impl Fn(usize, Range<usize>) -> (Vec<f64>, Vec<f64>) + Sync,
+    part_sums: impl Fn(usize, Range<usize>) -> Partial + Sync,
 ) -> Sums {
     let blocks = column_blocks(n_cols, parts);
     let tasks: Vec<(usize, Range<usize>)> = (0..parts)
         .flat_map(|p| blocks.iter().map(move |b| (p, b.clone())))
         .collect();
     // Per task its block's partial sums, stored by task index.
-    let results: Vec<Mutex<Option<(Vec<f64>, Vec<f64>)>>> =
+    let results: Vec<Mutex<Option<Partial>>> =
         tasks.iter().map(|_| Mutex::new(None)).collect();
     for_each_in_waves(tasks.iter().enumerate(), |(i, (p, cols))| {
         let r = part_sums(*p, cols.clone());
