@@ -159,6 +159,13 @@ def _finish_stats(sums, sq_sums, n, *, squares_of_means: bool, numba: bool):
     return mean, std
 
 
+def _segment(shape, dtype):
+    """A new segment-backed array: a pooled segment when one is at hand (ours,
+    or lent by the daemon's pool, which outlives processes), else a fresh one."""
+    shm.reserve(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+    return shm.empty(shape, dtype)
+
+
 def _dense_stats(matrix, n, rows=None):
     """numpy's ``mean(axis=0, dtype=float64)`` of the values and of their
     squares (row by row, per column), from the daemon."""
@@ -204,7 +211,11 @@ def _dense(x, rows, mask, zero_center, clip_at):
     if f_order and mask is not None:
         raise Fallback("F-ordered dense input with mask_obs")
     if not shm.is_placed(x):
-        x = shm.copy_of(x.T).T if f_order else shm.copy_of(x)
+        c = x.T if f_order else x
+        placed = _segment(c.shape, c.dtype)
+        np.copyto(placed, c, casting="no")
+        x = placed.T if f_order else placed
+        shm.ensure_spare(x.nbytes, on_ready=prefault_in_background)
     n = x.shape[0] if rows is None else rows.size
     if f_order or x.shape[1] == 1:
         # numpy sums these columns pairwise (contiguous along the reduced axis),
@@ -288,7 +299,7 @@ def _sparse_centred(x, clip_at):
     warnings.warn("zero-centering a sparse array/matrix densifies it.", UserWarning, stacklevel=5)
     csc = _common.is_csc(x)
     c = x.T if csc else x  # a CSC matrix's transpose is CSR, genes as rows
-    out = shm.empty(c.shape, np.float64)
+    out = _segment(c.shape, np.float64)
     _call_sparse(
         lambda m: msg("ScaleApply", x=m, rows=None, mean=mean, std=std, per_row=csc,
                       max_value=clip_at, out=shm.ref(out)),
