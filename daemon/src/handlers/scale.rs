@@ -202,7 +202,9 @@ pub fn apply(
             csr.validate_indptr()?;
             check_stats(&t, csr.n_rows, csr.n_cols)?;
             if out.dtype != DType::F64 {
-                return Err(Failure::bad_request("a densified CSR matrix's out must be F64"));
+                return Err(Failure::bad_request(
+                    "a densified CSR matrix's out must be F64",
+                ));
             }
             let mut out_region = resolver.output(out, "out")?;
             check_out_len(out_region.len(), csr.n_rows, csr.n_cols)?;

@@ -45,32 +45,23 @@ impl Transform<'_> {
         }
     }
 
-    /// Clips `v` (already of the output dtype) as numba's `clip_array` does.
+    /// The clip bounds in f64: values above `hi` become `hi`, else values below
+    /// `lo` become `lo` (numba's `clip_array`; the lower bound only when
+    /// centring). Infinite bounds never clip, and a NaN bound never compares.
     #[inline]
-    fn clip<U: Float>(&self, v: U) -> U {
+    fn bounds(&self) -> (f64, f64) {
         match self.max_value {
-            None => v,
-            Some(max) => {
-                let f = v.to_f64();
-                if f > max {
-                    U::from_f64(max)
-                } else if self.mean.is_some() && f < -max {
-                    U::from_f64(-max)
-                } else {
-                    v
-                }
-            }
+            None => (f64::INFINITY, f64::NEG_INFINITY),
+            Some(max) if self.mean.is_some() => (max, -max),
+            Some(max) => (max, f64::NEG_INFINITY),
         }
     }
 
-    /// Dense input of dtype T: centre and divide, each rounded to T, then clip.
+    /// Clips `v` (already of the output dtype) as numba's `clip_array` does.
     #[inline]
-    fn dense_value<T: Float>(&self, v: T, g: Gene) -> T {
-        let centred = match g.mean {
-            Some(mean) => T::from_f64(v.to_f64() - mean),
-            None => v,
-        };
-        self.clip(T::from_f64(centred.to_f64() / g.std))
+    fn clip<U: Float>(&self, v: U) -> U {
+        let (hi, lo) = self.bounds();
+        clip_to(v, hi, lo, U::from_f64(hi), U::from_f64(lo))
     }
 
     /// Sparse input: the densified value `v` (dtype T), centred and divided in
@@ -89,6 +80,19 @@ impl Transform<'_> {
     pub fn fits(&self, n_rows: usize, n_cols: usize) -> bool {
         let n = if self.per_row { n_rows } else { n_cols };
         self.std.len() == n && self.mean.is_none_or(|m| m.len() == n)
+    }
+}
+
+/// `v` compared in f64: above `hi` gives `hi_t`, else below `lo` gives `lo_t`.
+/// Selects, not branches, so row loops vectorise.
+#[inline(always)]
+fn clip_to<U: Float>(v: U, hi: f64, lo: f64, hi_t: U, lo_t: U) -> U {
+    let f = v.to_f64();
+    let below = if f < lo { lo_t } else { v };
+    if f > hi {
+        hi_t
+    } else {
+        below
     }
 }
 
@@ -127,7 +131,9 @@ pub fn csr_to_dense<T: Float, P: SparseIndex, I: SparseIndex>(
     let template: Vec<f64> = if t.per_row {
         vec![]
     } else {
-        (0..n_cols).map(|c| t.sparse_value(zero, t.gene(c))).collect()
+        (0..n_cols)
+            .map(|c| t.sparse_value(zero, t.gene(c)))
+            .collect()
     };
     if n_cols == 0 {
         return;
@@ -168,26 +174,50 @@ pub fn csr_to_dense<T: Float, P: SparseIndex, I: SparseIndex>(
     });
 }
 
-/// One dense row, transformed from `values` into `row`.
+/// One dense row, transformed from `values` into `row` (the same buffer for
+/// the in-place variant, passed as `None`).
 #[inline]
-fn dense_row<T: Float>(t: &Transform<'_>, r: usize, values: &[T], row: &mut [T]) {
+fn dense_row<T: Float>(t: &Transform<'_>, r: usize, values: Option<&[T]>, row: &mut [T]) {
+    let (hi, lo) = t.bounds();
+    let (hi_t, lo_t) = (T::from_f64(hi), T::from_f64(lo));
+    let one = |v: T, m: Option<f64>, s: f64| -> T {
+        let centred = match m {
+            Some(m) => T::from_f64(v.to_f64() - m),
+            None => v,
+        };
+        clip_to(T::from_f64(centred.to_f64() / s), hi, lo, hi_t, lo_t)
+    };
     if t.per_row {
         let g = t.gene(r);
-        for (o, &v) in row.iter_mut().zip(values) {
-            *o = t.dense_value(v, g);
+        match values {
+            Some(values) => {
+                for (o, &v) in row.iter_mut().zip(values) {
+                    *o = one(v, g.mean, g.std);
+                }
+            }
+            None => {
+                for o in row.iter_mut() {
+                    *o = one(*o, g.mean, g.std);
+                }
+            }
         }
         return;
     }
-    // Per column: the statistics zipped in (lengths checked by the caller).
+    // Per column: the statistics zipped in (lengths checked by the caller), and
+    // the centring decided once per row, so the loops are branch-free.
+    if let Some(values) = values {
+        row.copy_from_slice(values);
+    }
     match t.mean {
         Some(mean) => {
-            for ((o, &v), (&m, &s)) in row.iter_mut().zip(values).zip(mean.iter().zip(t.std)) {
-                *o = t.dense_value(v, Gene { mean: Some(m), std: s });
+            for (o, (&m, &s)) in row.iter_mut().zip(mean.iter().zip(t.std)) {
+                let centred = T::from_f64(o.to_f64() - m);
+                *o = clip_to(T::from_f64(centred.to_f64() / s), hi, lo, hi_t, lo_t);
             }
         }
         None => {
-            for ((o, &v), &s) in row.iter_mut().zip(values).zip(t.std) {
-                *o = t.dense_value(v, Gene { mean: None, std: s });
+            for (o, &s) in row.iter_mut().zip(t.std) {
+                *o = clip_to(T::from_f64(o.to_f64() / s), hi, lo, hi_t, lo_t);
             }
         }
     }
@@ -211,7 +241,7 @@ pub fn dense_to_dense<T: Float>(
             row.copy_from_slice(values);
             return;
         }
-        dense_row(&t, r, values, row);
+        dense_row(&t, r, Some(values), row);
     });
 }
 
@@ -226,25 +256,7 @@ pub fn dense_in_place<T: Float>(
         if selected.is_some_and(|s| !s.get(r).copied().unwrap_or(false)) {
             return;
         }
-        if t.per_row {
-            let g = t.gene(r);
-            for v in row.iter_mut() {
-                *v = t.dense_value(*v, g);
-            }
-            return;
-        }
-        match t.mean {
-            Some(mean) => {
-                for (v, (&m, &s)) in row.iter_mut().zip(mean.iter().zip(t.std)) {
-                    *v = t.dense_value(*v, Gene { mean: Some(m), std: s });
-                }
-            }
-            None => {
-                for (v, &s) in row.iter_mut().zip(t.std) {
-                    *v = t.dense_value(*v, Gene { mean: None, std: s });
-                }
-            }
-        }
+        dense_row(&t, r, None, row);
     });
 }
 
@@ -261,7 +273,13 @@ mod tests {
         let mut rng = Lcg(seed);
         let mean = (0..n_cols).map(|_| rng.unit() * 5.0 - 1.0).collect();
         let std = (0..n_cols)
-            .map(|c| if c % 5 == 0 { 1.0 } else { rng.unit() * 3.0 + 0.01 })
+            .map(|c| {
+                if c % 5 == 0 {
+                    1.0
+                } else {
+                    rng.unit() * 3.0 + 0.01
+                }
+            })
             .collect();
         (mean, std)
     }
@@ -358,7 +376,13 @@ mod tests {
         let mut rng = Lcg(3);
         for &(n_rows, n_cols) in &[(0usize, 3usize), (1, 1), (7, 5), (400, 33)] {
             let data: Vec<f32> = (0..n_rows * n_cols)
-                .map(|i| if i % 3 == 0 { 0.0 } else { (rng.unit() * 9.0) as f32 })
+                .map(|i| {
+                    if i % 3 == 0 {
+                        0.0
+                    } else {
+                        (rng.unit() * 9.0) as f32
+                    }
+                })
                 .collect();
             let (mean, std) = stats(n_cols, 11);
             let selected: Vec<bool> = (0..n_rows).map(|r| r % 4 != 2).collect();
@@ -387,7 +411,9 @@ mod tests {
                         });
                         assert_eq!(bits(&out), bits(&want_sel));
                         let mut inplace = data.clone();
-                        with_threads(threads, || dense_in_place(&mut inplace, n_cols, t, Some(&selected)));
+                        with_threads(threads, || {
+                            dense_in_place(&mut inplace, n_cols, t, Some(&selected))
+                        });
                         assert_eq!(bits(&inplace), bits(&want_sel));
                         let mut inplace = data.clone();
                         with_threads(threads, || dense_in_place(&mut inplace, n_cols, t, None));
@@ -410,11 +436,19 @@ mod tests {
                 max_value: Some(1.0),
             };
             let mut out = [0.0f64; 4];
-            csr_to_dense(&[0i64, 9, -3], &[5i32, -1, 0], &[1.0f32, 2.0, 3.0], 2, t, &mut out);
+            csr_to_dense(
+                &[0i64, 9, -3],
+                &[5i32, -1, 0],
+                &[1.0f32, 2.0, 3.0],
+                2,
+                t,
+                &mut out,
+            );
         }
     }
 
     #[test]
+    #[allow(clippy::needless_range_loop)]
     fn per_row_statistics_give_the_transposed_result() {
         // A CSC matrix's transpose (genes x cells) with per-row statistics gives
         // the transpose of the CSR result with per-column statistics.
@@ -452,7 +486,9 @@ mod tests {
         let t = Transform { per_row: true, ..t };
         for threads in [1, 2] {
             let mut by_row = vec![0.0f64; 12 * 30];
-            with_threads(threads, || csr_to_dense(&indptr, &indices, &tdata, 30, t, &mut by_row));
+            with_threads(threads, || {
+                csr_to_dense(&indptr, &indices, &tdata, 30, t, &mut by_row)
+            });
             for r in 0..30 {
                 for g in 0..12 {
                     assert_eq!(by_row[g * 30 + r].to_bits(), by_col[r * 12 + g].to_bits());

@@ -101,8 +101,7 @@ fn combine_parts(
         .flat_map(|p| blocks.iter().map(move |b| (p, b.clone())))
         .collect();
     // Per task its block's partial sums, stored by task index.
-    let results: Vec<Mutex<Option<Partial>>> =
-        tasks.iter().map(|_| Mutex::new(None)).collect();
+    let results: Vec<Mutex<Option<Partial>>> = tasks.iter().map(|_| Mutex::new(None)).collect();
     for_each_in_waves(tasks.iter().enumerate(), |(i, (p, cols))| {
         let r = part_sums(*p, cols.clone());
         *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
@@ -178,10 +177,36 @@ pub fn dense_column_sums<T: Square>(
         let width = cols.len();
         let mut s = vec![0.0f64; width];
         let mut q = vec![0.0f64; width];
-        let mut k = part;
-        while k < rows.len() {
+        let row = |k: usize| {
             let start = rows.get(k) * n_cols;
-            if let Some(values) = data.get(start + cols.start..start + cols.end) {
+            data.get(start + cols.start..start + cols.end)
+        };
+        // Four rows per sweep over the block: each column still adds them one
+        // after the other, in row order, but its running sums stay in registers.
+        let mut k = part;
+        while k + 3 * parts < rows.len() {
+            let (Some(a), Some(b), Some(c), Some(d)) = (
+                row(k),
+                row(k + parts),
+                row(k + 2 * parts),
+                row(k + 3 * parts),
+            ) else {
+                break;
+            };
+            let it = s.iter_mut().zip(q.iter_mut());
+            for ((((ps, pq), &va), &vb), (&vc, &vd)) in it.zip(a).zip(b).zip(c.iter().zip(d)) {
+                let (mut x, mut y) = (*ps, *pq);
+                for v in [va, vb, vc, vd] {
+                    x += v.to_f64();
+                    y += v.square_widened();
+                }
+                *ps = x;
+                *pq = y;
+            }
+            k += 4 * parts;
+        }
+        while k < rows.len() {
+            if let Some(values) = row(k) {
                 for ((ps, pq), &v) in s.iter_mut().zip(q.iter_mut()).zip(values) {
                     *ps += v.to_f64();
                     *pq += v.square_widened();
@@ -194,11 +219,7 @@ pub fn dense_column_sums<T: Square>(
 }
 
 /// CSR, per row: values widened to f64, then squared (numba's major-axis kernel).
-pub fn csr_row_sums_f64<T: Float, P: SparseIndex>(
-    indptr: &[P],
-    data: &[T],
-    n_rows: usize,
-) -> Sums {
+pub fn csr_row_sums_f64<T: Float, P: SparseIndex>(indptr: &[P], data: &[T], n_rows: usize) -> Sums {
     let nnz = data.len();
     let mut sums = vec![0.0f64; n_rows];
     let mut sq_sums = vec![0.0f64; n_rows];
@@ -331,7 +352,14 @@ mod tests {
         let data = [-0.0f64, -0.0, -0.0, -0.0];
         let got = dense_column_sums(&data, 2, Selection::All(2), 1);
         assert_eq!(bits(&got.sums), bits(&[0.0, 0.0]));
-        let got = csr_column_sums(&[0i64, 1, 2], &[0i32, 0], &data[..2], 2, Selection::All(2), 2);
+        let got = csr_column_sums(
+            &[0i64, 1, 2],
+            &[0i32, 0],
+            &data[..2],
+            2,
+            Selection::All(2),
+            2,
+        );
         assert_eq!(bits(&got.sums), bits(&[0.0, 0.0]));
     }
 
