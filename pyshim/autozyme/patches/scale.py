@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 
 from .. import parallel, shm
-from ..client import DaemonError, get_client, prefault_in_background
+from ..client import DaemonError, get_client
 from ..codec import msg
 from ..fallback import Delegate, Fallback
 from . import _common
@@ -160,9 +160,16 @@ def _finish_stats(sums, sq_sums, n, *, squares_of_means: bool, numba: bool):
 
 
 def _segment(shape, dtype):
-    """A new segment-backed array: a pooled segment when one is at hand (ours,
-    or lent by the daemon's pool, which outlives processes), else a fresh one."""
-    shm.reserve(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+    """A new segment-backed array for a result: a pooled segment when one is at
+    hand (ours, or lent by the daemon's pool), else one the daemon creates and
+    lends, so that it returns to the daemon's pool when this process is done
+    with it (also at exit) and the next process's first call finds it ready.
+
+    No spare is prepared for the next call: scale's dense results are large and
+    usually computed once per dataset, so a spare would mostly hold memory."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if not shm.reserve(nbytes):
+        shm._lease(max(nbytes, 1), create=True)  # noqa: SLF001 - same package
     return shm.empty(shape, dtype)
 
 
@@ -215,7 +222,6 @@ def _dense(x, rows, mask, zero_center, clip_at):
         placed = _segment(c.shape, c.dtype)
         np.copyto(placed, c, casting="no")
         x = placed.T if f_order else placed
-        shm.ensure_spare(x.nbytes, on_ready=prefault_in_background)
     n = x.shape[0] if rows is None else rows.size
     if f_order or x.shape[1] == 1:
         # numpy sums these columns pairwise (contiguous along the reduced axis),
@@ -294,19 +300,21 @@ def _sparse_centred(x, clip_at):
     """Sparse, centred: upstream densifies (``x.todense() - mean``, f64; F-ordered
     for CSC). The daemon writes the centred, scaled, clipped rows straight into
     a segment, which becomes the new matrix."""
-    mean, std = _sparse_stats(x)
-    # stacklevel: the user's call -> autozyme's wrapper -> fast -> _anndata -> here.
-    warnings.warn("zero-centering a sparse array/matrix densifies it.", UserWarning, stacklevel=5)
     csc = _common.is_csc(x)
     c = x.T if csc else x  # a CSC matrix's transpose is CSR, genes as rows
-    out = _segment(c.shape, np.float64)
+    # The output segment is leased and mapped while the daemon sums.
+    pending = parallel.submit(_segment, c.shape, np.float64)
+    try:
+        mean, std = _sparse_stats(x)
+    finally:
+        out = pending.result()
+    # stacklevel: the user's call -> autozyme's wrapper -> fast -> _anndata -> here.
+    warnings.warn("zero-centering a sparse array/matrix densifies it.", UserWarning, stacklevel=5)
     _call_sparse(
         lambda m: msg("ScaleApply", x=m, rows=None, mean=mean, std=std, per_row=csc,
                       max_value=clip_at, out=shm.ref(out)),
         c,
     )
-    # The next call (a fresh copy of this data) gets a segment ready for it.
-    shm.ensure_spare(out.nbytes, on_ready=prefault_in_background)
     return (out.T if csc else out), mean, std
 
 
