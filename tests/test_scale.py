@@ -230,9 +230,61 @@ def test_errors_match_upstream(active, kwargs, exc):
     assert_same_anndata(ad, lognorm(20, 10))
 
 
-def test_array_input_goes_upstream(active, monkeypatch):
-    monkeypatch.setenv("AUTOZYME_STRICT", "0")
-    x = lognorm(50, 20, fmt="dense").X
-    up = active.pp.scale.__autozyme_upstream__(x.copy(), copy=True)
-    got = active.pp.scale(x.copy(), copy=True)
-    assert_identical(up, got)
+def run_both_arrays(sc, make, kwargs):
+    """The array API: upstream and autozyme on equal inputs; returns the inputs
+    afterwards and the results (or exception types)."""
+    fast = sc.pp.scale
+    upstream = fast.__autozyme_upstream__
+    outs = []
+    for fn in (upstream, fast):
+        x = make()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            try:
+                res = fn(x, **kwargs)
+            except Exception as e:  # noqa: BLE001 - the outcome is what is compared
+                res = type(e)
+        outs.append((x, res, res is x, sorted(f"{m.category.__name__}: {m.message}" for m in w)))
+    (xa, ra, same_a, wa), (xb, rb, same_b, wb) = outs
+    assert wa == wb and same_a == same_b
+    assert_identical(xa, xb, "input afterwards")
+    if isinstance(ra, type):
+        assert ra is rb
+    else:
+        assert_identical(ra, rb, "result")
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "dense"])
+@pytest.mark.parametrize("dtype", [np.float32, np.int64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"copy": True, "max_value": 2}, {"zero_center": False}, {"zero_center": False, "copy": True},
+     {"mask_obs": np.arange(90) % 2 == 0, "zero_center": False, "max_value": 1}],
+    ids=repr,
+)
+def test_array_input(active, monkeypatch, fmt, dtype, kwargs):
+    if fmt != "dense" and "mask_obs" in kwargs and kwargs.get("zero_center", True):
+        monkeypatch.setenv("AUTOZYME_STRICT", "0")
+    make = lambda: lognorm(90, 40, fmt=fmt, dtype=dtype, seed=12).X  # noqa: E731
+    run_both_arrays(active, make, kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"layer": "x"}, {"obsm": "x"}, {"mask_obs": "keep"}, {"bogus": 1}], ids=repr
+)
+def test_array_input_errors(active, kwargs):
+    run_both_arrays(active, lambda: lognorm(20, 10, fmt="dense").X, kwargs)
+
+
+def test_shared_dense_matrix_object_is_updated_like_upstream(active):
+    """`adata.layers["x"] = adata.X` shares one array: upstream scales it in
+    place, visible through both names, and so does autozyme."""
+    def make():
+        ad = lognorm(100, 30, fmt="dense", seed=13)
+        ad.layers["x"] = ad.X
+        return ad
+
+    a, b, outs = run_both(active, make, {"max_value": 1})
+    compare(a, b, outs)
+    assert b.layers["x"] is b.X
+    assert served() == 1

@@ -36,9 +36,9 @@ def fast(upstream, *args, **kwargs):
     from anndata import AnnData
 
     data, p = _common.bind(upstream, _common.keyword_defaults(upstream), args, kwargs)
-    if not isinstance(data, AnnData):
-        raise Fallback(f"{type(data).__name__} input (arrays go to upstream)")
-    return _anndata(data, **p)
+    if isinstance(data, AnnData):
+        return _anndata(data, **p)
+    return _array(data, **p)
 
 
 def _max_value(max_value):
@@ -55,25 +55,11 @@ def _max_value(max_value):
     raise Fallback(f"max_value of type {type(max_value).__name__}")
 
 
-def _anndata(adata, *, zero_center, max_value, copy, layer, obsm, mask_obs):
-    from scanpy import logging as logg
-    from scanpy._utils import view_to_actual
-    from scanpy.get import _check_mask, _get_obs_rep, _set_obs_rep
-
-    # Scope and error checks first, before anything changes.
-    if adata.isbacked:
-        raise Fallback("backed AnnData")
+def _check_scope(x, zero_center, max_value):
+    """Input types the fast path serves; returns (dense, zero_center, clip_at)."""
     if not isinstance(zero_center, (bool, np.bool_)):
         raise Fallback(f"zero_center of type {type(zero_center).__name__}")
-    zero_center = bool(zero_center)
     clip_at = _max_value(max_value)
-    if layer is not None and obsm is not None:
-        raise Delegate("both layer and obsm")
-    if layer is not None and layer not in adata.layers:
-        raise Delegate(f"no layer {layer!r}")
-    if obsm is not None and obsm not in adata.obsm:
-        raise Delegate(f"no obsm {obsm!r}")
-    x = _get_obs_rep(adata, layer=layer, obsm=obsm)
     dense = isinstance(x, np.ndarray) and not isinstance(x, np.matrix)
     if not dense and not (_common.is_csr(x) or _common.is_csc(x)):
         raise Fallback(f"{type(x).__name__} input")
@@ -81,34 +67,31 @@ def _anndata(adata, *, zero_center, max_value, copy, layer, obsm, mask_obs):
         raise Fallback("scipy sparse array input")
     if x.ndim != 2:
         raise Fallback(f"{x.ndim}-d input")
-    if obsm is not None and x.shape[1] != adata.n_vars:
-        raise Delegate("obsm width differs from n_vars (upstream raises writing var)")
     _common.check_float_or_int(x)
-    if mask_obs is not None:
-        try:
-            mask = _check_mask(adata, mask_obs, "obs")
-        except Exception as e:  # noqa: BLE001 - upstream raises its own error
-            raise Delegate(f"bad mask_obs: {e}") from None
+    return dense, bool(zero_center), clip_at
+
+
+def _check_selection(x, mask, dense, zero_center):
+    """The mask as upstream's ``_check_mask`` returned it; the selected rows."""
+    if mask is None:
+        rows = None
+    else:
         if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.ndim != 1:
             raise Fallback(f"mask_obs of type {type(mask).__name__}")
         if not dense and zero_center:
             raise Fallback("sparse input with mask_obs and zero_center (upstream writes rows into the sparse matrix)")
-        if isinstance(mask_obs, str):
-            keys = (f"mean of {mask_obs}", f"std of {mask_obs}")
-        else:
-            keys = ("mean with mask", "std with mask")
         rows = np.flatnonzero(mask)
-    else:
-        mask, rows, keys = None, None, ("mean", "std")
-    n = x.shape[0] if rows is None else rows.size
-    if n == 0:
+    if (x.shape[0] if rows is None else rows.size) == 0:
         raise Fallback("no cells selected")
+    return rows
 
-    adata = adata.copy() if copy else adata
-    view_to_actual(adata)
-    x = _get_obs_rep(adata, layer=layer, obsm=obsm)
 
-    # scale_array
+def _scale_array(x, *, zero_center, clip_at, max_value, mask, rows, in_place):
+    """upstream's ``scale_array``: returns (result, mean, std). ``in_place``: a
+    dense float input must itself hold the result, as upstream's ``x -= mean``
+    leaves it (else the result may be a new, segment-backed array)."""
+    from scanpy import logging as logg
+
     if not zero_center and max_value is not None:
         logg.info("... be careful when using `max_value` without `zero_center`.")
     if np.issubdtype(x.dtype, np.integer):
@@ -117,12 +100,90 @@ def _anndata(adata, *, zero_center, max_value, copy, layer, obsm, mask_obs):
             "input is cast to float, returning copy."
         )
         x = _as_float64(x)
-    if dense:
-        x, mean, std = _dense(x, rows, mask, zero_center, clip_at)
-    elif zero_center:
-        x, mean, std = _sparse_centred(x, clip_at)
+        in_place = False
+    if isinstance(x, np.ndarray):
+        return _dense(x, rows, mask, zero_center, clip_at, in_place=in_place)
+    if zero_center:
+        return _sparse_centred(x, clip_at)
+    return _sparse_uncentred(x, mask, rows, clip_at)
+
+
+def _array(x, *, zero_center, max_value, copy, layer, obsm, mask_obs):
+    """``sc.pp.scale(array)``: upstream's ``scale_array`` without mean and std."""
+    from scanpy.get import _check_mask
+
+    if layer is not None or obsm is not None:
+        raise Delegate("layer or obsm given with an array (upstream raises)")
+    dense, zero_center, clip_at = _check_scope(x, zero_center, max_value)
+    mask = None
+    if mask_obs is not None:
+        try:
+            mask = _check_mask(x, mask_obs, "obs")
+        except Exception as e:  # noqa: BLE001 - upstream raises its own error
+            raise Delegate(f"bad mask_obs: {e}") from None
+    rows = _check_selection(x, mask, dense, zero_center)
+    if copy and not np.issubdtype(x.dtype, np.integer):  # integers: cast to a new array anyway
+        x = _copy(x) if dense else x.copy()
+    x, _, _ = _scale_array(x, zero_center=zero_center, clip_at=clip_at, max_value=max_value,
+                           mask=mask, rows=rows, in_place=not copy)
+    return x
+
+
+def _copy(x):
+    """``x.copy()`` (same memory order), in a segment."""
+    f_order = not x.flags.c_contiguous and x.flags.f_contiguous
+    if not (x.flags.c_contiguous or f_order):
+        return x.copy()
+    c = x.T if f_order else x
+    placed = _segment(c.shape, c.dtype)
+    _copy_into(placed, c)
+    return placed.T if f_order else placed
+
+
+def _copy_into(dst, src):
+    """``np.copyto(dst, src)`` for equal-shaped C-contiguous arrays, in blocks."""
+    d, s = dst.reshape(-1), src.reshape(-1)
+    parallel.run_blocks(lambda a, b: np.copyto(d[a:b], s[a:b], casting="unsafe"),
+                        parallel.blocks(d.size, d.itemsize))
+
+
+def _anndata(adata, *, zero_center, max_value, copy, layer, obsm, mask_obs):
+    from scanpy._utils import view_to_actual
+    from scanpy.get import _check_mask, _get_obs_rep, _set_obs_rep
+
+    # Scope and error checks first, before anything changes.
+    if adata.isbacked:
+        raise Fallback("backed AnnData")
+    if layer is not None and obsm is not None:
+        raise Delegate("both layer and obsm")
+    if layer is not None and layer not in adata.layers:
+        raise Delegate(f"no layer {layer!r}")
+    if obsm is not None and obsm not in adata.obsm:
+        raise Delegate(f"no obsm {obsm!r}")
+    x = _get_obs_rep(adata, layer=layer, obsm=obsm)
+    dense, zero_center, clip_at = _check_scope(x, zero_center, max_value)
+    if obsm is not None and x.shape[1] != adata.n_vars:
+        raise Delegate("obsm width differs from n_vars (upstream raises writing var)")
+    if mask_obs is not None:
+        try:
+            mask = _check_mask(adata, mask_obs, "obs")
+        except Exception as e:  # noqa: BLE001 - upstream raises its own error
+            raise Delegate(f"bad mask_obs: {e}") from None
+        if isinstance(mask_obs, str):
+            keys = (f"mean of {mask_obs}", f"std of {mask_obs}")
+        else:
+            keys = ("mean with mask", "std with mask")
     else:
-        x, mean, std = _sparse_uncentred(x, mask, rows, clip_at)
+        mask, keys = None, ("mean", "std")
+    if mask is None and _common.is_csr(x) and not zero_center:
+        mask = np.ones(x.shape[0], dtype=np.bool_)  # upstream's default for CSR
+    rows = _check_selection(x, mask, dense, zero_center)
+
+    adata = adata.copy() if copy else adata
+    view_to_actual(adata)
+    x = _get_obs_rep(adata, layer=layer, obsm=obsm)
+    x, mean, std = _scale_array(x, zero_center=zero_center, clip_at=clip_at, max_value=max_value,
+                                mask=mask, rows=rows, in_place=True)
     adata.var[keys[0]] = mean
     adata.var[keys[1]] = std
     _set_obs_rep(adata, x, layer=layer, obsm=obsm)
@@ -131,9 +192,11 @@ def _anndata(adata, *, zero_center, max_value, copy, layer, obsm, mask_obs):
 
 def _as_float64(x):
     if isinstance(x, np.ndarray):
-        out = shm.empty(x.shape, np.float64)
-        np.copyto(out, x, casting="unsafe")
-        return out
+        f_order = not x.flags.c_contiguous and x.flags.f_contiguous
+        c = x.T if f_order else x
+        out = _segment(c.shape, np.float64)
+        _copy_into(out, c) if c.flags.c_contiguous else np.copyto(out, c, casting="unsafe")
+        return out.T if f_order else out
     return x.astype(np.float64)
 
 
@@ -204,11 +267,13 @@ def _apply(matrix, out_ref, *, rows=None, mean=None, std, per_row=False, clip_at
     )
 
 
-def _dense(x, rows, mask, zero_center, clip_at):
-    """Dense data: upstream changes ``x`` in place. Here the result is computed
-    in place in shared memory: in ``x`` itself when it already lies there (a
-    re-run), else in a segment-backed copy (same memory order) that the AnnData
-    adopts. An F-ordered matrix (upstream's result for CSC input) goes as its
+def _dense(x, rows, mask, zero_center, clip_at, *, in_place):
+    """Dense data: upstream changes ``x`` in place. The daemon works in shared
+    memory: in ``x`` itself when it already lies there (a re-run on a result),
+    else in a segment-backed copy (same memory order), whose values are then
+    copied back into ``x`` when ``in_place`` (upstream's ``x`` is the same object
+    afterwards, and whoever else holds it sees the change), or which is the
+    result. An F-ordered matrix (upstream's result for CSC input) goes as its
     C-ordered transpose, with the statistics per row."""
     if x.dtype not in _common.FLOATS:
         raise Fallback(f"dtype {x.dtype}")
@@ -217,11 +282,9 @@ def _dense(x, rows, mask, zero_center, clip_at):
         raise Fallback("dense input that is neither C- nor F-contiguous")
     if f_order and mask is not None:
         raise Fallback("F-ordered dense input with mask_obs")
+    original = x
     if not shm.is_placed(x):
-        c = x.T if f_order else x
-        placed = _segment(c.shape, c.dtype)
-        np.copyto(placed, c, casting="no")
-        x = placed.T if f_order else placed
+        x = _copy(x)
     n = x.shape[0] if rows is None else rows.size
     if f_order or x.shape[1] == 1:
         # numpy sums these columns pairwise (contiguous along the reduced axis),
@@ -238,6 +301,9 @@ def _dense(x, rows, mask, zero_center, clip_at):
     matrix = msg("Dense", n_rows=c.shape[0], n_cols=c.shape[1], data=shm.ref(c))
     _apply(matrix, shm.ref(c), rows=rows, mean=mean if zero_center else None, std=std,
            per_row=f_order, clip_at=clip_at, retry=False)  # in place: never twice
+    if in_place and x is not original:
+        _copy_into(original.T if f_order else original, c)
+        return original, mean, std
     return x, mean, std
 
 
@@ -334,18 +400,18 @@ def _sparse_uncentred(x, mask, rows, clip_at):
         _blocks(lambda a, b: np.true_divide(x.data[a:b], per_value[a:b], out=q[a:b]), q.size)
         if clip_at is not None:
             _blocks(lambda a, b: np.copyto(q[a:b], clip_at, where=q[a:b] > clip_at), q.size)
-        x.data = q
-        return x, mean, std
+        # A new matrix sharing the structure (upstream's `x.T` ... `.T`); the
+        # input keeps its values.
+        new = type(x)(x.shape, dtype=np.float64)
+        new.data, new.indices, new.indptr = q, x.indices, x.indptr
+        return new, mean, std
     if _common.is_csc(x):
         x = x.tocsr()
-    if mask is None:
-        rows = None  # upstream's all-true mask: every row
+    if rows is not None and rows.size == x.shape[0]:
+        rows = None  # every row (upstream's default all-true mask for CSR)
     mean, std = _sparse_stats(x, rows)
     data, indices = x.data, x.indices
-    if rows is not None:
-        selected = np.repeat(mask, np.diff(x.indptr))
-    else:
-        selected = None
+    selected = None if rows is None else np.repeat(mask, np.diff(x.indptr))
 
     def block(a, b):
         q = data[a:b] / std[indices[a:b]]
