@@ -80,6 +80,7 @@ pub fn stats(
             };
             let cols = csr.validated_column_indices()?;
             let n_cols = csr.n_cols;
+            check_partials(parts.min(csr.n_rows.max(1)), n_cols)?;
             let job = ColumnJob { n_cols, sel, parts };
             Ok(reply(match indptr {
                 IndexSlice::I32(p) => job.with_indices(p, cols, data),
@@ -104,12 +105,25 @@ pub fn stats(
                 None => Selection::All(dense.n_rows),
             };
             let n_cols = dense.n_cols;
+            check_partials(parts.min(dense.n_rows.max(1)), n_cols)?;
             Ok(reply(match dense.data.floats().expect("dtype checked") {
                 FloatSlice::F32(d) => dense_column_sums(d, n_cols, sel, parts),
                 FloatSlice::F64(d) => dense_column_sums(d, n_cols, sel, parts),
             }))
         }
     }
+}
+
+/// The partial sums (two f64 per part and column) must fit the memory budget.
+fn check_partials(parts: usize, n_cols: usize) -> Result<()> {
+    let bytes = parts.saturating_mul(n_cols).saturating_mul(16);
+    if bytes > crate::shm::peer::budget() {
+        return Err(Failure::new(
+            ErrorKind::TooLarge,
+            format!("{parts} partitions of {n_cols} columns exceed the memory budget"),
+        ));
+    }
+    Ok(())
 }
 
 struct ColumnJob<'a> {

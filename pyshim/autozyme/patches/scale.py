@@ -282,6 +282,8 @@ def _dense(x, rows, mask, zero_center, clip_at, *, in_place):
         raise Fallback("dense input that is neither C- nor F-contiguous")
     if f_order and mask is not None:
         raise Fallback("F-ordered dense input with mask_obs")
+    if in_place and not x.flags.writeable:
+        raise Delegate("read-only array (upstream raises)")
     original = x
     if not shm.is_placed(x):
         x = _copy(x)
@@ -374,8 +376,9 @@ def _sparse_centred(x, clip_at):
         mean, std = _sparse_stats(x)
     finally:
         out = pending.result()
-    # stacklevel: the user's call -> autozyme's wrapper -> fast -> _anndata -> here.
-    warnings.warn("zero-centering a sparse array/matrix densifies it.", UserWarning, stacklevel=5)
+    # stacklevel: the user's call -> autozyme's wrapper -> fast -> _anndata or
+    # _array -> _scale_array -> here.
+    warnings.warn("zero-centering a sparse array/matrix densifies it.", UserWarning, stacklevel=6)
     _call_sparse(
         lambda m: msg("ScaleApply", x=m, rows=None, mean=mean, std=std, per_row=csc,
                       max_value=clip_at, out=shm.ref(out)),
