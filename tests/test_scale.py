@@ -288,3 +288,34 @@ def test_shared_dense_matrix_object_is_updated_like_upstream(active):
     compare(a, b, outs)
     assert b.layers["x"] is b.X
     assert served() == 1
+
+
+def test_daemon_failure_mid_call(active, monkeypatch):
+    """A daemon failure while scaling our own copy falls back to upstream (the
+    input is intact); while scaling the user's array in shared memory in place,
+    it is a clear error, never upstream on partly scaled data."""
+    from autozyme.patches import scale as patch
+    from autozyme.runtime import DaemonUnavailable
+
+    monkeypatch.setenv("AUTOZYME_STRICT", "0")
+    sc = active
+    real = patch._apply
+
+    def failing(*args, **kwargs):
+        raise DaemonUnavailable("no reply (test)")
+
+    a, b = lognorm(80, 30, fmt="dense", seed=14), lognorm(80, 30, fmt="dense", seed=14)
+    monkeypatch.setattr(patch, "_apply", failing)
+    sc.pp.scale.__autozyme_upstream__(a)
+    sc.pp.scale(b)  # our copy failed: upstream served it
+    assert_same_anndata(a, b)
+
+    monkeypatch.setattr(patch, "_apply", real)
+    c = lognorm(80, 30, seed=15)
+    sc.pp.scale(c)  # CSR: the result is a dense array in shared memory
+    from autozyme import shm
+
+    assert shm.is_placed(c.X)
+    monkeypatch.setattr(patch, "_apply", failing)
+    with pytest.raises(patch.ScaleInterrupted):
+        sc.pp.scale(c)

@@ -24,11 +24,18 @@ import numpy as np
 
 from .. import parallel, shm
 from ..client import DaemonError, get_client
+from ..runtime import DaemonUnavailable
 from ..codec import msg
 from ..fallback import Delegate, Fallback
 from . import _common
 
 VERIFIED = ("1.11.5",)
+
+
+class ScaleInterrupted(RuntimeError):
+    """The daemon failed while scaling the user's array in place (in shared
+    memory): falling back would run upstream on partly scaled data."""
+
 _EXACT_INT = 2**53
 
 
@@ -301,8 +308,17 @@ def _dense(x, rows, mask, zero_center, clip_at, *, in_place):
         mean, std = _dense_stats(matrix, n, rows)
     c = x.T if f_order else x
     matrix = msg("Dense", n_rows=c.shape[0], n_cols=c.shape[1], data=shm.ref(c))
-    _apply(matrix, shm.ref(c), rows=rows, mean=mean if zero_center else None, std=std,
-           per_row=f_order, clip_at=clip_at, retry=False)  # in place: never twice
+    try:
+        _apply(matrix, shm.ref(c), rows=rows, mean=mean if zero_center else None, std=std,
+               per_row=f_order, clip_at=clip_at, retry=False)  # in place: never twice
+    except (DaemonError, DaemonUnavailable) as e:
+        if x is original:
+            # The user's own array may be partly scaled: upstream must not run on it.
+            raise ScaleInterrupted(
+                f"autozyme: the daemon failed while scaling the data in place ({e}); "
+                "the array may be partly scaled"
+            ) from e
+        raise  # only our copy was touched: upstream runs on the intact input
     if in_place and x is not original:
         _copy_into(original.T if f_order else original, c)
         return original, mean, std
