@@ -24,19 +24,18 @@ import numpy as np
 
 from .. import parallel, shm
 from ..client import DaemonError, get_client
-from ..runtime import DaemonUnavailable
 from ..codec import msg
 from ..fallback import Delegate, Fallback
+from ..runtime import DaemonUnavailable
 from . import _common
 
 VERIFIED = ("1.11.5",)
+_EXACT_INT = 2**53
 
 
 class ScaleInterrupted(RuntimeError):
     """The daemon failed while scaling the user's array in place (in shared
     memory): falling back would run upstream on partly scaled data."""
-
-_EXACT_INT = 2**53
 
 
 def fast(upstream, *args, **kwargs):
@@ -202,7 +201,10 @@ def _as_float64(x):
         f_order = not x.flags.c_contiguous and x.flags.f_contiguous
         c = x.T if f_order else x
         out = _segment(c.shape, np.float64)
-        _copy_into(out, c) if c.flags.c_contiguous else np.copyto(out, c, casting="unsafe")
+        if c.flags.c_contiguous:
+            _copy_into(out, c)
+        else:
+            np.copyto(out, c, casting="unsafe")
         return out.T if f_order else out
     return x.astype(np.float64)
 
