@@ -176,8 +176,50 @@ pub fn csr_to_dense<T: Float, P: SparseIndex, I: SparseIndex>(
 
 /// One dense row, transformed from `values` into `row` (the same buffer for
 /// the in-place variant, passed as `None`).
+///
+/// The loop is compiled for AVX-512 and AVX2 as well and picked at run time:
+/// wider lanes run the same IEEE operations on each element (Rust never fuses
+/// or reorders floating-point operations), so the bits do not change.
 #[inline]
 fn dense_row<T: Float>(t: &Transform<'_>, r: usize, values: Option<&[T]>, row: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { dense_row_avx512(t, r, values, row) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { dense_row_avx2(t, r, values, row) };
+        }
+    }
+    dense_row_body(t, r, values, row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dense_row_avx512<T: Float>(
+    t: &Transform<'_>,
+    r: usize,
+    values: Option<&[T]>,
+    row: &mut [T],
+) {
+    dense_row_body(t, r, values, row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dense_row_avx2<T: Float>(
+    t: &Transform<'_>,
+    r: usize,
+    values: Option<&[T]>,
+    row: &mut [T],
+) {
+    dense_row_body(t, r, values, row)
+}
+
+#[inline(always)]
+fn dense_row_body<T: Float>(t: &Transform<'_>, r: usize, values: Option<&[T]>, row: &mut [T]) {
     let (hi, lo) = t.bounds();
     let (hi_t, lo_t) = (T::from_f64(hi), T::from_f64(lo));
     let one = |v: T, m: Option<f64>, s: f64| -> T {
