@@ -146,12 +146,14 @@ def start_daemon(timeout: float = START_TIMEOUT_S) -> int:
     words = line.decode(errors="replace").split()
     if len(words) >= 2 and words[0] == "RUNNING" and words[1].isdigit():
         proc.wait(timeout=timeout)  # the loser of a start race exits at once
-        _children.remove(proc)
+        if proc in _children:  # _reap_children may have collected it already
+            _children.remove(proc)
         return int(words[1])
     if len(words) >= 2 and words[0] == "READY" and words[1].isdigit():
         # The daemon outlives this call (and maybe this process): reap it by pid
         # if it exits first, and tell Popen not to warn about a running child.
-        _children.remove(proc)
+        if proc in _children:
+            _children.remove(proc)
         _daemon_pids.append(proc.pid)
         proc.returncode = 0
         return int(words[1])
