@@ -66,6 +66,9 @@ def assert_identical(a, b, what="value"):
         if a.dtype.hasobject:
             assert repr(a.tolist()) == repr(b.tolist()), what
             return
+        assert a.flags.c_contiguous == b.flags.c_contiguous, f"{what}: memory order"
+        assert a.flags.f_contiguous == b.flags.f_contiguous, f"{what}: memory order"
+        a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
         diff = np.flatnonzero(a.view(np.uint8).reshape(-1) != b.view(np.uint8).reshape(-1)) if a.size else []
         assert len(diff) == 0, f"{what}: differs at {len(diff)} bytes"
         return

@@ -57,6 +57,18 @@ REQUESTS = {
     "req_lease": msg("Lease", bytes=1 << 30, create=True),
     "req_release": msg("Release", segments=["azm_1000_7_3"]),
     "req_sleep": msg("Sleep", millis=1500),
+    "req_scale_stats": msg("ScaleStats", x=CSR, rows=np.array([0, 2], dtype=np.uint64), partitions=2,
+                           along_rows=False),
+    "req_scale_apply": msg(
+        "ScaleApply",
+        x=CSR,
+        rows=None,
+        mean=np.array([0.5, -1.0, 0.0, 2.0, 1e-3]),
+        std=np.array([1.0, 2.0, 1.0, 0.25, 3.0]),
+        per_row=False,
+        max_value=8.0,
+        out=arr("azm_1000_42_9", 0, 15, "F64"),
+    ),
 }
 
 
@@ -71,6 +83,7 @@ def test_every_golden_file_is_covered():
     assert {n for n in names if n.startswith("resp_")} == {
         "resp_hello", "resp_pong", "resp_status", "resp_shutting_down",
         "resp_row_sums", "resp_done", "resp_error", "resp_leased", "resp_leased_none",
+        "resp_scale_stats",
     }
 
 
@@ -99,6 +112,8 @@ def test_decode_responses():
     assert (leased.segment, leased.size) == ("azm_1000_7_3", 4096)
     assert _decode_golden("resp_leased_none").segment is None
     assert _decode_golden("resp_shutting_down").tag == "ShuttingDown"
+    stats = _decode_golden("resp_scale_stats")
+    assert stats.sums.tolist() == [1.5, 0.0] and np.signbit(stats.sq_sums[1])
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+mod scale;
+
 /// What the connection should do after sending the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum After {
@@ -102,6 +104,29 @@ fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, 
             Response::Done
         }
         Request::Sleep { millis } => sleep(daemon, millis)?,
+        Request::ScaleStats {
+            x,
+            rows,
+            partitions,
+            along_rows,
+        } => scale::stats(daemon, peer, &x, rows.as_deref(), partitions, along_rows)?,
+        Request::ScaleApply {
+            x,
+            rows,
+            mean,
+            std,
+            per_row,
+            max_value,
+            out,
+        } => {
+            let stats = scale::Stats {
+                mean: mean.as_deref(),
+                std: &std,
+                per_row,
+                max_value,
+            };
+            scale::apply(daemon, peer, &x, rows.as_deref(), stats, &out)?
+        }
     };
     Ok((response, After::Continue))
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// Bumped on any change of the wire types below.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest frame either side accepts. Bulk data never travels in frames (it lives
 /// in shared memory); the largest inline payloads are per-cell or per-gene vectors.
@@ -134,6 +134,50 @@ pub enum Request {
     Sleep {
         millis: u64,
     },
+    /// scale, step 1: per-gene sums of the values and of their squares, each in
+    /// f64, for scanpy's `_get_mean_var` (the shim turns them into mean and
+    /// variance with upstream's own numpy expressions).
+    ///
+    /// `along_rows: false` (CSR or dense `x`): per column. The rows (all, or only
+    /// `rows`, in that order) are dealt round-robin into `partitions` parts, as
+    /// scanpy's numba kernel deals them to its threads; each part adds its rows in
+    /// order, starting from 0.0, and the parts' sums are then added in part order
+    /// to 0.0. A square is taken in the data's dtype, then widened (numba's and
+    /// numpy's `x * x`). Dense input with one partition is numpy's `mean(axis=0)`
+    /// over a C-contiguous matrix with more than one column.
+    /// `along_rows: true` (CSR `x`, typically a CSC matrix's transpose): per row,
+    /// values widened to f64 before squaring, added in index order (scanpy's
+    /// major-axis kernel); `rows` and `partitions` are ignored.
+    ScaleStats {
+        x: Matrix,
+        rows: Option<Vec<u64>>,
+        partitions: u32,
+        along_rows: bool,
+    },
+    /// scale, step 2: one fused pass writing `out` (dense, C-contiguous, x's
+    /// shape) from `x`: centre (when `mean` is given), divide by `std`, clip.
+    ///
+    /// CSR `x` (upstream densifies, `x.todense() - mean`): `out` is F64; each row
+    /// is first densified in the data's dtype (duplicates added in index order),
+    /// then `(v - mean) / std` in f64. Dense `x` (dtype T): `out` has dtype T and
+    /// may be `x`'s own data (in place); the subtraction and the division each
+    /// run in f64 and round to T (numpy's in-place `-=` and `true_divide`).
+    /// Clipping compares in f64: above `max_value` becomes `max_value`, and with
+    /// `mean` given, below `-max_value` becomes `-max_value` (numba's clip).
+    /// With `rows` (dense only), only those rows are transformed; the others are
+    /// copied from `x` when `out` is a separate array. `mean` and `std` hold one
+    /// value per column, or with `per_row` one per row: the shim sends a CSC or
+    /// F-ordered matrix as its transpose, whose rows are the genes, and gets the
+    /// transposed (F-ordered) result upstream returns for such input.
+    ScaleApply {
+        x: Matrix,
+        rows: Option<Vec<u64>>,
+        mean: Option<Vec<f64>>,
+        std: Vec<f64>,
+        per_row: bool,
+        max_value: Option<f64>,
+        out: ArrayRef,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,6 +254,11 @@ pub enum Response {
     Leased {
         segment: Option<String>,
         size: u64,
+    },
+    /// Per-gene (or per-row) sums and sums of squares (see `Request::ScaleStats`).
+    ScaleStats {
+        sums: Vec<f64>,
+        sq_sums: Vec<f64>,
     },
 }
 

@@ -107,6 +107,27 @@ fn requests() -> Vec<(&'static str, Request)> {
             },
         ),
         ("req_sleep", Request::Sleep { millis: 1500 }),
+        (
+            "req_scale_stats",
+            Request::ScaleStats {
+                x: csr(),
+                rows: Some(vec![0, 2]),
+                partitions: 2,
+                along_rows: false,
+            },
+        ),
+        (
+            "req_scale_apply",
+            Request::ScaleApply {
+                x: csr(),
+                rows: None,
+                mean: Some(vec![0.5, -1.0, 0.0, 2.0, 1e-3]),
+                std: vec![1.0, 2.0, 1.0, 0.25, 3.0],
+                per_row: false,
+                max_value: Some(8.0),
+                out: arr("azm_1000_42_9", 0, 15, DType::F64),
+            },
+        ),
     ]
 }
 
@@ -173,6 +194,13 @@ fn responses() -> Vec<(&'static str, Response)> {
         (
             "resp_error",
             Response::error(ErrorKind::BadMatrix, "indptr is not monotone at row 2"),
+        ),
+        (
+            "resp_scale_stats",
+            Response::ScaleStats {
+                sums: vec![1.5, 0.0],
+                sq_sums: vec![2.25, -0.0],
+            },
         ),
     ]
 }

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAX_FRAME_BYTES = 256 << 20
 
 
@@ -234,6 +234,22 @@ REQUEST = Enum(
         ("Lease", [("bytes", U64), ("create", BOOL)]),
         ("Release", [("segments", Vec(STR))]),
         ("Sleep", [("millis", U64)]),
+        (
+            "ScaleStats",
+            [("x", MATRIX), ("rows", Opt(Vec(U64))), ("partitions", U32), ("along_rows", BOOL)],
+        ),
+        (
+            "ScaleApply",
+            [
+                ("x", MATRIX),
+                ("rows", Opt(Vec(U64))),
+                ("mean", Opt(Vec(F64))),
+                ("std", Vec(F64)),
+                ("per_row", BOOL),
+                ("max_value", Opt(F64)),
+                ("out", ARRAY_REF),
+            ],
+        ),
     ],
 )
 ERROR_KIND = _UnitEnum(
@@ -284,6 +300,7 @@ RESPONSE = Enum(
         ("Done", []),
         ("Error", [("kind", ERROR_KIND), ("message", STR)]),
         ("Leased", [("segment", Opt(STR)), ("size", U64)]),
+        ("ScaleStats", [("sums", Vec(F64)), ("sq_sums", Vec(F64))]),
     ],
 )
 

@@ -87,6 +87,9 @@ def _diff(where: str, a, b) -> list[str]:
             return [f"{where}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"]
         if a.dtype.hasobject:
             return [] if a.tolist() == b.tolist() else [f"{where}: values differ"]
+        if a.flags.f_contiguous != b.flags.f_contiguous or a.flags.c_contiguous != b.flags.c_contiguous:
+            return [f"{where}: memory order differs"]
+        a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
         bad = np.count_nonzero(a.view(np.uint8).reshape(-1) != b.view(np.uint8).reshape(-1)) if a.size else 0
         return [f"{where}: {bad} bytes differ"] if bad else []
     try:

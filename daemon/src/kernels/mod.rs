@@ -13,6 +13,8 @@
 pub mod divide_rows;
 pub mod highly_expressed;
 pub mod row_sums;
+pub mod scale_apply;
+pub mod scale_stats;
 
 use rayon::prelude::*;
 use std::ops::Range;

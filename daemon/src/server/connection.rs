@@ -229,5 +229,7 @@ pub(crate) fn variant_name(request: &Request) -> &'static str {
         Request::Lease { .. } => "Lease",
         Request::Release { .. } => "Release",
         Request::Sleep { .. } => "Sleep",
+        Request::ScaleStats { .. } => "ScaleStats",
+        Request::ScaleApply { .. } => "ScaleApply",
     }
 }
