@@ -20,6 +20,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+mod hvg;
+
 /// What the connection should do after sending the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum After {
@@ -94,6 +96,18 @@ fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, 
             Response::Done
         }
         Request::Sleep { millis } => sleep(daemon, millis)?,
+        Request::HvgMeanVar {
+            x,
+            batches,
+            n_batches,
+            partitions,
+        } => hvg::mean_var(daemon, peer, &x, &batches, n_batches, partitions)?,
+        Request::HvgClippedSums {
+            x,
+            batches,
+            n_batches,
+            clip,
+        } => hvg::clipped_sums(daemon, peer, &x, &batches, n_batches, &clip)?,
     };
     Ok((response, After::Continue))
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// Bumped on any change of the wire types below.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest frame either side accepts. Bulk data never travels in frames (it lives
 /// in shared memory); the largest inline payloads are per-cell or per-gene vectors.
@@ -134,6 +134,29 @@ pub enum Request {
     Sleep {
         millis: u64,
     },
+    /// highly_variable_genes (seurat_v3), step 1: per-gene means and biased
+    /// variances (before upstream's `n / (n - 1)`) of all cells, then of each batch,
+    /// as scanpy's `_get_mean_var` computes them (CSR: numba's kernel with its rows
+    /// dealt to `partitions` accumulators, numba's thread count in the client;
+    /// dense: numpy's row-order sums). `batches` holds each cell's batch in
+    /// `0..n_batches`; empty means one batch of all cells (then only the overall
+    /// statistics are returned). Every stored value is also checked (see
+    /// `Response::HvgMeanVar`). CSR needs its indices.
+    HvgMeanVar {
+        x: Matrix,
+        batches: Vec<u64>,
+        n_batches: u64,
+        partitions: u64,
+    },
+    /// highly_variable_genes (seurat_v3), step 2: per batch and gene, the sums of
+    /// the values clipped to `clip` (`n_batches × n_cols`, row-major) and of their
+    /// squares, in upstream's order. `batches` as for `HvgMeanVar`.
+    HvgClippedSums {
+        x: Matrix,
+        batches: Vec<u64>,
+        n_batches: u64,
+        clip: Vec<f64>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,6 +233,22 @@ pub enum Response {
     Leased {
         segment: Option<String>,
         size: u64,
+    },
+    /// `means` and `variances` are `(1 + n_batches) × n_cols` row-major: all cells
+    /// first, then each batch (only all cells when the request had no batches).
+    /// `negative`: some value has its sign bit set; `non_integer`: some finite
+    /// value has a fractional part; `non_finite`: some value is NaN or infinite.
+    HvgMeanVar {
+        means: Vec<f64>,
+        variances: Vec<f64>,
+        negative: bool,
+        non_integer: bool,
+        non_finite: bool,
+    },
+    /// `n_batches × n_cols` row-major.
+    HvgClippedSums {
+        sums: Vec<f64>,
+        squares: Vec<f64>,
     },
 }
 

@@ -107,6 +107,28 @@ fn requests() -> Vec<(&'static str, Request)> {
             },
         ),
         ("req_sleep", Request::Sleep { millis: 1500 }),
+        (
+            "req_hvg_mean_var",
+            Request::HvgMeanVar {
+                x: csr(),
+                batches: vec![0, 2, 1],
+                n_batches: 3,
+                partitions: 2,
+            },
+        ),
+        (
+            "req_hvg_clipped_sums",
+            Request::HvgClippedSums {
+                x: Matrix::Dense {
+                    n_rows: 2,
+                    n_cols: 2,
+                    data: peer(0x7f00_1234_6000, 4, DType::F32),
+                },
+                batches: vec![],
+                n_batches: 1,
+                clip: vec![2.5, 1e10],
+            },
+        ),
     ]
 }
 
@@ -173,6 +195,23 @@ fn responses() -> Vec<(&'static str, Response)> {
         (
             "resp_error",
             Response::error(ErrorKind::BadMatrix, "indptr is not monotone at row 2"),
+        ),
+        (
+            "resp_hvg_mean_var",
+            Response::HvgMeanVar {
+                means: vec![0.5, 2.0],
+                variances: vec![0.25, -0.0],
+                negative: false,
+                non_integer: true,
+                non_finite: false,
+            },
+        ),
+        (
+            "resp_hvg_clipped_sums",
+            Response::HvgClippedSums {
+                sums: vec![1.0, 3.5],
+                squares: vec![1.0, 12.25],
+            },
         ),
     ]
 }

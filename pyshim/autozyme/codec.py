@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAX_FRAME_BYTES = 256 << 20
 
 
@@ -234,6 +234,14 @@ REQUEST = Enum(
         ("Lease", [("bytes", U64), ("create", BOOL)]),
         ("Release", [("segments", Vec(STR))]),
         ("Sleep", [("millis", U64)]),
+        (
+            "HvgMeanVar",
+            [("x", MATRIX), ("batches", Vec(U64)), ("n_batches", U64), ("partitions", U64)],
+        ),
+        (
+            "HvgClippedSums",
+            [("x", MATRIX), ("batches", Vec(U64)), ("n_batches", U64), ("clip", Vec(F64))],
+        ),
     ],
 )
 ERROR_KIND = _UnitEnum(
@@ -284,6 +292,17 @@ RESPONSE = Enum(
         ("Done", []),
         ("Error", [("kind", ERROR_KIND), ("message", STR)]),
         ("Leased", [("segment", Opt(STR)), ("size", U64)]),
+        (
+            "HvgMeanVar",
+            [
+                ("means", Vec(F64)),
+                ("variances", Vec(F64)),
+                ("negative", BOOL),
+                ("non_integer", BOOL),
+                ("non_finite", BOOL),
+            ],
+        ),
+        ("HvgClippedSums", [("sums", Vec(F64)), ("squares", Vec(F64))]),
     ],
 )
 

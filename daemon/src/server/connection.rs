@@ -229,5 +229,7 @@ fn variant_name(request: &Request) -> &'static str {
         Request::Lease { .. } => "Lease",
         Request::Release { .. } => "Release",
         Request::Sleep { .. } => "Sleep",
+        Request::HvgMeanVar { .. } => "HvgMeanVar",
+        Request::HvgClippedSums { .. } => "HvgClippedSums",
     }
 }

@@ -1,0 +1,279 @@
+//! highly_variable_genes (flavor `seurat_v3` / `seurat_v3_paper`): the two
+//! O(stored values) steps, with the loess fits between them done by the shim.
+
+use crate::error::{Failure, Result};
+use crate::kernels::hvg_clipped_sums::{csr_clipped_sums, dense_clipped_sums, ClippedSums};
+use crate::kernels::hvg_mean_var::{
+    csr_group_mean_var, dense_group_mean_var, CountValue, GroupMeanVar,
+};
+use crate::kernels::SparseIndex;
+use crate::server::state::Daemon;
+use crate::shm::{CsrRegions, DenseRegions, FloatSlice, IndexSlice, Peer, Resolver};
+use autozyme_protocol::{ErrorKind, Matrix, Response, MAX_FRAME_BYTES};
+
+/// numba's thread count is at most a few hundred; more is a malformed request.
+const MAX_PARTITIONS: u64 = 1 << 16;
+
+/// Each batch's rows, in increasing order; `batches` empty means one batch of
+/// every row.
+fn batch_rows(batches: &[u64], n_batches: u64, n_rows: usize) -> Result<Vec<Vec<usize>>> {
+    if batches.is_empty() {
+        if n_batches != 1 {
+            return Err(Failure::bad_request(format!(
+                "no batches given, so n_batches must be 1, not {n_batches}"
+            )));
+        }
+        return Ok(vec![(0..n_rows).collect()]);
+    }
+    if batches.len() != n_rows {
+        return Err(Failure::bad_request(format!(
+            "{} batch codes for {n_rows} cells",
+            batches.len()
+        )));
+    }
+    let n = usize::try_from(n_batches)
+        .ok()
+        .filter(|&n| n >= 1 && n <= n_rows)
+        .ok_or_else(|| {
+            Failure::bad_request(format!("n_batches {n_batches} for {n_rows} cells"))
+        })?;
+    let mut rows = vec![Vec::new(); n];
+    for (r, &b) in batches.iter().enumerate() {
+        let group = usize::try_from(b)
+            .ok()
+            .and_then(|b| rows.get_mut(b))
+            .ok_or_else(|| {
+                Failure::bad_request(format!("cell {r} has batch {b}, not below {n_batches}"))
+            })?;
+        group.push(r);
+    }
+    Ok(rows)
+}
+
+/// Two `groups × n_cols` f64 vectors must fit in one reply frame.
+fn check_reply_size(groups: usize, n_cols: usize) -> Result<()> {
+    let bytes = (groups as u128) * (n_cols as u128) * 16;
+    if bytes + 4096 > MAX_FRAME_BYTES as u128 {
+        return Err(Failure::new(
+            ErrorKind::TooLarge,
+            format!("{groups} batches x {n_cols} genes do not fit in one reply"),
+        ));
+    }
+    Ok(())
+}
+
+pub(super) fn mean_var(
+    daemon: &Daemon,
+    peer: Peer,
+    x: &Matrix,
+    batches: &[u64],
+    n_batches: u64,
+    partitions: u64,
+) -> Result<Response> {
+    if partitions == 0 || partitions > MAX_PARTITIONS {
+        return Err(Failure::bad_request(format!(
+            "partitions must be in 1..={MAX_PARTITIONS}, not {partitions}"
+        )));
+    }
+    let (n_rows, n_cols) = shape(x)?;
+    // Group 0 is every cell; the batches follow when there are any.
+    let mut groups = vec![(0..n_rows).collect::<Vec<usize>>()];
+    if !batches.is_empty() {
+        groups.extend(batch_rows(batches, n_batches, n_rows)?);
+    } else if n_batches != 1 {
+        return Err(Failure::bad_request(format!(
+            "no batches given, so n_batches must be 1, not {n_batches}"
+        )));
+    }
+    check_reply_size(groups.len(), n_cols)?;
+    let mut resolver = Resolver::new(&daemon.segments, peer);
+    let stats = match x {
+        Matrix::Csr { .. } => {
+            let work = CsrWork::MeanVar {
+                partitions: partitions as usize,
+            };
+            match run_csr(&mut resolver, x, &groups, work)? {
+                CsrOut::MeanVar(stats) => stats,
+                CsrOut::Clipped(_) => unreachable!("asked for means and variances"),
+            }
+        }
+        Matrix::Dense {
+            n_rows,
+            n_cols,
+            data,
+        } => {
+            let dense = DenseRegions::resolve(&mut resolver, *n_rows, *n_cols, data)?;
+            let (r, c) = (dense.n_rows, dense.n_cols);
+            match dense.data.floats().expect("dtype checked") {
+                FloatSlice::F32(d) => dense_group_mean_var(d, r, c, &groups, Some(0)),
+                FloatSlice::F64(d) => dense_group_mean_var(d, r, c, &groups, Some(0)),
+            }
+        }
+    };
+    Ok(Response::HvgMeanVar {
+        means: stats.means,
+        variances: stats.variances,
+        negative: stats.flags.negative,
+        non_integer: stats.flags.non_integer,
+        non_finite: stats.flags.non_finite,
+    })
+}
+
+pub(super) fn clipped_sums(
+    daemon: &Daemon,
+    peer: Peer,
+    x: &Matrix,
+    batches: &[u64],
+    n_batches: u64,
+    clip: &[f64],
+) -> Result<Response> {
+    let (n_rows, n_cols) = shape(x)?;
+    let groups = batch_rows(batches, n_batches, n_rows)?;
+    check_reply_size(groups.len(), n_cols)?;
+    if clip.len() as u128 != (groups.len() as u128) * (n_cols as u128) {
+        return Err(Failure::bad_request(format!(
+            "{} clip values for {} batches x {n_cols} genes",
+            clip.len(),
+            groups.len()
+        )));
+    }
+    let mut resolver = Resolver::new(&daemon.segments, peer);
+    let sums = match x {
+        Matrix::Csr { .. } => {
+            // Enough column blocks to keep every thread busy with few batches.
+            let blocks = rayon::current_num_threads().div_ceil(groups.len().max(1));
+            let work = CsrWork::Clipped { clip, blocks };
+            match run_csr(&mut resolver, x, &groups, work)? {
+                CsrOut::Clipped(sums) => sums,
+                CsrOut::MeanVar(_) => unreachable!("asked for clipped sums"),
+            }
+        }
+        Matrix::Dense {
+            n_rows,
+            n_cols,
+            data,
+        } => {
+            let dense = DenseRegions::resolve(&mut resolver, *n_rows, *n_cols, data)?;
+            let (r, c) = (dense.n_rows, dense.n_cols);
+            match dense.data.floats().expect("dtype checked") {
+                FloatSlice::F32(d) => dense_clipped_sums(d, r, c, &groups, clip),
+                FloatSlice::F64(d) => dense_clipped_sums(d, r, c, &groups, clip),
+            }
+        }
+    };
+    let ClippedSums { sums, squares } = sums;
+    Ok(Response::HvgClippedSums { sums, squares })
+}
+
+fn shape(x: &Matrix) -> Result<(usize, usize)> {
+    let (r, c) = match x {
+        Matrix::Csr { n_rows, n_cols, .. } | Matrix::Dense { n_rows, n_cols, .. } => {
+            (*n_rows, *n_cols)
+        }
+    };
+    match (usize::try_from(r), usize::try_from(c)) {
+        (Ok(r), Ok(c)) => Ok((r, c)),
+        _ => Err(Failure::bad_matrix(format!("shape {r} x {c} is too large"))),
+    }
+}
+
+/// What a CSR request computes.
+#[derive(Clone, Copy)]
+enum CsrWork<'a> {
+    MeanVar { partitions: usize },
+    Clipped { clip: &'a [f64], blocks: usize },
+}
+
+enum CsrOut {
+    MeanVar(GroupMeanVar),
+    Clipped(ClippedSums),
+}
+
+/// Runs `work` on a CSR matrix, dispatched over the index and data dtypes.
+struct CsrJob<'a> {
+    n_cols: usize,
+    groups: &'a [Vec<usize>],
+    work: CsrWork<'a>,
+}
+
+impl CsrJob<'_> {
+    fn run(&self, indptr: IndexSlice<'_>, indices: IndexSlice<'_>, data: FloatSlice<'_>) -> CsrOut {
+        match indptr {
+            IndexSlice::I32(p) => self.with_indices(p, indices, data),
+            IndexSlice::I64(p) => self.with_indices(p, indices, data),
+        }
+    }
+
+    fn with_indices<P: SparseIndex>(
+        &self,
+        indptr: &[P],
+        indices: IndexSlice<'_>,
+        data: FloatSlice<'_>,
+    ) -> CsrOut {
+        match indices {
+            IndexSlice::I32(i) => self.with_data(indptr, i, data),
+            IndexSlice::I64(i) => self.with_data(indptr, i, data),
+        }
+    }
+
+    fn with_data<P: SparseIndex, I: SparseIndex>(
+        &self,
+        indptr: &[P],
+        indices: &[I],
+        data: FloatSlice<'_>,
+    ) -> CsrOut {
+        match data {
+            FloatSlice::F32(d) => self.kernel(indptr, indices, d),
+            FloatSlice::F64(d) => self.kernel(indptr, indices, d),
+        }
+    }
+
+    fn kernel<P: SparseIndex, I: SparseIndex, T: CountValue>(
+        &self,
+        indptr: &[P],
+        indices: &[I],
+        data: &[T],
+    ) -> CsrOut {
+        let (n_cols, groups) = (self.n_cols, self.groups);
+        match self.work {
+            CsrWork::MeanVar { partitions } => CsrOut::MeanVar(csr_group_mean_var(
+                indptr, indices, data, n_cols, groups, partitions, Some(0),
+            )),
+            CsrWork::Clipped { clip, blocks } => CsrOut::Clipped(csr_clipped_sums(
+                indptr, indices, data, n_cols, groups, clip, blocks,
+            )),
+        }
+    }
+}
+
+/// Resolves and validates a CSR matrix (indices required), then runs `work`.
+fn run_csr(
+    resolver: &mut Resolver<'_>,
+    x: &Matrix,
+    groups: &[Vec<usize>],
+    work: CsrWork<'_>,
+) -> Result<CsrOut> {
+    let Matrix::Csr {
+        n_rows,
+        n_cols,
+        data,
+        indices,
+        indptr,
+    } = x
+    else {
+        unreachable!("run_csr is called for CSR matrices");
+    };
+    let csr = CsrRegions::resolve(resolver, *n_rows, *n_cols, data, indices.as_ref(), indptr)?;
+    csr.validate_indptr()?;
+    let indices = csr.validated_column_indices()?;
+    let job = CsrJob {
+        n_cols: csr.n_cols,
+        groups,
+        work,
+    };
+    Ok(job.run(
+        csr.indptr.indices().expect("dtype checked"),
+        indices,
+        csr.data.floats().expect("dtype checked"),
+    ))
+}

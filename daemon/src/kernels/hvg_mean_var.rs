@@ -1,0 +1,415 @@
+//! Per-gene means and variances of groups of cells (all cells, and each batch), as
+//! scanpy 1.11.5's `_get_mean_var` computes them for `highly_variable_genes`
+//! (flavor `seurat_v3`), without copying any batch out of the matrix.
+//!
+//! CSR (upstream's numba `sparse_mean_var_minor_axis`, run on the batch's rows, which
+//! boolean row indexing copies in their original order): the rows are dealt to
+//! `partitions` accumulators (numba's thread count in the client), row `k` of the
+//! group to accumulator `k % partitions`. Each accumulator adds, per column, every
+//! stored value widened to f64 and the value's square computed in the data's dtype
+//! and then widened, in row order and index order within a row, starting from 0.0.
+//! The per-column totals add the accumulators in partition order, starting from
+//! 0.0. Then `mean = sum / n` and `var = squares / n - mean * mean`.
+//!
+//! Dense (numpy's `x.mean(axis=0, dtype=np.float64)` on a C-contiguous matrix with
+//! more than one column): per column, the values (and `x * x` in the data's dtype)
+//! widened to f64 and added in row order, starting from the first row's value.
+//!
+//! Parallel over (group, partition) tasks for CSR and (group, column block) tasks
+//! for dense; every sum is computed by one task in the order above, so the results
+//! are identical for any thread count. The unbiased correction (`* n / (n - 1)`) is
+//! left to the caller, as upstream does it in numpy.
+
+use super::{row_range, Float, SparseIndex};
+use rayon::prelude::*;
+
+/// What a check of every stored value found (scanpy's `check_nonnegative_integers`
+/// and whether the fast path may serve the call at all).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ValueFlags {
+    /// Some value has its sign bit set (`np.signbit`, so -0.0 counts).
+    pub negative: bool,
+    /// Some finite value has a fractional part.
+    pub non_integer: bool,
+    /// Some value is NaN or infinite.
+    pub non_finite: bool,
+}
+
+impl ValueFlags {
+    fn merge(&mut self, other: ValueFlags) {
+        self.negative |= other.negative;
+        self.non_integer |= other.non_integer;
+        self.non_finite |= other.non_finite;
+    }
+}
+
+/// Data element types, with the two operations upstream's kernels apply to them.
+pub trait CountValue: Float {
+    /// `v * v` in the element's own type, widened to f64 (numba and numpy square
+    /// a float32 in float32).
+    fn square_f64(self) -> f64;
+    fn flags(self) -> ValueFlags;
+}
+
+impl CountValue for f32 {
+    #[inline]
+    fn square_f64(self) -> f64 {
+        (self * self) as f64
+    }
+    #[inline]
+    fn flags(self) -> ValueFlags {
+        ValueFlags {
+            negative: self.is_sign_negative(),
+            non_integer: self.is_finite() && self.trunc() != self,
+            non_finite: !self.is_finite(),
+        }
+    }
+}
+
+impl CountValue for f64 {
+    #[inline]
+    fn square_f64(self) -> f64 {
+        self * self
+    }
+    #[inline]
+    fn flags(self) -> ValueFlags {
+        ValueFlags {
+            negative: self.is_sign_negative(),
+            non_integer: self.is_finite() && self.trunc() != self,
+            non_finite: !self.is_finite(),
+        }
+    }
+}
+
+/// Means and (biased) variances, `groups × n_cols` row-major, and the value flags
+/// of the group that was checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupMeanVar {
+    pub means: Vec<f64>,
+    pub variances: Vec<f64>,
+    pub flags: ValueFlags,
+}
+
+/// Bytes of per-task accumulators alive at once; more tasks run in later waves.
+const WAVE_BYTES: usize = 256 << 20;
+/// Columns per dense task: a row's strip of this many values is a few KiB.
+pub const DENSE_BLOCK: usize = 1024;
+
+/// `mean = s / n`, `var = q / n - mean * mean` (numba's and numpy's expressions).
+fn finish(sums: &[f64], squares: &[f64], n: usize, means: &mut [f64], variances: &mut [f64]) {
+    let n = n as f64;
+    for c in 0..sums.len() {
+        let mean = sums[c] / n;
+        means[c] = mean;
+        variances[c] = squares[c] / n - mean * mean;
+    }
+}
+
+/// CSR: `groups[g]` lists group g's rows in increasing order; `check` names the
+/// group whose values are checked (each stored value of it is seen exactly once).
+/// Column indices at or beyond `n_cols` are skipped, as upstream's kernel does.
+#[allow(clippy::too_many_arguments)]
+pub fn csr_group_mean_var<T: CountValue, P: SparseIndex, I: SparseIndex>(
+    indptr: &[P],
+    indices: &[I],
+    data: &[T],
+    n_cols: usize,
+    groups: &[Vec<usize>],
+    partitions: usize,
+    check: Option<usize>,
+) -> GroupMeanVar {
+    let nnz = data.len().min(indices.len());
+    let partitions = partitions.max(1);
+    let tasks: Vec<(usize, usize)> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(g, rows)| (0..partitions.min(rows.len())).map(move |i| (g, i)))
+        .collect();
+    let per_task = (2 * n_cols * std::mem::size_of::<f64>()).max(1);
+    let wave = (WAVE_BYTES / per_task).max(1);
+    let mut sums = vec![0.0f64; groups.len() * n_cols];
+    let mut squares = vec![0.0f64; groups.len() * n_cols];
+    let mut flags = ValueFlags::default();
+    // Tasks are ordered by (group, partition) and waves reduced in that order, so
+    // each total adds its partitions in upstream's order.
+    for chunk in tasks.chunks(wave) {
+        let partials: Vec<(Vec<[f64; 2]>, ValueFlags)> = chunk
+            .par_iter()
+            .map(|&(g, i)| {
+                let mut acc = vec![[0.0f64; 2]; n_cols];
+                let mut seen = ValueFlags::default();
+                let rows = groups[g].iter().skip(i).step_by(partitions);
+                if check == Some(g) {
+                    for &r in rows {
+                        for j in row_range(indptr, r, nnz) {
+                            let v = data[j];
+                            seen.merge(v.flags());
+                            if let Some(a) = indices[j].to_usize().and_then(|c| acc.get_mut(c)) {
+                                a[0] += v.to_f64();
+                                a[1] += v.square_f64();
+                            }
+                        }
+                    }
+                } else {
+                    for &r in rows {
+                        for j in row_range(indptr, r, nnz) {
+                            let v = data[j];
+                            if let Some(a) = indices[j].to_usize().and_then(|c| acc.get_mut(c)) {
+                                a[0] += v.to_f64();
+                                a[1] += v.square_f64();
+                            }
+                        }
+                    }
+                }
+                (acc, seen)
+            })
+            .collect();
+        for (&(g, _), (acc, seen)) in chunk.iter().zip(partials) {
+            let s = &mut sums[g * n_cols..(g + 1) * n_cols];
+            let q = &mut squares[g * n_cols..(g + 1) * n_cols];
+            for (c, a) in acc.iter().enumerate() {
+                s[c] += a[0];
+                q[c] += a[1];
+            }
+            flags.merge(seen);
+        }
+    }
+    let mut means = vec![0.0f64; groups.len() * n_cols];
+    let mut variances = vec![0.0f64; groups.len() * n_cols];
+    if n_cols > 0 {
+        for (g, rows) in groups.iter().enumerate() {
+            let span = g * n_cols..(g + 1) * n_cols;
+            finish(
+                &sums[span.clone()],
+                &squares[span.clone()],
+                rows.len(),
+                &mut means[span.clone()],
+                &mut variances[span],
+            );
+        }
+    }
+    GroupMeanVar {
+        means,
+        variances,
+        flags,
+    }
+}
+
+/// Dense, C-contiguous `n_rows × n_cols` (`data.len()` must be `n_rows * n_cols`;
+/// rows at or beyond `n_rows` are skipped).
+pub fn dense_group_mean_var<T: CountValue>(
+    data: &[T],
+    n_rows: usize,
+    n_cols: usize,
+    groups: &[Vec<usize>],
+    check: Option<usize>,
+) -> GroupMeanVar {
+    let blocks = n_cols.div_ceil(DENSE_BLOCK);
+    let tasks: Vec<(usize, usize)> = (0..groups.len())
+        .flat_map(|g| (0..blocks).map(move |b| (g, b)))
+        .collect();
+    let results: Vec<(Vec<f64>, Vec<f64>, ValueFlags)> = tasks
+        .par_iter()
+        .map(|&(g, b)| {
+            let lo = b * DENSE_BLOCK;
+            let hi = (lo + DENSE_BLOCK).min(n_cols);
+            let mut s = vec![0.0f64; hi - lo];
+            let mut q = vec![0.0f64; hi - lo];
+            let mut seen = ValueFlags::default();
+            let mut first = true;
+            for &r in &groups[g] {
+                if r >= n_rows {
+                    continue;
+                }
+                let Some(row) = data.get(r * n_cols + lo..r * n_cols + hi) else {
+                    continue;
+                };
+                if check == Some(g) {
+                    for &v in row {
+                        seen.merge(v.flags());
+                    }
+                }
+                if first {
+                    for ((s, q), &v) in s.iter_mut().zip(q.iter_mut()).zip(row) {
+                        *s = v.to_f64();
+                        *q = v.square_f64();
+                    }
+                    first = false;
+                } else {
+                    for ((s, q), &v) in s.iter_mut().zip(q.iter_mut()).zip(row) {
+                        *s += v.to_f64();
+                        *q += v.square_f64();
+                    }
+                }
+            }
+            let mut means = vec![0.0f64; hi - lo];
+            let mut variances = vec![0.0f64; hi - lo];
+            finish(&s, &q, groups[g].len(), &mut means, &mut variances);
+            (means, variances, seen)
+        })
+        .collect();
+    let mut means = vec![0.0f64; groups.len() * n_cols];
+    let mut variances = vec![0.0f64; groups.len() * n_cols];
+    let mut flags = ValueFlags::default();
+    for (&(g, b), (m, v, seen)) in tasks.iter().zip(results) {
+        let at = g * n_cols + b * DENSE_BLOCK;
+        means[at..at + m.len()].copy_from_slice(&m);
+        variances[at..at + v.len()].copy_from_slice(&v);
+        flags.merge(seen);
+    }
+    GroupMeanVar {
+        means,
+        variances,
+        flags,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::test_util::{random_csr, shapes, with_threads};
+
+    /// Upstream's numba kernel, literally: per-thread accumulators over strided rows.
+    fn reference_csr(
+        indptr: &[i64],
+        indices: &[i32],
+        data: &[f32],
+        n_cols: usize,
+        rows: &[usize],
+        t: usize,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let mut s = vec![vec![0.0f64; n_cols]; t];
+        let mut q = vec![vec![0.0f64; n_cols]; t];
+        for i in 0..t {
+            for k in (i..rows.len()).step_by(t) {
+                let r = rows[k];
+                for j in indptr[r] as usize..indptr[r + 1] as usize {
+                    let c = indices[j] as usize;
+                    s[i][c] += data[j] as f64;
+                    q[i][c] += (data[j] * data[j]) as f64;
+                }
+            }
+        }
+        let n = rows.len() as f64;
+        let mut means = vec![0.0; n_cols];
+        let mut vars = vec![0.0; n_cols];
+        for c in 0..n_cols {
+            let (mut a, mut b) = (0.0f64, 0.0f64);
+            for i in 0..t {
+                a += s[i][c];
+                b += q[i][c];
+            }
+            means[c] = a / n;
+            vars[c] = b / n - (a / n) * (a / n);
+        }
+        (means, vars)
+    }
+
+    fn bits(v: &[f64]) -> Vec<u64> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn csr_matches_upstream_order_for_any_thread_count() {
+        for (seed, &(n_rows, n_cols, density)) in shapes().iter().enumerate() {
+            let m = random_csr(seed as u64, n_rows, n_cols, density);
+            let data: Vec<f32> = m.data.iter().map(|&v| (v * 7.3) as f32).collect();
+            let all: Vec<usize> = (0..n_rows).collect();
+            let evens: Vec<usize> = (0..n_rows).filter(|r| r % 3 != 1).collect();
+            let odds: Vec<usize> = (0..n_rows).filter(|r| r % 3 == 1).collect();
+            let groups = vec![all, evens, odds];
+            for t in [1usize, 2, 3, 7] {
+                let want: Vec<_> = groups
+                    .iter()
+                    .map(|g| reference_csr(&m.indptr, &m.indices, &data, n_cols, g, t))
+                    .collect();
+                for threads in [1, 3] {
+                    let got = with_threads(threads, || {
+                        csr_group_mean_var(&m.indptr, &m.indices, &data, n_cols, &groups, t, Some(0))
+                    });
+                    for (g, (wm, wv)) in want.iter().enumerate() {
+                        if groups[g].is_empty() {
+                            continue;
+                        }
+                        let span = g * n_cols..(g + 1) * n_cols;
+                        assert_eq!(bits(&got.means[span.clone()]), bits(wm));
+                        assert_eq!(bits(&got.variances[span]), bits(wv));
+                    }
+                    assert!(!got.flags.negative && !got.flags.non_finite);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dense_adds_rows_in_order_from_the_first() {
+        let (n_rows, n_cols) = (37, 2500);
+        let data: Vec<f64> = (0..n_rows * n_cols)
+            .map(|k| ((k * 7919) % 1000) as f64 * 1e-3 * 10f64.powi((k % 9) as i32))
+            .collect();
+        let groups = vec![(0..n_rows).collect::<Vec<_>>(), vec![3, 5, 36]];
+        let got = with_threads(2, || dense_group_mean_var(&data, n_rows, n_cols, &groups, None));
+        for (g, rows) in groups.iter().enumerate() {
+            for c in 0..n_cols {
+                let mut s = data[rows[0] * n_cols + c];
+                let mut q = s * s;
+                for &r in &rows[1..] {
+                    s += data[r * n_cols + c];
+                    q += data[r * n_cols + c] * data[r * n_cols + c];
+                }
+                let n = rows.len() as f64;
+                assert_eq!(got.means[g * n_cols + c].to_bits(), (s / n).to_bits());
+                let var = q / n - (s / n) * (s / n);
+                assert_eq!(got.variances[g * n_cols + c].to_bits(), var.to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn flags_see_every_value() {
+        let indptr = [0i64, 2, 3];
+        let indices = [0i32, 1, 1];
+        for (data, want) in [
+            ([1.0f32, 2.0, 3.0], ValueFlags::default()),
+            (
+                [1.0, -0.0, 3.0],
+                ValueFlags {
+                    negative: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                [1.0, 2.0, 3.5],
+                ValueFlags {
+                    non_integer: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                [f32::INFINITY, 2.0, 3.0],
+                ValueFlags {
+                    non_finite: true,
+                    ..Default::default()
+                },
+            ),
+        ] {
+            let groups = vec![vec![0, 1]];
+            for t in [1, 2, 5] {
+                let got = csr_group_mean_var(&indptr, &indices, &data, 2, &groups, t, Some(0));
+                assert_eq!(got.flags, want);
+            }
+            let dense = [data[0], data[1], 0.0, data[2]];
+            let got = dense_group_mean_var(&dense, 2, 2, &groups, Some(0));
+            assert_eq!(got.flags, want);
+        }
+    }
+
+    #[test]
+    fn bad_column_indices_are_skipped() {
+        let indptr = [0i64, 3];
+        let indices = [0i32, 9, -1];
+        let data = [2.0f64, 5.0, 7.0];
+        let got = csr_group_mean_var(&indptr, &indices, &data, 2, &[vec![0]], 2, None);
+        assert_eq!(got.means, vec![2.0, 0.0]);
+    }
+}
