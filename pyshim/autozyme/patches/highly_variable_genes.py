@@ -1,0 +1,357 @@
+"""sc.pp.highly_variable_genes(flavor="seurat_v3" | "seurat_v3_paper"), verified
+against scanpy 1.11.5.
+
+Upstream copies the count matrix once per batch, computes per-gene means and
+variances (``_get_mean_var``), fits a loess per batch (scikit-misc) and then sums the
+clipped values and their squares. Here the O(stored values) work runs in the daemon
+in two requests, without copying any batch:
+
+1. ``HvgMeanVar``: means and variances of all cells and of every batch, in
+   upstream's order of additions (CSR: numba's kernel, whose rows are dealt to
+   ``numba.get_num_threads()`` accumulators; dense: numpy's row-order sums), and a
+   check of every value (negative / non-integer / non-finite) that replaces
+   ``check_nonnegative_integers``.
+2. ``HvgClippedSums``: per batch and gene, the sums of the values clipped to the
+   batch's clip values and of their squares, in upstream's order.
+
+Between them, the loess fits run here with scikit-misc exactly as upstream calls
+it (same inputs, same routine, so the same fitted values, errors and warnings).
+Everything O(genes) after that (normalized variances, ranks, median rank, sorting,
+the DataFrame and the ``var`` columns) is upstream's numpy/pandas expression on
+the same arrays, so dtypes and bits follow by construction.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+
+import numpy as np
+
+from .. import shm
+from ..client import DaemonError, get_client
+from ..codec import msg
+from ..fallback import Delegate, Fallback
+from . import _common
+
+VERIFIED = ("1.11.5",)
+FLAVORS = ("seurat_v3", "seurat_v3_paper")
+
+
+def fast(upstream, *args, **kwargs):
+    from anndata import AnnData
+    from scanpy import logging as logg
+
+    adata, p = _common.bind(upstream, _common.keyword_defaults(upstream), args, kwargs)
+    flavor = p["flavor"]
+    if not isinstance(adata, AnnData):
+        raise Delegate(f"{type(adata).__name__} is not an AnnData")
+    if not isinstance(flavor, str):
+        raise Delegate(f"flavor of type {type(flavor).__name__}")
+    if flavor not in FLAVORS:
+        raise Fallback(f"flavor {flavor!r}")
+    try:
+        from skmisc.loess import loess
+    except ImportError as e:
+        raise Delegate("scikit-misc is not installed") from e
+    layer, batch_key = p["layer"], p["batch_key"]
+    if adata.isbacked:
+        raise Fallback("backed AnnData")
+    if layer is not None and layer not in adata.layers:
+        raise Delegate(f"no layer {layer!r}")
+    if batch_key is not None and batch_key not in adata.obs.columns:
+        raise Delegate(f"no obs column {batch_key!r}")
+    n_top_genes = p["n_top_genes"]
+    if n_top_genes is None:
+        n_top_genes = _default_n_top_genes()
+
+    from scanpy.get import _get_obs_rep
+
+    data = _get_obs_rep(adata, layer=layer)
+    matrix = _in_scope(data)
+    codes, n_batches, sizes, labels = _batches(adata, batch_key)
+
+    start = logg.info("extracting highly variable genes")  # noqa: F841 (as upstream)
+    result = _compute(
+        data, matrix, loess, codes=codes, n_batches=n_batches, sizes=sizes, labels=labels,
+        flavor=flavor, n_top_genes=n_top_genes, check_values=p["check_values"], span=p["span"],
+        var_names=adata.var_names,
+    )
+    return _finish(adata, result, flavor=flavor, batch_key=batch_key, subset=p["subset"],
+                   inplace=p["inplace"])
+
+
+@functools.lru_cache(maxsize=1)
+def _default_n_top_genes() -> int:
+    from scanpy.preprocessing._highly_variable_genes import _highly_variable_genes_seurat_v3
+
+    return inspect.signature(_highly_variable_genes_seurat_v3).parameters["n_top_genes"].default
+
+
+def _in_scope(data) -> str:
+    """'csr' or 'dense' for inputs the fast path serves, else Fallback."""
+    if isinstance(data, np.ndarray) and not isinstance(data, np.matrix):
+        if data.dtype not in _common.FLOATS:
+            raise Fallback(f"dtype {data.dtype}")
+        if data.ndim != 2 or not data.flags.c_contiguous:
+            raise Fallback("dense input that is not a C-contiguous matrix")
+        if data.shape[1] < 2:
+            # numpy sums a single column pairwise, not row by row.
+            raise Fallback("dense input with fewer than two genes")
+        return "dense"
+    if _common.is_csr(data) and not _common.is_sparse_array(data):
+        if data.dtype not in _common.FLOATS:
+            raise Fallback(f"dtype {data.dtype}")
+        if data.indptr.dtype not in _common.INDEX or data.indices.dtype not in _common.INDEX:
+            raise Fallback(f"index dtype {data.indices.dtype}/{data.indptr.dtype}")
+        from scanpy._compat import _is_in_unsafe_thread_pool
+
+        if _is_in_unsafe_thread_pool():
+            # upstream's numba kernel runs serially there, with a warning.
+            raise Delegate("called from a thread pool numba cannot share")
+        return "csr"
+    raise Fallback(f"{type(data).__name__} input")
+
+
+def _batches(adata, batch_key):
+    """Per-cell batch index in upstream's batch order (``np.unique``), the batch
+    count and sizes; None codes for a single batch of every cell."""
+    n = adata.n_obs
+    if n == 0:
+        raise Delegate("no cells")
+    if batch_key is None:
+        return None, 1, np.array([n]), [0]
+    info = adata.obs[batch_key].to_numpy()
+    try:
+        uniq = np.unique(info)
+    except Exception as e:  # noqa: BLE001 - upstream raises its own error
+        raise Delegate(f"batch values np.unique cannot sort: {e}") from e
+    codes = np.full(n, -1, dtype=np.int64)
+    for k, b in enumerate(uniq):
+        mask = np.asarray(info == b)
+        if mask.shape != (n,) or mask.dtype != bool or not mask.any():
+            raise Delegate(f"batch {b!r} selects no cells")
+        codes[mask] = k
+    if (codes < 0).any():
+        raise Delegate("cells whose batch equals none of the batch values (NaN)")
+    if len(uniq) == 1:
+        return None, 1, np.array([n]), list(uniq)
+    return codes.astype(np.uint64), len(uniq), np.bincount(codes, minlength=len(uniq)), list(uniq)
+
+
+# Set when the kernel forbids reading this process's memory (Yama ptrace_scope):
+# then every input goes through shared memory.
+_peer_refused = False
+
+
+def _wire_matrix(data, kind: str, peer: bool):
+    """The wire Matrix and the arrays it refers to (kept alive by the caller)."""
+    if kind == "csr":
+        matrix, d, i, p = _common.csr_refs(data, with_indices=True, peer=peer)
+        return matrix, (d, i, p)
+    arr = data if peer else shm.placed(data)
+    ref = shm.peer_ref(arr) if peer else shm.ref(arr)
+    if ref is None:
+        raise Fallback("dense data cannot be referenced")
+    return msg("Dense", n_rows=data.shape[0], n_cols=data.shape[1], data=ref), (arr,)
+
+
+def _placed(data, kind: str) -> bool:
+    arrays = (data.data, data.indices, data.indptr) if kind == "csr" else (data,)
+    return all(shm.is_placed(a) for a in arrays)
+
+
+def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_top_genes,
+             check_values, span, var_names):
+    global _peer_refused
+    n_genes = data.shape[1]
+    peer = not _peer_refused and not _placed(data, kind)
+    matrix, keep = _wire_matrix(data, kind, peer)
+    batches = np.empty(0, np.uint64) if codes is None else codes
+    client = get_client()
+    import numba
+
+    try:
+        stats = client.call(msg("HvgMeanVar", x=matrix, batches=batches, n_batches=n_batches,
+                                partitions=int(numba.get_num_threads())))
+    except DaemonError as e:
+        if not peer or e.kind != "Unsupported":
+            raise
+        _peer_refused = True
+        return _compute(data, kind, loess, codes=codes, n_batches=n_batches, sizes=sizes,
+                        labels=labels, flavor=flavor, n_top_genes=n_top_genes, check_values=check_values,
+                        span=span, var_names=var_names)
+    if stats.non_finite:
+        raise Delegate("NaN or infinite values")
+    if check_values and (stats.negative or stats.non_integer):
+        _warn_non_integers(flavor)
+
+    means = stats.means.reshape(-1, n_genes)
+    variances = stats.variances.reshape(-1, n_genes)
+    n_obs = data.shape[0]
+    mean_all, var_all = means[0], variances[0]
+    _unbias(var_all, n_obs)
+    if codes is None:
+        batch_means, batch_vars = [mean_all], [var_all]
+    else:
+        batch_means, batch_vars = list(means[1:]), list(variances[1:])
+        for v, size in zip(batch_vars, sizes):
+            _unbias(v, int(size))
+
+    reg_stds, clips = [], np.empty((n_batches, n_genes), dtype=np.float64)
+    for b, (mean, var) in enumerate(zip(batch_means, batch_vars)):
+        # upstream's per-batch loess, verbatim in what it computes
+        not_const = var > 0
+        estimat_var = np.zeros(n_genes, dtype=np.float64)
+        y = np.log10(var[not_const])
+        x = np.log10(mean[not_const])
+        _check_loess_input(len(x), span, labels[b])
+        model = loess(x, y, span=span, degree=2)
+        model.fit()
+        estimat_var[not_const] = model.outputs.fitted_values
+        reg_std = np.sqrt(10**estimat_var)
+        vmax = np.sqrt(int(sizes[b]))
+        clips[b] = reg_std * vmax + mean
+        reg_stds.append(reg_std)
+
+    sums = client.call(msg("HvgClippedSums", x=matrix, batches=batches, n_batches=n_batches,
+                           clip=clips.reshape(-1)))
+    del keep
+    batch_sums = sums.sums.reshape(n_batches, n_genes)
+    batch_squares = sums.squares.reshape(n_batches, n_genes)
+
+    norm_gene_vars = []
+    for b in range(n_batches):
+        n = int(sizes[b])
+        mean, reg_std = batch_means[b], reg_stds[b]
+        norm_gene_var = (1 / ((n - 1) * np.square(reg_std))) * (
+            (n * np.square(mean)) + batch_squares[b] - 2 * batch_sums[b] * mean
+        )
+        norm_gene_vars.append(norm_gene_var.reshape(1, -1))
+    return _rank(mean_all, var_all, norm_gene_vars, flavor=flavor, n_top_genes=n_top_genes,
+                 var_names=var_names)
+
+
+def _check_loess_input(n_points: int, span, label) -> None:
+    """scikit-misc's loess dereferences out of bounds, killing the process with
+    SIGSEGV, when ``floor(n_points * span)`` is 0 (a span in (0, 1] covering less
+    than one point: e.g. a batch of one cell, where no gene varies). Upstream
+    scanpy 1.11.5 crashes there; we raise instead."""
+    try:
+        tiny = 0 < span <= 1 and n_points * span < 1
+    except TypeError:
+        return  # loess raises its own error for such a span
+    if tiny:
+        raise ValueError(
+            f"highly_variable_genes: batch {label!r} has {n_points} genes with non-zero "
+            f"variance, too few for a loess fit with span={span} (needs span * genes >= 1). "
+            "scikit-misc's loess crashes the Python process on such input (upstream scanpy "
+            "1.11.5 dies with a segmentation fault here); use larger batches or a larger span."
+        )
+
+
+def _unbias(var, n: int) -> None:
+    """upstream's ``var *= n / (n - 1)`` (R's unbiased estimator), in place."""
+    if n != 1:
+        var *= n / (n - 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _upstream_warning_site():
+    """Where upstream's non-integer warning is attributed (stacklevel=3 from
+    ``_highly_variable_genes_seurat_v3`` lands in ``legacy_api_wrap``'s wrapper of
+    ``highly_variable_genes``): (filename, lineno, module globals), or None."""
+    try:
+        from scanpy.preprocessing import _highly_variable_genes as mod
+
+        wrapper = mod.highly_variable_genes
+        wrapper = getattr(wrapper, "__autozyme_upstream__", wrapper)
+        code = wrapper.__code__
+        lines, first = inspect.getsourcelines(code)
+        for k, line in enumerate(lines):
+            if line.strip().startswith("return fn("):
+                import sys
+
+                module = sys.modules.get(wrapper.__module__)
+                return code.co_filename, first + k, vars(module) if module else None
+    except Exception:  # noqa: BLE001 - attribution is cosmetic
+        return None
+    return None
+
+
+def _warn_non_integers(flavor) -> None:
+    message = f"`{flavor=!r}` expects raw count data, but non-integers were found."
+    site = _upstream_warning_site()
+    if site is None or site[2] is None:
+        warnings.warn(message, UserWarning, stacklevel=4)
+        return
+    filename, lineno, module_globals = site
+    warnings.warn_explicit(
+        message, UserWarning, filename, lineno,
+        module=module_globals.get("__name__"),
+        registry=module_globals.setdefault("__warningregistry__", {}),
+        module_globals=module_globals,
+    )
+
+
+def _rank(mean_all, var_all, norm_gene_vars, *, flavor, n_top_genes, var_names):
+    """upstream's ranking and selection, step for step, on the same arrays."""
+    import pandas as pd
+
+    df = pd.DataFrame(index=var_names)
+    df["means"], df["variances"] = mean_all, var_all
+    norm_gene_vars = np.concatenate(norm_gene_vars, axis=0)
+    ranked_norm_gene_vars = np.argsort(np.argsort(-norm_gene_vars, axis=1), axis=1)
+    ranked_norm_gene_vars = ranked_norm_gene_vars.astype(np.float32)
+    num_batches_high_var = np.sum((ranked_norm_gene_vars < n_top_genes).astype(int), axis=0)
+    ranked_norm_gene_vars[ranked_norm_gene_vars >= n_top_genes] = np.nan
+    ma_ranked = np.ma.masked_invalid(ranked_norm_gene_vars)
+    median_ranked = np.ma.median(ma_ranked, axis=0).filled(np.nan)
+
+    df["gene_name"] = df.index
+    df["highly_variable_nbatches"] = num_batches_high_var
+    df["highly_variable_rank"] = median_ranked
+    df["variances_norm"] = np.mean(norm_gene_vars, axis=0)
+    if flavor == "seurat_v3":
+        sort_cols = ["highly_variable_rank", "highly_variable_nbatches"]
+        sort_ascending = [True, False]
+    else:
+        sort_cols = ["highly_variable_nbatches", "highly_variable_rank"]
+        sort_ascending = [False, True]
+    sorted_index = (
+        df[sort_cols].sort_values(sort_cols, ascending=sort_ascending, na_position="last").index
+    )
+    df["highly_variable"] = False
+    df.loc[sorted_index[: int(n_top_genes)], "highly_variable"] = True
+    return df
+
+
+def _finish(adata, df, *, flavor, batch_key, subset, inplace):
+    from scanpy import logging as logg
+
+    if inplace:
+        adata.uns["hvg"] = {"flavor": flavor}
+        logg.hint(
+            "added\n"
+            "    'highly_variable', boolean vector (adata.var)\n"
+            "    'highly_variable_rank', float vector (adata.var)\n"
+            "    'means', float vector (adata.var)\n"
+            "    'variances', float vector (adata.var)\n"
+            "    'variances_norm', float vector (adata.var)"
+        )
+        adata.var["highly_variable"] = df["highly_variable"].to_numpy()
+        adata.var["highly_variable_rank"] = df["highly_variable_rank"].to_numpy()
+        adata.var["means"] = df["means"].to_numpy()
+        adata.var["variances"] = df["variances"].to_numpy()
+        adata.var["variances_norm"] = df["variances_norm"].to_numpy().astype("float64", copy=False)
+        if batch_key is not None:
+            adata.var["highly_variable_nbatches"] = df["highly_variable_nbatches"].to_numpy()
+        if subset:
+            adata._inplace_subset_var(df["highly_variable"].to_numpy())
+        return None
+    if batch_key is None:
+        df = df.drop(["highly_variable_nbatches"], axis=1)
+    if subset:
+        df = df.iloc[df["highly_variable"].to_numpy(), :]
+    return df
