@@ -76,7 +76,7 @@ def fast(upstream, *args, **kwargs):
     result = _compute(
         data, matrix, loess, codes=codes, n_batches=n_batches, sizes=sizes, labels=labels,
         flavor=flavor, n_top_genes=n_top_genes, check_values=p["check_values"], span=p["span"],
-        var_names=adata.var_names,
+        var_names=adata.var_names, adopt=not adata.is_view,
     )
     return _finish(adata, result, flavor=flavor, batch_key=batch_key, subset=p["subset"],
                    inplace=p["inplace"])
@@ -145,29 +145,83 @@ def _batches(adata, batch_key):
 _peer_refused = False
 
 
-def _wire_matrix(data, kind: str, peer: bool):
-    """The wire Matrix and the arrays it refers to (kept alive by the caller)."""
+def _arrays(data, kind: str) -> tuple:
+    return (data.data, data.indices, data.indptr) if kind == "csr" else (data,)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // 64) * 64
+
+
+def _footprint(data, kind: str) -> int:
+    return sum(_aligned(a.nbytes) for a in _arrays(data, kind))
+
+
+def _place(data, kind: str, adopt: bool):
+    """Copy the matrix's arrays into one segment (copied in parallel blocks) and,
+    if ``adopt``, rebind the matrix to them, so later calls copy nothing. Returns
+    the placed arrays."""
+    from .. import parallel
+
+    buf = shm.empty((max(_footprint(data, kind), 1),), np.uint8)
+    placed, off = [], 0
+    for arr in _arrays(data, kind):
+        src = np.ascontiguousarray(arr).reshape(-1)
+        view = buf[off : off + src.nbytes].view(src.dtype)
+        off += _aligned(src.nbytes)
+
+        def copy(a, b, view=view, src=src):
+            np.copyto(view[a:b], src[a:b])
+
+        parallel.run_blocks(copy, parallel.blocks(src.size, src.itemsize, align=parallel.ALIGN))
+        placed.append(view.reshape(arr.shape))
+    if adopt:
+        if kind == "csr":
+            _common.adopt_csr(data, data=placed[0], indices=placed[1], indptr=placed[2])
+    return placed
+
+
+def _wire_matrix(data, kind: str, arrays: tuple, peer: bool):
+    """The wire Matrix over ``arrays`` (placed in segments, or ``data``'s own for
+    the daemon to read from this process)."""
+    to_ref = shm.peer_ref if peer else shm.ref
+    refs = [to_ref(np.ascontiguousarray(a) if peer else a) for a in arrays]
+    if any(r is None for r in refs):
+        raise Fallback("arrays that cannot be referenced")
+    n_rows, n_cols = data.shape
     if kind == "csr":
-        matrix, d, i, p = _common.csr_refs(data, with_indices=True, peer=peer)
-        return matrix, (d, i, p)
-    arr = data if peer else shm.placed(data)
-    ref = shm.peer_ref(arr) if peer else shm.ref(arr)
-    if ref is None:
-        raise Fallback("dense data cannot be referenced")
-    return msg("Dense", n_rows=data.shape[0], n_cols=data.shape[1], data=ref), (arr,)
+        return msg("Csr", n_rows=n_rows, n_cols=n_cols, data=refs[0], indices=refs[1], indptr=refs[2])
+    return msg("Dense", n_rows=n_rows, n_cols=n_cols, data=refs[0])
 
 
 def _placed(data, kind: str) -> bool:
-    arrays = (data.data, data.indices, data.indptr) if kind == "csr" else (data,)
-    return all(shm.is_placed(a) for a in arrays)
+    return all(shm.is_placed(a) for a in _arrays(data, kind))
+
+
+def _transport(data, kind: str, adopt: bool):
+    """How the matrix reaches the daemon: (peer?, arrays). Already in shared
+    memory: as it is. A segment at hand (a re-run, or a spare prepared after an
+    earlier call): copied there once and adopted (dense arrays are not: the copy
+    would have to replace the user's array). Otherwise the daemon reads this
+    process's memory, and a segment is prepared in the background for next time."""
+    from ..client import prefault_in_background
+
+    if _placed(data, kind):
+        return False, _arrays(data, kind)
+    size = _footprint(data, kind)
+    if _peer_refused or (kind == "csr" and adopt and shm.reserve(size)):
+        return False, tuple(_place(data, kind, adopt=adopt and kind == "csr"))
+    if kind == "csr" and adopt:
+        shm.ensure_spare(size, on_ready=prefault_in_background)
+    return True, tuple(np.ascontiguousarray(a) for a in _arrays(data, kind))
 
 
 def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_top_genes,
-             check_values, span, var_names):
+             check_values, span, var_names, adopt):
     global _peer_refused
     n_genes = data.shape[1]
-    peer = not _peer_refused and not _placed(data, kind)
-    matrix, keep = _wire_matrix(data, kind, peer)
+    peer, keep = _transport(data, kind, adopt)
+    matrix = _wire_matrix(data, kind, keep, peer)
     batches = np.empty(0, np.uint64) if codes is None else codes
     client = get_client()
     import numba
@@ -181,7 +235,7 @@ def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_to
         _peer_refused = True
         return _compute(data, kind, loess, codes=codes, n_batches=n_batches, sizes=sizes,
                         labels=labels, flavor=flavor, n_top_genes=n_top_genes, check_values=check_values,
-                        span=span, var_names=var_names)
+                        span=span, var_names=var_names, adopt=adopt)
     if stats.non_finite:
         raise Delegate("NaN or infinite values")
     if check_values and (stats.negative or stats.non_integer):
