@@ -192,7 +192,9 @@ def test_two_cell_batches(active):
     compare(*run_both(active, make, dict(flavor="seurat_v3_paper", batch_key="b", n_top_genes=20)))
 
 
-@pytest.mark.parametrize("batch_values", ["ints", "single", "strings_object"])
+@pytest.mark.parametrize(
+    "batch_values", ["ints", "single", "strings_object", "categorical_unused", "categorical_numbers"]
+)
 def test_batch_column_types(active, batch_values):
     def make():
         ad = counts(600, 200, seed=12)
@@ -201,8 +203,13 @@ def test_batch_column_types(active, batch_values):
             ad.obs["b"] = rng.integers(0, 3, ad.n_obs)
         elif batch_values == "single":
             ad.obs["b"] = "only"
-        else:
+        elif batch_values == "strings_object":
             ad.obs["b"] = np.array(rng.choice(["x", "y", "z"], ad.n_obs), dtype=object)
+        elif batch_values == "categorical_unused":
+            ad.obs["b"] = pd.Categorical(rng.choice(["x", "y", "z"], ad.n_obs),
+                                         categories=["z", "unused", "x", "y"])
+        else:
+            ad.obs["b"] = pd.Categorical(rng.choice([10.5, 2.0, -1.0], ad.n_obs))
         return ad
 
     compare(*run_both(active, make, dict(flavor="seurat_v3", batch_key="b", n_top_genes=20)))

@@ -135,13 +135,13 @@ pub enum Request {
         millis: u64,
     },
     /// highly_variable_genes (seurat_v3), step 1: per-gene means and biased
-    /// variances (before upstream's `n / (n - 1)`) of all cells, then of each batch,
-    /// as scanpy's `_get_mean_var` computes them (CSR: numba's kernel with its rows
-    /// dealt to `partitions` accumulators, numba's thread count in the client;
-    /// dense: numpy's row-order sums). `batches` holds each cell's batch in
-    /// `0..n_batches`; empty means one batch of all cells (then only the overall
-    /// statistics are returned). Every stored value is also checked (see
-    /// `Response::HvgMeanVar`). CSR needs its indices.
+    /// variances (before upstream's `n / (n - 1)`) of each batch, as scanpy's
+    /// `_get_mean_var` computes them (CSR: numba's kernel with its rows dealt to
+    /// `partitions` accumulators, numba's thread count in the client; dense:
+    /// numpy's row-order sums). `batches` holds each cell's batch in
+    /// `0..n_batches`; empty means one batch of all cells (`n_batches` 1). Every
+    /// stored value is also checked (see `Response::HvgMeanVar`). CSR needs its
+    /// indices.
     HvgMeanVar {
         x: Matrix,
         batches: Vec<u64>,
@@ -234,8 +234,7 @@ pub enum Response {
         segment: Option<String>,
         size: u64,
     },
-    /// `means` and `variances` are `(1 + n_batches) × n_cols` row-major: all cells
-    /// first, then each batch (only all cells when the request had no batches).
+    /// `means` and `variances` are `n_batches × n_cols` row-major.
     /// `negative`: some value has its sign bit set; `non_integer`: some finite
     /// value has a fractional part; `non_finite`: some value is NaN or infinite.
     HvgMeanVar {

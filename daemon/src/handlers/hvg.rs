@@ -4,7 +4,7 @@
 use crate::error::{Failure, Result};
 use crate::kernels::hvg_clipped_sums::{csr_clipped_sums, dense_clipped_sums, ClippedSums};
 use crate::kernels::hvg_mean_var::{
-    csr_group_mean_var, dense_group_mean_var, CountValue, GroupMeanVar,
+    csr_group_mean_var, dense_group_mean_var, value_flags, CountValue, GroupMeanVar, ValueFlags,
 };
 use crate::kernels::SparseIndex;
 use crate::server::state::Daemon;
@@ -34,9 +34,7 @@ fn batch_rows(batches: &[u64], n_batches: u64, n_rows: usize) -> Result<Vec<Vec<
     let n = usize::try_from(n_batches)
         .ok()
         .filter(|&n| n >= 1 && n <= n_rows)
-        .ok_or_else(|| {
-            Failure::bad_request(format!("n_batches {n_batches} for {n_rows} cells"))
-        })?;
+        .ok_or_else(|| Failure::bad_request(format!("n_batches {n_batches} for {n_rows} cells")))?;
     let mut rows = vec![Vec::new(); n];
     for (r, &b) in batches.iter().enumerate() {
         let group = usize::try_from(b)
@@ -76,24 +74,16 @@ pub(super) fn mean_var(
         )));
     }
     let (n_rows, n_cols) = shape(x)?;
-    // Group 0 is every cell; the batches follow when there are any.
-    let mut groups = vec![(0..n_rows).collect::<Vec<usize>>()];
-    if !batches.is_empty() {
-        groups.extend(batch_rows(batches, n_batches, n_rows)?);
-    } else if n_batches != 1 {
-        return Err(Failure::bad_request(format!(
-            "no batches given, so n_batches must be 1, not {n_batches}"
-        )));
-    }
+    let groups = batch_rows(batches, n_batches, n_rows)?;
     check_reply_size(groups.len(), n_cols)?;
     let mut resolver = Resolver::new(&daemon.segments, peer);
-    let stats = match x {
+    let (stats, flags) = match x {
         Matrix::Csr { .. } => {
             let work = CsrWork::MeanVar {
                 partitions: partitions as usize,
             };
             match run_csr(&mut resolver, x, &groups, work)? {
-                CsrOut::MeanVar(stats) => stats,
+                CsrOut::MeanVar(stats, flags) => (stats, flags),
                 CsrOut::Clipped(_) => unreachable!("asked for means and variances"),
             }
         }
@@ -105,17 +95,17 @@ pub(super) fn mean_var(
             let dense = DenseRegions::resolve(&mut resolver, *n_rows, *n_cols, data)?;
             let (r, c) = (dense.n_rows, dense.n_cols);
             match dense.data.floats().expect("dtype checked") {
-                FloatSlice::F32(d) => dense_group_mean_var(d, r, c, &groups, Some(0)),
-                FloatSlice::F64(d) => dense_group_mean_var(d, r, c, &groups, Some(0)),
+                FloatSlice::F32(d) => (dense_group_mean_var(d, r, c, &groups), value_flags(d)),
+                FloatSlice::F64(d) => (dense_group_mean_var(d, r, c, &groups), value_flags(d)),
             }
         }
     };
     Ok(Response::HvgMeanVar {
         means: stats.means,
         variances: stats.variances,
-        negative: stats.flags.negative,
-        non_integer: stats.flags.non_integer,
-        non_finite: stats.flags.non_finite,
+        negative: flags.negative,
+        non_integer: flags.non_integer,
+        non_finite: flags.non_finite,
     })
 }
 
@@ -145,7 +135,7 @@ pub(super) fn clipped_sums(
             let work = CsrWork::Clipped { clip, blocks };
             match run_csr(&mut resolver, x, &groups, work)? {
                 CsrOut::Clipped(sums) => sums,
-                CsrOut::MeanVar(_) => unreachable!("asked for clipped sums"),
+                CsrOut::MeanVar(..) => unreachable!("asked for clipped sums"),
             }
         }
         Matrix::Dense {
@@ -185,7 +175,7 @@ enum CsrWork<'a> {
 }
 
 enum CsrOut {
-    MeanVar(GroupMeanVar),
+    MeanVar(GroupMeanVar, ValueFlags),
     Clipped(ClippedSums),
 }
 
@@ -236,9 +226,10 @@ impl CsrJob<'_> {
     ) -> CsrOut {
         let (n_cols, groups) = (self.n_cols, self.groups);
         match self.work {
-            CsrWork::MeanVar { partitions } => CsrOut::MeanVar(csr_group_mean_var(
-                indptr, indices, data, n_cols, groups, partitions, Some(0),
-            )),
+            CsrWork::MeanVar { partitions } => CsrOut::MeanVar(
+                csr_group_mean_var(indptr, indices, data, n_cols, groups, partitions),
+                value_flags(data),
+            ),
             CsrWork::Clipped { clip, blocks } => CsrOut::Clipped(csr_clipped_sums(
                 indptr, indices, data, n_cols, groups, clip, blocks,
             )),

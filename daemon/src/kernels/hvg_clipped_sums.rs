@@ -178,7 +178,9 @@ mod tests {
             for blocks in [1, 2, 5] {
                 for threads in [1, 3] {
                     let got = with_threads(threads, || {
-                        csr_clipped_sums(&m.indptr, &m.indices, &m.data, n_cols, &groups, &clip, blocks)
+                        csr_clipped_sums(
+                            &m.indptr, &m.indices, &m.data, n_cols, &groups, &clip, blocks,
+                        )
                     });
                     assert_eq!(bits(&got.sums), bits(&want_s));
                     assert_eq!(bits(&got.squares), bits(&want_q));
@@ -190,7 +192,9 @@ mod tests {
     #[test]
     fn dense_starts_from_the_first_row() {
         let (n_rows, n_cols) = (9, 2100);
-        let data: Vec<f32> = (0..n_rows * n_cols).map(|k| ((k * 31) % 23) as f32 * 0.37).collect();
+        let data: Vec<f32> = (0..n_rows * n_cols)
+            .map(|k| ((k * 31) % 23) as f32 * 0.37)
+            .collect();
         let groups = vec![vec![0, 4, 8], vec![1, 2, 3, 5, 6, 7]];
         let clip: Vec<f64> = (0..2 * n_cols).map(|k| (k % 11) as f64).collect();
         let got = dense_clipped_sums(&data, n_rows, n_cols, &groups, &clip);

@@ -87,13 +87,11 @@ impl CountValue for f64 {
     }
 }
 
-/// Means and (biased) variances, `groups × n_cols` row-major, and the value flags
-/// of the group that was checked.
+/// Means and (biased) variances, `groups × n_cols` row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupMeanVar {
     pub means: Vec<f64>,
     pub variances: Vec<f64>,
-    pub flags: ValueFlags,
 }
 
 /// Bytes of per-task accumulators alive at once; more tasks run in later waves.
@@ -111,10 +109,32 @@ fn finish(sums: &[f64], squares: &[f64], n: usize, means: &mut [f64], variances:
     }
 }
 
-/// CSR: `groups[g]` lists group g's rows in increasing order; `check` names the
-/// group whose values are checked (each stored value of it is seen exactly once).
-/// Column indices at or beyond `n_cols` are skipped, as upstream's kernel does.
-#[allow(clippy::too_many_arguments)]
+/// Every stored value's flags, OR-ed (a separate streaming pass: it vectorises,
+/// where checks inside the scattering loops would not).
+pub fn value_flags<T: CountValue>(data: &[T]) -> ValueFlags {
+    data.par_chunks(1 << 16)
+        .map(|chunk| {
+            let (mut neg, mut frac, mut inf) = (false, false, false);
+            for &v in chunk {
+                let f = v.flags();
+                neg |= f.negative;
+                frac |= f.non_integer;
+                inf |= f.non_finite;
+            }
+            ValueFlags {
+                negative: neg,
+                non_integer: frac,
+                non_finite: inf,
+            }
+        })
+        .reduce(ValueFlags::default, |mut a, b| {
+            a.merge(b);
+            a
+        })
+}
+
+/// CSR: `groups[g]` lists group g's rows in increasing order. Column indices
+/// outside `0..n_cols` are skipped, as upstream's kernel skips those beyond it.
 pub fn csr_group_mean_var<T: CountValue, P: SparseIndex, I: SparseIndex>(
     indptr: &[P],
     indices: &[I],
@@ -122,9 +142,9 @@ pub fn csr_group_mean_var<T: CountValue, P: SparseIndex, I: SparseIndex>(
     n_cols: usize,
     groups: &[Vec<usize>],
     partitions: usize,
-    check: Option<usize>,
 ) -> GroupMeanVar {
     let nnz = data.len().min(indices.len());
+    let (indices, data) = (&indices[..nnz], &data[..nnz]);
     let partitions = partitions.max(1);
     let tasks: Vec<(usize, usize)> = groups
         .iter()
@@ -135,49 +155,32 @@ pub fn csr_group_mean_var<T: CountValue, P: SparseIndex, I: SparseIndex>(
     let wave = (WAVE_BYTES / per_task).max(1);
     let mut sums = vec![0.0f64; groups.len() * n_cols];
     let mut squares = vec![0.0f64; groups.len() * n_cols];
-    let mut flags = ValueFlags::default();
     // Tasks are ordered by (group, partition) and waves reduced in that order, so
     // each total adds its partitions in upstream's order.
     for chunk in tasks.chunks(wave) {
-        let partials: Vec<(Vec<[f64; 2]>, ValueFlags)> = chunk
+        let partials: Vec<Vec<[f64; 2]>> = chunk
             .par_iter()
             .map(|&(g, i)| {
                 let mut acc = vec![[0.0f64; 2]; n_cols];
-                let mut seen = ValueFlags::default();
-                let rows = groups[g].iter().skip(i).step_by(partitions);
-                if check == Some(g) {
-                    for &r in rows {
-                        for j in row_range(indptr, r, nnz) {
-                            let v = data[j];
-                            seen.merge(v.flags());
-                            if let Some(a) = indices[j].to_usize().and_then(|c| acc.get_mut(c)) {
-                                a[0] += v.to_f64();
-                                a[1] += v.square_f64();
-                            }
-                        }
-                    }
-                } else {
-                    for &r in rows {
-                        for j in row_range(indptr, r, nnz) {
-                            let v = data[j];
-                            if let Some(a) = indices[j].to_usize().and_then(|c| acc.get_mut(c)) {
-                                a[0] += v.to_f64();
-                                a[1] += v.square_f64();
-                            }
+                for &r in groups[g].iter().skip(i).step_by(partitions) {
+                    let span = row_range(indptr, r, nnz);
+                    for (&c, &v) in indices[span.clone()].iter().zip(&data[span]) {
+                        if let Some(a) = acc.get_mut(c.to_usize().unwrap_or(usize::MAX)) {
+                            a[0] += v.to_f64();
+                            a[1] += v.square_f64();
                         }
                     }
                 }
-                (acc, seen)
+                acc
             })
             .collect();
-        for (&(g, _), (acc, seen)) in chunk.iter().zip(partials) {
+        for (&(g, _), acc) in chunk.iter().zip(partials) {
             let s = &mut sums[g * n_cols..(g + 1) * n_cols];
             let q = &mut squares[g * n_cols..(g + 1) * n_cols];
             for (c, a) in acc.iter().enumerate() {
                 s[c] += a[0];
                 q[c] += a[1];
             }
-            flags.merge(seen);
         }
     }
     let mut means = vec![0.0f64; groups.len() * n_cols];
@@ -194,11 +197,7 @@ pub fn csr_group_mean_var<T: CountValue, P: SparseIndex, I: SparseIndex>(
             );
         }
     }
-    GroupMeanVar {
-        means,
-        variances,
-        flags,
-    }
+    GroupMeanVar { means, variances }
 }
 
 /// Dense, C-contiguous `n_rows × n_cols` (`data.len()` must be `n_rows * n_cols`;
@@ -208,20 +207,18 @@ pub fn dense_group_mean_var<T: CountValue>(
     n_rows: usize,
     n_cols: usize,
     groups: &[Vec<usize>],
-    check: Option<usize>,
 ) -> GroupMeanVar {
     let blocks = n_cols.div_ceil(DENSE_BLOCK);
     let tasks: Vec<(usize, usize)> = (0..groups.len())
         .flat_map(|g| (0..blocks).map(move |b| (g, b)))
         .collect();
-    let results: Vec<(Vec<f64>, Vec<f64>, ValueFlags)> = tasks
+    let results: Vec<(Vec<f64>, Vec<f64>)> = tasks
         .par_iter()
         .map(|&(g, b)| {
             let lo = b * DENSE_BLOCK;
             let hi = (lo + DENSE_BLOCK).min(n_cols);
             let mut s = vec![0.0f64; hi - lo];
             let mut q = vec![0.0f64; hi - lo];
-            let mut seen = ValueFlags::default();
             let mut first = true;
             for &r in &groups[g] {
                 if r >= n_rows {
@@ -230,11 +227,6 @@ pub fn dense_group_mean_var<T: CountValue>(
                 let Some(row) = data.get(r * n_cols + lo..r * n_cols + hi) else {
                     continue;
                 };
-                if check == Some(g) {
-                    for &v in row {
-                        seen.merge(v.flags());
-                    }
-                }
                 if first {
                     for ((s, q), &v) in s.iter_mut().zip(q.iter_mut()).zip(row) {
                         *s = v.to_f64();
@@ -251,23 +243,17 @@ pub fn dense_group_mean_var<T: CountValue>(
             let mut means = vec![0.0f64; hi - lo];
             let mut variances = vec![0.0f64; hi - lo];
             finish(&s, &q, groups[g].len(), &mut means, &mut variances);
-            (means, variances, seen)
+            (means, variances)
         })
         .collect();
     let mut means = vec![0.0f64; groups.len() * n_cols];
     let mut variances = vec![0.0f64; groups.len() * n_cols];
-    let mut flags = ValueFlags::default();
-    for (&(g, b), (m, v, seen)) in tasks.iter().zip(results) {
+    for (&(g, b), (m, v)) in tasks.iter().zip(results) {
         let at = g * n_cols + b * DENSE_BLOCK;
         means[at..at + m.len()].copy_from_slice(&m);
         variances[at..at + v.len()].copy_from_slice(&v);
-        flags.merge(seen);
     }
-    GroupMeanVar {
-        means,
-        variances,
-        flags,
-    }
+    GroupMeanVar { means, variances }
 }
 
 #[cfg(test)]
@@ -331,7 +317,7 @@ mod tests {
                     .collect();
                 for threads in [1, 3] {
                     let got = with_threads(threads, || {
-                        csr_group_mean_var(&m.indptr, &m.indices, &data, n_cols, &groups, t, Some(0))
+                        csr_group_mean_var(&m.indptr, &m.indices, &data, n_cols, &groups, t)
                     });
                     for (g, (wm, wv)) in want.iter().enumerate() {
                         if groups[g].is_empty() {
@@ -341,7 +327,6 @@ mod tests {
                         assert_eq!(bits(&got.means[span.clone()]), bits(wm));
                         assert_eq!(bits(&got.variances[span]), bits(wv));
                     }
-                    assert!(!got.flags.negative && !got.flags.non_finite);
                 }
             }
         }
@@ -354,7 +339,7 @@ mod tests {
             .map(|k| ((k * 7919) % 1000) as f64 * 1e-3 * 10f64.powi((k % 9) as i32))
             .collect();
         let groups = vec![(0..n_rows).collect::<Vec<_>>(), vec![3, 5, 36]];
-        let got = with_threads(2, || dense_group_mean_var(&data, n_rows, n_cols, &groups, None));
+        let got = with_threads(2, || dense_group_mean_var(&data, n_rows, n_cols, &groups));
         for (g, rows) in groups.iter().enumerate() {
             for c in 0..n_cols {
                 let mut s = data[rows[0] * n_cols + c];
@@ -373,8 +358,6 @@ mod tests {
 
     #[test]
     fn flags_see_every_value() {
-        let indptr = [0i64, 2, 3];
-        let indices = [0i32, 1, 1];
         for (data, want) in [
             ([1.0f32, 2.0, 3.0], ValueFlags::default()),
             (
@@ -398,16 +381,32 @@ mod tests {
                     ..Default::default()
                 },
             ),
+            ([1.0, 2.0, 1e9], ValueFlags::default()),
+            (
+                [8_388_607.5, 2.0, 1.0],
+                ValueFlags {
+                    non_integer: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                [f32::NAN, 2.0, 0.25],
+                ValueFlags {
+                    non_integer: true,
+                    non_finite: true,
+                    ..Default::default()
+                },
+            ),
         ] {
-            let groups = vec![vec![0, 1]];
-            for t in [1, 2, 5] {
-                let got = csr_group_mean_var(&indptr, &indices, &data, 2, &groups, t, Some(0));
-                assert_eq!(got.flags, want);
-            }
-            let dense = [data[0], data[1], 0.0, data[2]];
-            let got = dense_group_mean_var(&dense, 2, 2, &groups, Some(0));
-            assert_eq!(got.flags, want);
+            assert_eq!(value_flags(&data), want, "{data:?}");
+            let wide: Vec<f64> = data.iter().map(|&v| v as f64).collect();
+            assert_eq!(value_flags(&wide), want, "{data:?}");
         }
+        assert_eq!(
+            value_flags(&[0.5f64 + 4_503_599_627_370_496.0]).non_integer,
+            false
+        );
+        assert!(value_flags(&[4_503_599_627_370_495.5f64]).non_integer);
     }
 
     #[test]
@@ -415,57 +414,7 @@ mod tests {
         let indptr = [0i64, 3];
         let indices = [0i32, 9, -1];
         let data = [2.0f64, 5.0, 7.0];
-        let got = csr_group_mean_var(&indptr, &indices, &data, 2, &[vec![0]], 2, None);
+        let got = csr_group_mean_var(&indptr, &indices, &data, 2, &[vec![0]], 2);
         assert_eq!(got.means, vec![2.0, 0.0]);
-    }
-}
-
-#[cfg(test)]
-mod perf_tmp {
-    use super::*;
-    use crate::kernels::hvg_clipped_sums::csr_clipped_sums;
-    #[test]
-    #[ignore]
-    fn perf() {
-        let (n_rows, n_cols, per_row) = (30000usize, 18000usize, 1140usize);
-        let mut rng = crate::kernels::test_util::Lcg(1);
-        let mut indptr = vec![0i32];
-        let mut indices = Vec::with_capacity(n_rows * per_row);
-        let mut data = Vec::with_capacity(n_rows * per_row);
-        for _ in 0..n_rows {
-            let mut cols: Vec<i32> = (0..per_row).map(|_| rng.below(n_cols as u64) as i32).collect();
-            cols.sort();
-            cols.dedup();
-            for c in cols {
-                indices.push(c);
-                data.push((1 + rng.below(5)) as f32);
-            }
-            indptr.push(indices.len() as i32);
-        }
-        let all: Vec<usize> = (0..n_rows).collect();
-        let mut groups = vec![all];
-        for b in 0..7 {
-            groups.push((0..n_rows).filter(|r| r % 7 == b).collect());
-        }
-        let t = std::time::Instant::now();
-        let s: f64 = data.iter().map(|&v| v as f64).sum();
-        eprintln!("plain sum {:?} {s}", t.elapsed());
-        let t = std::time::Instant::now();
-        let mut acc = vec![0.0f64; n_cols];
-        for (&c, &v) in indices.iter().zip(&data) { acc[c as usize] += v as f64; }
-        eprintln!("plain scatter {:?} {}", t.elapsed(), acc[5]);
-        for threads in [1, 2] {
-            crate::kernels::test_util::with_threads(threads, || {
-                let t = std::time::Instant::now();
-                let r = csr_group_mean_var(&indptr, &indices, &data, n_cols, &groups, 2, Some(0));
-                eprintln!("threads {threads} nnz {} mean_var {:?}", data.len(), t.elapsed());
-                std::hint::black_box(r);
-                let clip = vec![3.0; 7 * n_cols];
-                let t = std::time::Instant::now();
-                let r = csr_clipped_sums(&indptr, &indices, &data, n_cols, &groups[1..], &clip, 1);
-                eprintln!("threads {threads} clipped {:?}", t.elapsed());
-                std::hint::black_box(r);
-            });
-        }
     }
 }

@@ -29,7 +29,7 @@ import warnings
 
 import numpy as np
 
-from .. import shm
+from .. import parallel, shm
 from ..client import DaemonError, get_client
 from ..codec import msg
 from ..fallback import Delegate, Fallback
@@ -122,6 +122,9 @@ def _batches(adata, batch_key):
         raise Delegate("no cells")
     if batch_key is None:
         return None, 1, np.array([n]), [0]
+    fast_codes = _categorical_batches(adata.obs[batch_key])
+    if fast_codes is not None:
+        return fast_codes
     info = adata.obs[batch_key].to_numpy()
     try:
         uniq = np.unique(info)
@@ -138,6 +141,38 @@ def _batches(adata, batch_key):
     if len(uniq) == 1:
         return None, 1, np.array([n]), list(uniq)
     return codes.astype(np.uint64), len(uniq), np.bincount(codes, minlength=len(uniq)), list(uniq)
+
+
+def _categorical_batches(col):
+    """``_batches`` for a categorical column of strings or numbers, from its codes
+    (no object comparisons): the batches are the used categories in the order
+    ``np.unique`` gives their values. None where that shortcut does not apply."""
+    import pandas as pd
+
+    if not isinstance(col.dtype, pd.CategoricalDtype):
+        return None
+    cats = col.cat.categories
+    if cats.inferred_type not in ("string", "integer", "floating"):
+        return None
+    cat_codes = col.cat.codes.to_numpy()
+    if cat_codes.size == 0 or (cat_codes < 0).any():
+        return None  # NaN batches: the generic path decides
+    counts = np.bincount(cat_codes, minlength=len(cats))
+    used = np.flatnonzero(counts)
+    values = cats.to_numpy()[used]
+    uniq = np.unique(values)
+    if len(uniq) != len(used):
+        return None
+    order = {v: k for k, v in enumerate(uniq.tolist())}
+    to_batch = np.full(len(cats), -1, dtype=np.int64)
+    for cat, value in zip(used, values.tolist()):
+        to_batch[cat] = order[value]
+    labels = list(uniq)
+    n = len(cat_codes)
+    if len(uniq) == 1:
+        return None, 1, np.array([n]), labels
+    codes = to_batch[cat_codes]
+    return codes.astype(np.uint64), len(uniq), counts[used][np.argsort(to_batch[used])], labels
 
 
 # Set when the kernel forbids reading this process's memory (Yama ptrace_scope):
@@ -161,8 +196,6 @@ def _place(data, kind: str, adopt: bool):
     """Copy the matrix's arrays into one segment (copied in parallel blocks) and,
     if ``adopt``, rebind the matrix to them, so later calls copy nothing. Returns
     the placed arrays."""
-    from .. import parallel
-
     buf = shm.empty((max(_footprint(data, kind), 1),), np.uint8)
     placed, off = [], 0
     for arr in _arrays(data, kind):
@@ -219,16 +252,21 @@ def _transport(data, kind: str, adopt: bool):
 def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_top_genes,
              check_values, span, var_names, adopt):
     global _peer_refused
+    import numba
+
     n_genes = data.shape[1]
     peer, keep = _transport(data, kind, adopt)
     matrix = _wire_matrix(data, kind, keep, peer)
-    batches = np.empty(0, np.uint64) if codes is None else codes
+    partitions = int(numba.get_num_threads())
     client = get_client()
-    import numba
+    one = np.empty(0, np.uint64)  # no batch codes: one batch of every cell
+
+    def mean_var(cl, batches, n):
+        return cl.call(msg("HvgMeanVar", x=matrix, batches=batches, n_batches=n,
+                           partitions=partitions))
 
     try:
-        stats = client.call(msg("HvgMeanVar", x=matrix, batches=batches, n_batches=n_batches,
-                                partitions=int(numba.get_num_threads())))
+        stats = mean_var(client, one if codes is None else codes, n_batches)
     except DaemonError as e:
         if not peer or e.kind != "Unsupported":
             raise
@@ -236,42 +274,46 @@ def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_to
         return _compute(data, kind, loess, codes=codes, n_batches=n_batches, sizes=sizes,
                         labels=labels, flavor=flavor, n_top_genes=n_top_genes, check_values=check_values,
                         span=span, var_names=var_names, adopt=adopt)
-    if stats.non_finite:
-        raise Delegate("NaN or infinite values")
-    if check_values and (stats.negative or stats.non_integer):
-        _warn_non_integers(flavor)
-
-    means = stats.means.reshape(-1, n_genes)
-    variances = stats.variances.reshape(-1, n_genes)
-    n_obs = data.shape[0]
-    mean_all, var_all = means[0], variances[0]
-    _unbias(var_all, n_obs)
-    if codes is None:
-        batch_means, batch_vars = [mean_all], [var_all]
-    else:
-        batch_means, batch_vars = list(means[1:]), list(variances[1:])
+    # With batches, all cells' statistics (needed only at the end) are computed
+    # meanwhile, on a second connection, while the loess fits run here.
+    overall = None if codes is None else parallel.submit(mean_var, _side_client(), one, 1)
+    try:
+        if stats.non_finite:
+            raise Delegate("NaN or infinite values")
+        if check_values and (stats.negative or stats.non_integer):
+            _warn_non_integers(flavor)
+        batch_means = list(stats.means.reshape(n_batches, n_genes))
+        batch_vars = list(stats.variances.reshape(n_batches, n_genes))
         for v, size in zip(batch_vars, sizes):
             _unbias(v, int(size))
 
-    reg_stds, clips = [], np.empty((n_batches, n_genes), dtype=np.float64)
-    for b, (mean, var) in enumerate(zip(batch_means, batch_vars)):
-        # upstream's per-batch loess, verbatim in what it computes
-        not_const = var > 0
-        estimat_var = np.zeros(n_genes, dtype=np.float64)
-        y = np.log10(var[not_const])
-        x = np.log10(mean[not_const])
-        _check_loess_input(len(x), span, labels[b])
-        model = loess(x, y, span=span, degree=2)
-        model.fit()
-        estimat_var[not_const] = model.outputs.fitted_values
-        reg_std = np.sqrt(10**estimat_var)
-        vmax = np.sqrt(int(sizes[b]))
-        clips[b] = reg_std * vmax + mean
-        reg_stds.append(reg_std)
+        reg_stds, clips = [], np.empty((n_batches, n_genes), dtype=np.float64)
+        for b, (mean, var) in enumerate(zip(batch_means, batch_vars)):
+            # upstream's per-batch loess, verbatim in what it computes
+            not_const = var > 0
+            estimat_var = np.zeros(n_genes, dtype=np.float64)
+            y = np.log10(var[not_const])
+            x = np.log10(mean[not_const])
+            _check_loess_input(len(x), span, labels[b])
+            model = loess(x, y, span=span, degree=2)
+            model.fit()
+            estimat_var[not_const] = model.outputs.fitted_values
+            reg_std = np.sqrt(10**estimat_var)
+            vmax = np.sqrt(int(sizes[b]))
+            clips[b] = reg_std * vmax + mean
+            reg_stds.append(reg_std)
 
-    sums = client.call(msg("HvgClippedSums", x=matrix, batches=batches, n_batches=n_batches,
-                           clip=clips.reshape(-1)))
+        sums = client.call(msg("HvgClippedSums", x=matrix, batches=one if codes is None else codes,
+                               n_batches=n_batches, clip=clips.reshape(-1)))
+    finally:
+        # The daemon may be reading this process's arrays: wait for it.
+        all_cells = overall.result() if overall is not None else stats
     del keep
+    if all_cells is stats:
+        mean_all, var_all = batch_means[0], batch_vars[0]
+    else:
+        mean_all, var_all = all_cells.means, all_cells.variances
+        _unbias(var_all, data.shape[0])
     batch_sums = sums.sums.reshape(n_batches, n_genes)
     batch_squares = sums.squares.reshape(n_batches, n_genes)
 
@@ -285,6 +327,22 @@ def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_to
         norm_gene_vars.append(norm_gene_var.reshape(1, -1))
     return _rank(mean_all, var_all, norm_gene_vars, flavor=flavor, n_top_genes=n_top_genes,
                  var_names=var_names)
+
+
+_side: list = []  # [(pid, Client)]: a second connection for overlapping requests
+
+
+def _side_client():
+    import atexit
+    import os
+
+    from ..client import Client
+
+    if not _side or _side[0][0] != os.getpid():
+        if not _side:
+            atexit.register(lambda: _side and _side[0][0] == os.getpid() and _side[0][1].reset())
+        _side[:] = [(os.getpid(), Client())]
+    return _side[0][1]
 
 
 def _check_loess_input(n_points: int, span, label) -> None:
@@ -349,6 +407,18 @@ def _warn_non_integers(flavor) -> None:
     )
 
 
+def _argsort_rows(a):
+    """``np.argsort(a, axis=1)``, rows sorted in parallel threads (numpy sorts each
+    row on its own, with the GIL released, so the result is the same)."""
+    out = np.empty(a.shape, dtype=np.intp)
+
+    def sort(lo, hi):
+        out[lo:hi] = np.argsort(a[lo:hi], axis=1)
+
+    parallel.run_blocks(sort, [(r, r + 1) for r in range(a.shape[0])] or [(0, 0)])
+    return out
+
+
 def _rank(mean_all, var_all, norm_gene_vars, *, flavor, n_top_genes, var_names):
     """upstream's ranking and selection, step for step, on the same arrays."""
     import pandas as pd
@@ -356,7 +426,7 @@ def _rank(mean_all, var_all, norm_gene_vars, *, flavor, n_top_genes, var_names):
     df = pd.DataFrame(index=var_names)
     df["means"], df["variances"] = mean_all, var_all
     norm_gene_vars = np.concatenate(norm_gene_vars, axis=0)
-    ranked_norm_gene_vars = np.argsort(np.argsort(-norm_gene_vars, axis=1), axis=1)
+    ranked_norm_gene_vars = _argsort_rows(_argsort_rows(-norm_gene_vars))
     ranked_norm_gene_vars = ranked_norm_gene_vars.astype(np.float32)
     num_batches_high_var = np.sum((ranked_norm_gene_vars < n_top_genes).astype(int), axis=0)
     ranked_norm_gene_vars[ranked_norm_gene_vars >= n_top_genes] = np.nan
