@@ -57,7 +57,8 @@ REQUESTS = {
     "req_lease": msg("Lease", bytes=1 << 30, create=True),
     "req_release": msg("Release", segments=["azm_1000_7_3"]),
     "req_sleep": msg("Sleep", millis=1500),
-    "req_hvg_mean_var": msg("HvgMeanVar", x=CSR, batches=np.array([0, 2, 1]), n_batches=3, partitions=2),
+    "req_hvg_mean_var": msg("HvgMeanVar", x=CSR, batches=np.array([0, 2, 1]), n_batches=3, partitions=2,
+                            check=True),
     "req_hvg_clipped_sums": msg(
         "HvgClippedSums",
         x=msg("Dense", n_rows=2, n_cols=2, data=peer(0x7F0012346000, 4, "F32")),

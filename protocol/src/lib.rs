@@ -139,18 +139,23 @@ pub enum Request {
     /// `_get_mean_var` computes them (CSR: numba's kernel with its rows dealt to
     /// `partitions` accumulators, numba's thread count in the client; dense:
     /// numpy's row-order sums). `batches` holds each cell's batch in
-    /// `0..n_batches`; empty means one batch of all cells (`n_batches` 1). Every
-    /// stored value is also checked (see `Response::HvgMeanVar`). CSR needs its
-    /// indices.
+    /// `0..n_batches`; empty means one batch of all cells (`n_batches` 1). CSR
+    /// needs its indices. With `check`, every column index is validated up front
+    /// (a bad one is a `BadMatrix` error) and every stored value checked (see
+    /// `Response::HvgMeanVar`); without, the flags are all false and bad indices
+    /// are only skipped (for repeat requests over a matrix already checked).
     HvgMeanVar {
         x: Matrix,
         batches: Vec<u64>,
         n_batches: u64,
         partitions: u64,
+        check: bool,
     },
     /// highly_variable_genes (seurat_v3), step 2: per batch and gene, the sums of
     /// the values clipped to `clip` (`n_batches × n_cols`, row-major) and of their
-    /// squares, in upstream's order. `batches` as for `HvgMeanVar`.
+    /// squares, in upstream's order. `batches` as for `HvgMeanVar`; column
+    /// indices are not validated up front (send `HvgMeanVar` with `check` first),
+    /// bad ones are skipped.
     HvgClippedSums {
         x: Matrix,
         batches: Vec<u64>,

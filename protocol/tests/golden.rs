@@ -114,6 +114,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                 batches: vec![0, 2, 1],
                 n_batches: 3,
                 partitions: 2,
+                check: true,
             },
         ),
         (

@@ -236,7 +236,13 @@ REQUEST = Enum(
         ("Sleep", [("millis", U64)]),
         (
             "HvgMeanVar",
-            [("x", MATRIX), ("batches", Vec(U64)), ("n_batches", U64), ("partitions", U64)],
+            [
+                ("x", MATRIX),
+                ("batches", Vec(U64)),
+                ("n_batches", U64),
+                ("partitions", U64),
+                ("check", BOOL),
+            ],
         ),
         (
             "HvgClippedSums",

@@ -67,6 +67,7 @@ pub(super) fn mean_var(
     batches: &[u64],
     n_batches: u64,
     partitions: u64,
+    check: bool,
 ) -> Result<Response> {
     if partitions == 0 || partitions > MAX_PARTITIONS {
         return Err(Failure::bad_request(format!(
@@ -81,8 +82,9 @@ pub(super) fn mean_var(
         Matrix::Csr { .. } => {
             let work = CsrWork::MeanVar {
                 partitions: partitions as usize,
+                check,
             };
-            match run_csr(&mut resolver, x, &groups, work)? {
+            match run_csr(&mut resolver, x, &groups, work, check)? {
                 CsrOut::MeanVar(stats, flags) => (stats, flags),
                 CsrOut::Clipped(_) => unreachable!("asked for means and variances"),
             }
@@ -95,8 +97,8 @@ pub(super) fn mean_var(
             let dense = DenseRegions::resolve(&mut resolver, *n_rows, *n_cols, data)?;
             let (r, c) = (dense.n_rows, dense.n_cols);
             match dense.data.floats().expect("dtype checked") {
-                FloatSlice::F32(d) => (dense_group_mean_var(d, r, c, &groups), value_flags(d)),
-                FloatSlice::F64(d) => (dense_group_mean_var(d, r, c, &groups), value_flags(d)),
+                FloatSlice::F32(d) => (dense_group_mean_var(d, r, c, &groups), flags(d, check)),
+                FloatSlice::F64(d) => (dense_group_mean_var(d, r, c, &groups), flags(d, check)),
             }
         }
     };
@@ -133,7 +135,7 @@ pub(super) fn clipped_sums(
             // Enough column blocks to keep every thread busy with few batches.
             let blocks = rayon::current_num_threads().div_ceil(groups.len().max(1));
             let work = CsrWork::Clipped { clip, blocks };
-            match run_csr(&mut resolver, x, &groups, work)? {
+            match run_csr(&mut resolver, x, &groups, work, false)? {
                 CsrOut::Clipped(sums) => sums,
                 CsrOut::MeanVar(..) => unreachable!("asked for clipped sums"),
             }
@@ -170,7 +172,7 @@ fn shape(x: &Matrix) -> Result<(usize, usize)> {
 /// What a CSR request computes.
 #[derive(Clone, Copy)]
 enum CsrWork<'a> {
-    MeanVar { partitions: usize },
+    MeanVar { partitions: usize, check: bool },
     Clipped { clip: &'a [f64], blocks: usize },
 }
 
@@ -226,9 +228,9 @@ impl CsrJob<'_> {
     ) -> CsrOut {
         let (n_cols, groups) = (self.n_cols, self.groups);
         match self.work {
-            CsrWork::MeanVar { partitions } => CsrOut::MeanVar(
+            CsrWork::MeanVar { partitions, check } => CsrOut::MeanVar(
                 csr_group_mean_var(indptr, indices, data, n_cols, groups, partitions),
-                value_flags(data),
+                flags(data, check),
             ),
             CsrWork::Clipped { clip, blocks } => CsrOut::Clipped(csr_clipped_sums(
                 indptr, indices, data, n_cols, groups, clip, blocks,
@@ -237,12 +239,24 @@ impl CsrJob<'_> {
     }
 }
 
-/// Resolves and validates a CSR matrix (indices required), then runs `work`.
+/// The value flags when asked for, else none set.
+fn flags<T: CountValue>(data: &[T], check: bool) -> ValueFlags {
+    if check {
+        value_flags(data)
+    } else {
+        ValueFlags::default()
+    }
+}
+
+/// Resolves a CSR matrix (indices required) and validates its indptr and, with
+/// `check_columns`, its column indices (the kernels skip bad ones either way),
+/// then runs `work`.
 fn run_csr(
     resolver: &mut Resolver<'_>,
     x: &Matrix,
     groups: &[Vec<usize>],
     work: CsrWork<'_>,
+    check_columns: bool,
 ) -> Result<CsrOut> {
     let Matrix::Csr {
         n_rows,
@@ -256,7 +270,15 @@ fn run_csr(
     };
     let csr = CsrRegions::resolve(resolver, *n_rows, *n_cols, data, indices.as_ref(), indptr)?;
     csr.validate_indptr()?;
-    let indices = csr.validated_column_indices()?;
+    let indices = if check_columns {
+        csr.validated_column_indices()?
+    } else {
+        csr.indices
+            .as_ref()
+            .ok_or_else(|| Failure::bad_request("this request needs the CSR indices"))?
+            .indices()
+            .expect("dtype checked")
+    };
     let job = CsrJob {
         n_cols: csr.n_cols,
         groups,

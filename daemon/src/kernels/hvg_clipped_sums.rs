@@ -52,6 +52,7 @@ pub fn csr_clipped_sums<T: CountValue, P: SparseIndex, I: SparseIndex>(
     col_blocks: usize,
 ) -> ClippedSums {
     let nnz = data.len().min(indices.len());
+    let (indices, data) = (&indices[..nnz], &data[..nnz]);
     let col_blocks = col_blocks.clamp(1, n_cols.max(1));
     let width = n_cols.div_ceil(col_blocks).max(1);
     let tasks: Vec<(usize, usize)> = (0..groups.len())
@@ -63,20 +64,20 @@ pub fn csr_clipped_sums<T: CountValue, P: SparseIndex, I: SparseIndex>(
             let lo = (b * width).min(n_cols);
             let hi = (lo + width).min(n_cols);
             let clip = clip.get(g * n_cols + lo..g * n_cols + hi).unwrap_or(&[]);
-            let mut acc = vec![[0.0f64; 2]; clip.len()];
+            // Each gene's clip value next to its two sums: one cache line per value.
+            let mut acc: Vec<[f64; 4]> = clip.iter().map(|&c| [0.0, 0.0, c, 0.0]).collect();
             for &r in &groups[g] {
-                for j in row_range(indptr, r, nnz) {
-                    let Some(k) = indices[j].to_usize().and_then(|c| c.checked_sub(lo)) else {
-                        continue;
-                    };
-                    if let (Some(a), Some(&cv)) = (acc.get_mut(k), clip.get(k)) {
-                        let e = clipped(data[j].to_f64(), cv);
+                let span = row_range(indptr, r, nnz);
+                for (&c, &v) in indices[span.clone()].iter().zip(&data[span]) {
+                    let k = c.to_usize().unwrap_or(usize::MAX).wrapping_sub(lo);
+                    if let Some(a) = acc.get_mut(k) {
+                        let e = clipped(v.to_f64(), a[2]);
                         a[0] += e * e;
                         a[1] += e;
                     }
                 }
             }
-            acc
+            acc.into_iter().map(|a| [a[0], a[1]]).collect()
         })
         .collect();
     assemble(groups.len(), n_cols, width, &tasks, results)

@@ -418,3 +418,60 @@ mod tests {
         assert_eq!(got.means, vec![2.0, 0.0]);
     }
 }
+
+#[cfg(test)]
+mod perf_tmp {
+    use super::*;
+    use crate::kernels::hvg_clipped_sums::csr_clipped_sums;
+    #[test]
+    #[ignore]
+    fn perf() {
+        let (n_rows, n_cols, per_row) = (30000usize, 18000usize, 1140usize);
+        let mut rng = crate::kernels::test_util::Lcg(1);
+        let mut indptr = vec![0i32];
+        let mut indices = Vec::with_capacity(n_rows * per_row);
+        let mut data = Vec::with_capacity(n_rows * per_row);
+        for _ in 0..n_rows {
+            let mut cols: Vec<i32> = (0..per_row)
+                .map(|_| rng.below(n_cols as u64) as i32)
+                .collect();
+            cols.sort();
+            cols.dedup();
+            for c in cols {
+                indices.push(c);
+                data.push((1 + rng.below(5)) as f32);
+            }
+            indptr.push(indices.len() as i32);
+        }
+        let mut groups = vec![];
+        for b in 0..7 {
+            groups.push((0..n_rows).filter(|r| r % 7 == b).collect());
+        }
+        let t = std::time::Instant::now();
+        let s: f64 = data.iter().map(|&v| v as f64).sum();
+        eprintln!("plain sum {:?} {s}", t.elapsed());
+        let t = std::time::Instant::now();
+        let mut acc = vec![0.0f64; n_cols];
+        for (&c, &v) in indices.iter().zip(&data) {
+            acc[c as usize] += v as f64;
+        }
+        eprintln!("plain scatter {:?} {}", t.elapsed(), acc[5]);
+        for threads in [1, 2] {
+            crate::kernels::test_util::with_threads(threads, || {
+                let t = std::time::Instant::now();
+                let r = csr_group_mean_var(&indptr, &indices, &data, n_cols, &groups, 2);
+                eprintln!(
+                    "threads {threads} nnz {} mean_var {:?}",
+                    data.len(),
+                    t.elapsed()
+                );
+                std::hint::black_box(r);
+                let clip = vec![100.0; 7 * n_cols];
+                let t = std::time::Instant::now();
+                let r = csr_clipped_sums(&indptr, &indices, &data, n_cols, &groups, &clip, 1);
+                eprintln!("threads {threads} clipped {:?}", t.elapsed());
+                std::hint::black_box(r);
+            });
+        }
+    }
+}

@@ -175,11 +175,6 @@ def _categorical_batches(col):
     return codes.astype(np.uint64), len(uniq), counts[used][np.argsort(to_batch[used])], labels
 
 
-# Set when the kernel forbids reading this process's memory (Yama ptrace_scope):
-# then every input goes through shared memory.
-_peer_refused = False
-
-
 def _arrays(data, kind: str) -> tuple:
     return (data.data, data.indices, data.indptr) if kind == "csr" else (data,)
 
@@ -214,11 +209,9 @@ def _place(data, kind: str, adopt: bool):
     return placed
 
 
-def _wire_matrix(data, kind: str, arrays: tuple, peer: bool):
-    """The wire Matrix over ``arrays`` (placed in segments, or ``data``'s own for
-    the daemon to read from this process)."""
-    to_ref = shm.peer_ref if peer else shm.ref
-    refs = [to_ref(np.ascontiguousarray(a) if peer else a) for a in arrays]
+def _wire_matrix(data, kind: str, arrays: tuple):
+    """The wire Matrix over ``arrays`` (``data``'s arrays placed in segments)."""
+    refs = [shm.ref(a) for a in arrays]
     if any(r is None for r in refs):
         raise Fallback("arrays that cannot be referenced")
     n_rows, n_cols = data.shape
@@ -232,51 +225,38 @@ def _placed(data, kind: str) -> bool:
 
 
 def _transport(data, kind: str, adopt: bool):
-    """How the matrix reaches the daemon: (peer?, arrays). Already in shared
-    memory: as it is. A segment at hand (a re-run, or a spare prepared after an
-    earlier call): copied there once and adopted (dense arrays are not: the copy
-    would have to replace the user's array). Otherwise the daemon reads this
-    process's memory, and a segment is prepared in the background for next time."""
-    from ..client import prefault_in_background
-
+    """The matrix's arrays in shared memory. Already in shared
+    memory: as it is. Otherwise copied once into a segment (one lent from the
+    daemon's pool or ours when at hand) that all three requests read; a CSR
+    matrix then adopts it, so re-runs copy nothing (a dense array is not adopted:
+    that would replace the user's array object). Reading this process's memory
+    instead would copy the matrix into fresh daemon memory once per request, and
+    fresh pages cost more than the copy itself here."""
     if _placed(data, kind):
-        return False, _arrays(data, kind)
-    size = _footprint(data, kind)
-    if _peer_refused or (kind == "csr" and adopt and shm.reserve(size)):
-        return False, tuple(_place(data, kind, adopt=adopt and kind == "csr"))
-    if kind == "csr" and adopt:
-        shm.ensure_spare(size, on_ready=prefault_in_background)
-    return True, tuple(np.ascontiguousarray(a) for a in _arrays(data, kind))
+        return _arrays(data, kind)
+    shm.reserve(_footprint(data, kind))  # lease a pooled segment if one fits
+    return tuple(_place(data, kind, adopt=adopt and kind == "csr"))
 
 
 def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_top_genes,
              check_values, span, var_names, adopt):
-    global _peer_refused
     import numba
 
     n_genes = data.shape[1]
-    peer, keep = _transport(data, kind, adopt)
-    matrix = _wire_matrix(data, kind, keep, peer)
+    keep = _transport(data, kind, adopt)
+    matrix = _wire_matrix(data, kind, keep)
     partitions = int(numba.get_num_threads())
     client = get_client()
     one = np.empty(0, np.uint64)  # no batch codes: one batch of every cell
 
-    def mean_var(cl, batches, n):
+    def mean_var(cl, batches, n, check):
         return cl.call(msg("HvgMeanVar", x=matrix, batches=batches, n_batches=n,
-                           partitions=partitions))
+                           partitions=partitions, check=check))
 
-    try:
-        stats = mean_var(client, one if codes is None else codes, n_batches)
-    except DaemonError as e:
-        if not peer or e.kind != "Unsupported":
-            raise
-        _peer_refused = True
-        return _compute(data, kind, loess, codes=codes, n_batches=n_batches, sizes=sizes,
-                        labels=labels, flavor=flavor, n_top_genes=n_top_genes, check_values=check_values,
-                        span=span, var_names=var_names, adopt=adopt)
+    stats = mean_var(client, one if codes is None else codes, n_batches, True)
     # With batches, all cells' statistics (needed only at the end) are computed
     # meanwhile, on a second connection, while the loess fits run here.
-    overall = None if codes is None else parallel.submit(mean_var, _side_client(), one, 1)
+    overall = None if codes is None else parallel.submit(mean_var, _side_client(), one, 1, False)
     try:
         if stats.non_finite:
             raise Delegate("NaN or infinite values")
@@ -306,7 +286,7 @@ def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_to
         sums = client.call(msg("HvgClippedSums", x=matrix, batches=one if codes is None else codes,
                                n_batches=n_batches, clip=clips.reshape(-1)))
     finally:
-        # The daemon may be reading this process's arrays: wait for it.
+        # Never leave a request behind that reads these segments.
         all_cells = overall.result() if overall is not None else stats
     del keep
     if all_cells is stats:
