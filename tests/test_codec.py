@@ -58,13 +58,14 @@ REQUESTS = {
     "req_release": msg("Release", segments=["azm_1000_7_3"]),
     "req_sleep": msg("Sleep", millis=1500),
     "req_hvg_mean_var": msg("HvgMeanVar", x=CSR, batches=np.array([0, 2, 1]), n_batches=3, partitions=2,
-                            check=True),
+                            check=True, with_overall=True),
     "req_hvg_clipped_sums": msg(
         "HvgClippedSums",
         x=msg("Dense", n_rows=2, n_cols=2, data=peer(0x7F0012346000, 4, "F32")),
         batches=np.array([], dtype=np.uint64),
         n_batches=1,
         clip=np.array([2.5, 1e10]),
+        only=0,
     ),
 }
 

@@ -99,6 +99,8 @@ def test_matches_upstream(active, fmt, dtype, flavor, batched):
         dict(check_values=False),
         dict(layer="counts", batch_key="b", n_top_genes=30),
         dict(batch_key="b", n_top_genes=30, subset=True, flavor="seurat_v3_paper"),
+        dict(batch_key="b", n_top_genes=30),  # X is not counts: no shortcut for all cells
+        dict(batch_key="b", n_top_genes=30, check_values=False),
     ],
     ids=repr,
 )
@@ -127,12 +129,20 @@ def test_non_integer_warning(active, fmt):
     assert served() == 1
 
 
-def test_negative_values_warn(active):
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+def test_negative_values_warn(active, fmt):
+    import scipy.sparse as sp
+
     def make():
-        ad = counts(200, 90, seed=8, fmt="dense", dtype=np.float64)
+        ad = with_batches(counts(500, 90, seed=8, fmt="dense", dtype=np.float64), [300, 200])
         ad.X[3, 4] = -2.0
+        ad.X[7, 5] = -0.0
+        if fmt == "csr":
+            ad.X = sp.csr_matrix(ad.X)
+            ad.X.data[ad.X.data == 1.0] = -0.0  # explicit negative zeros
         return ad
 
+    compare(*run_both(active, make, dict(flavor="seurat_v3", n_top_genes=20, batch_key="b")))
     compare(*run_both(active, make, dict(flavor="seurat_v3", n_top_genes=20)))
 
 

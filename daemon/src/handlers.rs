@@ -102,13 +102,24 @@ fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, 
             n_batches,
             partitions,
             check,
-        } => hvg::mean_var(daemon, peer, &x, &batches, n_batches, partitions, check)?,
+            with_overall,
+        } => hvg::mean_var(
+            daemon,
+            peer,
+            &x,
+            &batches,
+            n_batches,
+            partitions,
+            check,
+            with_overall,
+        )?,
         Request::HvgClippedSums {
             x,
             batches,
             n_batches,
             clip,
-        } => hvg::clipped_sums(daemon, peer, &x, &batches, n_batches, &clip)?,
+            only,
+        } => hvg::clipped_sums(daemon, peer, &x, &batches, n_batches, &clip, only)?,
     };
     Ok((response, After::Continue))
 }

@@ -115,6 +115,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                 n_batches: 3,
                 partitions: 2,
                 check: true,
+                with_overall: true,
             },
         ),
         (
@@ -128,6 +129,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                 batches: vec![],
                 n_batches: 1,
                 clip: vec![2.5, 1e10],
+                only: Some(0),
             },
         ),
     ]

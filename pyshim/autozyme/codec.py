@@ -242,11 +242,18 @@ REQUEST = Enum(
                 ("n_batches", U64),
                 ("partitions", U64),
                 ("check", BOOL),
+                ("with_overall", BOOL),
             ],
         ),
         (
             "HvgClippedSums",
-            [("x", MATRIX), ("batches", Vec(U64)), ("n_batches", U64), ("clip", Vec(F64))],
+            [
+                ("x", MATRIX),
+                ("batches", Vec(U64)),
+                ("n_batches", U64),
+                ("clip", Vec(F64)),
+                ("only", Opt(U64)),
+            ],
         ),
     ],
 )

@@ -4,7 +4,7 @@
 use crate::error::{Failure, Result};
 use crate::kernels::hvg_clipped_sums::{csr_clipped_sums, dense_clipped_sums, ClippedSums};
 use crate::kernels::hvg_mean_var::{
-    csr_group_mean_var, dense_group_mean_var, value_flags, CountValue, GroupMeanVar, ValueFlags,
+    csr_group_sums, dense_group_sums, value_flags, CountValue, GroupMeanVar, GroupSums, ValueFlags,
 };
 use crate::kernels::SparseIndex;
 use crate::server::state::Daemon;
@@ -60,6 +60,7 @@ fn check_reply_size(groups: usize, n_cols: usize) -> Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn mean_var(
     daemon: &Daemon,
     peer: Peer,
@@ -68,6 +69,7 @@ pub(super) fn mean_var(
     n_batches: u64,
     partitions: u64,
     check: bool,
+    with_overall: bool,
 ) -> Result<Response> {
     if partitions == 0 || partitions > MAX_PARTITIONS {
         return Err(Failure::bad_request(format!(
@@ -75,16 +77,21 @@ pub(super) fn mean_var(
         )));
     }
     let (n_rows, n_cols) = shape(x)?;
-    let groups = batch_rows(batches, n_batches, n_rows)?;
-    check_reply_size(groups.len(), n_cols)?;
+    let batch_groups = batch_rows(batches, n_batches, n_rows)?;
+    check_reply_size(batch_groups.len() + usize::from(with_overall), n_cols)?;
     let mut resolver = Resolver::new(&daemon.segments, peer);
+    let job = MeanVarJob {
+        batch_groups,
+        n_rows,
+        n_cols,
+        partitions: partitions as usize,
+        check,
+        with_overall,
+    };
     let (stats, flags) = match x {
         Matrix::Csr { .. } => {
-            let work = CsrWork::MeanVar {
-                partitions: partitions as usize,
-                check,
-            };
-            match run_csr(&mut resolver, x, &groups, work, check)? {
+            let work = CsrWork::MeanVar { job: &job };
+            match run_csr(&mut resolver, x, &[], work, check)? {
                 CsrOut::MeanVar(stats, flags) => (stats, flags),
                 CsrOut::Clipped(_) => unreachable!("asked for means and variances"),
             }
@@ -97,8 +104,8 @@ pub(super) fn mean_var(
             let dense = DenseRegions::resolve(&mut resolver, *n_rows, *n_cols, data)?;
             let (r, c) = (dense.n_rows, dense.n_cols);
             match dense.data.floats().expect("dtype checked") {
-                FloatSlice::F32(d) => (dense_group_mean_var(d, r, c, &groups), flags(d, check)),
-                FloatSlice::F64(d) => (dense_group_mean_var(d, r, c, &groups), flags(d, check)),
+                FloatSlice::F32(d) => job.run(d, |g| dense_group_sums(d, r, c, g)),
+                FloatSlice::F64(d) => job.run(d, |g| dense_group_sums(d, r, c, g)),
             }
         }
     };
@@ -111,6 +118,57 @@ pub(super) fn mean_var(
     })
 }
 
+/// A `HvgMeanVar` request's groups and how to get all cells' statistics.
+struct MeanVarJob {
+    batch_groups: Vec<Vec<usize>>,
+    n_rows: usize,
+    n_cols: usize,
+    partitions: usize,
+    check: bool,
+    with_overall: bool,
+}
+
+impl MeanVarJob {
+    /// `sums_of(groups)` computes the groups' sums in upstream's order. All cells'
+    /// sums come from adding the batches' sums when every sum is exact whatever
+    /// the order (non-negative integer counts, far from 2^53), and from a pass
+    /// of their own in upstream's order otherwise.
+    fn run<T: CountValue>(
+        &self,
+        data: &[T],
+        sums_of: impl Fn(&[Vec<usize>]) -> GroupSums,
+    ) -> (GroupMeanVar, ValueFlags) {
+        let flags = if self.check || self.with_overall {
+            value_flags(data)
+        } else {
+            ValueFlags::default()
+        };
+        let mut sizes: Vec<usize> = self.batch_groups.iter().map(Vec::len).collect();
+        let n_cols = self.n_cols;
+        let sums = if !self.with_overall {
+            sums_of(&self.batch_groups)
+        } else if flags.sums_are_exact(self.n_rows) {
+            let by_batch = sums_of(&self.batch_groups);
+            let mut all = by_batch.pooled(n_cols);
+            all.sums.extend_from_slice(&by_batch.sums);
+            all.squares.extend_from_slice(&by_batch.squares);
+            sizes.insert(0, self.n_rows);
+            all
+        } else {
+            let mut groups = vec![(0..self.n_rows).collect::<Vec<usize>>()];
+            groups.extend(self.batch_groups.iter().cloned());
+            sizes.insert(0, self.n_rows);
+            sums_of(&groups)
+        };
+        let flags = if self.check {
+            flags
+        } else {
+            ValueFlags::default()
+        };
+        (sums.mean_var(&sizes, n_cols), flags)
+    }
+}
+
 pub(super) fn clipped_sums(
     daemon: &Daemon,
     peer: Peer,
@@ -118,9 +176,17 @@ pub(super) fn clipped_sums(
     batches: &[u64],
     n_batches: u64,
     clip: &[f64],
+    only: Option<u64>,
 ) -> Result<Response> {
     let (n_rows, n_cols) = shape(x)?;
-    let groups = batch_rows(batches, n_batches, n_rows)?;
+    let mut groups = batch_rows(batches, n_batches, n_rows)?;
+    if let Some(b) = only {
+        let b = usize::try_from(b)
+            .ok()
+            .filter(|&b| b < groups.len())
+            .ok_or_else(|| Failure::bad_request(format!("no batch {b} of {n_batches}")))?;
+        groups = vec![std::mem::take(&mut groups[b])];
+    }
     check_reply_size(groups.len(), n_cols)?;
     if clip.len() as u128 != (groups.len() as u128) * (n_cols as u128) {
         return Err(Failure::bad_request(format!(
@@ -172,7 +238,7 @@ fn shape(x: &Matrix) -> Result<(usize, usize)> {
 /// What a CSR request computes.
 #[derive(Clone, Copy)]
 enum CsrWork<'a> {
-    MeanVar { partitions: usize, check: bool },
+    MeanVar { job: &'a MeanVarJob },
     Clipped { clip: &'a [f64], blocks: usize },
 }
 
@@ -228,23 +294,16 @@ impl CsrJob<'_> {
     ) -> CsrOut {
         let (n_cols, groups) = (self.n_cols, self.groups);
         match self.work {
-            CsrWork::MeanVar { partitions, check } => CsrOut::MeanVar(
-                csr_group_mean_var(indptr, indices, data, n_cols, groups, partitions),
-                flags(data, check),
-            ),
+            CsrWork::MeanVar { job } => {
+                let (stats, flags) = job.run(data, |g| {
+                    csr_group_sums(indptr, indices, data, n_cols, g, job.partitions)
+                });
+                CsrOut::MeanVar(stats, flags)
+            }
             CsrWork::Clipped { clip, blocks } => CsrOut::Clipped(csr_clipped_sums(
                 indptr, indices, data, n_cols, groups, clip, blocks,
             )),
         }
-    }
-}
-
-/// The value flags when asked for, else none set.
-fn flags<T: CountValue>(data: &[T], check: bool) -> ValueFlags {
-    if check {
-        value_flags(data)
-    } else {
-        ValueFlags::default()
     }
 }
 

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 
 /// What a check of every stored value found (scanpy's `check_nonnegative_integers`
 /// and whether the fast path may serve the call at all).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ValueFlags {
     /// Some value has its sign bit set (`np.signbit`, so -0.0 counts).
     pub negative: bool,
@@ -33,6 +33,8 @@ pub struct ValueFlags {
     pub non_integer: bool,
     /// Some value is NaN or infinite.
     pub non_finite: bool,
+    /// The largest value (NaNs ignored; 0 for no values).
+    pub largest: f64,
 }
 
 impl ValueFlags {
@@ -40,6 +42,18 @@ impl ValueFlags {
         self.negative |= other.negative;
         self.non_integer |= other.non_integer;
         self.non_finite |= other.non_finite;
+        self.largest = self.largest.max(other.largest);
+    }
+
+    /// Whether every sum of values and of their squares (each square rounded to
+    /// the data's dtype, as upstream computes it) over up to `n_rows` values is
+    /// exact in f64, whatever the order of additions: all values are non-negative
+    /// integers, so every square is an integer too (a rounded f32 square of 2^24
+    /// or more is one), and `n_rows * largest^2` (with headroom for the f32
+    /// rounding) stays far below 2^53, so no partial sum is ever rounded.
+    pub fn sums_are_exact(&self, n_rows: usize) -> bool {
+        let bound = (n_rows as f64) * self.largest * self.largest * 2.0;
+        !self.negative && !self.non_integer && !self.non_finite && bound < 4_503_599_627_370_496.0
     }
 }
 
@@ -66,6 +80,7 @@ impl CountValue for f32 {
             negative: self.is_sign_negative(),
             non_integer: a < BIG && (a + BIG) - BIG != a,
             non_finite: !self.is_finite(),
+            largest: a as f64,
         }
     }
 }
@@ -83,6 +98,7 @@ impl CountValue for f64 {
             negative: self.is_sign_negative(),
             non_integer: a < BIG && (a + BIG) - BIG != a,
             non_finite: !self.is_finite(),
+            largest: a,
         }
     }
 }
@@ -92,6 +108,54 @@ impl CountValue for f64 {
 pub struct GroupMeanVar {
     pub means: Vec<f64>,
     pub variances: Vec<f64>,
+}
+
+/// Sums of values and of squares, `groups × n_cols` row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupSums {
+    pub sums: Vec<f64>,
+    pub squares: Vec<f64>,
+}
+
+impl GroupSums {
+    /// Means and variances of groups of `sizes[g]` cells.
+    pub fn mean_var(&self, sizes: &[usize], n_cols: usize) -> GroupMeanVar {
+        let mut means = vec![0.0f64; self.sums.len()];
+        let mut variances = vec![0.0f64; self.sums.len()];
+        if n_cols > 0 {
+            for (g, &n) in sizes.iter().enumerate() {
+                let span = g * n_cols..(g + 1) * n_cols;
+                if span.end > self.sums.len() {
+                    break;
+                }
+                finish(
+                    &self.sums[span.clone()],
+                    &self.squares[span.clone()],
+                    n,
+                    &mut means[span.clone()],
+                    &mut variances[span],
+                );
+            }
+        }
+        GroupMeanVar { means, variances }
+    }
+
+    /// One group holding every group's cells, its sums added group by group
+    /// (exact, and so equal to any other order, only when
+    /// [`ValueFlags::sums_are_exact`] holds).
+    pub fn pooled(&self, n_cols: usize) -> GroupSums {
+        let mut sums = vec![0.0f64; n_cols];
+        let mut squares = vec![0.0f64; n_cols];
+        if n_cols > 0 {
+            for (s, q) in self.sums.chunks(n_cols).zip(self.squares.chunks(n_cols)) {
+                for c in 0..n_cols.min(s.len()) {
+                    sums[c] += s[c];
+                    squares[c] += q[c];
+                }
+            }
+        }
+        GroupSums { sums, squares }
+    }
 }
 
 /// Bytes of per-task accumulators alive at once; more tasks run in later waves.
@@ -114,17 +178,19 @@ fn finish(sums: &[f64], squares: &[f64], n: usize, means: &mut [f64], variances:
 pub fn value_flags<T: CountValue>(data: &[T]) -> ValueFlags {
     data.par_chunks(1 << 16)
         .map(|chunk| {
-            let (mut neg, mut frac, mut inf) = (false, false, false);
+            let (mut neg, mut frac, mut inf, mut big) = (false, false, false, 0.0f64);
             for &v in chunk {
                 let f = v.flags();
                 neg |= f.negative;
                 frac |= f.non_integer;
                 inf |= f.non_finite;
+                big = big.max(f.largest);
             }
             ValueFlags {
                 negative: neg,
                 non_integer: frac,
                 non_finite: inf,
+                largest: big,
             }
         })
         .reduce(ValueFlags::default, |mut a, b| {
@@ -143,6 +209,19 @@ pub fn csr_group_mean_var<T: CountValue, P: SparseIndex, I: SparseIndex>(
     groups: &[Vec<usize>],
     partitions: usize,
 ) -> GroupMeanVar {
+    let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+    csr_group_sums(indptr, indices, data, n_cols, groups, partitions).mean_var(&sizes, n_cols)
+}
+
+/// The sums behind [`csr_group_mean_var`].
+pub fn csr_group_sums<T: CountValue, P: SparseIndex, I: SparseIndex>(
+    indptr: &[P],
+    indices: &[I],
+    data: &[T],
+    n_cols: usize,
+    groups: &[Vec<usize>],
+    partitions: usize,
+) -> GroupSums {
     let nnz = data.len().min(indices.len());
     let (indices, data) = (&indices[..nnz], &data[..nnz]);
     let partitions = partitions.max(1);
@@ -183,21 +262,7 @@ pub fn csr_group_mean_var<T: CountValue, P: SparseIndex, I: SparseIndex>(
             }
         }
     }
-    let mut means = vec![0.0f64; groups.len() * n_cols];
-    let mut variances = vec![0.0f64; groups.len() * n_cols];
-    if n_cols > 0 {
-        for (g, rows) in groups.iter().enumerate() {
-            let span = g * n_cols..(g + 1) * n_cols;
-            finish(
-                &sums[span.clone()],
-                &squares[span.clone()],
-                rows.len(),
-                &mut means[span.clone()],
-                &mut variances[span],
-            );
-        }
-    }
-    GroupMeanVar { means, variances }
+    GroupSums { sums, squares }
 }
 
 /// Dense, C-contiguous `n_rows × n_cols` (`data.len()` must be `n_rows * n_cols`;
@@ -208,6 +273,17 @@ pub fn dense_group_mean_var<T: CountValue>(
     n_cols: usize,
     groups: &[Vec<usize>],
 ) -> GroupMeanVar {
+    let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+    dense_group_sums(data, n_rows, n_cols, groups).mean_var(&sizes, n_cols)
+}
+
+/// The sums behind [`dense_group_mean_var`].
+pub fn dense_group_sums<T: CountValue>(
+    data: &[T],
+    n_rows: usize,
+    n_cols: usize,
+    groups: &[Vec<usize>],
+) -> GroupSums {
     let blocks = n_cols.div_ceil(DENSE_BLOCK);
     let tasks: Vec<(usize, usize)> = (0..groups.len())
         .flat_map(|g| (0..blocks).map(move |b| (g, b)))
@@ -240,20 +316,17 @@ pub fn dense_group_mean_var<T: CountValue>(
                     }
                 }
             }
-            let mut means = vec![0.0f64; hi - lo];
-            let mut variances = vec![0.0f64; hi - lo];
-            finish(&s, &q, groups[g].len(), &mut means, &mut variances);
-            (means, variances)
+            (s, q)
         })
         .collect();
-    let mut means = vec![0.0f64; groups.len() * n_cols];
-    let mut variances = vec![0.0f64; groups.len() * n_cols];
-    for (&(g, b), (m, v)) in tasks.iter().zip(results) {
+    let mut sums = vec![0.0f64; groups.len() * n_cols];
+    let mut squares = vec![0.0f64; groups.len() * n_cols];
+    for (&(g, b), (s, q)) in tasks.iter().zip(results) {
         let at = g * n_cols + b * DENSE_BLOCK;
-        means[at..at + m.len()].copy_from_slice(&m);
-        variances[at..at + v.len()].copy_from_slice(&v);
+        sums[at..at + s.len()].copy_from_slice(&s);
+        squares[at..at + q.len()].copy_from_slice(&q);
     }
-    GroupMeanVar { means, variances }
+    GroupSums { sums, squares }
 }
 
 #[cfg(test)]
@@ -398,9 +471,10 @@ mod tests {
                 },
             ),
         ] {
-            assert_eq!(value_flags(&data), want, "{data:?}");
+            let strip = |f: ValueFlags| ValueFlags { largest: 0.0, ..f };
+            assert_eq!(strip(value_flags(&data)), want, "{data:?}");
             let wide: Vec<f64> = data.iter().map(|&v| v as f64).collect();
-            assert_eq!(value_flags(&wide), want, "{data:?}");
+            assert_eq!(strip(value_flags(&wide)), want, "{data:?}");
         }
         assert_eq!(
             value_flags(&[0.5f64 + 4_503_599_627_370_496.0]).non_integer,
@@ -410,68 +484,29 @@ mod tests {
     }
 
     #[test]
+    fn pooled_integer_sums_equal_the_all_cells_pass() {
+        let m = random_csr(77, 400, 60, 0.3);
+        let data: Vec<f32> = m.data.iter().map(|&v| (v * 3.0).floor() as f32).collect();
+        let flags = value_flags(&data);
+        assert!(flags.sums_are_exact(400));
+        let batches: Vec<Vec<usize>> = (0..3)
+            .map(|b| (0..400).filter(|r| (r * 7 + r / 5) % 3 == b).collect())
+            .collect();
+        let by_batch = csr_group_sums(&m.indptr, &m.indices, &data, 60, &batches, 2);
+        let all = csr_group_sums(&m.indptr, &m.indices, &data, 60, &[(0..400).collect()], 2);
+        assert_eq!(bits(&by_batch.pooled(60).sums), bits(&all.sums));
+        assert_eq!(bits(&by_batch.pooled(60).squares), bits(&all.squares));
+        let frac = [0.5f32, 1.0];
+        assert!(!value_flags(&frac).sums_are_exact(2));
+        assert!(!value_flags(&[1e9f32]).sums_are_exact(1 << 20));
+    }
+
+    #[test]
     fn bad_column_indices_are_skipped() {
         let indptr = [0i64, 3];
         let indices = [0i32, 9, -1];
         let data = [2.0f64, 5.0, 7.0];
         let got = csr_group_mean_var(&indptr, &indices, &data, 2, &[vec![0]], 2);
         assert_eq!(got.means, vec![2.0, 0.0]);
-    }
-}
-
-#[cfg(test)]
-mod perf_tmp {
-    use super::*;
-    use crate::kernels::hvg_clipped_sums::csr_clipped_sums;
-    #[test]
-    #[ignore]
-    fn perf() {
-        let (n_rows, n_cols, per_row) = (30000usize, 18000usize, 1140usize);
-        let mut rng = crate::kernels::test_util::Lcg(1);
-        let mut indptr = vec![0i32];
-        let mut indices = Vec::with_capacity(n_rows * per_row);
-        let mut data = Vec::with_capacity(n_rows * per_row);
-        for _ in 0..n_rows {
-            let mut cols: Vec<i32> = (0..per_row)
-                .map(|_| rng.below(n_cols as u64) as i32)
-                .collect();
-            cols.sort();
-            cols.dedup();
-            for c in cols {
-                indices.push(c);
-                data.push((1 + rng.below(5)) as f32);
-            }
-            indptr.push(indices.len() as i32);
-        }
-        let mut groups = vec![];
-        for b in 0..7 {
-            groups.push((0..n_rows).filter(|r| r % 7 == b).collect());
-        }
-        let t = std::time::Instant::now();
-        let s: f64 = data.iter().map(|&v| v as f64).sum();
-        eprintln!("plain sum {:?} {s}", t.elapsed());
-        let t = std::time::Instant::now();
-        let mut acc = vec![0.0f64; n_cols];
-        for (&c, &v) in indices.iter().zip(&data) {
-            acc[c as usize] += v as f64;
-        }
-        eprintln!("plain scatter {:?} {}", t.elapsed(), acc[5]);
-        for threads in [1, 2] {
-            crate::kernels::test_util::with_threads(threads, || {
-                let t = std::time::Instant::now();
-                let r = csr_group_mean_var(&indptr, &indices, &data, n_cols, &groups, 2);
-                eprintln!(
-                    "threads {threads} nnz {} mean_var {:?}",
-                    data.len(),
-                    t.elapsed()
-                );
-                std::hint::black_box(r);
-                let clip = vec![100.0; 7 * n_cols];
-                let t = std::time::Instant::now();
-                let r = csr_clipped_sums(&indptr, &indices, &data, n_cols, &groups, &clip, 1);
-                eprintln!("threads {threads} clipped {:?}", t.elapsed());
-                std::hint::black_box(r);
-            });
-        }
     }
 }

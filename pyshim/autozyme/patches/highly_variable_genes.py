@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import queue
 import warnings
 
 import numpy as np
@@ -249,23 +250,41 @@ def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_to
     client = get_client()
     one = np.empty(0, np.uint64)  # no batch codes: one batch of every cell
 
-    def mean_var(cl, batches, n, check):
-        return cl.call(msg("HvgMeanVar", x=matrix, batches=batches, n_batches=n,
-                           partitions=partitions, check=check))
+    batches = one if codes is None else codes
+    # With batches, all cells' statistics come first (a single batch is all cells).
+    stats = client.call(msg("HvgMeanVar", x=matrix, batches=batches, n_batches=n_batches,
+                            partitions=partitions, check=True, with_overall=codes is not None))
+    # With batches, each batch's clipped sums are computed on a second connection
+    # as soon as its clip values are known, while the next loess fit runs here.
+    clipped = None
+    if codes is not None:
+        todo: queue.SimpleQueue = queue.SimpleQueue()
 
-    stats = mean_var(client, one if codes is None else codes, n_batches, True)
-    # With batches, all cells' statistics (needed only at the end) are computed
-    # meanwhile, on a second connection, while the loess fits run here.
-    overall = None if codes is None else parallel.submit(mean_var, _side_client(), one, 1, False)
+        def clip_batches():
+            done = {}
+            while (item := todo.get()) is not None:
+                b, clip = item
+                done[b] = _side_client().call(msg(
+                    "HvgClippedSums", x=matrix, batches=batches, n_batches=n_batches,
+                    clip=clip, only=b))
+            return done
+
+        clipped = parallel.submit(clip_batches)
     try:
         if stats.non_finite:
             raise Delegate("NaN or infinite values")
         if check_values and (stats.negative or stats.non_integer):
             _warn_non_integers(flavor)
-        batch_means = list(stats.means.reshape(n_batches, n_genes))
-        batch_vars = list(stats.variances.reshape(n_batches, n_genes))
-        for v, size in zip(batch_vars, sizes):
-            _unbias(v, int(size))
+        means = stats.means.reshape(-1, n_genes)
+        variances = stats.variances.reshape(-1, n_genes)
+        mean_all, var_all = means[0], variances[0]
+        _unbias(var_all, data.shape[0])
+        if codes is None:
+            batch_means, batch_vars = [mean_all], [var_all]
+        else:
+            batch_means, batch_vars = list(means[1:]), list(variances[1:])
+            for v, size in zip(batch_vars, sizes):
+                _unbias(v, int(size))
 
         reg_stds, clips = [], np.empty((n_batches, n_genes), dtype=np.float64)
         for b, (mean, var) in enumerate(zip(batch_means, batch_vars)):
@@ -282,20 +301,23 @@ def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_to
             vmax = np.sqrt(int(sizes[b]))
             clips[b] = reg_std * vmax + mean
             reg_stds.append(reg_std)
+            if clipped is not None:
+                todo.put((b, clips[b]))
 
-        sums = client.call(msg("HvgClippedSums", x=matrix, batches=one if codes is None else codes,
-                               n_batches=n_batches, clip=clips.reshape(-1)))
+        if clipped is None:
+            sums = client.call(msg("HvgClippedSums", x=matrix, batches=batches,
+                                   n_batches=n_batches, clip=clips.reshape(-1), only=None))
+            batch_sums = sums.sums.reshape(n_batches, n_genes)
+            batch_squares = sums.squares.reshape(n_batches, n_genes)
     finally:
         # Never leave a request behind that reads these segments.
-        all_cells = overall.result() if overall is not None else stats
+        if clipped is not None:
+            todo.put(None)
+            per_batch = clipped.result()
+    if clipped is not None:
+        batch_sums = [per_batch[b].sums for b in range(n_batches)]
+        batch_squares = [per_batch[b].squares for b in range(n_batches)]
     del keep
-    if all_cells is stats:
-        mean_all, var_all = batch_means[0], batch_vars[0]
-    else:
-        mean_all, var_all = all_cells.means, all_cells.variances
-        _unbias(var_all, data.shape[0])
-    batch_sums = sums.sums.reshape(n_batches, n_genes)
-    batch_squares = sums.squares.reshape(n_batches, n_genes)
 
     norm_gene_vars = []
     for b in range(n_batches):
@@ -309,7 +331,7 @@ def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_to
                  var_names=var_names)
 
 
-_side: list = []  # [(pid, Client)]: a second connection for overlapping requests
+_side: dict = {}  # pid -> Client: a second connection, for overlapping requests
 
 
 def _side_client():
@@ -318,11 +340,20 @@ def _side_client():
 
     from ..client import Client
 
-    if not _side or _side[0][0] != os.getpid():
+    pid = os.getpid()
+    if pid not in _side:
         if not _side:
-            atexit.register(lambda: _side and _side[0][0] == os.getpid() and _side[0][1].reset())
-        _side[:] = [(os.getpid(), Client())]
-    return _side[0][1]
+            atexit.register(_close_side_clients)
+        _side[pid] = Client()
+    return _side[pid]
+
+
+def _close_side_clients() -> None:
+    import os
+
+    cl = _side.get(os.getpid())
+    if cl is not None:
+        cl.reset()
 
 
 def _check_loess_input(n_points: int, span, label) -> None:
