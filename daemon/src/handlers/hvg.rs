@@ -4,7 +4,8 @@
 use crate::error::{Failure, Result};
 use crate::kernels::hvg_clipped_sums::{csr_clipped_sums, dense_clipped_sums, ClippedSums};
 use crate::kernels::hvg_mean_var::{
-    csr_group_sums, dense_group_sums, value_flags, CountValue, GroupMeanVar, GroupSums, ValueFlags,
+    csr_group_sums, csr_group_sums_checked, dense_group_sums, value_flags, CountValue,
+    GroupMeanVar, GroupSums, ValueFlags,
 };
 use crate::kernels::SparseIndex;
 use crate::server::state::Daemon;
@@ -91,8 +92,8 @@ pub(super) fn mean_var(
     let (stats, flags) = match x {
         Matrix::Csr { .. } => {
             let work = CsrWork::MeanVar { job: &job };
-            match run_csr(&mut resolver, x, &[], work, check)? {
-                CsrOut::MeanVar(stats, flags) => (stats, flags),
+            match run_csr(&mut resolver, x, &[], work)? {
+                CsrOut::MeanVar(stats) => stats?,
                 CsrOut::Clipped(_) => unreachable!("asked for means and variances"),
             }
         }
@@ -104,8 +105,8 @@ pub(super) fn mean_var(
             let dense = DenseRegions::resolve(&mut resolver, *n_rows, *n_cols, data)?;
             let (r, c) = (dense.n_rows, dense.n_cols);
             match dense.data.floats().expect("dtype checked") {
-                FloatSlice::F32(d) => job.run(d, |g| dense_group_sums(d, r, c, g)),
-                FloatSlice::F64(d) => job.run(d, |g| dense_group_sums(d, r, c, g)),
+                FloatSlice::F32(d) => job.run(|g, check| dense_sums(d, r, c, g, check))?,
+                FloatSlice::F64(d) => job.run(|g, check| dense_sums(d, r, c, g, check))?,
             }
         }
     };
@@ -129,43 +130,45 @@ struct MeanVarJob {
 }
 
 impl MeanVarJob {
-    /// `sums_of(groups)` computes the groups' sums in upstream's order. All cells'
-    /// sums come from adding the batches' sums when every sum is exact whatever
-    /// the order (non-negative integer counts, far from 2^53), and from a pass
-    /// of their own in upstream's order otherwise.
-    fn run<T: CountValue>(
+    /// `sums_of(groups, check)` computes the groups' sums in upstream's order and,
+    /// with `check`, the flags of the values it added and how many column indices
+    /// it skipped as out of range. All cells' sums come from adding the batches'
+    /// sums when every sum is exact whatever the order (non-negative integer
+    /// counts, far from 2^53), and from a pass of their own in upstream's order
+    /// otherwise. The batches cover every cell once, so the first pass sees every
+    /// stored value.
+    fn run(
         &self,
-        data: &[T],
-        sums_of: impl Fn(&[Vec<usize>]) -> GroupSums,
-    ) -> (GroupMeanVar, ValueFlags) {
-        let flags = if self.check || self.with_overall {
-            value_flags(data)
-        } else {
-            ValueFlags::default()
-        };
-        let mut sizes: Vec<usize> = self.batch_groups.iter().map(Vec::len).collect();
+        sums_of: impl Fn(&[Vec<usize>], bool) -> (GroupSums, ValueFlags, usize),
+    ) -> Result<(GroupMeanVar, ValueFlags)> {
         let n_cols = self.n_cols;
+        let checking = self.check || self.with_overall;
+        let (by_batch, flags, bad) = sums_of(&self.batch_groups, checking);
+        if checking && bad > 0 {
+            return Err(Failure::bad_matrix(format!(
+                "{bad} CSR column indices are outside 0..{n_cols}"
+            )));
+        }
+        let mut sizes: Vec<usize> = self.batch_groups.iter().map(Vec::len).collect();
         let sums = if !self.with_overall {
-            sums_of(&self.batch_groups)
-        } else if flags.sums_are_exact(self.n_rows) {
-            let by_batch = sums_of(&self.batch_groups);
-            let mut all = by_batch.pooled(n_cols);
+            by_batch
+        } else {
+            let mut all = if flags.sums_are_exact(self.n_rows) {
+                by_batch.pooled(n_cols)
+            } else {
+                sums_of(&[(0..self.n_rows).collect()], false).0
+            };
             all.sums.extend_from_slice(&by_batch.sums);
             all.squares.extend_from_slice(&by_batch.squares);
             sizes.insert(0, self.n_rows);
             all
-        } else {
-            let mut groups = vec![(0..self.n_rows).collect::<Vec<usize>>()];
-            groups.extend(self.batch_groups.iter().cloned());
-            sizes.insert(0, self.n_rows);
-            sums_of(&groups)
         };
         let flags = if self.check {
             flags
         } else {
             ValueFlags::default()
         };
-        (sums.mean_var(&sizes, n_cols), flags)
+        Ok((sums.mean_var(&sizes, n_cols), flags))
     }
 }
 
@@ -198,10 +201,16 @@ pub(super) fn clipped_sums(
     let mut resolver = Resolver::new(&daemon.segments, peer);
     let sums = match x {
         Matrix::Csr { .. } => {
-            // Enough column blocks to keep every thread busy with few batches.
-            let blocks = rayon::current_num_threads().div_ceil(groups.len().max(1));
+            // Enough column blocks to keep every thread busy with few batches; a
+            // request for one batch of several gets one thread (each column block
+            // reads all the batch's values): its client overlaps such requests
+            // with work of its own.
+            let blocks = match only {
+                Some(_) => 1,
+                None => rayon::current_num_threads().div_ceil(groups.len().max(1)),
+            };
             let work = CsrWork::Clipped { clip, blocks };
-            match run_csr(&mut resolver, x, &groups, work, false)? {
+            match run_csr(&mut resolver, x, &groups, work)? {
                 CsrOut::Clipped(sums) => sums,
                 CsrOut::MeanVar(..) => unreachable!("asked for clipped sums"),
             }
@@ -221,6 +230,23 @@ pub(super) fn clipped_sums(
     };
     let ClippedSums { sums, squares } = sums;
     Ok(Response::HvgClippedSums { sums, squares })
+}
+
+/// Dense sums and, with `check`, the flags of every value (a separate pass).
+fn dense_sums<T: CountValue>(
+    data: &[T],
+    n_rows: usize,
+    n_cols: usize,
+    groups: &[Vec<usize>],
+    check: bool,
+) -> (GroupSums, ValueFlags, usize) {
+    let sums = dense_group_sums(data, n_rows, n_cols, groups);
+    let flags = if check {
+        value_flags(data)
+    } else {
+        ValueFlags::default()
+    };
+    (sums, flags, 0)
 }
 
 fn shape(x: &Matrix) -> Result<(usize, usize)> {
@@ -243,7 +269,7 @@ enum CsrWork<'a> {
 }
 
 enum CsrOut {
-    MeanVar(GroupMeanVar, ValueFlags),
+    MeanVar(Result<(GroupMeanVar, ValueFlags)>),
     Clipped(ClippedSums),
 }
 
@@ -294,12 +320,14 @@ impl CsrJob<'_> {
     ) -> CsrOut {
         let (n_cols, groups) = (self.n_cols, self.groups);
         match self.work {
-            CsrWork::MeanVar { job } => {
-                let (stats, flags) = job.run(data, |g| {
-                    csr_group_sums(indptr, indices, data, n_cols, g, job.partitions)
-                });
-                CsrOut::MeanVar(stats, flags)
-            }
+            CsrWork::MeanVar { job } => CsrOut::MeanVar(job.run(|g, check| {
+                if check {
+                    csr_group_sums_checked(indptr, indices, data, n_cols, g, job.partitions)
+                } else {
+                    let sums = csr_group_sums(indptr, indices, data, n_cols, g, job.partitions);
+                    (sums, ValueFlags::default(), 0)
+                }
+            })),
             CsrWork::Clipped { clip, blocks } => CsrOut::Clipped(csr_clipped_sums(
                 indptr, indices, data, n_cols, groups, clip, blocks,
             )),
@@ -307,15 +335,14 @@ impl CsrJob<'_> {
     }
 }
 
-/// Resolves a CSR matrix (indices required) and validates its indptr and, with
-/// `check_columns`, its column indices (the kernels skip bad ones either way),
-/// then runs `work`.
+/// Resolves a CSR matrix (indices required) and validates its indptr, then runs
+/// `work`. Column indices are bounds-checked by the kernels as they read them
+/// (`HvgMeanVar` with `check` reports bad ones as an error, in the same pass).
 fn run_csr(
     resolver: &mut Resolver<'_>,
     x: &Matrix,
     groups: &[Vec<usize>],
     work: CsrWork<'_>,
-    check_columns: bool,
 ) -> Result<CsrOut> {
     let Matrix::Csr {
         n_rows,
@@ -329,15 +356,12 @@ fn run_csr(
     };
     let csr = CsrRegions::resolve(resolver, *n_rows, *n_cols, data, indices.as_ref(), indptr)?;
     csr.validate_indptr()?;
-    let indices = if check_columns {
-        csr.validated_column_indices()?
-    } else {
-        csr.indices
-            .as_ref()
-            .ok_or_else(|| Failure::bad_request("this request needs the CSR indices"))?
-            .indices()
-            .expect("dtype checked")
-    };
+    let indices = csr
+        .indices
+        .as_ref()
+        .ok_or_else(|| Failure::bad_request("this request needs the CSR indices"))?
+        .indices()
+        .expect("dtype checked");
     let job = CsrJob {
         n_cols: csr.n_cols,
         groups,

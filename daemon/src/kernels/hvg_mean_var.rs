@@ -222,6 +222,31 @@ pub fn csr_group_sums<T: CountValue, P: SparseIndex, I: SparseIndex>(
     groups: &[Vec<usize>],
     partitions: usize,
 ) -> GroupSums {
+    csr_group_sums_impl::<T, P, I, false>(indptr, indices, data, n_cols, groups, partitions).0
+}
+
+/// [`csr_group_sums`], also checking every value it adds ([`ValueFlags`]) and
+/// counting column indices outside `0..n_cols` (skipped), in the same pass.
+/// When the groups cover every row once, that is every stored value.
+pub fn csr_group_sums_checked<T: CountValue, P: SparseIndex, I: SparseIndex>(
+    indptr: &[P],
+    indices: &[I],
+    data: &[T],
+    n_cols: usize,
+    groups: &[Vec<usize>],
+    partitions: usize,
+) -> (GroupSums, ValueFlags, usize) {
+    csr_group_sums_impl::<T, P, I, true>(indptr, indices, data, n_cols, groups, partitions)
+}
+
+fn csr_group_sums_impl<T: CountValue, P: SparseIndex, I: SparseIndex, const CHECK: bool>(
+    indptr: &[P],
+    indices: &[I],
+    data: &[T],
+    n_cols: usize,
+    groups: &[Vec<usize>],
+    partitions: usize,
+) -> (GroupSums, ValueFlags, usize) {
     let nnz = data.len().min(indices.len());
     let (indices, data) = (&indices[..nnz], &data[..nnz]);
     let partitions = partitions.max(1);
@@ -234,35 +259,56 @@ pub fn csr_group_sums<T: CountValue, P: SparseIndex, I: SparseIndex>(
     let wave = (WAVE_BYTES / per_task).max(1);
     let mut sums = vec![0.0f64; groups.len() * n_cols];
     let mut squares = vec![0.0f64; groups.len() * n_cols];
+    let mut flags = ValueFlags::default();
+    let mut bad = 0usize;
     // Tasks are ordered by (group, partition) and waves reduced in that order, so
     // each total adds its partitions in upstream's order.
     for chunk in tasks.chunks(wave) {
-        let partials: Vec<Vec<[f64; 2]>> = chunk
+        let partials: Vec<(Vec<[f64; 2]>, ValueFlags, usize)> = chunk
             .par_iter()
             .map(|&(g, i)| {
                 let mut acc = vec![[0.0f64; 2]; n_cols];
+                let (mut neg, mut frac, mut inf, mut big, mut skipped) =
+                    (false, false, false, 0.0f64, 0usize);
                 for &r in groups[g].iter().skip(i).step_by(partitions) {
                     let span = row_range(indptr, r, nnz);
                     for (&c, &v) in indices[span.clone()].iter().zip(&data[span]) {
+                        if CHECK {
+                            let f = v.flags();
+                            neg |= f.negative;
+                            frac |= f.non_integer;
+                            inf |= f.non_finite;
+                            big = big.max(f.largest);
+                        }
                         if let Some(a) = acc.get_mut(c.to_usize().unwrap_or(usize::MAX)) {
                             a[0] += v.to_f64();
                             a[1] += v.square_f64();
+                        } else if CHECK {
+                            skipped += 1;
                         }
                     }
                 }
-                acc
+                let seen = ValueFlags {
+                    negative: neg,
+                    non_integer: frac,
+                    non_finite: inf,
+                    largest: big,
+                };
+                (acc, seen, skipped)
             })
             .collect();
-        for (&(g, _), acc) in chunk.iter().zip(partials) {
+        for (&(g, _), (acc, seen, skipped)) in chunk.iter().zip(partials) {
             let s = &mut sums[g * n_cols..(g + 1) * n_cols];
             let q = &mut squares[g * n_cols..(g + 1) * n_cols];
             for (c, a) in acc.iter().enumerate() {
                 s[c] += a[0];
                 q[c] += a[1];
             }
+            flags.merge(seen);
+            bad += skipped;
         }
     }
-    GroupSums { sums, squares }
+    (GroupSums { sums, squares }, flags, bad)
 }
 
 /// Dense, C-contiguous `n_rows × n_cols` (`data.len()` must be `n_rows * n_cols`;
@@ -496,6 +542,11 @@ mod tests {
         let all = csr_group_sums(&m.indptr, &m.indices, &data, 60, &[(0..400).collect()], 2);
         assert_eq!(bits(&by_batch.pooled(60).sums), bits(&all.sums));
         assert_eq!(bits(&by_batch.pooled(60).squares), bits(&all.squares));
+        let (checked, flags2, bad) =
+            csr_group_sums_checked(&m.indptr, &m.indices, &data, 60, &batches, 2);
+        assert_eq!((checked, flags2, bad), (by_batch.clone(), flags, 0));
+        let (_, _, bad) = csr_group_sums_checked(&m.indptr, &m.indices, &data, 59, &batches, 3);
+        assert!(bad > 0);
         let frac = [0.5f32, 1.0];
         assert!(!value_flags(&frac).sums_are_exact(2));
         assert!(!value_flags(&[1e9f32]).sums_are_exact(1 << 20));

@@ -3,22 +3,27 @@ against scanpy 1.11.5.
 
 Upstream copies the count matrix once per batch, computes per-gene means and
 variances (``_get_mean_var``), fits a loess per batch (scikit-misc) and then sums the
-clipped values and their squares. Here the O(stored values) work runs in the daemon
-in two requests, without copying any batch:
+clipped values and their squares. Here the O(stored values) work runs in the daemon,
+over the matrix placed once in shared memory, without copying any batch:
 
 1. ``HvgMeanVar``: means and variances of all cells and of every batch, in
    upstream's order of additions (CSR: numba's kernel, whose rows are dealt to
    ``numba.get_num_threads()`` accumulators; dense: numpy's row-order sums), and a
    check of every value (negative / non-integer / non-finite) that replaces
-   ``check_nonnegative_integers``.
+   ``check_nonnegative_integers``. For non-negative integer counts every sum is
+   exact in any order, so all cells' sums are the batches' sums added up (one
+   pass instead of two).
 2. ``HvgClippedSums``: per batch and gene, the sums of the values clipped to the
-   batch's clip values and of their squares, in upstream's order.
+   batch's clip values and of their squares, in upstream's order; with batches,
+   one request per batch on a second connection, sent as soon as that batch's
+   loess fit is done, so the daemon works while the next fit runs here.
 
-Between them, the loess fits run here with scikit-misc exactly as upstream calls
-it (same inputs, same routine, so the same fitted values, errors and warnings).
-Everything O(genes) after that (normalized variances, ranks, median rank, sorting,
-the DataFrame and the ``var`` columns) is upstream's numpy/pandas expression on
-the same arrays, so dtypes and bits follow by construction.
+The loess fits run here with scikit-misc exactly as upstream calls it (same
+inputs, same routine, so the same fitted values, errors and warnings; it holds
+the GIL, so fits cannot run in parallel threads). Everything O(genes) after
+that (normalized variances, ranks, median rank, sorting, the DataFrame and the
+``var`` columns) is upstream's numpy/pandas expression on the same arrays, so
+dtypes and bits follow by construction.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import warnings
 import numpy as np
 
 from .. import parallel, shm
-from ..client import DaemonError, get_client
+from ..client import get_client, prefault_in_background
 from ..codec import msg
 from ..fallback import Delegate, Fallback
 from . import _common
@@ -235,7 +240,8 @@ def _transport(data, kind: str, adopt: bool):
     fresh pages cost more than the copy itself here."""
     if _placed(data, kind):
         return _arrays(data, kind)
-    shm.reserve(_footprint(data, kind))  # lease a pooled segment if one fits
+    size = _footprint(data, kind)
+    shm.reserve(size)  # lease a pooled segment if one fits
     return tuple(_place(data, kind, adopt=adopt and kind == "csr"))
 
 
@@ -244,6 +250,7 @@ def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_to
     import numba
 
     n_genes = data.shape[1]
+    was_placed = _placed(data, kind)
     keep = _transport(data, kind, adopt)
     matrix = _wire_matrix(data, kind, keep)
     partitions = int(numba.get_num_threads())
@@ -318,6 +325,10 @@ def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_to
         batch_sums = [per_batch[b].sums for b in range(n_batches)]
         batch_squares = [per_batch[b].squares for b in range(n_batches)]
     del keep
+    if not was_placed:
+        # The next fresh matrix of this size finds a segment ready (prepared in
+        # the background, after this call's own work).
+        shm.ensure_spare(_footprint(data, kind), on_ready=prefault_in_background)
 
     norm_gene_vars = []
     for b in range(n_batches):
