@@ -69,6 +69,16 @@ REQUESTS = {
         max_value=8.0,
         out=arr("azm_1000_42_9", 0, 15, "F64"),
     ),
+    "req_hvg_mean_var": msg("HvgMeanVar", x=CSR, batches=np.array([0, 2, 1]), n_batches=3, partitions=2,
+                            check=True, with_overall=True),
+    "req_hvg_clipped_sums": msg(
+        "HvgClippedSums",
+        x=msg("Dense", n_rows=2, n_cols=2, data=peer(0x7F0012346000, 4, "F32")),
+        batches=np.array([], dtype=np.uint64),
+        n_batches=1,
+        clip=np.array([2.5, 1e10]),
+        only=0,
+    ),
 }
 
 
@@ -84,6 +94,7 @@ def test_every_golden_file_is_covered():
         "resp_hello", "resp_pong", "resp_status", "resp_shutting_down",
         "resp_row_sums", "resp_done", "resp_error", "resp_leased", "resp_leased_none",
         "resp_scale_stats",
+        "resp_hvg_mean_var", "resp_hvg_clipped_sums",
     }
 
 
@@ -114,6 +125,11 @@ def test_decode_responses():
     assert _decode_golden("resp_shutting_down").tag == "ShuttingDown"
     stats = _decode_golden("resp_scale_stats")
     assert stats.sums.tolist() == [1.5, 0.0] and np.signbit(stats.sq_sums[1])
+    mv = _decode_golden("resp_hvg_mean_var")
+    assert mv.means.tolist() == [0.5, 2.0] and np.signbit(mv.variances[1])
+    assert (mv.negative, mv.non_integer, mv.non_finite) == (False, True, False)
+    cs = _decode_golden("resp_hvg_clipped_sums")
+    assert cs.sums.tolist() == [1.0, 3.5] and cs.squares.tolist() == [1.0, 12.25]
 
 
 @pytest.mark.parametrize(

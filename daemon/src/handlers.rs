@@ -22,6 +22,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 mod scale;
+mod hvg;
 
 /// What the connection should do after sending the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +128,30 @@ fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, 
             };
             scale::apply(daemon, peer, &x, rows.as_deref(), stats, &out)?
         }
+        Request::HvgMeanVar {
+            x,
+            batches,
+            n_batches,
+            partitions,
+            check,
+            with_overall,
+        } => hvg::mean_var(
+            daemon,
+            peer,
+            &x,
+            &batches,
+            n_batches,
+            partitions,
+            check,
+            with_overall,
+        )?,
+        Request::HvgClippedSums {
+            x,
+            batches,
+            n_batches,
+            clip,
+            only,
+        } => hvg::clipped_sums(daemon, peer, &x, &batches, n_batches, &clip, only)?,
     };
     Ok((response, After::Continue))
 }

@@ -178,6 +178,41 @@ pub enum Request {
         max_value: Option<f64>,
         out: ArrayRef,
     },
+    /// highly_variable_genes (seurat_v3), step 1: per-gene means and biased
+    /// variances (before upstream's `n / (n - 1)`) of each batch, as scanpy's
+    /// `_get_mean_var` computes them (CSR: numba's kernel with its rows dealt to
+    /// `partitions` accumulators, numba's thread count in the client; dense:
+    /// numpy's row-order sums). `batches` holds each cell's batch in
+    /// `0..n_batches`; empty means one batch of all cells (`n_batches` 1). CSR
+    /// needs its indices. With `check`, every column index is validated up front
+    /// (a bad one is a `BadMatrix` error) and every stored value checked (see
+    /// `Response::HvgMeanVar`); without, the flags are all false and bad indices
+    /// are only skipped (for repeat requests over a matrix already checked).
+    /// With `with_overall`, all cells' statistics come first in the reply (as
+    /// upstream computes them over the whole matrix; from the batches' sums when
+    /// those are exact in any order, i.e. non-negative integer counts).
+    HvgMeanVar {
+        x: Matrix,
+        batches: Vec<u64>,
+        n_batches: u64,
+        partitions: u64,
+        check: bool,
+        with_overall: bool,
+    },
+    /// highly_variable_genes (seurat_v3), step 2: per batch and gene, the sums of
+    /// the values clipped to `clip` (`n_batches × n_cols`, row-major) and of their
+    /// squares, in upstream's order. `batches` as for `HvgMeanVar`; column
+    /// indices are not validated up front (send `HvgMeanVar` with `check` first),
+    /// bad ones are skipped. With `only`, just that batch: `clip` then holds its
+    /// `n_cols` values and the reply its `n_cols` sums (so the client can ask for
+    /// each batch as soon as its clip values are known).
+    HvgClippedSums {
+        x: Matrix,
+        batches: Vec<u64>,
+        n_batches: u64,
+        clip: Vec<f64>,
+        only: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,6 +294,22 @@ pub enum Response {
     ScaleStats {
         sums: Vec<f64>,
         sq_sums: Vec<f64>,
+    },
+    /// `means` and `variances` are `n_batches × n_cols` row-major, after one row
+    /// for all cells with `with_overall`.
+    /// `negative`: some value has its sign bit set; `non_integer`: some finite
+    /// value has a fractional part; `non_finite`: some value is NaN or infinite.
+    HvgMeanVar {
+        means: Vec<f64>,
+        variances: Vec<f64>,
+        negative: bool,
+        non_integer: bool,
+        non_finite: bool,
+    },
+    /// `n_batches × n_cols` row-major (`n_cols` with `only`).
+    HvgClippedSums {
+        sums: Vec<f64>,
+        squares: Vec<f64>,
     },
 }
 

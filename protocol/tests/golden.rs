@@ -128,6 +128,31 @@ fn requests() -> Vec<(&'static str, Request)> {
                 out: arr("azm_1000_42_9", 0, 15, DType::F64),
             },
         ),
+        (
+            "req_hvg_mean_var",
+            Request::HvgMeanVar {
+                x: csr(),
+                batches: vec![0, 2, 1],
+                n_batches: 3,
+                partitions: 2,
+                check: true,
+                with_overall: true,
+            },
+        ),
+        (
+            "req_hvg_clipped_sums",
+            Request::HvgClippedSums {
+                x: Matrix::Dense {
+                    n_rows: 2,
+                    n_cols: 2,
+                    data: peer(0x7f00_1234_6000, 4, DType::F32),
+                },
+                batches: vec![],
+                n_batches: 1,
+                clip: vec![2.5, 1e10],
+                only: Some(0),
+            },
+        ),
     ]
 }
 
@@ -200,6 +225,23 @@ fn responses() -> Vec<(&'static str, Response)> {
             Response::ScaleStats {
                 sums: vec![1.5, 0.0],
                 sq_sums: vec![2.25, -0.0],
+            },
+        ),
+        (
+            "resp_hvg_mean_var",
+            Response::HvgMeanVar {
+                means: vec![0.5, 2.0],
+                variances: vec![0.25, -0.0],
+                negative: false,
+                non_integer: true,
+                non_finite: false,
+            },
+        ),
+        (
+            "resp_hvg_clipped_sums",
+            Response::HvgClippedSums {
+                sums: vec![1.0, 3.5],
+                squares: vec![1.0, 12.25],
             },
         ),
     ]

@@ -21,6 +21,9 @@ TARGETS = {
     "normalize_total": ("scanpy.preprocessing._normalization", "normalize_total", "normalize_total"),
     "log1p": ("scanpy.preprocessing._simple", "log1p", "log1p"),
     "scale": ("scanpy.preprocessing._scale", "scale", "scale"),
+    "highly_variable_genes": (
+        "scanpy.preprocessing._highly_variable_genes", "highly_variable_genes", "highly_variable_genes"
+    ),
 }
 
 _lock = threading.RLock()

@@ -250,6 +250,27 @@ REQUEST = Enum(
                 ("out", ARRAY_REF),
             ],
         ),
+        (
+            "HvgMeanVar",
+            [
+                ("x", MATRIX),
+                ("batches", Vec(U64)),
+                ("n_batches", U64),
+                ("partitions", U64),
+                ("check", BOOL),
+                ("with_overall", BOOL),
+            ],
+        ),
+        (
+            "HvgClippedSums",
+            [
+                ("x", MATRIX),
+                ("batches", Vec(U64)),
+                ("n_batches", U64),
+                ("clip", Vec(F64)),
+                ("only", Opt(U64)),
+            ],
+        ),
     ],
 )
 ERROR_KIND = _UnitEnum(
@@ -301,6 +322,17 @@ RESPONSE = Enum(
         ("Error", [("kind", ERROR_KIND), ("message", STR)]),
         ("Leased", [("segment", Opt(STR)), ("size", U64)]),
         ("ScaleStats", [("sums", Vec(F64)), ("sq_sums", Vec(F64))]),
+        (
+            "HvgMeanVar",
+            [
+                ("means", Vec(F64)),
+                ("variances", Vec(F64)),
+                ("negative", BOOL),
+                ("non_integer", BOOL),
+                ("non_finite", BOOL),
+            ],
+        ),
+        ("HvgClippedSums", [("sums", Vec(F64)), ("squares", Vec(F64))]),
     ],
 )
 

@@ -231,5 +231,7 @@ pub(crate) fn variant_name(request: &Request) -> &'static str {
         Request::Sleep { .. } => "Sleep",
         Request::ScaleStats { .. } => "ScaleStats",
         Request::ScaleApply { .. } => "ScaleApply",
+        Request::HvgMeanVar { .. } => "HvgMeanVar",
+        Request::HvgClippedSums { .. } => "HvgClippedSums",
     }
 }

@@ -1,0 +1,375 @@
+//! highly_variable_genes (flavor `seurat_v3` / `seurat_v3_paper`): the two
+//! O(stored values) steps, with the loess fits between them done by the shim.
+
+use crate::error::{Failure, Result};
+use crate::kernels::hvg_clipped_sums::{csr_clipped_sums, dense_clipped_sums, ClippedSums};
+use crate::kernels::hvg_mean_var::{
+    csr_group_sums, csr_group_sums_checked, dense_group_sums, value_flags, CountValue,
+    GroupMeanVar, GroupSums, ValueFlags,
+};
+use crate::kernels::SparseIndex;
+use crate::server::state::Daemon;
+use crate::shm::{CsrRegions, DenseRegions, FloatSlice, IndexSlice, Peer, Resolver};
+use autozyme_protocol::{ErrorKind, Matrix, Response, MAX_FRAME_BYTES};
+
+/// numba's thread count is at most a few hundred; more is a malformed request.
+const MAX_PARTITIONS: u64 = 1 << 16;
+
+/// Each batch's rows, in increasing order; `batches` empty means one batch of
+/// every row.
+fn batch_rows(batches: &[u64], n_batches: u64, n_rows: usize) -> Result<Vec<Vec<usize>>> {
+    if batches.is_empty() {
+        if n_batches != 1 {
+            return Err(Failure::bad_request(format!(
+                "no batches given, so n_batches must be 1, not {n_batches}"
+            )));
+        }
+        return Ok(vec![(0..n_rows).collect()]);
+    }
+    if batches.len() != n_rows {
+        return Err(Failure::bad_request(format!(
+            "{} batch codes for {n_rows} cells",
+            batches.len()
+        )));
+    }
+    let n = usize::try_from(n_batches)
+        .ok()
+        .filter(|&n| n >= 1 && n <= n_rows)
+        .ok_or_else(|| Failure::bad_request(format!("n_batches {n_batches} for {n_rows} cells")))?;
+    let mut rows = vec![Vec::new(); n];
+    for (r, &b) in batches.iter().enumerate() {
+        let group = usize::try_from(b)
+            .ok()
+            .and_then(|b| rows.get_mut(b))
+            .ok_or_else(|| {
+                Failure::bad_request(format!("cell {r} has batch {b}, not below {n_batches}"))
+            })?;
+        group.push(r);
+    }
+    Ok(rows)
+}
+
+/// Two `groups × n_cols` f64 vectors must fit in one reply frame.
+fn check_reply_size(groups: usize, n_cols: usize) -> Result<()> {
+    let bytes = (groups as u128) * (n_cols as u128) * 16;
+    if bytes + 4096 > MAX_FRAME_BYTES as u128 {
+        return Err(Failure::new(
+            ErrorKind::TooLarge,
+            format!("{groups} batches x {n_cols} genes do not fit in one reply"),
+        ));
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn mean_var(
+    daemon: &Daemon,
+    peer: Peer,
+    x: &Matrix,
+    batches: &[u64],
+    n_batches: u64,
+    partitions: u64,
+    check: bool,
+    with_overall: bool,
+) -> Result<Response> {
+    if partitions == 0 || partitions > MAX_PARTITIONS {
+        return Err(Failure::bad_request(format!(
+            "partitions must be in 1..={MAX_PARTITIONS}, not {partitions}"
+        )));
+    }
+    let (n_rows, n_cols) = shape(x)?;
+    let batch_groups = batch_rows(batches, n_batches, n_rows)?;
+    check_reply_size(batch_groups.len() + usize::from(with_overall), n_cols)?;
+    let mut resolver = Resolver::new(&daemon.segments, peer);
+    let job = MeanVarJob {
+        batch_groups,
+        n_rows,
+        n_cols,
+        partitions: partitions as usize,
+        check,
+        with_overall,
+    };
+    let (stats, flags) = match x {
+        Matrix::Csr { .. } => {
+            let work = CsrWork::MeanVar { job: &job };
+            match run_csr(&mut resolver, x, &[], work)? {
+                CsrOut::MeanVar(stats) => stats?,
+                CsrOut::Clipped(_) => unreachable!("asked for means and variances"),
+            }
+        }
+        Matrix::Dense {
+            n_rows,
+            n_cols,
+            data,
+        } => {
+            let dense = DenseRegions::resolve(&mut resolver, *n_rows, *n_cols, data)?;
+            let (r, c) = (dense.n_rows, dense.n_cols);
+            match dense.data.floats().expect("dtype checked") {
+                FloatSlice::F32(d) => job.run(|g, check| dense_sums(d, r, c, g, check))?,
+                FloatSlice::F64(d) => job.run(|g, check| dense_sums(d, r, c, g, check))?,
+            }
+        }
+    };
+    Ok(Response::HvgMeanVar {
+        means: stats.means,
+        variances: stats.variances,
+        negative: flags.negative,
+        non_integer: flags.non_integer,
+        non_finite: flags.non_finite,
+    })
+}
+
+/// A `HvgMeanVar` request's groups and how to get all cells' statistics.
+struct MeanVarJob {
+    batch_groups: Vec<Vec<usize>>,
+    n_rows: usize,
+    n_cols: usize,
+    partitions: usize,
+    check: bool,
+    with_overall: bool,
+}
+
+impl MeanVarJob {
+    /// `sums_of(groups, check)` computes the groups' sums in upstream's order and,
+    /// with `check`, the flags of the values it added and how many column indices
+    /// it skipped as out of range. All cells' sums come from adding the batches'
+    /// sums when every sum is exact whatever the order (non-negative integer
+    /// counts, far from 2^53), and from a pass of their own in upstream's order
+    /// otherwise. The batches cover every cell once, so the first pass sees every
+    /// stored value.
+    fn run(
+        &self,
+        sums_of: impl Fn(&[Vec<usize>], bool) -> (GroupSums, ValueFlags, usize),
+    ) -> Result<(GroupMeanVar, ValueFlags)> {
+        let n_cols = self.n_cols;
+        let checking = self.check || self.with_overall;
+        let (by_batch, flags, bad) = sums_of(&self.batch_groups, checking);
+        if checking && bad > 0 {
+            return Err(Failure::bad_matrix(format!(
+                "{bad} CSR column indices are outside 0..{n_cols}"
+            )));
+        }
+        let mut sizes: Vec<usize> = self.batch_groups.iter().map(Vec::len).collect();
+        let sums = if !self.with_overall {
+            by_batch
+        } else {
+            let mut all = if flags.sums_are_exact(self.n_rows) {
+                by_batch.pooled(n_cols)
+            } else {
+                sums_of(&[(0..self.n_rows).collect()], false).0
+            };
+            all.sums.extend_from_slice(&by_batch.sums);
+            all.squares.extend_from_slice(&by_batch.squares);
+            sizes.insert(0, self.n_rows);
+            all
+        };
+        let flags = if self.check {
+            flags
+        } else {
+            ValueFlags::default()
+        };
+        Ok((sums.mean_var(&sizes, n_cols), flags))
+    }
+}
+
+pub(super) fn clipped_sums(
+    daemon: &Daemon,
+    peer: Peer,
+    x: &Matrix,
+    batches: &[u64],
+    n_batches: u64,
+    clip: &[f64],
+    only: Option<u64>,
+) -> Result<Response> {
+    let (n_rows, n_cols) = shape(x)?;
+    let mut groups = batch_rows(batches, n_batches, n_rows)?;
+    if let Some(b) = only {
+        let b = usize::try_from(b)
+            .ok()
+            .filter(|&b| b < groups.len())
+            .ok_or_else(|| Failure::bad_request(format!("no batch {b} of {n_batches}")))?;
+        groups = vec![std::mem::take(&mut groups[b])];
+    }
+    check_reply_size(groups.len(), n_cols)?;
+    if clip.len() as u128 != (groups.len() as u128) * (n_cols as u128) {
+        return Err(Failure::bad_request(format!(
+            "{} clip values for {} batches x {n_cols} genes",
+            clip.len(),
+            groups.len()
+        )));
+    }
+    let mut resolver = Resolver::new(&daemon.segments, peer);
+    let sums = match x {
+        Matrix::Csr { .. } => {
+            // Enough column blocks to keep every thread busy with few batches; a
+            // request for one batch of several gets one thread (each column block
+            // reads all the batch's values): its client overlaps such requests
+            // with work of its own.
+            let blocks = match only {
+                Some(_) => 1,
+                None => rayon::current_num_threads().div_ceil(groups.len().max(1)),
+            };
+            let work = CsrWork::Clipped { clip, blocks };
+            match run_csr(&mut resolver, x, &groups, work)? {
+                CsrOut::Clipped(sums) => sums,
+                CsrOut::MeanVar(..) => unreachable!("asked for clipped sums"),
+            }
+        }
+        Matrix::Dense {
+            n_rows,
+            n_cols,
+            data,
+        } => {
+            let dense = DenseRegions::resolve(&mut resolver, *n_rows, *n_cols, data)?;
+            let (r, c) = (dense.n_rows, dense.n_cols);
+            match dense.data.floats().expect("dtype checked") {
+                FloatSlice::F32(d) => dense_clipped_sums(d, r, c, &groups, clip),
+                FloatSlice::F64(d) => dense_clipped_sums(d, r, c, &groups, clip),
+            }
+        }
+    };
+    let ClippedSums { sums, squares } = sums;
+    Ok(Response::HvgClippedSums { sums, squares })
+}
+
+/// Dense sums and, with `check`, the flags of every value (a separate pass).
+fn dense_sums<T: CountValue>(
+    data: &[T],
+    n_rows: usize,
+    n_cols: usize,
+    groups: &[Vec<usize>],
+    check: bool,
+) -> (GroupSums, ValueFlags, usize) {
+    let sums = dense_group_sums(data, n_rows, n_cols, groups);
+    let flags = if check {
+        value_flags(data)
+    } else {
+        ValueFlags::default()
+    };
+    (sums, flags, 0)
+}
+
+fn shape(x: &Matrix) -> Result<(usize, usize)> {
+    let (r, c) = match x {
+        Matrix::Csr { n_rows, n_cols, .. } | Matrix::Dense { n_rows, n_cols, .. } => {
+            (*n_rows, *n_cols)
+        }
+    };
+    match (usize::try_from(r), usize::try_from(c)) {
+        (Ok(r), Ok(c)) => Ok((r, c)),
+        _ => Err(Failure::bad_matrix(format!("shape {r} x {c} is too large"))),
+    }
+}
+
+/// What a CSR request computes.
+#[derive(Clone, Copy)]
+enum CsrWork<'a> {
+    MeanVar { job: &'a MeanVarJob },
+    Clipped { clip: &'a [f64], blocks: usize },
+}
+
+enum CsrOut {
+    MeanVar(Result<(GroupMeanVar, ValueFlags)>),
+    Clipped(ClippedSums),
+}
+
+/// Runs `work` on a CSR matrix, dispatched over the index and data dtypes.
+struct CsrJob<'a> {
+    n_cols: usize,
+    groups: &'a [Vec<usize>],
+    work: CsrWork<'a>,
+}
+
+impl CsrJob<'_> {
+    fn run(&self, indptr: IndexSlice<'_>, indices: IndexSlice<'_>, data: FloatSlice<'_>) -> CsrOut {
+        match indptr {
+            IndexSlice::I32(p) => self.with_indices(p, indices, data),
+            IndexSlice::I64(p) => self.with_indices(p, indices, data),
+        }
+    }
+
+    fn with_indices<P: SparseIndex>(
+        &self,
+        indptr: &[P],
+        indices: IndexSlice<'_>,
+        data: FloatSlice<'_>,
+    ) -> CsrOut {
+        match indices {
+            IndexSlice::I32(i) => self.with_data(indptr, i, data),
+            IndexSlice::I64(i) => self.with_data(indptr, i, data),
+        }
+    }
+
+    fn with_data<P: SparseIndex, I: SparseIndex>(
+        &self,
+        indptr: &[P],
+        indices: &[I],
+        data: FloatSlice<'_>,
+    ) -> CsrOut {
+        match data {
+            FloatSlice::F32(d) => self.kernel(indptr, indices, d),
+            FloatSlice::F64(d) => self.kernel(indptr, indices, d),
+        }
+    }
+
+    fn kernel<P: SparseIndex, I: SparseIndex, T: CountValue>(
+        &self,
+        indptr: &[P],
+        indices: &[I],
+        data: &[T],
+    ) -> CsrOut {
+        let (n_cols, groups) = (self.n_cols, self.groups);
+        match self.work {
+            CsrWork::MeanVar { job } => CsrOut::MeanVar(job.run(|g, check| {
+                if check {
+                    csr_group_sums_checked(indptr, indices, data, n_cols, g, job.partitions)
+                } else {
+                    let sums = csr_group_sums(indptr, indices, data, n_cols, g, job.partitions);
+                    (sums, ValueFlags::default(), 0)
+                }
+            })),
+            CsrWork::Clipped { clip, blocks } => CsrOut::Clipped(csr_clipped_sums(
+                indptr, indices, data, n_cols, groups, clip, blocks,
+            )),
+        }
+    }
+}
+
+/// Resolves a CSR matrix (indices required) and validates its indptr, then runs
+/// `work`. Column indices are bounds-checked by the kernels as they read them
+/// (`HvgMeanVar` with `check` reports bad ones as an error, in the same pass).
+fn run_csr(
+    resolver: &mut Resolver<'_>,
+    x: &Matrix,
+    groups: &[Vec<usize>],
+    work: CsrWork<'_>,
+) -> Result<CsrOut> {
+    let Matrix::Csr {
+        n_rows,
+        n_cols,
+        data,
+        indices,
+        indptr,
+    } = x
+    else {
+        unreachable!("run_csr is called for CSR matrices");
+    };
+    let csr = CsrRegions::resolve(resolver, *n_rows, *n_cols, data, indices.as_ref(), indptr)?;
+    csr.validate_indptr()?;
+    let indices = csr
+        .indices
+        .as_ref()
+        .ok_or_else(|| Failure::bad_request("this request needs the CSR indices"))?
+        .indices()
+        .expect("dtype checked");
+    let job = CsrJob {
+        n_cols: csr.n_cols,
+        groups,
+        work,
+    };
+    Ok(job.run(
+        csr.indptr.indices().expect("dtype checked"),
+        indices,
+        csr.data.floats().expect("dtype checked"),
+    ))
+}

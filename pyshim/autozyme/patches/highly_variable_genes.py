@@ -1,0 +1,503 @@
+"""sc.pp.highly_variable_genes(flavor="seurat_v3" | "seurat_v3_paper"), verified
+against scanpy 1.11.5.
+
+Upstream copies the count matrix once per batch, computes per-gene means and
+variances (``_get_mean_var``), fits a loess per batch (scikit-misc) and then sums the
+clipped values and their squares. Here the O(stored values) work runs in the daemon,
+over the matrix placed once in shared memory, without copying any batch:
+
+1. ``HvgMeanVar``: means and variances of all cells and of every batch, in
+   upstream's order of additions (CSR: numba's kernel, whose rows are dealt to
+   ``numba.get_num_threads()`` accumulators; dense: numpy's row-order sums), and a
+   check of every value (negative / non-integer / non-finite) that replaces
+   ``check_nonnegative_integers``. For non-negative integer counts every sum is
+   exact in any order, so all cells' sums are the batches' sums added up (one
+   pass instead of two).
+2. ``HvgClippedSums``: per batch and gene, the sums of the values clipped to the
+   batch's clip values and of their squares, in upstream's order; with batches,
+   one request per batch on a second connection, sent as soon as that batch's
+   loess fit is done, so the daemon works while the next fit runs here.
+
+The loess fits run here with scikit-misc exactly as upstream calls it (same
+inputs, same routine, so the same fitted values, errors and warnings; it holds
+the GIL, so fits cannot run in parallel threads). Everything O(genes) after
+that (normalized variances, ranks, median rank, sorting, the DataFrame and the
+``var`` columns) is upstream's numpy/pandas expression on the same arrays, so
+dtypes and bits follow by construction.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import queue
+import warnings
+
+import numpy as np
+
+from .. import parallel, shm
+from ..client import get_client, prefault_in_background
+from ..codec import msg
+from ..fallback import Delegate, Fallback
+from . import _common
+
+VERIFIED = ("1.11.5",)
+FLAVORS = ("seurat_v3", "seurat_v3_paper")
+
+
+def fast(upstream, *args, **kwargs):
+    from anndata import AnnData
+    from scanpy import logging as logg
+
+    adata, p = _common.bind(upstream, _common.keyword_defaults(upstream), args, kwargs)
+    flavor = p["flavor"]
+    if not isinstance(adata, AnnData):
+        raise Delegate(f"{type(adata).__name__} is not an AnnData")
+    if not isinstance(flavor, str):
+        raise Delegate(f"flavor of type {type(flavor).__name__}")
+    if flavor not in FLAVORS:
+        raise Fallback(f"flavor {flavor!r}")
+    try:
+        from skmisc.loess import loess
+    except ImportError as e:
+        raise Delegate("scikit-misc is not installed") from e
+    layer, batch_key = p["layer"], p["batch_key"]
+    if adata.isbacked:
+        raise Fallback("backed AnnData")
+    if layer is not None and layer not in adata.layers:
+        raise Delegate(f"no layer {layer!r}")
+    if batch_key is not None and batch_key not in adata.obs.columns:
+        raise Delegate(f"no obs column {batch_key!r}")
+    n_top_genes = p["n_top_genes"]
+    if n_top_genes is None:
+        n_top_genes = _default_n_top_genes()
+
+    from scanpy.get import _get_obs_rep
+
+    data = _get_obs_rep(adata, layer=layer)
+    matrix = _in_scope(data)
+    codes, n_batches, sizes, labels = _batches(adata, batch_key)
+
+    start = logg.info("extracting highly variable genes")  # noqa: F841 (as upstream)
+    result = _compute(
+        data, matrix, loess, codes=codes, n_batches=n_batches, sizes=sizes, labels=labels,
+        flavor=flavor, n_top_genes=n_top_genes, check_values=p["check_values"], span=p["span"],
+        var_names=adata.var_names, adopt=not adata.is_view,
+    )
+    return _finish(adata, result, flavor=flavor, batch_key=batch_key, subset=p["subset"],
+                   inplace=p["inplace"])
+
+
+@functools.lru_cache(maxsize=1)
+def _default_n_top_genes() -> int:
+    from scanpy.preprocessing._highly_variable_genes import _highly_variable_genes_seurat_v3
+
+    return inspect.signature(_highly_variable_genes_seurat_v3).parameters["n_top_genes"].default
+
+
+def _in_scope(data) -> str:
+    """'csr' or 'dense' for inputs the fast path serves, else Fallback."""
+    if isinstance(data, np.ndarray) and not isinstance(data, np.matrix):
+        if data.dtype not in _common.FLOATS:
+            raise Fallback(f"dtype {data.dtype}")
+        if data.ndim != 2 or not data.flags.c_contiguous:
+            raise Fallback("dense input that is not a C-contiguous matrix")
+        if data.shape[1] < 2:
+            # numpy sums a single column pairwise, not row by row.
+            raise Fallback("dense input with fewer than two genes")
+        return "dense"
+    if _common.is_csr(data) and not _common.is_sparse_array(data):
+        if data.dtype not in _common.FLOATS:
+            raise Fallback(f"dtype {data.dtype}")
+        if data.indptr.dtype not in _common.INDEX or data.indices.dtype not in _common.INDEX:
+            raise Fallback(f"index dtype {data.indices.dtype}/{data.indptr.dtype}")
+        from scanpy._compat import _is_in_unsafe_thread_pool
+
+        if _is_in_unsafe_thread_pool():
+            # upstream's numba kernel runs serially there, with a warning.
+            raise Delegate("called from a thread pool numba cannot share")
+        return "csr"
+    raise Fallback(f"{type(data).__name__} input")
+
+
+def _batches(adata, batch_key):
+    """Per-cell batch index in upstream's batch order (``np.unique``), the batch
+    count and sizes; None codes for a single batch of every cell."""
+    n = adata.n_obs
+    if n == 0:
+        raise Delegate("no cells")
+    if batch_key is None:
+        return None, 1, np.array([n]), [0]
+    fast_codes = _categorical_batches(adata.obs[batch_key])
+    if fast_codes is not None:
+        return fast_codes
+    info = adata.obs[batch_key].to_numpy()
+    try:
+        uniq = np.unique(info)
+    except Exception as e:  # noqa: BLE001 - upstream raises its own error
+        raise Delegate(f"batch values np.unique cannot sort: {e}") from e
+    codes = np.full(n, -1, dtype=np.int64)
+    for k, b in enumerate(uniq):
+        mask = np.asarray(info == b)
+        if mask.shape != (n,) or mask.dtype != bool or not mask.any():
+            raise Delegate(f"batch {b!r} selects no cells")
+        codes[mask] = k
+    if (codes < 0).any():
+        raise Delegate("cells whose batch equals none of the batch values (NaN)")
+    if len(uniq) == 1:
+        return None, 1, np.array([n]), list(uniq)
+    return codes.astype(np.uint64), len(uniq), np.bincount(codes, minlength=len(uniq)), list(uniq)
+
+
+def _categorical_batches(col):
+    """``_batches`` for a categorical column of strings or numbers, from its codes
+    (no object comparisons): the batches are the used categories in the order
+    ``np.unique`` gives their values. None where that shortcut does not apply."""
+    import pandas as pd
+
+    if not isinstance(col.dtype, pd.CategoricalDtype):
+        return None
+    cats = col.cat.categories
+    if cats.inferred_type not in ("string", "integer", "floating"):
+        return None
+    cat_codes = col.cat.codes.to_numpy()
+    if cat_codes.size == 0 or (cat_codes < 0).any():
+        return None  # NaN batches: the generic path decides
+    counts = np.bincount(cat_codes, minlength=len(cats))
+    used = np.flatnonzero(counts)
+    values = cats.to_numpy()[used]
+    uniq = np.unique(values)
+    if len(uniq) != len(used):
+        return None
+    order = {v: k for k, v in enumerate(uniq.tolist())}
+    to_batch = np.full(len(cats), -1, dtype=np.int64)
+    for cat, value in zip(used, values.tolist()):
+        to_batch[cat] = order[value]
+    labels = list(uniq)
+    n = len(cat_codes)
+    if len(uniq) == 1:
+        return None, 1, np.array([n]), labels
+    codes = to_batch[cat_codes]
+    return codes.astype(np.uint64), len(uniq), counts[used][np.argsort(to_batch[used])], labels
+
+
+def _arrays(data, kind: str) -> tuple:
+    return (data.data, data.indices, data.indptr) if kind == "csr" else (data,)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // 64) * 64
+
+
+def _footprint(data, kind: str) -> int:
+    return sum(_aligned(a.nbytes) for a in _arrays(data, kind))
+
+
+def _place(data, kind: str, adopt: bool):
+    """Copy the matrix's arrays into one segment (copied in parallel blocks) and,
+    if ``adopt``, rebind the matrix to them, so later calls copy nothing. Returns
+    the placed arrays."""
+    buf = shm.empty((max(_footprint(data, kind), 1),), np.uint8)
+    placed, off = [], 0
+    for arr in _arrays(data, kind):
+        src = np.ascontiguousarray(arr).reshape(-1)
+        view = buf[off : off + src.nbytes].view(src.dtype)
+        off += _aligned(src.nbytes)
+
+        def copy(a, b, view=view, src=src):
+            np.copyto(view[a:b], src[a:b])
+
+        parallel.run_blocks(copy, parallel.blocks(src.size, src.itemsize, align=parallel.ALIGN))
+        placed.append(view.reshape(arr.shape))
+    if adopt:
+        if kind == "csr":
+            _common.adopt_csr(data, data=placed[0], indices=placed[1], indptr=placed[2])
+    return placed
+
+
+def _wire_matrix(data, kind: str, arrays: tuple):
+    """The wire Matrix over ``arrays`` (``data``'s arrays placed in segments)."""
+    refs = [shm.ref(a) for a in arrays]
+    if any(r is None for r in refs):
+        raise Fallback("arrays that cannot be referenced")
+    n_rows, n_cols = data.shape
+    if kind == "csr":
+        return msg("Csr", n_rows=n_rows, n_cols=n_cols, data=refs[0], indices=refs[1], indptr=refs[2])
+    return msg("Dense", n_rows=n_rows, n_cols=n_cols, data=refs[0])
+
+
+def _placed(data, kind: str) -> bool:
+    return all(shm.is_placed(a) for a in _arrays(data, kind))
+
+
+def _transport(data, kind: str, adopt: bool):
+    """The matrix's arrays in shared memory. Already in shared
+    memory: as it is. Otherwise copied once into a segment (one lent from the
+    daemon's pool or ours when at hand) that all three requests read; a CSR
+    matrix then adopts it, so re-runs copy nothing (a dense array is not adopted:
+    that would replace the user's array object). Reading this process's memory
+    instead would copy the matrix into fresh daemon memory once per request, and
+    fresh pages cost more than the copy itself here."""
+    if _placed(data, kind):
+        return _arrays(data, kind)
+    size = _footprint(data, kind)
+    shm.reserve(size)  # lease a pooled segment if one fits
+    return tuple(_place(data, kind, adopt=adopt and kind == "csr"))
+
+
+def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_top_genes,
+             check_values, span, var_names, adopt):
+    import numba
+
+    n_genes = data.shape[1]
+    was_placed = _placed(data, kind)
+    keep = _transport(data, kind, adopt)
+    matrix = _wire_matrix(data, kind, keep)
+    partitions = int(numba.get_num_threads())
+    client = get_client()
+    one = np.empty(0, np.uint64)  # no batch codes: one batch of every cell
+
+    batches = one if codes is None else codes
+    # With batches, all cells' statistics come first (a single batch is all cells).
+    stats = client.call(msg("HvgMeanVar", x=matrix, batches=batches, n_batches=n_batches,
+                            partitions=partitions, check=True, with_overall=codes is not None))
+    # With batches, each batch's clipped sums are computed on a second connection
+    # as soon as its clip values are known, while the next loess fit runs here.
+    clipped = None
+    if codes is not None:
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+
+        def clip_batches():
+            done = {}
+            while (item := todo.get()) is not None:
+                b, clip = item
+                done[b] = _side_client().call(msg(
+                    "HvgClippedSums", x=matrix, batches=batches, n_batches=n_batches,
+                    clip=clip, only=b))
+            return done
+
+        clipped = parallel.submit(clip_batches)
+    try:
+        if stats.non_finite:
+            raise Delegate("NaN or infinite values")
+        if check_values and (stats.negative or stats.non_integer):
+            _warn_non_integers(flavor)
+        means = stats.means.reshape(-1, n_genes)
+        variances = stats.variances.reshape(-1, n_genes)
+        mean_all, var_all = means[0], variances[0]
+        _unbias(var_all, data.shape[0])
+        if codes is None:
+            batch_means, batch_vars = [mean_all], [var_all]
+        else:
+            batch_means, batch_vars = list(means[1:]), list(variances[1:])
+            for v, size in zip(batch_vars, sizes):
+                _unbias(v, int(size))
+
+        reg_stds, clips = [], np.empty((n_batches, n_genes), dtype=np.float64)
+        for b, (mean, var) in enumerate(zip(batch_means, batch_vars)):
+            # upstream's per-batch loess, verbatim in what it computes
+            not_const = var > 0
+            estimat_var = np.zeros(n_genes, dtype=np.float64)
+            y = np.log10(var[not_const])
+            x = np.log10(mean[not_const])
+            _check_loess_input(len(x), span, labels[b])
+            model = loess(x, y, span=span, degree=2)
+            model.fit()
+            estimat_var[not_const] = model.outputs.fitted_values
+            reg_std = np.sqrt(10**estimat_var)
+            vmax = np.sqrt(int(sizes[b]))
+            clips[b] = reg_std * vmax + mean
+            reg_stds.append(reg_std)
+            if clipped is not None:
+                todo.put((b, clips[b]))
+
+        if clipped is None:
+            sums = client.call(msg("HvgClippedSums", x=matrix, batches=batches,
+                                   n_batches=n_batches, clip=clips.reshape(-1), only=None))
+            batch_sums = sums.sums.reshape(n_batches, n_genes)
+            batch_squares = sums.squares.reshape(n_batches, n_genes)
+    finally:
+        # Never leave a request behind that reads these segments.
+        if clipped is not None:
+            todo.put(None)
+            per_batch = clipped.result()
+    if clipped is not None:
+        batch_sums = [per_batch[b].sums for b in range(n_batches)]
+        batch_squares = [per_batch[b].squares for b in range(n_batches)]
+    del keep
+    if not was_placed:
+        # The next fresh matrix of this size finds a segment ready (prepared in
+        # the background, after this call's own work).
+        shm.ensure_spare(_footprint(data, kind), on_ready=prefault_in_background)
+
+    norm_gene_vars = []
+    for b in range(n_batches):
+        n = int(sizes[b])
+        mean, reg_std = batch_means[b], reg_stds[b]
+        norm_gene_var = (1 / ((n - 1) * np.square(reg_std))) * (
+            (n * np.square(mean)) + batch_squares[b] - 2 * batch_sums[b] * mean
+        )
+        norm_gene_vars.append(norm_gene_var.reshape(1, -1))
+    return _rank(mean_all, var_all, norm_gene_vars, flavor=flavor, n_top_genes=n_top_genes,
+                 var_names=var_names)
+
+
+_side: dict = {}  # pid -> Client: a second connection, for overlapping requests
+
+
+def _side_client():
+    import atexit
+    import os
+
+    from ..client import Client
+
+    pid = os.getpid()
+    if pid not in _side:
+        if not _side:
+            atexit.register(_close_side_clients)
+        _side[pid] = Client()
+    return _side[pid]
+
+
+def _close_side_clients() -> None:
+    import os
+
+    cl = _side.get(os.getpid())
+    if cl is not None:
+        cl.reset()
+
+
+def _check_loess_input(n_points: int, span, label) -> None:
+    """scikit-misc's loess dereferences out of bounds, killing the process with
+    SIGSEGV, when ``floor(n_points * span)`` is 0 (a span in (0, 1] covering less
+    than one point: e.g. a batch of one cell, where no gene varies). Upstream
+    scanpy 1.11.5 crashes there; we raise instead."""
+    try:
+        tiny = 0 < span <= 1 and n_points * span < 1
+    except TypeError:
+        return  # loess raises its own error for such a span
+    if tiny:
+        raise ValueError(
+            f"highly_variable_genes: batch {label!r} has {n_points} genes with non-zero "
+            f"variance, too few for a loess fit with span={span} (needs span * genes >= 1). "
+            "scikit-misc's loess crashes the Python process on such input (upstream scanpy "
+            "1.11.5 dies with a segmentation fault here); use larger batches or a larger span."
+        )
+
+
+def _unbias(var, n: int) -> None:
+    """upstream's ``var *= n / (n - 1)`` (R's unbiased estimator), in place."""
+    if n != 1:
+        var *= n / (n - 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _upstream_warning_site():
+    """Where upstream's non-integer warning is attributed (stacklevel=3 from
+    ``_highly_variable_genes_seurat_v3`` lands in ``legacy_api_wrap``'s wrapper of
+    ``highly_variable_genes``): (filename, lineno, module globals), or None."""
+    try:
+        from scanpy.preprocessing import _highly_variable_genes as mod
+
+        wrapper = mod.highly_variable_genes
+        wrapper = getattr(wrapper, "__autozyme_upstream__", wrapper)
+        code = wrapper.__code__
+        lines, first = inspect.getsourcelines(code)
+        for k, line in enumerate(lines):
+            if line.strip().startswith("return fn("):
+                import sys
+
+                module = sys.modules.get(wrapper.__module__)
+                return code.co_filename, first + k, vars(module) if module else None
+    except Exception:  # noqa: BLE001 - attribution is cosmetic
+        return None
+    return None
+
+
+def _warn_non_integers(flavor) -> None:
+    message = f"`{flavor=!r}` expects raw count data, but non-integers were found."
+    site = _upstream_warning_site()
+    if site is None or site[2] is None:
+        warnings.warn(message, UserWarning, stacklevel=4)
+        return
+    filename, lineno, module_globals = site
+    warnings.warn_explicit(
+        message, UserWarning, filename, lineno,
+        module=module_globals.get("__name__"),
+        registry=module_globals.setdefault("__warningregistry__", {}),
+        module_globals=module_globals,
+    )
+
+
+def _argsort_rows(a):
+    """``np.argsort(a, axis=1)``, rows sorted in parallel threads (numpy sorts each
+    row on its own, with the GIL released, so the result is the same)."""
+    out = np.empty(a.shape, dtype=np.intp)
+
+    def sort(lo, hi):
+        out[lo:hi] = np.argsort(a[lo:hi], axis=1)
+
+    parallel.run_blocks(sort, [(r, r + 1) for r in range(a.shape[0])] or [(0, 0)])
+    return out
+
+
+def _rank(mean_all, var_all, norm_gene_vars, *, flavor, n_top_genes, var_names):
+    """upstream's ranking and selection, step for step, on the same arrays."""
+    import pandas as pd
+
+    df = pd.DataFrame(index=var_names)
+    df["means"], df["variances"] = mean_all, var_all
+    norm_gene_vars = np.concatenate(norm_gene_vars, axis=0)
+    ranked_norm_gene_vars = _argsort_rows(_argsort_rows(-norm_gene_vars))
+    ranked_norm_gene_vars = ranked_norm_gene_vars.astype(np.float32)
+    num_batches_high_var = np.sum((ranked_norm_gene_vars < n_top_genes).astype(int), axis=0)
+    ranked_norm_gene_vars[ranked_norm_gene_vars >= n_top_genes] = np.nan
+    ma_ranked = np.ma.masked_invalid(ranked_norm_gene_vars)
+    median_ranked = np.ma.median(ma_ranked, axis=0).filled(np.nan)
+
+    df["gene_name"] = df.index
+    df["highly_variable_nbatches"] = num_batches_high_var
+    df["highly_variable_rank"] = median_ranked
+    df["variances_norm"] = np.mean(norm_gene_vars, axis=0)
+    if flavor == "seurat_v3":
+        sort_cols = ["highly_variable_rank", "highly_variable_nbatches"]
+        sort_ascending = [True, False]
+    else:
+        sort_cols = ["highly_variable_nbatches", "highly_variable_rank"]
+        sort_ascending = [False, True]
+    sorted_index = (
+        df[sort_cols].sort_values(sort_cols, ascending=sort_ascending, na_position="last").index
+    )
+    df["highly_variable"] = False
+    df.loc[sorted_index[: int(n_top_genes)], "highly_variable"] = True
+    return df
+
+
+def _finish(adata, df, *, flavor, batch_key, subset, inplace):
+    from scanpy import logging as logg
+
+    if inplace:
+        adata.uns["hvg"] = {"flavor": flavor}
+        logg.hint(
+            "added\n"
+            "    'highly_variable', boolean vector (adata.var)\n"
+            "    'highly_variable_rank', float vector (adata.var)\n"
+            "    'means', float vector (adata.var)\n"
+            "    'variances', float vector (adata.var)\n"
+            "    'variances_norm', float vector (adata.var)"
+        )
+        adata.var["highly_variable"] = df["highly_variable"].to_numpy()
+        adata.var["highly_variable_rank"] = df["highly_variable_rank"].to_numpy()
+        adata.var["means"] = df["means"].to_numpy()
+        adata.var["variances"] = df["variances"].to_numpy()
+        adata.var["variances_norm"] = df["variances_norm"].to_numpy().astype("float64", copy=False)
+        if batch_key is not None:
+            adata.var["highly_variable_nbatches"] = df["highly_variable_nbatches"].to_numpy()
+        if subset:
+            adata._inplace_subset_var(df["highly_variable"].to_numpy())
+        return None
+    if batch_key is None:
+        df = df.drop(["highly_variable_nbatches"], axis=1)
+    if subset:
+        df = df.iloc[df["highly_variable"].to_numpy(), :]
+    return df

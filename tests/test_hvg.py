@@ -1,0 +1,268 @@
+"""sc.pp.highly_variable_genes (seurat_v3 flavors): autozyme against upstream, bit
+for bit, including warnings and exceptions."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from _data import assert_same_anndata, counts
+
+
+def run_both(sc, make, kwargs, *, reruns=1):
+    """Upstream and autozyme on equal copies; returns both AnnData and outcomes."""
+    fast = sc.pp.highly_variable_genes
+    upstream = fast.__autozyme_upstream__
+    a, b = make(), make()
+    outs = []
+    for adata, fn in ((a, upstream), (b, fast)):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            res = []
+            for _ in range(reruns):
+                try:
+                    res.append(fn(adata, **kwargs))
+                except Exception as e:  # noqa: BLE001 - the outcome is what is compared
+                    res.append((type(e), str(e)))
+        outs.append((res, sorted(f"{x.category.__name__}: {x.message}" for x in w)))
+    return a, b, outs
+
+
+def _same_frame(ra, rb):
+    assert list(ra.columns) == list(rb.columns)
+    assert ra.index.equals(rb.index)
+    for col in ra.columns:
+        x, y = ra[col].to_numpy(), rb[col].to_numpy()
+        assert x.dtype == y.dtype, col
+        if x.dtype.kind == "f":
+            assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), col
+        else:
+            assert np.array_equal(x, y), col
+
+
+def compare(a, b, outs):
+    (res_a, warn_a), (res_b, warn_b) = outs
+    assert warn_a == warn_b
+    assert len(res_a) == len(res_b)
+    for ra, rb in zip(res_a, res_b):
+        if isinstance(ra, tuple):
+            assert ra == rb, f"upstream raised {ra}, autozyme gave {rb!r}"
+        elif isinstance(ra, pd.DataFrame):
+            _same_frame(ra, rb)
+        else:
+            assert ra is None and rb is None
+    assert_same_anndata(a, b)
+    assert a.uns.get("hvg") == b.uns.get("hvg")
+
+
+def served():
+    from autozyme import fallback
+
+    return fallback.counts()["served"].get("highly_variable_genes", 0)
+
+
+def with_batches(ad, sizes, seed=0):
+    """An obs column "b" with batches of the given sizes, interleaved at random."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([f"batch{k}" for k in range(len(sizes))], sizes)
+    rng.shuffle(labels)
+    ad.obs["b"] = pd.Categorical(labels)
+    return ad
+
+
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("flavor", ["seurat_v3", "seurat_v3_paper"])
+@pytest.mark.parametrize("batched", [False, True], ids=["one_batch", "batches"])
+def test_matches_upstream(active, fmt, dtype, flavor, batched):
+    def make():
+        ad = counts(700, 300, dtype=dtype, fmt=fmt, seed=3, zero_genes=[0, 7], zero_cells=[5])
+        return with_batches(ad, [400, 200, 100]) if batched else ad
+
+    kwargs = dict(flavor=flavor, n_top_genes=60, batch_key="b" if batched else None)
+    compare(*run_both(active, make, kwargs, reruns=2))
+    assert served() == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(n_top_genes=25, span=0.5),
+        dict(n_top_genes=1000),  # more than there are genes
+        dict(subset=True, n_top_genes=40),
+        dict(inplace=False, n_top_genes=40),
+        dict(inplace=False, subset=True, n_top_genes=40, batch_key="b"),
+        dict(inplace=False, batch_key="b", flavor="seurat_v3_paper"),
+        dict(check_values=False),
+        dict(layer="counts", batch_key="b", n_top_genes=30),
+        dict(batch_key="b", n_top_genes=30, subset=True, flavor="seurat_v3_paper"),
+        dict(batch_key="b", n_top_genes=30),  # X is not counts: no shortcut for all cells
+        dict(batch_key="b", n_top_genes=30, check_values=False),
+    ],
+    ids=repr,
+)
+def test_arguments(active, kwargs):
+    def make():
+        ad = with_batches(counts(380, 260, seed=5, zero_genes=[4]), [250, 130])
+        ad.layers["counts"] = ad.X.copy()
+        ad.X = ad.X * 0.5  # X itself is not counts: the layer must be used
+        return ad
+
+    kwargs = {"flavor": "seurat_v3", **kwargs}
+    compare(*run_both(active, make, kwargs))
+    assert served() == 1
+
+
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+def test_non_integer_warning(active, fmt):
+    def make():
+        ad = counts(300, 120, seed=7, fmt=fmt, dtype=np.float64)
+        ad.X = ad.X * 1.5
+        return ad
+
+    a, b, outs = run_both(active, make, dict(flavor="seurat_v3", n_top_genes=30))
+    compare(a, b, outs)
+    assert any("non-integers were found" in m for m in outs[1][1])
+    assert served() == 1
+
+
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+def test_negative_values_warn(active, fmt):
+    import scipy.sparse as sp
+
+    def make():
+        ad = with_batches(counts(500, 90, seed=8, fmt="dense", dtype=np.float64), [300, 200])
+        ad.X[3, 4] = -2.0
+        ad.X[7, 5] = -0.0
+        if fmt == "csr":
+            ad.X = sp.csr_matrix(ad.X)
+            ad.X.data[ad.X.data == 1.0] = -0.0  # explicit negative zeros
+        return ad
+
+    compare(*run_both(active, make, dict(flavor="seurat_v3", n_top_genes=20, batch_key="b")))
+    compare(*run_both(active, make, dict(flavor="seurat_v3", n_top_genes=20)))
+
+
+UPSTREAM_IN_SUBPROCESS = """
+import sys, anndata as ad, scanpy as sc
+a = ad.read_h5ad(sys.argv[1])
+try:
+    sc.pp.highly_variable_genes(a, flavor="seurat_v3", batch_key="b", n_top_genes=30)
+except Exception as e:
+    print(type(e).__name__, e)
+    sys.exit(3)
+print("completed")
+"""
+
+
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+@pytest.mark.parametrize("case", ["one_cell_batch", "constant_batch"])
+def test_loess_on_nothing_raises_where_upstream_crashes(active, fmt, case, tmp_path):
+    """A batch in which no gene varies (a one-cell batch, or one where every gene is
+    constant) leaves loess no points: scikit-misc then crashes the process
+    (SIGSEGV), and so does upstream. We raise a ValueError instead."""
+    import subprocess
+    import sys
+
+    import scipy.sparse as sp
+
+    if case == "one_cell_batch":
+        ad = with_batches(counts(300, 150, seed=9, fmt=fmt), [1, 60, 239])
+    else:
+        ad = with_batches(counts(200, 80, seed=10, fmt="dense"), [20, 180])
+        ad.X[(ad.obs["b"] == "batch0").to_numpy()] = 2.0
+        if fmt == "csr":
+            ad.X = sp.csr_matrix(ad.X)
+    path = tmp_path / "a.h5ad"
+    ad.write_h5ad(path)
+    before = ad.copy()
+    with pytest.raises(ValueError, match="too few for a loess fit"):
+        active.pp.highly_variable_genes(ad, flavor="seurat_v3", batch_key="b", n_top_genes=30)
+    assert_same_anndata(ad, before)  # nothing written
+    if fmt == "csr" and case == "one_cell_batch":  # one upstream run is proof enough
+        proc = subprocess.run([sys.executable, "-c", UPSTREAM_IN_SUBPROCESS, str(path)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -11, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+
+
+def test_small_batches_same_loess_error(active):
+    """Batches big enough for loess to run but too small for a stable fit: upstream's
+    (scikit-misc's) ValueError, same message."""
+    make = lambda: with_batches(counts(420, 300, seed=3, zero_genes=[0, 7]), [250, 120, 50])  # noqa: E731
+    a, b, outs = run_both(active, make, dict(flavor="seurat_v3", batch_key="b", n_top_genes=60))
+    compare(a, b, outs)
+    assert isinstance(outs[0][0][0], tuple) and outs[0][0][0][0] is ValueError
+
+
+def test_two_cell_batches(active):
+    make = lambda: with_batches(counts(120, 90, seed=11), [2, 2, 116])  # noqa: E731
+    compare(*run_both(active, make, dict(flavor="seurat_v3_paper", batch_key="b", n_top_genes=20)))
+
+
+@pytest.mark.parametrize(
+    "batch_values", ["ints", "single", "strings_object", "categorical_unused", "categorical_numbers"]
+)
+def test_batch_column_types(active, batch_values):
+    def make():
+        ad = counts(600, 200, seed=12)
+        rng = np.random.default_rng(1)
+        if batch_values == "ints":
+            ad.obs["b"] = rng.integers(0, 3, ad.n_obs)
+        elif batch_values == "single":
+            ad.obs["b"] = "only"
+        elif batch_values == "strings_object":
+            ad.obs["b"] = np.array(rng.choice(["x", "y", "z"], ad.n_obs), dtype=object)
+        elif batch_values == "categorical_unused":
+            ad.obs["b"] = pd.Categorical(rng.choice(["x", "y", "z"], ad.n_obs),
+                                         categories=["z", "unused", "x", "y"])
+        else:
+            ad.obs["b"] = pd.Categorical(rng.choice([10.5, 2.0, -1.0], ad.n_obs))
+        return ad
+
+    compare(*run_both(active, make, dict(flavor="seurat_v3", batch_key="b", n_top_genes=20)))
+    assert served() == 1
+
+
+def test_int64_indices_and_thread_counts(active):
+    import numba
+
+    make = lambda: with_batches(counts(300, 140, seed=13, index_dtype=np.int64), [100, 200])  # noqa: E731
+    before = numba.get_num_threads()
+    try:
+        for t in sorted({1, before}):
+            numba.set_num_threads(t)
+            compare(*run_both(active, make, dict(flavor="seurat_v3", batch_key="b", n_top_genes=30)))
+    finally:
+        numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("case", ["missing_batch_key", "missing_layer", "nan_values", "bad_flavor_type"])
+def test_bad_input_same_outcome(active, case, monkeypatch):
+    monkeypatch.setenv("AUTOZYME_STRICT", "1")
+    kwargs = dict(flavor="seurat_v3", n_top_genes=20)
+
+    def make():
+        ad = counts(150, 80, seed=14, dtype=np.float64)
+        if case == "nan_values":
+            ad.X.data[3] = np.nan
+        return ad
+
+    if case == "missing_batch_key":
+        kwargs["batch_key"] = "nope"
+    elif case == "missing_layer":
+        kwargs["layer"] = "nope"
+    elif case == "bad_flavor_type":
+        kwargs["flavor"] = ["seurat_v3"]
+    compare(*run_both(active, make, kwargs))
+
+
+def test_out_of_scope_falls_back(active, monkeypatch):
+    monkeypatch.setenv("AUTOZYME_STRICT", "0")
+    make = lambda: counts(200, 100, seed=15, fmt="csc")  # noqa: E731
+    compare(*run_both(active, make, dict(flavor="seurat_v3", n_top_genes=20)))
+    make = lambda: counts(200, 100, seed=15)  # noqa: E731
+    compare(*run_both(active, make, dict(flavor="seurat", n_top_genes=20)))
+    assert served() == 0
