@@ -57,6 +57,10 @@ REQUESTS = {
     "req_lease": msg("Lease", bytes=1 << 30, create=True),
     "req_release": msg("Release", segments=["azm_1000_7_3"]),
     "req_sleep": msg("Sleep", millis=1500),
+    "req_rank_genes_groups": msg(
+        "RankGenesGroups", x=CSR, group_of_row=np.array([0, 2**64 - 1, 1], dtype=np.uint64),
+        n_groups=2, reference=1, tie_correct=True, mean_slots=2,
+    ),
 }
 
 
@@ -71,6 +75,7 @@ def test_every_golden_file_is_covered():
     assert {n for n in names if n.startswith("resp_")} == {
         "resp_hello", "resp_pong", "resp_status", "resp_shutting_down",
         "resp_row_sums", "resp_done", "resp_error", "resp_leased", "resp_leased_none",
+        "resp_rank_genes_groups",
     }
 
 
@@ -99,6 +104,10 @@ def test_decode_responses():
     assert (leased.segment, leased.size) == ("azm_1000_7_3", 4096)
     assert _decode_golden("resp_leased_none").segment is None
     assert _decode_golden("resp_shutting_down").tag == "ShuttingDown"
+    assert (st.cache_budget_bytes, st.cache_hits, st.cache_misses) == (1 << 31, 5, 1)
+    rg = _decode_golden("resp_rank_genes_groups")
+    assert rg.n_genes == 2 and rg.rank_sums.tolist() == [3.5, 1.0] and rg.cache_hit
+    assert rg.tie.tolist() == [1.0, 0.75] and rg.nnz.tolist() == [1, 2] and len(rg.rest_sums) == 0
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAX_FRAME_BYTES = 256 << 20
 
 
@@ -234,6 +234,17 @@ REQUEST = Enum(
         ("Lease", [("bytes", U64), ("create", BOOL)]),
         ("Release", [("segments", Vec(STR))]),
         ("Sleep", [("millis", U64)]),
+        (
+            "RankGenesGroups",
+            [
+                ("x", MATRIX),
+                ("group_of_row", Vec(U64)),
+                ("n_groups", U64),
+                ("reference", Opt(U64)),
+                ("tie_correct", BOOL),
+                ("mean_slots", U64),
+            ],
+        ),
     ],
 )
 ERROR_KIND = _UnitEnum(
@@ -268,6 +279,9 @@ DAEMON_STATUS = Struct(
         ("cache", Vec(CACHE_ENTRY)),
         ("idle_timeout_s", U64),
         ("runtime_dir", STR),
+        ("cache_budget_bytes", U64),
+        ("cache_hits", U64),
+        ("cache_misses", U64),
     ],
 )
 RESPONSE = Enum(
@@ -284,6 +298,19 @@ RESPONSE = Enum(
         ("Done", []),
         ("Error", [("kind", ERROR_KIND), ("message", STR)]),
         ("Leased", [("segment", Opt(STR)), ("size", U64)]),
+        (
+            "RankGenesGroups",
+            [
+                ("n_genes", U64),
+                ("rank_sums", Vec(F64)),
+                ("tie", Vec(F64)),
+                ("sums", Vec(F64)),
+                ("nnz", Vec(U64)),
+                ("rest_sums", Vec(F64)),
+                ("rest_nnz", Vec(U64)),
+                ("cache_hit", BOOL),
+            ],
+        ),
     ],
 )
 

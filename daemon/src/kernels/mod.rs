@@ -10,9 +10,12 @@
 //! value read from the slices without a bounds check, so a misbehaving client gets
 //! garbage back, never a crash.
 
+pub mod content_hash;
 pub mod divide_rows;
 pub mod highly_expressed;
 pub mod row_sums;
+pub mod sorted_csc;
+pub mod wilcoxon;
 
 use rayon::prelude::*;
 use std::ops::Range;
