@@ -62,8 +62,10 @@ pub fn rank_genes_groups(
         });
     }
 
+    let t0 = std::time::Instant::now();
     let mut resolver = Resolver::new(&daemon.segments, peer);
     let key = fingerprint(&mut resolver, peer, x)?;
+    let t_hash = t0.elapsed();
     let (sorted, cache_hit) = match daemon.cache.get(key) {
         Some(s) => (s, true),
         None => {
@@ -79,10 +81,19 @@ pub fn rank_genes_groups(
         tie_correct,
         slots: mean_slots as usize,
     };
+    let t_build = t0.elapsed();
     let stats = match &*sorted {
         Sorted::F32(m) => run(m, &query)?,
         Sorted::F64(m) => run(m, &query)?,
     };
+    if std::env::var_os("AUTOZYME_DEBUG_TIMING").is_some() {
+        eprintln!(
+            "rank_genes_groups: hash {:?}, build {:?}, query {:?}",
+            t_hash,
+            t_build - t_hash,
+            t0.elapsed() - t_build
+        );
+    }
     Ok(Response::RankGenesGroups {
         n_genes: n_cols,
         rank_sums: stats.rank_sums,
