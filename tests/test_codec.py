@@ -108,6 +108,7 @@ def test_decode_responses():
     rg = _decode_golden("resp_rank_genes_groups")
     assert rg.n_genes == 2 and rg.rank_sums.tolist() == [3.5, 1.0] and rg.cache_hit
     assert rg.tie.tolist() == [1.0, 0.75] and rg.nnz.tolist() == [1, 2] and len(rg.rest_sums) == 0
+    assert rg.nonneg_integers is False
 
 
 @pytest.mark.parametrize(

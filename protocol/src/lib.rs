@@ -247,6 +247,8 @@ pub enum Response {
         rest_sums: Vec<f64>,
         rest_nnz: Vec<u64>,
         cache_hit: bool,
+        /// Upstream's `check_nonnegative_integers` of the matrix.
+        nonneg_integers: bool,
     },
 }
 

@@ -195,6 +195,7 @@ fn responses() -> Vec<(&'static str, Response)> {
                 rest_sums: vec![],
                 rest_nnz: vec![],
                 cache_hit: true,
+                nonneg_integers: false,
             },
         ),
         (

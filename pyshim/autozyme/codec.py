@@ -309,6 +309,7 @@ RESPONSE = Enum(
                 ("rest_sums", Vec(F64)),
                 ("rest_nnz", Vec(U64)),
                 ("cache_hit", BOOL),
+                ("nonneg_integers", BOOL),
             ],
         ),
     ],

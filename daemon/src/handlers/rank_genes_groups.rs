@@ -82,9 +82,9 @@ pub fn rank_genes_groups(
         slots: mean_slots as usize,
     };
     let t_build = t0.elapsed();
-    let stats = match &*sorted {
-        Sorted::F32(m) => run(m, &query)?,
-        Sorted::F64(m) => run(m, &query)?,
+    let (stats, nonneg_integers) = match &*sorted {
+        Sorted::F32(m) => (run(m, &query)?, m.nonneg_integers),
+        Sorted::F64(m) => (run(m, &query)?, m.nonneg_integers),
     };
     if std::env::var_os("AUTOZYME_DEBUG_TIMING").is_some() {
         eprintln!(
@@ -103,6 +103,7 @@ pub fn rank_genes_groups(
         rest_sums: stats.rest_sums,
         rest_nnz: stats.rest_nnz,
         cache_hit,
+        nonneg_integers,
     })
 }
 

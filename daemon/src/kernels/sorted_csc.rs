@@ -37,6 +37,10 @@ pub struct SortedCsc<T> {
     /// the additions (all values are multiples of one power of two, and the sum of
     /// their magnitudes is below 2^53 of it).
     pub exact: Vec<bool>,
+    /// Every value read (stored values of a CSR matrix, every element of a dense
+    /// one) is a finite integer without a sign bit: upstream's
+    /// `check_nonnegative_integers` on the same matrix.
+    pub nonneg_integers: bool,
 }
 
 /// Why a build failed.
@@ -181,14 +185,17 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
     // depend only on row order, never on the banding.
     let n_bands = n_rows.clamp(1, 32);
     let band = |b: usize| (b * n_rows / n_bands)..((b + 1) * n_rows / n_bands);
-    let counts: Vec<Result<Vec<usize>, BuildError>> = (0..n_bands)
+    let counts: Vec<Result<(Vec<usize>, bool), BuildError>> = (0..n_bands)
         .into_par_iter()
         .map(|b| {
             let mut counts = vec![0usize; n_cols];
+            let mut integers = true;
             let mut bad = None;
             for r in band(b) {
                 src.for_row(r, |c, v| {
-                    if v.to_f64().is_nan() {
+                    let f = v.to_f64();
+                    integers &= f.is_finite() && !f.is_sign_negative() && f.fract() == 0.0;
+                    if f.is_nan() {
                         bad.get_or_insert(BuildError::NotANumber { row: r });
                     } else if c >= n_cols {
                         bad.get_or_insert(BuildError::Malformed(format!(
@@ -199,10 +206,12 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
                     }
                 });
             }
-            bad.map_or(Ok(counts), Err)
+            bad.map_or(Ok((counts, integers)), Err)
         })
         .collect();
-    let counts: Vec<Vec<usize>> = counts.into_iter().collect::<Result<_, _>>()?;
+    let counts: Vec<(Vec<usize>, bool)> = counts.into_iter().collect::<Result<_, _>>()?;
+    let nonneg_integers = counts.iter().all(|(_, i)| *i);
+    let counts: Vec<Vec<usize>> = counts.into_iter().map(|(c, _)| c).collect();
     let mut colptr = vec![0usize; n_cols + 1];
     for c in 0..n_cols {
         colptr[c + 1] = colptr[c] + counts.iter().map(|k| k[c]).sum::<usize>();
@@ -270,7 +279,7 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
         .into_par_iter()
         .enumerate()
         .with_min_len(64)
-        .map_init(Vec::new, |scratch: &mut Vec<(f64, u32)>, (c, (out, (neg, ex)))| {
+        .map_init(Vec::new, |scratch: &mut Vec<(u64, u32)>, (c, (out, (neg, ex)))| {
             let range = colptr[c]..colptr[c + 1];
             let (rs, vs) = (&rows[range.clone()], &vals[range]);
             if let Some(w) = rs.windows(2).position(|w| w[0] >= w[1]) {
@@ -279,15 +288,27 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
                     col: c,
                 });
             }
+            // Sorting plain integers: an order-preserving map of the value's bits,
+            // then the row (for f32 both fit one u64).
             scratch.clear();
-            scratch.extend(vs.iter().zip(rs).map(|(&v, &r)| (v.to_f64(), r)));
-            scratch.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
-            let mut prev = f64::NAN;
-            for (slot, &(v, r)) in out.iter_mut().zip(scratch.iter()) {
-                *slot = if v == prev { r } else { r | TIE_START };
-                prev = v;
+            if T::IS_F32 {
+                let mut keys: Vec<u64> = vs
+                    .iter()
+                    .zip(rs)
+                    .map(|(&v, &r)| ((order_key32(v.to_f32()) as u64) << 32) | r as u64)
+                    .collect();
+                keys.sort_unstable();
+                scratch.extend(keys.iter().map(|&k| (k >> 32 << 32, k as u32)));
+            } else {
+                scratch.extend(vs.iter().zip(rs).map(|(&v, &r)| (order_key(v.to_f64()), r)));
+                scratch.sort_unstable();
             }
-            *neg = scratch.iter().take_while(|(v, _)| *v < 0.0).count() as u32;
+            let mut prev = None;
+            for (slot, &(key, r)) in out.iter_mut().zip(scratch.iter()) {
+                *slot = if Some(key) == prev { r } else { r | TIE_START };
+                prev = Some(key);
+            }
+            *neg = vs.iter().filter(|&&v| v.to_f64() < 0.0).count() as u32;
             *ex = sums_are_exact::<T>(vs);
             None
         })
@@ -304,7 +325,28 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
         by_value,
         n_neg,
         exact,
+        nonneg_integers,
     })
+}
+
+/// A u32 whose unsigned order is the numeric order of non-NaN `v`.
+fn order_key32(v: f32) -> u32 {
+    let bits = v.to_bits();
+    if bits >> 31 == 1 {
+        !bits
+    } else {
+        bits | (1 << 31)
+    }
+}
+
+/// A u64 whose unsigned order is the numeric order of non-NaN `v`.
+fn order_key(v: f64) -> u64 {
+    let bits = v.to_bits();
+    if bits >> 63 == 1 {
+        !bits
+    } else {
+        bits | (1 << 63)
+    }
 }
 
 /// Exponent of the lowest set significand bit of a finite non-zero value.
@@ -380,6 +422,13 @@ mod tests {
             assert_eq!(a.n_neg[c] as usize, sorted.iter().filter(|&&v| v < 0.0).count());
             assert!(a.exact[c], "small integers always add exactly");
         }
+        assert!(!a.nonneg_integers, "there are negative values");
+        let pos: Vec<f32> = data.iter().map(|v| v.abs()).collect();
+        assert!(from_csr(&m.indptr, &m.indices, &pos, 200, 30).unwrap().nonneg_integers);
+        let mut frac = pos.clone();
+        frac[0] = 0.5;
+        assert!(!from_csr(&m.indptr, &m.indices, &frac, 200, 30).unwrap().nonneg_integers);
+        assert!(!from_dense(&[1.0f64, -0.0], 1, 2).unwrap().nonneg_integers);
     }
 
     #[test]
@@ -395,6 +444,24 @@ mod tests {
         ));
         assert!(from_csr(&indptr, &[0i32, 5], &[1.0f64, 2.0], 1, 2).is_err());
         assert!(from_csr(&indptr, &[0i32, -1], &[1.0f64, 2.0], 1, 2).is_err());
+    }
+
+    #[test]
+    fn f32_and_f64_sort_every_bit() {
+        // Values that differ only in the lowest f32 mantissa bits, and negatives.
+        let base = 1.0f32 + f32::EPSILON;
+        let data = [base, 1.0, -base, -1.0, base + f32::EPSILON, 3.0e-8, -2.0e30];
+        let n = data.len();
+        let dense32: Vec<f32> = data.to_vec();
+        let dense64: Vec<f64> = data.iter().map(|&v| v as f64).collect();
+        let a = from_dense(&dense32, n, 1).unwrap();
+        let b = from_dense(&dense64, n, 1).unwrap();
+        let order = |m: &[u32]| m.iter().map(|r| (r & !TIE_START) as usize).collect::<Vec<_>>();
+        assert_eq!(order(&a.by_value), order(&b.by_value));
+        let sorted: Vec<f32> = order(&a.by_value).iter().map(|&r| data[r]).collect();
+        assert!(sorted.windows(2).all(|w| w[0] < w[1]));
+        assert!(a.by_value.iter().all(|r| r & TIE_START != 0));
+        assert_eq!(a.n_neg[0], 3);
     }
 
     #[test]
