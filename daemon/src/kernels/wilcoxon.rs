@@ -123,6 +123,7 @@ struct Scratch {
     partial: Vec<f64>,
     rest_partial: Vec<f64>,
     count: Vec<u64>,
+    nnz: Vec<u64>,
     before: Vec<u64>,
     touched: Vec<usize>,
 }
@@ -150,6 +151,7 @@ pub fn wilcoxon_stats<T: Float>(m: &SortedCsc<T>, q: &Query<'_>) -> Stats {
                 partial: vec![0.0; g_count * q.slots],
                 rest_partial: vec![0.0; g_count * (q.slots + 1)],
                 count: vec![0; g_count],
+                nnz: vec![0; g_count],
                 before: vec![0; g_count],
                 touched: Vec::with_capacity(g_count),
             },
@@ -254,26 +256,26 @@ fn gene<T: Float>(m: &SortedCsc<T>, q: &Query<'_>, t: &Tables, c: usize, s: &mut
             *x = (col_nnz - k) as f64;
         }
     }
-    let nnz_of: Vec<u64> = s.count.clone();
+    s.nnz.copy_from_slice(&s.count);
 
     // Rank sums and tie terms, in value order.
     let sorted = &m.by_value[lo..hi];
     let n_neg = (m.n_neg[c] as usize).min(sorted.len());
     rank.iter_mut().for_each(|x| *x = 0.0);
     tie.iter_mut().for_each(|x| *x = 0.0);
-    let blocks = |range: std::ops::Range<usize>| {
-        let mut starts: Vec<usize> = range
-            .clone()
-            .filter(|&k| k == range.start || sorted[k] & TIE_START != 0)
-            .collect();
-        starts.push(range.end);
-        starts
-    };
     let group_of = |e: u32| group(e & !TIE_START) as usize;
-    let neg = blocks(0..n_neg);
-    let pos = blocks(n_neg..sorted.len());
-    let neg_blocks = neg.windows(2).filter(|w| w[0] < w[1]).map(|w| &sorted[w[0]..w[1]]);
-    let pos_blocks = pos.windows(2).filter(|w| w[0] < w[1]).map(|w| &sorted[w[0]..w[1]]);
+    // Tie blocks of `sorted[range]`, in order: each block's first entry is flagged.
+    let for_blocks = |range: std::ops::Range<usize>, f: &mut dyn FnMut(&[u32])| {
+        let mut i = range.start;
+        while i < range.end {
+            let mut j = i + 1;
+            while j < range.end && sorted[j] & TIE_START == 0 {
+                j += 1;
+            }
+            f(&sorted[i..j]);
+            i = j;
+        }
+    };
     match q.reference {
         None => {
             let n = m.n_rows as u64;
@@ -293,22 +295,20 @@ fn gene<T: Float>(m: &SortedCsc<T>, q: &Query<'_>, t: &Tables, c: usize, s: &mut
                 }
                 *before += cnt;
             };
-            for entries in neg_blocks {
-                add_block(entries, rank, &mut before, &mut tie_total);
-            }
+            for_blocks(0..n_neg, &mut |entries| add_block(entries, rank, &mut before, &mut tie_total));
             if zeros > 0 {
                 let avg = average_rank(before, zeros);
                 for (g, x) in rank.iter_mut().enumerate() {
-                    *x += (t.sizes[g] - nnz_of[g]) as f64 * avg;
+                    *x += (t.sizes[g] - s.nnz[g]) as f64 * avg;
                 }
                 if q.tie_correct && zeros > 1 {
                     tie_total += tie_term(zeros);
                 }
                 before += zeros;
             }
-            for entries in pos_blocks {
-                add_block(entries, rank, &mut before, &mut tie_total);
-            }
+            for_blocks(n_neg..sorted.len(), &mut |entries| {
+                add_block(entries, rank, &mut before, &mut tie_total)
+            });
             tie[0] = if q.tie_correct { tie_factor(tie_total, n) } else { 1.0 };
         }
         Some(reference) => {
@@ -327,24 +327,24 @@ fn gene<T: Float>(m: &SortedCsc<T>, q: &Query<'_>, t: &Tables, c: usize, s: &mut
                     }
                 }
             };
-            for entries in neg_blocks {
+            for_blocks(0..n_neg, &mut |entries| {
                 tally(entries, s);
                 pair_block(q, reference, s, rank, tie);
-            }
+            });
             // The zero block: every group's cells without a stored value.
             s.touched.clear();
             for g in 0..g_count {
-                let z = sizes[g] - nnz_of[g];
+                let z = sizes[g] - s.nnz[g];
                 if z > 0 {
                     s.count[g] = z;
                     s.touched.push(g);
                 }
             }
             pair_block(q, reference, s, rank, tie);
-            for entries in pos_blocks {
+            for_blocks(n_neg..sorted.len(), &mut |entries| {
                 tally(entries, s);
                 pair_block(q, reference, s, rank, tie);
-            }
+            });
             for (g, x) in tie.iter_mut().enumerate() {
                 *x = if q.tie_correct && g != reference {
                     tie_factor(*x, sizes[g] + sizes[reference])
