@@ -535,3 +535,42 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::kernels::sorted_csc::from_csr;
+    use crate::kernels::test_util::Lcg;
+
+    /// `cargo test --release -p autozymed timing_20k -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn timing_20k() {
+        let (n, m, density) = (20_000usize, 20_000usize, 0.07);
+        let mut rng = Lcg(5);
+        let mut indptr = vec![0i64];
+        let mut indices = Vec::new();
+        let mut data = Vec::new();
+        for _ in 0..n {
+            for c in 0..m {
+                if rng.unit() < density {
+                    indices.push(c as i32);
+                    data.push(((rng.below(20) + 1) as f32).ln_1p());
+                }
+            }
+            indptr.push(indices.len() as i64);
+        }
+        let groups: Vec<u32> = (0..n).map(|_| rng.below(12) as u32).collect();
+        let t = std::time::Instant::now();
+        let s = from_csr(&indptr, &indices, &data, n, m).unwrap();
+        eprintln!("build {:?} ({} nnz, exact cols {})", t.elapsed(), s.nnz(), s.exact.iter().filter(|&&e| e).count());
+        for reference in [None, Some(0)] {
+            for slots in [2usize] {
+                let q = Query { group_of_row: &groups, n_groups: 12, reference, tie_correct: true, slots };
+                let t = std::time::Instant::now();
+                let st = wilcoxon_stats(&s, &q);
+                eprintln!("query ref {reference:?} {:?} {}", t.elapsed(), st.rank_sums[5]);
+            }
+        }
+    }
+}

@@ -28,7 +28,7 @@ import threading
 import numpy as np
 import scipy.sparse as sp
 
-from .. import shm
+from .. import codec, shm
 from ..client import DaemonError, get_client
 from ..codec import msg
 from ..fallback import Delegate, Fallback
@@ -200,6 +200,8 @@ def _request_stats(self, tie_correct):
     _check_matrix(x)
     masks = np.asarray(self.groups_masks_obs, dtype=bool)
     n_groups, n_cells = masks.shape
+    if n_groups * x.shape[1] * 8 * 8 > codec.MAX_FRAME_BYTES:
+        raise Fallback(f"{n_groups} groups x {x.shape[1]} genes exceed one reply frame")
     if masks.sum(axis=0).max(initial=0) > 1:
         raise Fallback("overlapping group masks")
     labels = np.full(n_cells, NO_GROUP, dtype=np.uint64)
