@@ -189,3 +189,18 @@ def test_negative_values_and_all_zero(active):
 
     run_both(active, neg, "grp", method="wilcoxon", pts=True, tie_correct=True)
     run_both(active, neg, "grp", method="wilcoxon", reference="g0", tie_correct=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_numba_thread_count_is_followed(active, threads):
+    """Upstream's sparse means add per-thread partials; the daemon follows the
+    client's numba thread count (float64 data: sums that depend on the order)."""
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        run_both(active, lambda: make(800, 30, seed=10, dtype=np.float64), "grp", method="wilcoxon",
+                 pts=True)
+    finally:
+        numba.set_num_threads(before)

@@ -38,9 +38,14 @@ struct Slot {
     last_used: u64,
 }
 
+/// Results of recent requests, by a key covering the matrix and every request
+/// parameter: a re-run of the same call (on the same data) is answered at once.
+const RESULTS_KEPT: usize = 8;
+
 pub struct Cache {
     budget: u64,
     slots: Mutex<(Vec<Slot>, u64)>,
+    results: Mutex<Vec<(u128, Arc<dyn std::any::Any + Send + Sync>)>>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -72,6 +77,7 @@ impl Cache {
         Cache {
             budget,
             slots: Mutex::new((Vec::new(), 0)),
+            results: Mutex::new(Vec::new()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -138,6 +144,25 @@ impl Cache {
 
     pub fn clear(&self) {
         self.lock().0.clear();
+        self.results.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// A kept result for `key` (most recent first; moved to the front).
+    pub fn result<T: Send + Sync + 'static>(&self, key: u128) -> Option<Arc<T>> {
+        let mut results = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        let i = results.iter().position(|(k, _)| *k == key)?;
+        let entry = results.remove(i);
+        let value = Arc::clone(&entry.1).downcast::<T>().ok();
+        results.insert(0, entry);
+        value
+    }
+
+    /// Keeps a result (small: per-gene vectors), dropping the oldest beyond a few.
+    pub fn keep_result<T: Send + Sync + 'static>(&self, key: u128, value: Arc<T>) {
+        let mut results = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        results.retain(|(k, _)| *k != key);
+        results.insert(0, (key, value));
+        results.truncate(RESULTS_KEPT);
     }
 
     pub fn entries(&self) -> Vec<CacheEntry> {
