@@ -210,6 +210,7 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
         })
         .collect();
     let counts: Vec<(Vec<usize>, bool)> = counts.into_iter().collect::<Result<_, _>>()?;
+    let t_count = std::time::Instant::now();
     let nonneg_integers = counts.iter().all(|(_, i)| *i);
     let counts: Vec<Vec<usize>> = counts.into_iter().map(|(c, _)| c).collect();
     let mut colptr = vec![0usize; n_cols + 1];
@@ -261,6 +262,7 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
             ok && next == *limit
         })
         .collect();
+    let t_fill = std::time::Instant::now();
     if filled.contains(&false) {
         return Err(BuildError::Malformed("the matrix changed while it was read".into()));
     }
@@ -315,6 +317,13 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
         .collect();
     if let Some(e) = dup.into_iter().flatten().next() {
         return Err(e);
+    }
+    if std::env::var_os("AUTOZYME_DEBUG_TIMING").is_some() {
+        eprintln!(
+            "sorted_csc: fill {:?}, sort {:?}",
+            t_fill - t_count,
+            t_fill.elapsed()
+        );
     }
     Ok(SortedCsc {
         n_rows,
