@@ -204,3 +204,14 @@ def test_numba_thread_count_is_followed(active, threads):
                  pts=True)
     finally:
         numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+def test_integer_counts(active, fmt):
+    def ints():
+        ad = counts(400, 25, seed=11, dtype=np.int64, fmt=fmt, zero_genes=(2,))
+        ad.obs["grp"] = pd.Categorical(["a", "b", "b", "c"] * 100)
+        return ad
+
+    run_both(active, ints, "grp", method="wilcoxon", pts=True, tie_correct=True)
+    run_both(active, ints, "grp", method="wilcoxon", reference="c")

@@ -89,20 +89,34 @@ def _check_matrix(x) -> None:
     if sp.issparse(x):
         if x.format != "csr":
             raise Fallback(f"{x.format} matrix (CSR and dense are accelerated)")
-        if x.dtype not in _common.FLOATS:
-            raise Fallback(f"dtype {x.dtype}")
+        _check_dtype(x.dtype)
         if x.indices.dtype not in _common.INDEX or x.indptr.dtype not in _common.INDEX:
             raise Fallback(f"index dtype {x.indices.dtype}/{x.indptr.dtype}")
         return
     if not isinstance(x, np.ndarray) or isinstance(x, np.matrix):
         raise Fallback(f"{type(x).__name__} input")
-    if x.dtype not in _common.FLOATS:
-        raise Fallback(f"dtype {x.dtype}")
+    _check_dtype(x.dtype)
     if x.ndim != 2 or x.shape[1] < 2:
         # numpy's column means of a one-column array use pairwise summation, not
         # row by row. (Upstream slices rows with a mask, which gives C-ordered
         # copies whatever the input's layout, so their means add row by row.)
         raise Fallback("dense input with fewer than two genes")
+
+
+def _check_dtype(dtype) -> None:
+    # Integers travel as float64 (exact below 2^53, checked when they are sent):
+    # upstream's ranks, f64 sums and integer check see the same numbers.
+    if dtype not in _common.FLOATS and not (np.issubdtype(dtype, np.integer) and dtype.itemsize <= 8):
+        raise Fallback(f"dtype {dtype}")
+
+
+def _as_float(values: np.ndarray) -> np.ndarray:
+    """Float data as is; integers as float64, if every one converts exactly."""
+    if values.dtype in _common.FLOATS:
+        return values
+    if values.size and max(abs(int(values.min())), abs(int(values.max()))) > 2**53:
+        raise Fallback("integers beyond 2^53")
+    return values.astype(np.float64)
 
 
 def _install() -> None:
@@ -151,7 +165,7 @@ def _matrix_ref(x):
     by the caller during the request)."""
     global _peer_refused
     if sp.issparse(x):
-        data, indices, indptr = x.data, x.indices, x.indptr
+        data, indices, indptr = _as_float(x.data), x.indices, x.indptr
         arrays = (data, indices, indptr)
         placed = all(shm.is_placed(a) for a in arrays)
         if placed or _peer_refused:
@@ -164,7 +178,7 @@ def _matrix_ref(x):
         m = msg("Csr", n_rows=x.shape[0], n_cols=x.shape[1], data=to_ref(data),
                 indices=to_ref(indices), indptr=to_ref(indptr))
         return m, arrays
-    x = np.ascontiguousarray(x)
+    x = np.ascontiguousarray(_as_float(x))
     if shm.is_placed(x) or _peer_refused:
         arr = shm.placed(x)
         ref = shm.ref(arr)
