@@ -47,6 +47,8 @@ def make(n_cells=300, n_genes=60, *, dtype=np.float32, fmt="csr", seed=0, probs=
         ad.X = ad.X.toarray()
         for k in ad.layers:
             ad.layers[k] = ad.layers[k].toarray()
+    if fmt == "csc":
+        ad.X = ad.X.tocsc()
     return ad
 
 
@@ -98,17 +100,18 @@ def run_both(sc, make_data, *args, key="rank_genes_groups", reruns=1, **kwargs):
     return a, b
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("fmt", ["csr", "dense"])
+@pytest.mark.parametrize(("fmt", "dtype"), [("csr", np.float32), ("csr", np.float64),
+                                           ("dense", np.float32), ("dense", np.float64),
+                                           ("csc", np.float32)])
 @pytest.mark.parametrize("reference", ["rest", "g2"])
 def test_basic(active, dtype, fmt, reference):
     run_both(active, lambda: make(dtype=dtype, fmt=fmt), "grp", method="wilcoxon",
              reference=reference, pts=True, tie_correct=True)
 
 
-@pytest.mark.parametrize("tie_correct", [False, True])
-@pytest.mark.parametrize("corr_method", ["benjamini-hochberg", "bonferroni"])
-@pytest.mark.parametrize("rankby_abs", [False, True])
+@pytest.mark.parametrize(("tie_correct", "corr_method", "rankby_abs"), [
+    (False, "benjamini-hochberg", False), (True, "benjamini-hochberg", True),
+    (False, "bonferroni", True), (True, "bonferroni", False)])
 def test_options(active, tie_correct, corr_method, rankby_abs):
     run_both(active, lambda: make(seed=3), "grp", method="wilcoxon", tie_correct=tie_correct,
              corr_method=corr_method, rankby_abs=rankby_abs, n_genes=13, pts=True)

@@ -87,8 +87,11 @@ def fast(upstream, *args, **kwargs):
 def _check_matrix(x) -> None:
     """Fallback for inputs the daemon does not rank."""
     if sp.issparse(x):
-        if x.format != "csr":
-            raise Fallback(f"{x.format} matrix (CSR and dense are accelerated)")
+        if x.format not in ("csr", "csc"):
+            raise Fallback(f"{x.format} matrix (CSR, CSC and dense are accelerated)")
+        if x.format == "csc" and not x.has_sorted_indices:
+            # Upstream's CSC means add each column in storage order.
+            raise Fallback("CSC matrix with unsorted indices")
         _check_dtype(x.dtype)
         if x.indices.dtype not in _common.INDEX or x.indptr.dtype not in _common.INDEX:
             raise Fallback(f"index dtype {x.indices.dtype}/{x.indptr.dtype}")
@@ -225,7 +228,12 @@ def _request_stats(self, tie_correct):
     ref = self.ireference
     if ref is None and any(n_cells - s == 0 for s in sizes):
         raise Fallback("a group holds every cell (no rest to compare with)")
-    slots = int(numba.get_num_threads()) if sp.issparse(x) else 1
+    # Upstream's means: CSR, numba's per-thread partials over rows; CSC (numba's
+    # per-column kernel over sorted rows) and dense (numpy, row by row), one sum
+    # in row order.
+    slots = int(numba.get_num_threads()) if sp.issparse(x) and x.format == "csr" else 1
+    if sp.issparse(x) and x.format == "csc":
+        x = x.tocsr()
 
     reply = _request(x, labels, n_groups, None if ref is None else int(ref), tie_correct, slots)
     if int(reply.n_genes) != x.shape[1]:
