@@ -84,6 +84,7 @@ pub fn rank_genes_groups(
     let (sorted, cache_hit) = match daemon.cache.get(key) {
         Some(s) => (s, true),
         None => {
+            check_room(x)?;
             let built = Arc::new(build(&mut resolver, x)?);
             daemon.cache.insert(key, Arc::clone(&built));
             (built, false)
@@ -222,6 +223,25 @@ fn hash_array(
                 _ => return Err(Failure::bad_request(format!("{what}: unexpected dtype"))),
             }
         }
+    }
+    Ok(())
+}
+
+/// Refuses a structure larger than the daemon's memory budget (the shim then
+/// runs upstream) rather than risk the OOM killer.
+fn check_room(x: &Matrix) -> Result<()> {
+    let (values, item) = match x {
+        Matrix::Csr { data, .. } => (data.len, data.dtype.size() as u64),
+        // A dense matrix's non-zeros are not known before the scan: assume all.
+        Matrix::Dense { data, .. } => (data.len, data.dtype.size() as u64),
+    };
+    let need = values.saturating_mul(8 + item);
+    let room = crate::shm::peer::budget() as u64;
+    if need > room {
+        return Err(Failure::new(
+            ErrorKind::TooLarge,
+            format!("a sorted copy of {values} values needs {need} bytes; the budget is {room}"),
+        ));
     }
     Ok(())
 }
