@@ -144,7 +144,10 @@ impl Cache {
 
     pub fn clear(&self) {
         self.lock().0.clear();
-        self.results.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.results
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// A kept result for `key` (most recent first; moved to the front).

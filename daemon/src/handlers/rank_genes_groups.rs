@@ -110,7 +110,9 @@ pub fn rank_genes_groups(
             t0.elapsed() - t_build
         );
     }
-    daemon.cache.keep_result(result_key, Arc::new((stats.clone(), nonneg_integers)));
+    daemon
+        .cache
+        .keep_result(result_key, Arc::new((stats.clone(), nonneg_integers)));
     Ok(response(n_cols, stats, cache_hit, nonneg_integers))
 }
 
@@ -130,7 +132,9 @@ fn response(n_cols: u64, stats: Stats, cache_hit: bool, nonneg_integers: bool) -
 
 fn run<T: Float>(m: &SortedCsc<T>, q: &Query<'_>) -> Result<Stats> {
     if q.group_of_row.len() != m.n_rows {
-        return Err(Failure::bad_request("group entries do not match the cached matrix"));
+        return Err(Failure::bad_request(
+            "group entries do not match the cached matrix",
+        ));
     }
     Ok(wilcoxon_stats(m, q))
 }
@@ -161,7 +165,11 @@ fn fingerprint(resolver: &mut Resolver<'_>, peer: Peer, x: &Matrix) -> Result<u1
             h.update_u64(1);
             h.update_u64(*n_rows);
             h.update_u64(*n_cols);
-            vec![(data, "CSR data"), (indices, "CSR indices"), (indptr, "CSR indptr")]
+            vec![
+                (data, "CSR data"),
+                (indices, "CSR indices"),
+                (indptr, "CSR indptr"),
+            ]
         }
         Matrix::Dense {
             n_rows,
@@ -263,7 +271,8 @@ fn build(resolver: &mut Resolver<'_>, x: &Matrix) -> Result<Sorted> {
             indices,
             indptr,
         } => {
-            let csr = CsrRegions::resolve(resolver, *n_rows, *n_cols, data, indices.as_ref(), indptr)?;
+            let csr =
+                CsrRegions::resolve(resolver, *n_rows, *n_cols, data, indices.as_ref(), indptr)?;
             csr.validate_indptr()?;
             let indices = csr.validated_column_indices()?;
             let indptr = csr.indptr.indices().expect("dtype checked");
@@ -311,8 +320,12 @@ fn csr_with_data<P: SparseIndex, I: SparseIndex>(
     n_cols: usize,
 ) -> Result<Sorted> {
     match data {
-        FloatSlice::F32(d) => sorted_csc::from_csr(indptr, indices, d, n_rows, n_cols).map(Sorted::F32),
-        FloatSlice::F64(d) => sorted_csc::from_csr(indptr, indices, d, n_rows, n_cols).map(Sorted::F64),
+        FloatSlice::F32(d) => {
+            sorted_csc::from_csr(indptr, indices, d, n_rows, n_cols).map(Sorted::F32)
+        }
+        FloatSlice::F64(d) => {
+            sorted_csc::from_csr(indptr, indices, d, n_rows, n_cols).map(Sorted::F64)
+        }
     }
     .map_err(build_failure)
 }

@@ -60,7 +60,10 @@ fn piece_hash(bytes: &[u8]) -> (u64, u64) {
         .wrapping_add(lanes[1].wrapping_mul(P4))
         .wrapping_add(lanes[2].rotate_left(23))
         .wrapping_add(lanes[3].rotate_left(41).wrapping_mul(P2));
-    (avalanche(a ^ bytes.len() as u64), avalanche(b.wrapping_add(bytes.len() as u64)))
+    (
+        avalanche(a ^ bytes.len() as u64),
+        avalanche(b.wrapping_add(bytes.len() as u64)),
+    )
 }
 
 /// Incremental fingerprint of a byte stream.
@@ -82,7 +85,10 @@ impl ContentHash {
     /// Adds bytes. Every update but the last must be a multiple of [`PIECE`]
     /// bytes long, so that the pieces do not depend on how the stream was cut.
     pub fn update(&mut self, bytes: &[u8]) {
-        debug_assert!(self.len.is_multiple_of(PIECE as u64), "previous update was not whole pieces");
+        debug_assert!(
+            self.len.is_multiple_of(PIECE as u64),
+            "previous update was not whole pieces"
+        );
         let pieces: Vec<(u64, u64)> = bytes.par_chunks(PIECE).map(piece_hash).collect();
         for (a, b) in pieces {
             self.state.0 = avalanche(self.state.0.rotate_left(17) ^ a).wrapping_mul(P1);
@@ -108,7 +114,9 @@ impl ContentHash {
 pub fn bytes_of<T: Copy>(values: &[T]) -> &[u8] {
     // SAFETY: any initialized memory may be read as bytes; the length is the
     // slice's size in bytes.
-    unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, std::mem::size_of_val(values)) }
+    unsafe {
+        std::slice::from_raw_parts(values.as_ptr() as *const u8, std::mem::size_of_val(values))
+    }
 }
 
 #[cfg(test)]
@@ -125,7 +133,9 @@ mod tests {
 
     #[test]
     fn cut_at_pieces_does_not_matter_and_any_change_does() {
-        let data: Vec<u8> = (0..(3 * PIECE + 1234)).map(|i| (i * 31 % 251) as u8).collect();
+        let data: Vec<u8> = (0..(3 * PIECE + 1234))
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
         let whole = hash(&[&data]);
         assert_eq!(whole, hash(&[&data[..PIECE], &data[PIECE..]]));
         assert_eq!(whole, hash(&[&data[..2 * PIECE], &data[2 * PIECE..]]));

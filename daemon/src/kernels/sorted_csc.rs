@@ -47,8 +47,13 @@ pub struct SortedCsc<T> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum BuildError {
     TooManyRows(usize),
-    NotANumber { row: usize },
-    DuplicateEntry { row: usize, col: usize },
+    NotANumber {
+        row: usize,
+    },
+    DuplicateEntry {
+        row: usize,
+        col: usize,
+    },
     /// Column index out of range, or the arrays changed while being read.
     Malformed(String),
 }
@@ -104,7 +109,10 @@ impl<T: Float, P: SparseIndex, I: SparseIndex> Rows<T> for CsrRows<'_, T, P, I> 
         let nnz = self.data.len().min(self.indices.len());
         for j in row_range(self.indptr, r, nnz) {
             // A negative index maps to usize::MAX, which every caller rejects.
-            f(self.indices[j].to_usize().unwrap_or(usize::MAX), self.data[j]);
+            f(
+                self.indices[j].to_usize().unwrap_or(usize::MAX),
+                self.data[j],
+            );
         }
     }
 }
@@ -153,7 +161,9 @@ pub fn from_dense<T: Float>(
     n_cols: usize,
 ) -> Result<SortedCsc<T>, BuildError> {
     if n_rows.checked_mul(n_cols) != Some(data.len()) {
-        return Err(BuildError::Malformed("dense shape does not match its data".into()));
+        return Err(BuildError::Malformed(
+            "dense shape does not match its data".into(),
+        ));
     }
     build(
         &DenseRows {
@@ -210,7 +220,6 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
         })
         .collect();
     let counts: Vec<(Vec<usize>, bool)> = counts.into_iter().collect::<Result<_, _>>()?;
-    let t_count = std::time::Instant::now();
     let nonneg_integers = counts.iter().all(|(_, i)| *i);
     let counts: Vec<Vec<usize>> = counts.into_iter().map(|(c, _)| c).collect();
     let mut colptr = vec![0usize; n_cols + 1];
@@ -262,9 +271,10 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
             ok && cursor.iter().all(|(next, end)| next == end)
         })
         .collect();
-    let t_fill = std::time::Instant::now();
     if filled.contains(&false) {
-        return Err(BuildError::Malformed("the matrix changed while it was read".into()));
+        return Err(BuildError::Malformed(
+            "the matrix changed while it was read".into(),
+        ));
     }
 
     let mut by_value = vec![0u32; nnz];
@@ -282,50 +292,47 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
         .into_par_iter()
         .enumerate()
         .with_min_len(64)
-        .map_init(Vec::new, |scratch: &mut Vec<(u64, u32)>, (c, (out, (neg, ex)))| {
-            let range = colptr[c]..colptr[c + 1];
-            let (rs, vs) = (&rows[range.clone()], &vals[range]);
-            if let Some(w) = rs.windows(2).position(|w| w[0] >= w[1]) {
-                return Some(BuildError::DuplicateEntry {
-                    row: rs[w + 1] as usize,
-                    col: c,
-                });
-            }
-            // Sorting plain integers: an order-preserving map of the value's bits,
-            // then the row (for f32 both fit one u64).
-            scratch.clear();
-            if T::IS_F32 {
-                let mut keys: Vec<u64> = vs
-                    .iter()
-                    .zip(rs)
-                    .map(|(&v, &r)| ((order_key32(v.to_f32()) as u64) << 32) | r as u64)
-                    .collect();
-                keys.sort_unstable();
-                scratch.extend(keys.iter().map(|&k| (k >> 32 << 32, k as u32)));
-            } else {
-                scratch.extend(vs.iter().zip(rs).map(|(&v, &r)| (order_key(v.to_f64()), r)));
-                scratch.sort_unstable();
-            }
-            let mut prev = None;
-            for (slot, &(key, r)) in out.iter_mut().zip(scratch.iter()) {
-                *slot = if Some(key) == prev { r } else { r | TIE_START };
-                prev = Some(key);
-            }
-            *neg = vs.iter().filter(|&&v| v.to_f64() < 0.0).count() as u32;
-            *ex = sums_are_exact::<T>(vs);
-            None
-        })
+        .map_init(
+            Vec::new,
+            |scratch: &mut Vec<(u64, u32)>, (c, (out, (neg, ex)))| {
+                let range = colptr[c]..colptr[c + 1];
+                let (rs, vs) = (&rows[range.clone()], &vals[range]);
+                if let Some(w) = rs.windows(2).position(|w| w[0] >= w[1]) {
+                    return Some(BuildError::DuplicateEntry {
+                        row: rs[w + 1] as usize,
+                        col: c,
+                    });
+                }
+                // Sorting plain integers: an order-preserving map of the value's bits,
+                // then the row (for f32 both fit one u64).
+                scratch.clear();
+                if T::IS_F32 {
+                    let mut keys: Vec<u64> = vs
+                        .iter()
+                        .zip(rs)
+                        .map(|(&v, &r)| ((order_key32(v.to_f32()) as u64) << 32) | r as u64)
+                        .collect();
+                    keys.sort_unstable();
+                    scratch.extend(keys.iter().map(|&k| (k >> 32 << 32, k as u32)));
+                } else {
+                    scratch.extend(vs.iter().zip(rs).map(|(&v, &r)| (order_key(v.to_f64()), r)));
+                    scratch.sort_unstable();
+                }
+                let mut prev = None;
+                for (slot, &(key, r)) in out.iter_mut().zip(scratch.iter()) {
+                    *slot = if Some(key) == prev { r } else { r | TIE_START };
+                    prev = Some(key);
+                }
+                *neg = vs.iter().filter(|&&v| v.to_f64() < 0.0).count() as u32;
+                *ex = sums_are_exact::<T>(vs);
+                None
+            },
+        )
         .collect();
     if let Some(e) = dup.into_iter().flatten().next() {
         return Err(e);
     }
-    if std::env::var_os("AUTOZYME_DEBUG_TIMING").is_some() {
-        eprintln!(
-            "sorted_csc: fill {:?}, sort {:?}",
-            t_fill - t_count,
-            t_fill.elapsed()
-        );
-    }
+
     Ok(SortedCsc {
         n_rows,
         n_cols,
@@ -424,8 +431,12 @@ mod tests {
     fn csr_and_dense_agree_and_are_sorted() {
         let m = random_csr(3, 200, 30, 0.3);
         let data: Vec<f32> = m.data.iter().map(|&v| (v as f32).round() - 5.0).collect();
-        let a = with_threads(2, || from_csr(&m.indptr, &m.indices, &data, 200, 30).unwrap());
-        let b = with_threads(1, || from_csr(&m.indptr, &m.indices, &data, 200, 30).unwrap());
+        let a = with_threads(2, || {
+            from_csr(&m.indptr, &m.indices, &data, 200, 30).unwrap()
+        });
+        let b = with_threads(1, || {
+            from_csr(&m.indptr, &m.indices, &data, 200, 30).unwrap()
+        });
         let mut dense = vec![0f32; 200 * 30];
         for r in 0..200 {
             for j in m.indptr[r] as usize..m.indptr[r + 1] as usize {
@@ -444,21 +455,35 @@ mod tests {
             assert!(a.rows[col.clone()].windows(2).all(|w| w[0] < w[1]));
             assert!(a.vals[col.clone()].iter().all(|&v| v != 0.0));
             let value_of = |r: u32| dense[(r & !TIE_START) as usize * 30 + c];
-            let sorted: Vec<f32> = a.by_value[col.clone()].iter().map(|&r| value_of(r)).collect();
+            let sorted: Vec<f32> = a.by_value[col.clone()]
+                .iter()
+                .map(|&r| value_of(r))
+                .collect();
             assert!(sorted.windows(2).all(|w| w[0] <= w[1]));
             for (k, &r) in a.by_value[col.clone()].iter().enumerate() {
                 let starts = k == 0 || sorted[k] != sorted[k - 1];
                 assert_eq!(starts, r & TIE_START != 0);
             }
-            assert_eq!(a.n_neg[c] as usize, sorted.iter().filter(|&&v| v < 0.0).count());
+            assert_eq!(
+                a.n_neg[c] as usize,
+                sorted.iter().filter(|&&v| v < 0.0).count()
+            );
             assert!(a.exact[c], "small integers always add exactly");
         }
         assert!(!a.nonneg_integers, "there are negative values");
         let pos: Vec<f32> = data.iter().map(|v| v.abs()).collect();
-        assert!(from_csr(&m.indptr, &m.indices, &pos, 200, 30).unwrap().nonneg_integers);
+        assert!(
+            from_csr(&m.indptr, &m.indices, &pos, 200, 30)
+                .unwrap()
+                .nonneg_integers
+        );
         let mut frac = pos.clone();
         frac[0] = 0.5;
-        assert!(!from_csr(&m.indptr, &m.indices, &frac, 200, 30).unwrap().nonneg_integers);
+        assert!(
+            !from_csr(&m.indptr, &m.indices, &frac, 200, 30)
+                .unwrap()
+                .nonneg_integers
+        );
         assert!(!from_dense(&[1.0f64, -0.0], 1, 2).unwrap().nonneg_integers);
     }
 
@@ -487,7 +512,11 @@ mod tests {
         let dense64: Vec<f64> = data.iter().map(|&v| v as f64).collect();
         let a = from_dense(&dense32, n, 1).unwrap();
         let b = from_dense(&dense64, n, 1).unwrap();
-        let order = |m: &[u32]| m.iter().map(|r| (r & !TIE_START) as usize).collect::<Vec<_>>();
+        let order = |m: &[u32]| {
+            m.iter()
+                .map(|r| (r & !TIE_START) as usize)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(order(&a.by_value), order(&b.by_value));
         let sorted: Vec<f32> = order(&a.by_value).iter().map(|&r| data[r]).collect();
         assert!(sorted.windows(2).all(|w| w[0] < w[1]));
