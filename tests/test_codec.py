@@ -79,6 +79,10 @@ REQUESTS = {
         clip=np.array([2.5, 1e10]),
         only=0,
     ),
+    "req_rank_genes_groups": msg(
+        "RankGenesGroups", x=CSR, group_of_row=np.array([0, 2**64 - 1, 1], dtype=np.uint64),
+        n_groups=2, reference=1, tie_correct=True, mean_slots=2,
+    ),
 }
 
 
@@ -95,6 +99,7 @@ def test_every_golden_file_is_covered():
         "resp_row_sums", "resp_done", "resp_error", "resp_leased", "resp_leased_none",
         "resp_scale_stats",
         "resp_hvg_mean_var", "resp_hvg_clipped_sums",
+        "resp_rank_genes_groups",
     }
 
 
@@ -130,6 +135,11 @@ def test_decode_responses():
     assert (mv.negative, mv.non_integer, mv.non_finite) == (False, True, False)
     cs = _decode_golden("resp_hvg_clipped_sums")
     assert cs.sums.tolist() == [1.0, 3.5] and cs.squares.tolist() == [1.0, 12.25]
+    assert (st.cache_budget_bytes, st.cache_hits, st.cache_misses) == (1 << 31, 5, 1)
+    rg = _decode_golden("resp_rank_genes_groups")
+    assert rg.n_genes == 2 and rg.rank_sums.tolist() == [3.5, 1.0] and rg.cache_hit
+    assert rg.tie.tolist() == [1.0, 0.75] and rg.nnz.tolist() == [1, 2] and len(rg.rest_sums) == 0
+    assert rg.nonneg_integers is False
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 mod scale;
 mod hvg;
+mod rank_genes_groups;
 
 /// What the connection should do after sending the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +153,23 @@ fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, 
             clip,
             only,
         } => hvg::clipped_sums(daemon, peer, &x, &batches, n_batches, &clip, only)?,
+        Request::RankGenesGroups {
+            x,
+            group_of_row,
+            n_groups,
+            reference,
+            tie_correct,
+            mean_slots,
+        } => rank_genes_groups::rank_genes_groups(
+            daemon,
+            peer,
+            &x,
+            &group_of_row,
+            n_groups,
+            reference,
+            tie_correct,
+            mean_slots,
+        )?,
     };
     Ok((response, After::Continue))
 }
@@ -191,10 +209,12 @@ pub fn status(daemon: &Daemon) -> DaemonStatus {
         open_connections: daemon.open_connections.load(Ordering::SeqCst),
         mapped_segments,
         mapped_bytes,
-        // The cache of derived matrices does not exist yet.
-        cache: vec![],
+        cache: daemon.cache.entries(),
         idle_timeout_s: daemon.config.idle_timeout_s,
         runtime_dir: daemon.config.runtime_dir.display().to_string(),
+        cache_budget_bytes: daemon.cache.budget(),
+        cache_hits: daemon.cache.counts().0,
+        cache_misses: daemon.cache.counts().1,
     }
 }
 

@@ -5,6 +5,7 @@
 //! checked views), `kernels` (pure numerical functions), `handlers` (requests to
 //! kernels), `config` (command line, environment, runtime dir).
 
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod faults;

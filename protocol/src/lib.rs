@@ -213,6 +213,23 @@ pub enum Request {
         clip: Vec<f64>,
         only: Option<u64>,
     },
+    /// rank_genes_groups(method="wilcoxon"): per-gene Wilcoxon rank sums, tie
+    /// correction, per-group sums and non-zero counts of `x` (cells x genes), from
+    /// a value-sorted per-gene structure the daemon caches by `x`'s content.
+    /// `group_of_row[r]` is the group index of cell `r` (`< n_groups`) or
+    /// `u64::MAX` for a cell in no selected group. `reference`: a group index
+    /// (ranks over that group's and each other group's cells), or none (ranks
+    /// over all cells). `mean_slots`: the number of per-thread partial sums
+    /// upstream's numba kernel adds each group's values into (row `i` of a group
+    /// goes to partial `i % mean_slots`), 1 for dense input.
+    RankGenesGroups {
+        x: Matrix,
+        group_of_row: Vec<u64>,
+        n_groups: u64,
+        reference: Option<u64>,
+        tie_correct: bool,
+        mean_slots: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,6 +275,10 @@ pub struct DaemonStatus {
     pub cache: Vec<CacheEntry>,
     pub idle_timeout_s: u64,
     pub runtime_dir: String,
+    /// Memory budget of the derived-matrix cache (`AUTOZYME_CACHE_BYTES`).
+    pub cache_budget_bytes: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
 }
 
 /// Variant indices of `Request::Hello` (0), `Response::Hello` (0) and
@@ -310,6 +331,24 @@ pub enum Response {
     HvgClippedSums {
         sums: Vec<f64>,
         squares: Vec<f64>,
+    },
+    /// Per-gene results of `Request::RankGenesGroups`, each a row-major
+    /// `[rows x n_genes]` matrix flattened. `rank_sums`, `sums`, `nnz`:
+    /// `n_groups` rows (the reference group's rank sums are 0); `rest_sums`,
+    /// `rest_nnz`: `n_groups` rows without a reference, else empty; `tie`: the
+    /// tie-correction factors (1 row without a reference, `n_groups` with one; all
+    /// 1 without `tie_correct`). `sums` are f64 sums in upstream's order.
+    RankGenesGroups {
+        n_genes: u64,
+        rank_sums: Vec<f64>,
+        tie: Vec<f64>,
+        sums: Vec<f64>,
+        nnz: Vec<u64>,
+        rest_sums: Vec<f64>,
+        rest_nnz: Vec<u64>,
+        cache_hit: bool,
+        /// Upstream's `check_nonnegative_integers` of the matrix.
+        nonneg_integers: bool,
     },
 }
 

@@ -153,6 +153,17 @@ fn requests() -> Vec<(&'static str, Request)> {
                 only: Some(0),
             },
         ),
+        (
+            "req_rank_genes_groups",
+            Request::RankGenesGroups {
+                x: csr(),
+                group_of_row: vec![0, u64::MAX, 1],
+                n_groups: 2,
+                reference: Some(1),
+                tie_correct: true,
+                mean_slots: 2,
+            },
+        ),
     ]
 }
 
@@ -191,6 +202,9 @@ fn responses() -> Vec<(&'static str, Response)> {
                 }],
                 idle_timeout_s: 600,
                 runtime_dir: "/run/user/1000/autozyme".into(),
+                cache_budget_bytes: 1 << 31,
+                cache_hits: 5,
+                cache_misses: 1,
             }),
         ),
         ("resp_shutting_down", Response::ShuttingDown),
@@ -214,6 +228,20 @@ fn responses() -> Vec<(&'static str, Response)> {
             Response::Leased {
                 segment: None,
                 size: 0,
+            },
+        ),
+        (
+            "resp_rank_genes_groups",
+            Response::RankGenesGroups {
+                n_genes: 2,
+                rank_sums: vec![3.5, 1.0],
+                tie: vec![1.0, 0.75],
+                sums: vec![0.25, 2.0],
+                nnz: vec![1, 2],
+                rest_sums: vec![],
+                rest_nnz: vec![],
+                cache_hit: true,
+                nonneg_integers: false,
             },
         ),
         (

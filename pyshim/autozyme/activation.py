@@ -24,6 +24,7 @@ TARGETS = {
     "highly_variable_genes": (
         "scanpy.preprocessing._highly_variable_genes", "highly_variable_genes", "highly_variable_genes"
     ),
+    "rank_genes_groups": ("scanpy.tools._rank_genes_groups", "rank_genes_groups", "rank_genes_groups"),
 }
 
 _lock = threading.RLock()

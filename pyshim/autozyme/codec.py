@@ -271,6 +271,17 @@ REQUEST = Enum(
                 ("only", Opt(U64)),
             ],
         ),
+        (
+            "RankGenesGroups",
+            [
+                ("x", MATRIX),
+                ("group_of_row", Vec(U64)),
+                ("n_groups", U64),
+                ("reference", Opt(U64)),
+                ("tie_correct", BOOL),
+                ("mean_slots", U64),
+            ],
+        ),
     ],
 )
 ERROR_KIND = _UnitEnum(
@@ -305,6 +316,9 @@ DAEMON_STATUS = Struct(
         ("cache", Vec(CACHE_ENTRY)),
         ("idle_timeout_s", U64),
         ("runtime_dir", STR),
+        ("cache_budget_bytes", U64),
+        ("cache_hits", U64),
+        ("cache_misses", U64),
     ],
 )
 RESPONSE = Enum(
@@ -333,6 +347,20 @@ RESPONSE = Enum(
             ],
         ),
         ("HvgClippedSums", [("sums", Vec(F64)), ("squares", Vec(F64))]),
+        (
+            "RankGenesGroups",
+            [
+                ("n_genes", U64),
+                ("rank_sums", Vec(F64)),
+                ("tie", Vec(F64)),
+                ("sums", Vec(F64)),
+                ("nnz", Vec(U64)),
+                ("rest_sums", Vec(F64)),
+                ("rest_nnz", Vec(U64)),
+                ("cache_hit", BOOL),
+                ("nonneg_integers", BOOL),
+            ],
+        ),
     ],
 )
 

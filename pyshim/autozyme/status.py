@@ -54,7 +54,11 @@ def format_status(st: dict | None = None) -> str:
             f"({_mib(d['mapped_bytes'])})"
         )
         cache = d.get("cache") or []
-        lines.append(f"  cache: {len(cache)} entries, {_mib(sum(e['bytes'] for e in cache))}")
+        lines.append(
+            f"  cache: {len(cache)} entries, {_mib(sum(e['bytes'] for e in cache))} "
+            f"of {_mib(d.get('cache_budget_bytes', 0))}; "
+            f"{d.get('cache_hits', 0)} hits, {d.get('cache_misses', 0)} misses"
+        )
         for e in cache:
             lines.append(f"    {e['key']}: {_mib(e['bytes'])}, {e['hits']} hits")
         lines.append(f"  idle exit after {d['idle_timeout_s']}s; runtime dir {d['runtime_dir']}")

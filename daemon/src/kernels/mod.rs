@@ -10,6 +10,7 @@
 //! value read from the slices without a bounds check, so a misbehaving client gets
 //! garbage back, never a crash.
 
+pub mod content_hash;
 pub mod divide_rows;
 pub mod highly_expressed;
 pub mod hvg_clipped_sums;
@@ -17,6 +18,8 @@ pub mod hvg_mean_var;
 pub mod row_sums;
 pub mod scale_apply;
 pub mod scale_stats;
+pub mod sorted_csc;
+pub mod wilcoxon;
 
 use rayon::prelude::*;
 use std::ops::Range;

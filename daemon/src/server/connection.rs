@@ -233,5 +233,6 @@ pub(crate) fn variant_name(request: &Request) -> &'static str {
         Request::ScaleApply { .. } => "ScaleApply",
         Request::HvgMeanVar { .. } => "HvgMeanVar",
         Request::HvgClippedSums { .. } => "HvgClippedSums",
+        Request::RankGenesGroups { .. } => "RankGenesGroups",
     }
 }

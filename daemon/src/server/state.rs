@@ -13,6 +13,8 @@ pub struct Daemon {
     pub segments: SegmentCache,
     /// Segments the daemon owns and lends to clients.
     pub pool: SegmentPool,
+    /// Derived matrices keyed by content (see `crate::cache`).
+    pub cache: crate::cache::Cache,
     pub requests_served: AtomicU64,
     pub requests_failed: AtomicU64,
     pub open_connections: AtomicU32,
@@ -31,6 +33,7 @@ impl Daemon {
             started: Instant::now(),
             segments: SegmentCache::new(),
             pool: SegmentPool::default(),
+            cache: crate::cache::Cache::default(),
             requests_served: AtomicU64::new(0),
             requests_failed: AtomicU64::new(0),
             open_connections: AtomicU32::new(0),

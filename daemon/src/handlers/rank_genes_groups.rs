@@ -1,0 +1,331 @@
+//! `RankGenesGroups`: fingerprint the matrix, get (or build and cache) its
+//! value-sorted per-gene structure, run the Wilcoxon kernel for this grouping.
+
+use crate::cache::Sorted;
+use crate::error::{Failure, Result};
+use crate::kernels::content_hash::{bytes_of, ContentHash, PIECE};
+use crate::kernels::sorted_csc::{self, BuildError, SortedCsc};
+use crate::kernels::wilcoxon::{wilcoxon_stats, Query, Stats, NO_GROUP};
+use crate::kernels::{Float, SparseIndex};
+use crate::server::state::Daemon;
+use crate::shm::peer::PeerBuffer;
+use crate::shm::{CsrRegions, DenseRegions, FloatSlice, IndexSlice, Peer, Resolver};
+use autozyme_protocol::{ArrayRef, DType, ErrorKind, Location, Matrix, Response};
+use std::sync::Arc;
+
+/// Largest `cells x groups` table the rest statistics may need.
+const MAX_CELL_GROUPS: u64 = 1 << 31;
+
+#[allow(clippy::too_many_arguments)]
+pub fn rank_genes_groups(
+    daemon: &Daemon,
+    peer: Peer,
+    x: &Matrix,
+    group_of_row: &[u64],
+    n_groups: u64,
+    reference: Option<u64>,
+    tie_correct: bool,
+    mean_slots: u64,
+) -> Result<Response> {
+    let (n_rows, n_cols) = match x {
+        Matrix::Csr { n_rows, n_cols, .. } | Matrix::Dense { n_rows, n_cols, .. } => {
+            (*n_rows, *n_cols)
+        }
+    };
+    if group_of_row.len() as u64 != n_rows {
+        return Err(Failure::bad_request(format!(
+            "{} group entries for {n_rows} rows",
+            group_of_row.len()
+        )));
+    }
+    if n_groups == 0 || n_groups.saturating_mul(n_rows.max(1)) > MAX_CELL_GROUPS {
+        return Err(Failure::new(
+            ErrorKind::Unsupported,
+            format!("{n_groups} groups over {n_rows} cells"),
+        ));
+    }
+    if reference.is_some_and(|r| r >= n_groups) {
+        return Err(Failure::bad_request("reference group out of range"));
+    }
+    if !(1..=255).contains(&mean_slots) {
+        return Err(Failure::new(
+            ErrorKind::Unsupported,
+            format!("{mean_slots} partial sums per group (1 to 255 supported)"),
+        ));
+    }
+    let mut groups = Vec::with_capacity(group_of_row.len());
+    for &g in group_of_row {
+        groups.push(match g {
+            u64::MAX => NO_GROUP,
+            g if g < n_groups => g as u32,
+            g => return Err(Failure::bad_request(format!("group {g} out of range"))),
+        });
+    }
+
+    let t0 = std::time::Instant::now();
+    let mut resolver = Resolver::new(&daemon.segments, peer);
+    let key = fingerprint(&mut resolver, peer, x)?;
+    let t_hash = t0.elapsed();
+    let mut params = ContentHash::new(0x5041_5241);
+    params.update_u64(key as u64);
+    params.update_u64((key >> 64) as u64);
+    params.update_u64(n_groups);
+    params.update_u64(reference.map_or(u64::MAX, |r| r));
+    params.update_u64(tie_correct as u64);
+    params.update_u64(mean_slots);
+    params.update(bytes_of(group_of_row));
+    let result_key = params.finish();
+    if let Some(kept) = daemon.cache.result::<(Stats, bool)>(result_key) {
+        // The same matrix (by content) and the same request: the same answer.
+        let (stats, nonneg_integers) = (&kept.0, kept.1);
+        let _ = daemon.cache.get(key); // counted as a hit of the structure it came from
+        return Ok(response(n_cols, stats.clone(), true, nonneg_integers));
+    }
+    let (sorted, cache_hit) = match daemon.cache.get(key) {
+        Some(s) => (s, true),
+        None => {
+            check_room(x)?;
+            let built = Arc::new(build(&mut resolver, x)?);
+            daemon.cache.insert(key, Arc::clone(&built));
+            (built, false)
+        }
+    };
+    let query = Query {
+        group_of_row: &groups,
+        n_groups: n_groups as usize,
+        reference: reference.map(|r| r as usize),
+        tie_correct,
+        slots: mean_slots as usize,
+    };
+    let t_build = t0.elapsed();
+    let (stats, nonneg_integers) = match &*sorted {
+        Sorted::F32(m) => (run(m, &query)?, m.nonneg_integers),
+        Sorted::F64(m) => (run(m, &query)?, m.nonneg_integers),
+    };
+    if std::env::var_os("AUTOZYME_DEBUG_TIMING").is_some() {
+        eprintln!(
+            "rank_genes_groups: hash {:?}, build {:?}, query {:?}",
+            t_hash,
+            t_build - t_hash,
+            t0.elapsed() - t_build
+        );
+    }
+    daemon
+        .cache
+        .keep_result(result_key, Arc::new((stats.clone(), nonneg_integers)));
+    Ok(response(n_cols, stats, cache_hit, nonneg_integers))
+}
+
+fn response(n_cols: u64, stats: Stats, cache_hit: bool, nonneg_integers: bool) -> Response {
+    Response::RankGenesGroups {
+        n_genes: n_cols,
+        rank_sums: stats.rank_sums,
+        tie: stats.tie,
+        sums: stats.sums,
+        nnz: stats.nnz,
+        rest_sums: stats.rest_sums,
+        rest_nnz: stats.rest_nnz,
+        cache_hit,
+        nonneg_integers,
+    }
+}
+
+fn run<T: Float>(m: &SortedCsc<T>, q: &Query<'_>) -> Result<Stats> {
+    if q.group_of_row.len() != m.n_rows {
+        return Err(Failure::bad_request(
+            "group entries do not match the cached matrix",
+        ));
+    }
+    Ok(wilcoxon_stats(m, q))
+}
+
+fn dtype_tag(d: DType) -> u64 {
+    match d {
+        DType::F32 => 1,
+        DType::F64 => 2,
+        DType::I32 => 3,
+        DType::I64 => 4,
+    }
+}
+
+/// The fingerprint of a matrix: kind, shape, dtypes and every array's bytes.
+fn fingerprint(resolver: &mut Resolver<'_>, peer: Peer, x: &Matrix) -> Result<u128> {
+    let mut h = ContentHash::new(0x5753_4353);
+    let arrays: Vec<(&ArrayRef, &str)> = match x {
+        Matrix::Csr {
+            n_rows,
+            n_cols,
+            data,
+            indices,
+            indptr,
+        } => {
+            let indices = indices
+                .as_ref()
+                .ok_or_else(|| Failure::bad_request("RankGenesGroups needs the CSR indices"))?;
+            h.update_u64(1);
+            h.update_u64(*n_rows);
+            h.update_u64(*n_cols);
+            vec![
+                (data, "CSR data"),
+                (indices, "CSR indices"),
+                (indptr, "CSR indptr"),
+            ]
+        }
+        Matrix::Dense {
+            n_rows,
+            n_cols,
+            data,
+        } => {
+            h.update_u64(2);
+            h.update_u64(*n_rows);
+            h.update_u64(*n_cols);
+            vec![(data, "dense data")]
+        }
+    };
+    for (array, what) in arrays {
+        h.update_u64(dtype_tag(array.dtype));
+        h.update_u64(array.len);
+        let mut part = ContentHash::new(dtype_tag(array.dtype));
+        hash_array(resolver, peer, array, what, &mut part)?;
+        let p = part.finish();
+        h.update_u64(p as u64);
+        h.update_u64((p >> 64) as u64);
+    }
+    Ok(h.finish())
+}
+
+fn hash_array(
+    resolver: &mut Resolver<'_>,
+    peer: Peer,
+    array: &ArrayRef,
+    what: &str,
+    h: &mut ContentHash,
+) -> Result<()> {
+    let bytes = array
+        .len
+        .checked_mul(array.dtype.size() as u64)
+        .and_then(|b| usize::try_from(b).ok())
+        .ok_or_else(|| Failure::bad_request(format!("{what}: too many elements")))?;
+    match array.location {
+        Location::Peer { address } => {
+            // Streamed through one block-sized buffer: hashing a copy of a large
+            // array would cost a page fault per fresh page.
+            let block = 16 * PIECE;
+            let mut at = 0usize;
+            while at < bytes {
+                let n = block.min(bytes - at);
+                let mut buf = PeerBuffer::new(address + at as u64, n)?;
+                buf.read_from(peer.pid)?;
+                // SAFETY: the buffer holds `n` initialized bytes.
+                h.update(unsafe { std::slice::from_raw_parts(buf.as_ptr(), n) });
+                at += n;
+            }
+        }
+        Location::Segment { .. } => {
+            let region = resolver.region(array, what)?;
+            match (region.floats(), region.indices()) {
+                (Some(FloatSlice::F32(v)), _) => h.update(bytes_of(v)),
+                (Some(FloatSlice::F64(v)), _) => h.update(bytes_of(v)),
+                (_, Some(IndexSlice::I32(v))) => h.update(bytes_of(v)),
+                (_, Some(IndexSlice::I64(v))) => h.update(bytes_of(v)),
+                _ => return Err(Failure::bad_request(format!("{what}: unexpected dtype"))),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a structure larger than the daemon's memory budget (the shim then
+/// runs upstream) rather than risk the OOM killer.
+fn check_room(x: &Matrix) -> Result<()> {
+    let (values, item) = match x {
+        Matrix::Csr { data, .. } => (data.len, data.dtype.size() as u64),
+        // A dense matrix's non-zeros are not known before the scan: assume all.
+        Matrix::Dense { data, .. } => (data.len, data.dtype.size() as u64),
+    };
+    let need = values.saturating_mul(8 + item);
+    let room = crate::shm::peer::budget() as u64;
+    if need > room {
+        return Err(Failure::new(
+            ErrorKind::TooLarge,
+            format!("a sorted copy of {values} values needs {need} bytes; the budget is {room}"),
+        ));
+    }
+    Ok(())
+}
+
+fn build_failure(e: BuildError) -> Failure {
+    let kind = match e {
+        BuildError::Malformed(_) => ErrorKind::BadMatrix,
+        _ => ErrorKind::Unsupported,
+    };
+    Failure::new(kind, format!("cannot rank this matrix: {e}"))
+}
+
+fn build(resolver: &mut Resolver<'_>, x: &Matrix) -> Result<Sorted> {
+    match x {
+        Matrix::Csr {
+            n_rows,
+            n_cols,
+            data,
+            indices,
+            indptr,
+        } => {
+            let csr =
+                CsrRegions::resolve(resolver, *n_rows, *n_cols, data, indices.as_ref(), indptr)?;
+            csr.validate_indptr()?;
+            let indices = csr.validated_column_indices()?;
+            let indptr = csr.indptr.indices().expect("dtype checked");
+            let data = csr.data.floats().expect("dtype checked");
+            let (n, m) = (csr.n_rows, csr.n_cols);
+            match indptr {
+                IndexSlice::I32(p) => csr_with_indices(p, indices, data, n, m),
+                IndexSlice::I64(p) => csr_with_indices(p, indices, data, n, m),
+            }
+        }
+        Matrix::Dense {
+            n_rows,
+            n_cols,
+            data,
+        } => {
+            let dense = DenseRegions::resolve(resolver, *n_rows, *n_cols, data)?;
+            let (n, m) = (dense.n_rows, dense.n_cols);
+            match dense.data.floats().expect("dtype checked") {
+                FloatSlice::F32(d) => sorted_csc::from_dense(d, n, m).map(Sorted::F32),
+                FloatSlice::F64(d) => sorted_csc::from_dense(d, n, m).map(Sorted::F64),
+            }
+            .map_err(build_failure)
+        }
+    }
+}
+
+fn csr_with_indices<P: SparseIndex>(
+    indptr: &[P],
+    indices: IndexSlice<'_>,
+    data: FloatSlice<'_>,
+    n_rows: usize,
+    n_cols: usize,
+) -> Result<Sorted> {
+    match indices {
+        IndexSlice::I32(i) => csr_with_data(indptr, i, data, n_rows, n_cols),
+        IndexSlice::I64(i) => csr_with_data(indptr, i, data, n_rows, n_cols),
+    }
+}
+
+fn csr_with_data<P: SparseIndex, I: SparseIndex>(
+    indptr: &[P],
+    indices: &[I],
+    data: FloatSlice<'_>,
+    n_rows: usize,
+    n_cols: usize,
+) -> Result<Sorted> {
+    match data {
+        FloatSlice::F32(d) => {
+            sorted_csc::from_csr(indptr, indices, d, n_rows, n_cols).map(Sorted::F32)
+        }
+        FloatSlice::F64(d) => {
+            sorted_csc::from_csr(indptr, indices, d, n_rows, n_cols).map(Sorted::F64)
+        }
+    }
+    .map_err(build_failure)
+}

@@ -1,0 +1,630 @@
+//! Per-gene statistics of scanpy's `rank_genes_groups(method="wilcoxon")`, from a
+//! [`SortedCsc`], bit-identical to upstream's.
+//!
+//! Rank sums. Upstream ranks every cell of a gene (`rankdata`: tied values get
+//! their average rank, `start + (count + 1) / 2`) and adds the ranks of a group's
+//! cells. Here the zeros form one tie block between the negative and the positive
+//! values, so only the stored values are visited, in value order. Ranks are
+//! multiples of 1/2 and every partial sum stays below 2^52, so every sum is exact
+//! in f64 and the order of additions cannot change it.
+//!
+//! Tie correction. Upstream's numba `_tiecorrect` adds `cnt**3 - cnt` over the tie
+//! blocks in increasing value order, starting from 0.0, then returns
+//! `1 - total / (n**3 - n)`; singletons add exactly 0. Reproduced term by term,
+//! in the same order (`c * c * c` equals numba's power: `c * c` is exact for
+//! any realistic cell count, so both round the exact cube once).
+//!
+//! Sums for the means. Upstream's sparse `_get_mean_var` (numba
+//! `sparse_mean_var_minor_axis`) gives row `i` of the sliced matrix to thread
+//! `i % n_threads`, whose f64 partial sums add the row's values in row order; the
+//! partials are then added in thread order starting from 0.0. The dense path
+//! (numpy `mean(axis=0, dtype=float64)` on a C-ordered array) adds rows in order,
+//! which is the same with one partial. We keep `slots` partials per group and per
+//! group's rest, indexed by each cell's position within the group (or within
+//! the rest). Where a column's sums are exact in any order (see
+//! `SortedCsc::exact`) the partials are skipped and the rest is the column total
+//! minus the group: the same value, computed in one pass.
+
+use super::sorted_csc::{SortedCsc, TIE_START};
+use super::Float;
+use rayon::prelude::*;
+
+/// A cell in no selected group.
+pub const NO_GROUP: u32 = u32::MAX;
+
+/// What to compute.
+pub struct Query<'a> {
+    /// Group of each cell (`< n_groups`) or [`NO_GROUP`].
+    pub group_of_row: &'a [u32],
+    pub n_groups: usize,
+    /// Ranks over this group's and each other group's cells; else over all cells.
+    pub reference: Option<usize>,
+    pub tie_correct: bool,
+    /// Partial sums per group, as upstream's numba thread count.
+    pub slots: usize,
+}
+
+/// Results, each `[n_groups x n_genes]` row-major (`tie`: one row without a reference).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stats {
+    pub rank_sums: Vec<f64>,
+    pub tie: Vec<f64>,
+    pub sums: Vec<f64>,
+    pub nnz: Vec<u64>,
+    /// Only without a reference.
+    pub rest_sums: Vec<f64>,
+    pub rest_nnz: Vec<u64>,
+}
+
+/// Per-cell tables shared by all genes.
+struct Tables {
+    sizes: Vec<u64>,
+    /// Each grouped cell's partial-sum slot within its group.
+    own_slot: Vec<u32>,
+    /// Without a reference: for each cell and group `g`, the cell's slot within
+    /// `g`'s rest, or `slots` (a scratch slot) for the cell's own group.
+    rest_slot: Vec<u8>,
+}
+
+fn tables(q: &Query<'_>) -> Tables {
+    let g_count = q.n_groups;
+    let mut sizes = vec![0u64; g_count];
+    let mut own_slot = vec![0u32; q.group_of_row.len()];
+    for (r, &g) in q.group_of_row.iter().enumerate() {
+        if let Some(size) = sizes.get_mut(g as usize) {
+            own_slot[r] = (*size % q.slots as u64) as u32;
+            *size += 1;
+        }
+    }
+    let mut rest_slot = Vec::new();
+    if q.reference.is_none() {
+        rest_slot = vec![0u8; q.group_of_row.len() * g_count];
+        let mut rest_pos = vec![0u64; g_count];
+        for (r, &own) in q.group_of_row.iter().enumerate() {
+            let row = &mut rest_slot[r * g_count..(r + 1) * g_count];
+            for (g, (slot, pos)) in row.iter_mut().zip(rest_pos.iter_mut()).enumerate() {
+                if g as u32 == own {
+                    *slot = q.slots as u8;
+                } else {
+                    *slot = (*pos % q.slots as u64) as u8;
+                    *pos += 1;
+                }
+            }
+        }
+    }
+    Tables {
+        sizes,
+        own_slot,
+        rest_slot,
+    }
+}
+
+/// `c**3 - c` as upstream's tie correction computes it.
+fn tie_term(count: u64) -> f64 {
+    let c = count as f64;
+    c * c * c - c
+}
+
+fn tie_factor(total: f64, size: u64) -> f64 {
+    if size < 2 {
+        return 1.0;
+    }
+    let n = size as f64;
+    1.0 - total / (n * n * n - n)
+}
+
+/// Average rank of a tie block of `count` cells after `before` cells.
+fn average_rank(before: u64, count: u64) -> f64 {
+    before as f64 + (count as f64 + 1.0) * 0.5
+}
+
+/// Per-gene scratch, reused across the genes of one task.
+struct Scratch {
+    partial: Vec<f64>,
+    rest_partial: Vec<f64>,
+    count: Vec<u64>,
+    nnz: Vec<u64>,
+    before: Vec<u64>,
+    touched: Vec<usize>,
+}
+
+/// Runs the query. `q.group_of_row` must have one entry per row of `m`, every
+/// entry `< n_groups` or [`NO_GROUP`], `slots` in `1..=255`, and `reference`
+/// `< n_groups` (the caller checks).
+pub fn wilcoxon_stats<T: Float>(m: &SortedCsc<T>, q: &Query<'_>) -> Stats {
+    assert_eq!(q.group_of_row.len(), m.n_rows, "one group entry per row");
+    assert!((1..=255).contains(&q.slots), "slots in 1..=255");
+    let t = tables(q);
+    let g_count = q.n_groups;
+    let rest = q.reference.is_none();
+    let tie_rows = if rest { 1 } else { g_count };
+    // Per gene: rank sums, tie factors, sums, nnz, rest sums, rest nnz.
+    let width = g_count * if rest { 5 } else { 3 } + tie_rows;
+    let n_genes = m.n_cols;
+    let mut record = vec![0f64; n_genes * width];
+    record
+        .par_chunks_mut(width)
+        .enumerate()
+        .with_min_len(16)
+        .for_each_init(
+            || Scratch {
+                partial: vec![0.0; g_count * q.slots],
+                rest_partial: vec![0.0; g_count * (q.slots + 1)],
+                count: vec![0; g_count],
+                nnz: vec![0; g_count],
+                before: vec![0; g_count],
+                touched: Vec::with_capacity(g_count),
+            },
+            |s, (c, out)| gene(m, q, &t, c, s, out),
+        );
+    let field = |k: usize, rows: usize| -> Vec<f64> {
+        let mut v = vec![0.0; rows * n_genes];
+        for (c, rec) in record.chunks(width).enumerate() {
+            for g in 0..rows {
+                v[g * n_genes + c] = rec[k + g];
+            }
+        }
+        v
+    };
+    let to_u64 = |v: Vec<f64>| v.into_iter().map(|x| x as u64).collect::<Vec<u64>>();
+    let (rank_at, tie_at, sums_at) = (0, g_count, g_count + tie_rows);
+    let nnz_at = sums_at + g_count;
+    Stats {
+        rank_sums: field(rank_at, g_count),
+        tie: field(tie_at, tie_rows),
+        sums: field(sums_at, g_count),
+        nnz: to_u64(field(nnz_at, g_count)),
+        rest_sums: if rest {
+            field(nnz_at + g_count, g_count)
+        } else {
+            vec![]
+        },
+        rest_nnz: if rest {
+            to_u64(field(nnz_at + 2 * g_count, g_count))
+        } else {
+            vec![]
+        },
+    }
+}
+
+#[allow(clippy::needless_range_loop)] // parallel per-group arrays
+/// One gene's record: `[rank sums | tie | sums | nnz | rest sums | rest nnz]`.
+fn gene<T: Float>(
+    m: &SortedCsc<T>,
+    q: &Query<'_>,
+    t: &Tables,
+    c: usize,
+    s: &mut Scratch,
+    out: &mut [f64],
+) {
+    let g_count = q.n_groups;
+    let slots = q.slots;
+    let rest = q.reference.is_none();
+    let tie_rows = if rest { 1 } else { g_count };
+    let (rank, tail) = out.split_at_mut(g_count);
+    let (tie, tail) = tail.split_at_mut(tie_rows);
+    let (sums, tail) = tail.split_at_mut(g_count);
+    let (nnz, tail) = tail.split_at_mut(g_count);
+    let (lo, hi) = (m.colptr[c], m.colptr[c + 1]);
+    let (rows, vals) = (&m.rows[lo..hi], &m.vals[lo..hi]);
+    let group = |r: u32| q.group_of_row.get(r as usize).copied().unwrap_or(NO_GROUP);
+
+    // Sums and non-zero counts, in row order.
+    s.count.iter_mut().for_each(|x| *x = 0);
+    if m.exact[c] {
+        let mut total = 0.0f64;
+        sums.iter_mut().for_each(|x| *x = 0.0);
+        for (&r, &v) in rows.iter().zip(vals) {
+            let v = v.to_f64();
+            total += v;
+            let g = group(r);
+            if let Some(x) = sums.get_mut(g as usize) {
+                *x += v;
+                s.count[g as usize] += 1;
+            }
+        }
+        if rest {
+            let (rest_sums, _) = tail.split_at_mut(g_count);
+            for (rs, &gs) in rest_sums.iter_mut().zip(sums.iter()) {
+                *rs = total - gs;
+            }
+        }
+    } else {
+        s.partial.iter_mut().for_each(|x| *x = 0.0);
+        s.rest_partial.iter_mut().for_each(|x| *x = 0.0);
+        for (&r, &v) in rows.iter().zip(vals) {
+            let v = v.to_f64();
+            let g = group(r);
+            let r = r as usize;
+            if (g as usize) < g_count {
+                s.partial[g as usize * slots + t.own_slot[r] as usize] += v;
+                s.count[g as usize] += 1;
+            }
+            if rest {
+                let row = &t.rest_slot[r * g_count..(r + 1) * g_count];
+                for (h, &slot) in row.iter().enumerate() {
+                    s.rest_partial[h * (slots + 1) + slot as usize] += v;
+                }
+            }
+        }
+        for (g, x) in sums.iter_mut().enumerate() {
+            *x = s.partial[g * slots..(g + 1) * slots]
+                .iter()
+                .fold(0.0, |a, &p| a + p);
+        }
+        if rest {
+            let (rest_sums, _) = tail.split_at_mut(g_count);
+            for (g, x) in rest_sums.iter_mut().enumerate() {
+                let p = &s.rest_partial[g * (slots + 1)..g * (slots + 1) + slots];
+                *x = p.iter().fold(0.0, |a, &p| a + p);
+            }
+        }
+    }
+    let col_nnz = (hi - lo) as u64;
+    for (x, &k) in nnz.iter_mut().zip(&s.count) {
+        *x = k as f64;
+    }
+    if rest {
+        let (_, rest_nnz) = tail.split_at_mut(g_count);
+        for (x, &k) in rest_nnz.iter_mut().zip(&s.count) {
+            *x = (col_nnz - k) as f64;
+        }
+    }
+    s.nnz.copy_from_slice(&s.count);
+
+    // Rank sums and tie terms, in value order.
+    let sorted = &m.by_value[lo..hi];
+    let n_neg = (m.n_neg[c] as usize).min(sorted.len());
+    rank.iter_mut().for_each(|x| *x = 0.0);
+    tie.iter_mut().for_each(|x| *x = 0.0);
+    let group_of = |e: u32| group(e & !TIE_START) as usize;
+    // Tie blocks of `sorted[range]`, in order: each block's first entry is flagged.
+    let for_blocks = |range: std::ops::Range<usize>, f: &mut dyn FnMut(&[u32])| {
+        let mut i = range.start;
+        while i < range.end {
+            let mut j = i + 1;
+            while j < range.end && sorted[j] & TIE_START == 0 {
+                j += 1;
+            }
+            f(&sorted[i..j]);
+            i = j;
+        }
+    };
+    match q.reference {
+        None => {
+            let n = m.n_rows as u64;
+            let zeros = n - col_nnz;
+            let mut before = 0u64;
+            let mut tie_total = 0.0f64;
+            let add_block =
+                |entries: &[u32], rank: &mut [f64], before: &mut u64, tie_total: &mut f64| {
+                    let cnt = entries.len() as u64;
+                    let avg = average_rank(*before, cnt);
+                    for &e in entries {
+                        if let Some(x) = rank.get_mut(group_of(e)) {
+                            *x += avg;
+                        }
+                    }
+                    if q.tie_correct && cnt > 1 {
+                        *tie_total += tie_term(cnt);
+                    }
+                    *before += cnt;
+                };
+            for_blocks(0..n_neg, &mut |entries| {
+                add_block(entries, rank, &mut before, &mut tie_total)
+            });
+            if zeros > 0 {
+                let avg = average_rank(before, zeros);
+                for (g, x) in rank.iter_mut().enumerate() {
+                    *x += (t.sizes[g] - s.nnz[g]) as f64 * avg;
+                }
+                if q.tie_correct && zeros > 1 {
+                    tie_total += tie_term(zeros);
+                }
+                before += zeros;
+            }
+            for_blocks(n_neg..sorted.len(), &mut |entries| {
+                add_block(entries, rank, &mut before, &mut tie_total)
+            });
+            tie[0] = if q.tie_correct {
+                tie_factor(tie_total, n)
+            } else {
+                1.0
+            };
+        }
+        Some(reference) => {
+            s.before.iter_mut().for_each(|x| *x = 0);
+            s.count.iter_mut().for_each(|x| *x = 0);
+            let sizes = &t.sizes;
+            let tally = |entries: &[u32], s: &mut Scratch| {
+                s.touched.clear();
+                for &e in entries {
+                    let g = group_of(e);
+                    if g < g_count {
+                        if s.count[g] == 0 {
+                            s.touched.push(g);
+                        }
+                        s.count[g] += 1;
+                    }
+                }
+            };
+            for_blocks(0..n_neg, &mut |entries| {
+                tally(entries, s);
+                pair_block(q, reference, s, rank, tie);
+            });
+            // The zero block: every group's cells without a stored value.
+            s.touched.clear();
+            for g in 0..g_count {
+                let z = sizes[g] - s.nnz[g];
+                if z > 0 {
+                    s.count[g] = z;
+                    s.touched.push(g);
+                }
+            }
+            pair_block(q, reference, s, rank, tie);
+            for_blocks(n_neg..sorted.len(), &mut |entries| {
+                tally(entries, s);
+                pair_block(q, reference, s, rank, tie);
+            });
+            for (g, x) in tie.iter_mut().enumerate() {
+                *x = if q.tie_correct && g != reference {
+                    tie_factor(*x, sizes[g] + sizes[reference])
+                } else {
+                    1.0
+                };
+            }
+            rank[reference] = 0.0;
+        }
+    }
+}
+
+#[allow(clippy::needless_range_loop)] // parallel per-group arrays
+/// One tie block with a reference group: `s.count[g]` cells of each group in
+/// `s.touched`, after `s.before[g]` cells of each group. For each group `g`
+/// compared with the reference `R`, the block holds `count[g] + count[R]` of the
+/// pair's cells after `before[g] + before[R]`. `tie` holds running tie totals here.
+fn pair_block(q: &Query<'_>, reference: usize, s: &mut Scratch, rank: &mut [f64], tie: &mut [f64]) {
+    let cr = s.count[reference];
+    let br = s.before[reference];
+    for &g in &s.touched {
+        if g == reference {
+            continue;
+        }
+        let cg = s.count[g];
+        rank[g] += cg as f64 * average_rank(s.before[g] + br, cg + cr);
+        if q.tie_correct && cg + cr > 1 {
+            tie[g] += tie_term(cg + cr);
+        }
+    }
+    if q.tie_correct && cr > 1 {
+        // Groups without cells in this block still tie the reference's cells.
+        for g in 0..q.n_groups {
+            if g != reference && s.count[g] == 0 {
+                tie[g] += tie_term(cr);
+            }
+        }
+    }
+    for &g in &s.touched {
+        s.before[g] += s.count[g];
+        s.count[g] = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::sorted_csc::from_dense;
+    use crate::kernels::test_util::{with_threads, Lcg};
+
+    /// Upstream's computation, literally: dense ranks over the chosen cells,
+    /// sums of a group's ranks, the sequential tie sum, the per-thread partials.
+    fn reference_stats(
+        dense: &[f64],
+        n_rows: usize,
+        n_cols: usize,
+        groups: &[u32],
+        n_groups: usize,
+        reference: Option<usize>,
+        slots: usize,
+    ) -> Stats {
+        let rank_over = |cells: &[usize], c: usize| -> (Vec<f64>, f64) {
+            let mut order: Vec<usize> = (0..cells.len()).collect();
+            let val = |i: usize| dense[cells[i] * n_cols + c];
+            order.sort_by(|&a, &b| val(a).partial_cmp(&val(b)).unwrap());
+            let mut ranks = vec![0.0; cells.len()];
+            let mut tie = 0.0f64;
+            let mut i = 0;
+            while i < order.len() {
+                let mut j = i + 1;
+                while j < order.len() && val(order[j]) == val(order[i]) {
+                    j += 1;
+                }
+                for &k in &order[i..j] {
+                    ranks[k] = 0.5 * ((j + i + 1) as f64);
+                }
+                let cnt = (j - i) as f64;
+                tie += cnt * cnt * cnt - cnt;
+                i = j;
+            }
+            let n = cells.len() as f64;
+            let tc = if cells.len() >= 2 {
+                1.0 - tie / (n * n * n - n)
+            } else {
+                1.0
+            };
+            (ranks, tc)
+        };
+        let members =
+            |g: usize| -> Vec<usize> { (0..n_rows).filter(|&r| groups[r] == g as u32).collect() };
+        let ordered_sum = |cells: &[usize], c: usize| -> f64 {
+            let mut p = vec![0.0f64; slots];
+            for (i, &r) in cells.iter().enumerate() {
+                let v = dense[r * n_cols + c];
+                if v != 0.0 {
+                    p[i % slots] += v;
+                }
+            }
+            p.iter().fold(0.0, |a, &b| a + b)
+        };
+        let mut st = Stats {
+            rank_sums: vec![0.0; n_groups * n_cols],
+            tie: vec![0.0; if reference.is_none() { 1 } else { n_groups } * n_cols],
+            sums: vec![0.0; n_groups * n_cols],
+            nnz: vec![0; n_groups * n_cols],
+            rest_sums: vec![],
+            rest_nnz: vec![],
+        };
+        if reference.is_none() {
+            st.rest_sums = vec![0.0; n_groups * n_cols];
+            st.rest_nnz = vec![0; n_groups * n_cols];
+        }
+        let all: Vec<usize> = (0..n_rows).collect();
+        for c in 0..n_cols {
+            for g in 0..n_groups {
+                let cells = members(g);
+                st.sums[g * n_cols + c] = ordered_sum(&cells, c);
+                st.nnz[g * n_cols + c] = cells
+                    .iter()
+                    .filter(|&&r| dense[r * n_cols + c] != 0.0)
+                    .count() as u64;
+                if let Some(rf) = reference {
+                    if g == rf {
+                        st.tie[g * n_cols + c] = 1.0;
+                        continue;
+                    }
+                    let mut both = cells.clone();
+                    both.extend(members(rf));
+                    let (ranks, tc) = rank_over(&both, c);
+                    st.rank_sums[g * n_cols + c] = ranks[..cells.len()].iter().sum();
+                    st.tie[g * n_cols + c] = tc;
+                } else {
+                    let (ranks, tc) = rank_over(&all, c);
+                    st.rank_sums[g * n_cols + c] = cells.iter().map(|&r| ranks[r]).sum();
+                    st.tie[c] = tc;
+                    let others: Vec<usize> = all
+                        .iter()
+                        .copied()
+                        .filter(|&r| groups[r] != g as u32)
+                        .collect();
+                    st.rest_sums[g * n_cols + c] = ordered_sum(&others, c);
+                    st.rest_nnz[g * n_cols + c] = others
+                        .iter()
+                        .filter(|&&r| dense[r * n_cols + c] != 0.0)
+                        .count() as u64;
+                }
+            }
+        }
+        st
+    }
+
+    fn bits(v: &[f64]) -> Vec<u64> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn matches_literal_upstream() {
+        let mut rng = Lcg(11);
+        for &(n_rows, n_cols, n_groups) in &[(40usize, 7usize, 3usize), (203, 11, 5), (9, 3, 2)] {
+            // Ties (small integers), negatives, zeros, an all-zero gene, and
+            // non-exact values (thirds, tiny ones) so both sum paths are used.
+            let mut dense = vec![0.0f64; n_rows * n_cols];
+            for r in 0..n_rows {
+                for c in 1..n_cols {
+                    dense[r * n_cols + c] = match rng.below(6) {
+                        0 | 1 => 0.0,
+                        2 => rng.below(4) as f64,
+                        3 => -(rng.below(3) as f64),
+                        4 if c % 2 == 0 => rng.unit() / 3.0 + 1e-9 * rng.unit(),
+                        _ => (rng.below(5) as f64) * 0.5,
+                    };
+                }
+            }
+            let groups: Vec<u32> = (0..n_rows)
+                .map(|r| {
+                    if r % 13 == 5 {
+                        NO_GROUP
+                    } else {
+                        (rng.below(n_groups as u64) as u32 + (r % 2) as u32) % n_groups as u32
+                    }
+                })
+                .collect();
+            let m = from_dense(&dense, n_rows, n_cols).unwrap();
+            for reference in [None, Some(1)] {
+                for slots in [1usize, 2, 3] {
+                    let want = reference_stats(
+                        &dense, n_rows, n_cols, &groups, n_groups, reference, slots,
+                    );
+                    for threads in [1, 2] {
+                        let q = Query {
+                            group_of_row: &groups,
+                            n_groups,
+                            reference,
+                            tie_correct: true,
+                            slots,
+                        };
+                        let got = with_threads(threads, || wilcoxon_stats(&m, &q));
+                        let what = format!("{n_rows}x{n_cols} ref {reference:?} slots {slots}");
+                        assert_eq!(bits(&got.rank_sums), bits(&want.rank_sums), "ranks {what}");
+                        assert_eq!(bits(&got.tie), bits(&want.tie), "tie {what}");
+                        assert_eq!(bits(&got.sums), bits(&want.sums), "sums {what}");
+                        assert_eq!(got.nnz, want.nnz, "nnz {what}");
+                        assert_eq!(bits(&got.rest_sums), bits(&want.rest_sums), "rest {what}");
+                        assert_eq!(got.rest_nnz, want.rest_nnz, "rest nnz {what}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::kernels::sorted_csc::from_csr;
+    use crate::kernels::test_util::Lcg;
+
+    /// `cargo test --release -p autozymed timing_20k -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn timing_20k() {
+        let (n, m, density) = (20_000usize, 20_000usize, 0.07);
+        let mut rng = Lcg(5);
+        let mut indptr = vec![0i64];
+        let mut indices = Vec::new();
+        let mut data = Vec::new();
+        for _ in 0..n {
+            for c in 0..m {
+                if rng.unit() < density {
+                    indices.push(c as i32);
+                    data.push(((rng.below(20) + 1) as f32).ln_1p());
+                }
+            }
+            indptr.push(indices.len() as i64);
+        }
+        let groups: Vec<u32> = (0..n).map(|_| rng.below(12) as u32).collect();
+        let t = std::time::Instant::now();
+        let s = from_csr(&indptr, &indices, &data, n, m).unwrap();
+        eprintln!(
+            "build {:?} ({} nnz, exact cols {})",
+            t.elapsed(),
+            s.nnz(),
+            s.exact.iter().filter(|&&e| e).count()
+        );
+        for reference in [None, Some(0)] {
+            let q = Query {
+                group_of_row: &groups,
+                n_groups: 12,
+                reference,
+                tie_correct: true,
+                slots: 2,
+            };
+            let t = std::time::Instant::now();
+            let st = wilcoxon_stats(&s, &q);
+            eprintln!(
+                "query ref {reference:?} {:?} {}",
+                t.elapsed(),
+                st.rank_sums[5]
+            );
+        }
+    }
+}

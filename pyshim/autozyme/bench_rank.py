@@ -1,0 +1,215 @@
+"""``autozyme bench`` rows for ``sc.tl.rank_genes_groups(method="wilcoxon")``.
+
+Each side runs in fresh processes on the same log-normalised matrix (the first
+``--rgg-cells`` x ``--rgg-genes`` of the benchmark's counts, normalised to 1e4
+per cell and log1p'd), grouped into 9 groups of very unequal sizes, with
+``pts=True, tie_correct=True``. Phases:
+  first    the first call in the fresh process
+  warm     a call on a fresh copy of the data (autozyme: same content, so the
+           daemon's cached sorted matrix is reused)
+  rerun    the call again on the same object
+  regroup  the same object, another ``groupby`` (5 groups), as after re-clustering
+If ``illico`` is installed, it runs the same phases with scanpy-matching settings
+(no continuity correction, tie correction, fold changes exponentiated after
+averaging, the same thread count as the daemon), and its agreement with
+upstream is reported next to autozyme's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PHASES = ("first", "warm", "rerun", "regroup")
+KWARGS = dict(method="wilcoxon", pts=True, tie_correct=True)
+FIELDS = ("names", "scores", "logfoldchanges", "pvals", "pvals_adj")
+PROBS = np.array([0.3, 0.2, 0.14, 0.11, 0.09, 0.07, 0.05, 0.03, 0.01])
+
+
+def prepare(adata, cells: int, genes: int):
+    """Log-normalised float32 data with two groupings."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    x = adata.X[:cells, :genes].tocsr().astype(np.float32)
+    sums = np.asarray(x.sum(axis=1)).ravel()
+    sums[sums == 0] = 1
+    x = (sp.diags((1e4 / sums).astype(np.float32)) @ x).tocsr()
+    np.log1p(x.data, out=x.data)
+    x.sort_indices()  # illico insists
+    out = ad.AnnData(x)
+    rng = np.random.default_rng(1)
+    n = x.shape[0]
+    grp = rng.choice(len(PROBS), n, p=PROBS / PROBS.sum())
+    grp[: 2 * len(PROBS)] = np.repeat(np.arange(len(PROBS)), 2)
+    out.obs["grp"] = pd.Categorical([f"g{k}" for k in grp])
+    out.obs["other"] = pd.Categorical([f"o{k}" for k in rng.integers(0, 5, n)])
+    out.uns["log1p"] = {"base": None}
+    return out
+
+
+def _records(res: dict) -> dict:
+    arrays = {}
+    for field in FIELDS:
+        rec = res.get(field)
+        if rec is None:
+            continue
+        arrays[field] = np.stack([np.asarray(rec[name]) for name in rec.dtype.names])
+    for field in ("pts", "pts_rest"):
+        if field in res:
+            arrays[field] = np.asarray(res[field].to_numpy())
+    return arrays
+
+
+def worker(mode: str, data: Path, out: Path, pause: float, cells: int, genes: int, threads: int) -> dict:
+    from .bench import _peak_bytes, _reset_peak, load_anndata
+
+    import scanpy as sc
+
+    daemon_pid = None
+    if mode == "autozyme":
+        import autozyme
+        from autozyme.client import get_client
+
+        os.environ.setdefault("AUTOZYME_STRICT", "1")
+        autozyme.activate("scanpy")
+        daemon_pid = get_client().connection().hello.pid
+    base = prepare(load_anndata(data), cells, genes)
+    result = {"mode": mode, "call": "rank_genes_groups", "nnz": int(base.X.nnz)}
+
+    if mode == "illico":
+        import illico
+
+        def call(target, groupby):
+            return illico.asymptotic_wilcoxon(
+                target, is_log1p=True, group_keys=groupby, n_threads=threads,
+                use_continuity=False, tie_correct=True, exp_post_agg=True,
+                return_as_scanpy=True, corr_method="benjamini-hochberg",
+            )
+    else:
+        def call(target, groupby):
+            sc.tl.rank_genes_groups(target, groupby, **KWARGS)
+            return target.uns["rank_genes_groups"]
+
+    a, b = base.copy(), base.copy()
+    for phase, target, groupby in (("first", a, "grp"), ("warm", b, "grp"),
+                                   ("rerun", b, "grp"), ("regroup", b, "other")):
+        if phase != "first":
+            time.sleep(pause)
+        _reset_peak("self")
+        if daemon_pid:
+            _reset_peak(daemon_pid)
+        t = time.perf_counter()
+        res = call(target, groupby)
+        result[phase] = time.perf_counter() - t
+        result[f"{phase}_client_peak"] = _peak_bytes("self")
+        result[f"{phase}_daemon_peak"] = _peak_bytes(daemon_pid) if daemon_pid else 0
+        if phase == "first":
+            np.savez(out / f"rank_genes_groups_{mode}.npz", **_records(res))
+    if mode == "autozyme":
+        from autozyme import fallback
+
+        result["served"] = fallback.counts()["served"].get("rank_genes_groups", 0)
+    return result
+
+
+def _run(mode, data, out, pause, cells, genes, threads) -> dict:
+    cmd = [sys.executable, "-m", "autozyme.bench_rank", mode, str(data), str(out), str(pause),
+           str(cells), str(genes), str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} rank_genes_groups worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _median(runs) -> dict:
+    runs = list(runs)
+    merged = dict(runs[0])
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        if key in PHASES:
+            merged[key] = float(np.median(values))
+        elif key.endswith("_peak"):
+            merged[key] = max(values)
+        elif key == "served":
+            merged[key] = min(values)
+    return merged
+
+
+def compare(up: dict, other: dict) -> dict:
+    """Which fields are bit-identical; max float32 ulp of the fold changes; for
+    others, the largest absolute differences."""
+    from .bench import max_ulp
+
+    report = {}
+    for field in ("names", "scores", "pvals", "pvals_adj", "pts", "pts_rest", "logfoldchanges"):
+        if field not in up or field not in other:
+            continue
+        a, b = np.ascontiguousarray(up[field]), np.ascontiguousarray(other[field])
+        if a.shape != b.shape:
+            report[field] = "shape differs"
+        elif a.dtype.kind == "O" or b.dtype.kind in "OUS":
+            report[field] = "identical" if np.array_equal(a.astype(str), b.astype(str)) else (
+                f"{np.mean(a.astype(str) == b.astype(str)):.1%} equal")
+        elif a.dtype == b.dtype and a.view(np.uint8).tobytes() == b.view(np.uint8).tobytes():
+            report[field] = "identical"
+        elif field == "logfoldchanges" and a.dtype == b.dtype:
+            report[field] = f"max {max_ulp(a, b)} ulp"
+        else:
+            with np.errstate(all="ignore"):
+                report[field] = f"max |diff| {np.nanmax(np.abs(a.astype(float) - b.astype(float))):.3g}"
+    return report
+
+
+def run_call(args, data: Path, out: Path, threads: int) -> bool:
+    """Prints the rows; returns whether autozyme was bit-identical and served."""
+    import importlib.util
+
+    from .bench import _fmt_t
+
+    cells, genes = args.rgg_cells, args.rgg_genes
+    have_illico = importlib.util.find_spec("illico") is not None
+    up = _median(_run("upstream", data, out, args.pause, cells, genes, threads) for _ in range(args.repeat))
+    fast = _median(_run("autozyme", data, out, args.pause, cells, genes, threads) for _ in range(args.repeat))
+    il = None
+    if have_illico:
+        il = _median(_run("illico", data, out, args.pause, cells, genes, threads) for _ in range(args.repeat))
+    load = lambda m: dict(np.load(out / f"rank_genes_groups_{m}.npz", allow_pickle=True))  # noqa: E731
+    up_res = load("upstream")
+    az = compare(up_res, load("autozyme"))
+    print(f"rank_genes_groups wilcoxon  ({cells:,} cells x {genes:,} genes, {up['nnz'] / 1e6:.1f}M non-zeros, "
+          f"9 groups, pts, tie_correct; calls served by autozyme: {fast.get('served', 0)} of 4 in every run)")
+    print("  autozyme vs upstream: " + ", ".join(f"{k} {v}" for k, v in az.items()))
+    if il is not None:
+        print(f"  illico ({threads} threads) vs upstream: "
+              + ", ".join(f"{k} {v}" for k, v in compare(up_res, load("illico")).items()))
+    head = f"  {'phase':<8} {'upstream':>12} {'autozyme':>12} {'speedup':>8}"
+    head += f" {'illico':>12} {'az/illico':>9}" if il else ""
+    print(head + f"   {'peak client+daemon (az)':>24}")
+    for phase in PHASES:
+        mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
+        line = f"  {phase:<8} {_fmt_t(up[phase]):>12} {_fmt_t(fast[phase]):>12} {up[phase] / fast[phase]:7.1f}x"
+        if il:
+            line += f" {_fmt_t(il[phase]):>12} {il[phase] / fast[phase]:8.1f}x"
+        line += f"   {mib(fast[f'{phase}_client_peak']) + ' + ' + mib(fast[f'{phase}_daemon_peak']):>24}"
+        print(line)
+    print(flush=True)
+    (out / "bench_rank_genes_groups.json").write_text(json.dumps(
+        dict(upstream=up, autozyme=fast, illico=il, autozyme_vs_upstream=az), indent=1))
+    exact = all(v == "identical" for k, v in az.items() if k != "logfoldchanges")
+    lfc = az.get("logfoldchanges", "")
+    lfc_ok = lfc == "identical" or (lfc.startswith("max ") and int(lfc.split()[1]) <= 64)
+    return exact and lfc_ok and fast.get("served", 0) == 4
+
+
+if __name__ == "__main__":
+    mode, data, out, pause, cells, genes, threads = sys.argv[1:8]
+    res = worker(mode, Path(data), Path(out), float(pause), int(cells), int(genes), int(threads))
+    print(json.dumps(res))

@@ -1,0 +1,309 @@
+"""sc.tl.rank_genes_groups(method="wilcoxon"), verified against scanpy 1.11.5.
+
+Upstream's own function runs the call: argument checks, ``sanitize_anndata``,
+group selection and its errors (single-cell groups), ``compute_statistics``
+(top-n selection, ``multipletests``, log fold changes) and everything written to
+``adata.uns[key_added]``. Only the two O(cells x genes) steps of its ``_RankGenes``
+move to the daemon: ``_basic_stats`` (per-group means and fractions of expressing
+cells, by slicing the matrix once per group) and the dense ranking of every cell
+of every gene in ``wilcoxon``. For that, scanpy's ``_RankGenes`` is replaced by a
+subclass that behaves exactly as upstream unless this patch is serving the call
+in the current thread.
+
+The daemon returns exact rank sums (half-integers), upstream's tie-correction
+factors term by term, per-group sums in the order upstream's numba kernel adds
+them (per-thread partials, ``numba.get_num_threads()`` of this process), and
+non-zero counts. From those, this module evaluates upstream's own numpy
+expressions (``sqrt``, ``norm.sf``, the divisions) in upstream's order, so
+scores, p-values, means, ``pts`` and ``pts_rest`` are bit-identical.
+
+Not reproduced: ``vars`` (upstream computes them but never uses them for the
+Wilcoxon test; they are left as zeros on the internal object).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import scipy.sparse as sp
+
+from .. import codec, shm
+from ..client import DaemonError, get_client
+from ..codec import msg
+from ..fallback import Delegate, Fallback
+from . import _common
+
+VERIFIED = ("1.11.5",)
+NO_GROUP = np.uint64(2**64 - 1)
+
+_serving = threading.local()
+_install_lock = threading.Lock()
+# Set when the kernel forbids reading this process's memory (Yama ptrace_scope).
+_peer_refused = False
+# Results of the last call in this thread (for tests and the benchmark).
+last = threading.local()
+
+
+def fast(upstream, *args, **kwargs):
+    from anndata import AnnData
+
+    if not 1 <= len(args) <= 2:
+        raise Fallback("arguments after groupby passed by position")
+    defaults = _common.keyword_defaults(upstream)
+    unknown = set(kwargs) - set(defaults) - {"groupby"}
+    if unknown:
+        # **kwds: logreg options, or the legacy only_positive.
+        raise Fallback(f"extra keyword arguments {sorted(unknown)}")
+    adata = args[0]
+    if len(args) == 2 and "groupby" in kwargs:
+        raise Delegate("groupby given twice")
+    p = {**defaults, **kwargs}
+    if p.get("method") != "wilcoxon":
+        raise Fallback(f"method={p.get('method')!r} (only 'wilcoxon' is accelerated)")
+    if not isinstance(adata, AnnData):
+        raise Delegate(f"{type(adata).__name__} is not an AnnData")
+    if adata.isbacked:
+        raise Fallback("backed AnnData")
+    layer, use_raw = p["layer"], p["use_raw"]
+    if layer is not None:
+        x = adata.layers[layer] if layer in adata.layers and not use_raw else None
+    elif (use_raw is None or use_raw) and adata.raw is not None:
+        x = adata.raw.X
+    else:
+        x = adata.X
+    if x is not None:
+        _check_matrix(x)
+    _install()
+    _serving.tie_correct = bool(p["tie_correct"])
+    _serving.on = True
+    try:
+        return upstream(*args, **kwargs)
+    finally:
+        _serving.on = False
+        _serving.checked = None
+
+
+def _check_matrix(x) -> None:
+    """Fallback for inputs the daemon does not rank."""
+    if sp.issparse(x):
+        if x.format not in ("csr", "csc"):
+            raise Fallback(f"{x.format} matrix (CSR, CSC and dense are accelerated)")
+        if x.format == "csc" and not x.has_sorted_indices:
+            # Upstream's CSC means add each column in storage order.
+            raise Fallback("CSC matrix with unsorted indices")
+        _check_dtype(x.dtype)
+        if x.indices.dtype not in _common.INDEX or x.indptr.dtype not in _common.INDEX:
+            raise Fallback(f"index dtype {x.indices.dtype}/{x.indptr.dtype}")
+        return
+    if not isinstance(x, np.ndarray) or isinstance(x, np.matrix):
+        raise Fallback(f"{type(x).__name__} input")
+    _check_dtype(x.dtype)
+    if x.ndim != 2 or x.shape[1] < 2:
+        # numpy's column means of a one-column array use pairwise summation, not
+        # row by row. (Upstream slices rows with a mask, which gives C-ordered
+        # copies whatever the input's layout, so their means add row by row.)
+        raise Fallback("dense input with fewer than two genes")
+
+
+def _check_dtype(dtype) -> None:
+    # Integers travel as float64 (exact below 2^53, checked when they are sent):
+    # upstream's ranks, f64 sums and integer check see the same numbers.
+    if dtype not in _common.FLOATS and not (np.issubdtype(dtype, np.integer) and dtype.itemsize <= 8):
+        raise Fallback(f"dtype {dtype}")
+
+
+def _as_float(values: np.ndarray) -> np.ndarray:
+    """Float data as is; integers as float64, if every one converts exactly."""
+    if values.dtype in _common.FLOATS:
+        return values
+    if values.size and max(abs(int(values.min())), abs(int(values.max()))) > 2**53:
+        raise Fallback("integers beyond 2^53")
+    return values.astype(np.float64)
+
+
+def _install() -> None:
+    """Swap scanpy's ``_RankGenes`` for the subclass (once; it is inert unless serving)."""
+    from scanpy.tools import _rank_genes_groups as mod
+
+    with _install_lock:
+        if getattr(mod._RankGenes, "_autozyme", False):
+            return
+        base = mod._RankGenes
+        check = mod.check_nonnegative_integers
+
+        class _RankGenes(base):
+            _autozyme = True
+
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self._autozyme_reply = None
+                if getattr(_serving, "on", False):
+                    # Asked right away: the reply also answers upstream's
+                    # check_nonnegative_integers, which comes before the statistics.
+                    self._autozyme_reply = _request_stats(self, _serving.tie_correct)
+                    _serving.checked = (self.X, bool(self._autozyme_reply.nonneg_integers))
+
+            def wilcoxon(self, *, tie_correct):
+                reply = self._autozyme_reply
+                if reply is None or bool(tie_correct) != reply.tie_correct:
+                    yield from base.wilcoxon(self, tie_correct=tie_correct)
+                    return
+                yield from _wilcoxon(self, reply, tie_correct=tie_correct)
+
+        def check_nonnegative_integers(x, /):
+            known = getattr(_serving, "checked", None)
+            if known is not None and known[0] is x:
+                return known[1]
+            return check(x)
+
+        for cls_attr in ("__name__", "__qualname__", "__module__", "__doc__"):
+            setattr(_RankGenes, cls_attr, getattr(base, cls_attr))
+        mod._RankGenes = _RankGenes
+        mod.check_nonnegative_integers = check_nonnegative_integers
+
+
+def _matrix_ref(x):
+    """The wire Matrix for the test matrix, and the arrays it refers to (kept alive
+    by the caller during the request)."""
+    global _peer_refused
+    if sp.issparse(x):
+        data, indices, indptr = _as_float(x.data), x.indices, x.indptr
+        arrays = (data, indices, indptr)
+        placed = all(shm.is_placed(a) for a in arrays)
+        if placed or _peer_refused:
+            arrays = tuple(shm.placed(np.ascontiguousarray(a)) for a in arrays)
+            to_ref = shm.ref
+        else:
+            arrays = tuple(np.ascontiguousarray(a) for a in arrays)
+            to_ref = shm.peer_ref
+        data, indices, indptr = arrays
+        m = msg("Csr", n_rows=x.shape[0], n_cols=x.shape[1], data=to_ref(data),
+                indices=to_ref(indices), indptr=to_ref(indptr))
+        return m, arrays
+    x = np.ascontiguousarray(_as_float(x))
+    if shm.is_placed(x) or _peer_refused:
+        arr = shm.placed(x)
+        ref = shm.ref(arr)
+    else:
+        arr = x
+        ref = shm.peer_ref(arr)
+    return msg("Dense", n_rows=x.shape[0], n_cols=x.shape[1], data=ref), (arr,)
+
+
+def _request(x, labels, n_groups, reference, tie_correct, slots):
+    global _peer_refused
+    matrix, keep = _matrix_ref(x)
+    request = msg("RankGenesGroups", x=matrix, group_of_row=labels, n_groups=n_groups,
+                  reference=reference, tie_correct=bool(tie_correct), mean_slots=slots)
+    try:
+        reply = get_client().call(request)
+    except DaemonError as e:
+        if e.kind == "Unsupported" and not _peer_refused and "client's memory" in str(e):
+            _peer_refused = True
+            return _request(x, labels, n_groups, reference, tie_correct, slots)
+        if e.kind == "Unsupported":
+            raise Fallback(str(e)) from e
+        raise
+    del keep
+    return reply
+
+
+def _request_stats(self, tie_correct):
+    """The daemon's per-gene statistics for this test object."""
+    import numba
+
+    x = self.X
+    _check_matrix(x)
+    masks = np.asarray(self.groups_masks_obs, dtype=bool)
+    n_groups, n_cells = masks.shape
+    if n_groups * x.shape[1] * 8 * 8 > codec.MAX_FRAME_BYTES:
+        raise Fallback(f"{n_groups} groups x {x.shape[1]} genes exceed one reply frame")
+    if masks.sum(axis=0).max(initial=0) > 1:
+        raise Fallback("overlapping group masks")
+    labels = np.full(n_cells, NO_GROUP, dtype=np.uint64)
+    for g in range(n_groups):
+        labels[masks[g]] = g
+    sizes = [int(np.count_nonzero(m)) for m in masks]
+    ref = self.ireference
+    if ref is None and any(n_cells - s == 0 for s in sizes):
+        raise Fallback("a group holds every cell (no rest to compare with)")
+    # Upstream's means: CSR, numba's per-thread partials over rows; CSC (numba's
+    # per-column kernel over sorted rows) and dense (numpy, row by row), one sum
+    # in row order.
+    slots = int(numba.get_num_threads()) if sp.issparse(x) and x.format == "csr" else 1
+    if sp.issparse(x) and x.format == "csc":
+        x = x.tocsr()
+
+    reply = _request(x, labels, n_groups, None if ref is None else int(ref), tie_correct, slots)
+    if int(reply.n_genes) != x.shape[1]:
+        raise DaemonError("Internal", "gene count mismatch")
+    reply.fields["tie_correct"] = bool(tie_correct)
+    reply.fields["sizes"] = sizes
+    last.cache_hit = bool(reply.cache_hit)
+    return reply
+
+
+def _wilcoxon(self, reply, *, tie_correct):
+    """Upstream's ``_basic_stats`` and ``wilcoxon``, from the daemon's statistics."""
+    from scanpy import logging as logg
+    from scipy import stats
+
+    x = self.X
+    n_groups, n_cells = self.groups_masks_obs.shape
+    sizes = reply.sizes
+    ref = self.ireference
+    n_genes = int(reply.n_genes)
+    rank_sums = reply.rank_sums.reshape(n_groups, n_genes)
+    sums = reply.sums.reshape(n_groups, n_genes)
+    nnz = reply.nnz.reshape(n_groups, n_genes).astype(np.int64)
+
+    # _basic_stats: upstream's arrays, each row from its own group's slice.
+    self.means = np.zeros((n_groups, n_genes))
+    self.vars = np.zeros((n_groups, n_genes))
+    self.pts = np.zeros((n_groups, n_genes)) if self.comp_pts else None
+    if ref is None:
+        rest_sums = reply.rest_sums.reshape(n_groups, n_genes)
+        rest_nnz = reply.rest_nnz.reshape(n_groups, n_genes).astype(np.int64)
+        self.means_rest = np.zeros((n_groups, n_genes))
+        self.vars_rest = np.zeros((n_groups, n_genes))
+        self.pts_rest = np.zeros((n_groups, n_genes)) if self.comp_pts else None
+    for g in range(n_groups):
+        n_g = sizes[g]
+        self.means[g] = sums[g] / n_g
+        if self.comp_pts:
+            self.pts[g] = nnz[g] / n_g
+        if ref is None:
+            n_rest = n_cells - n_g
+            self.means_rest[g] = rest_sums[g] / n_rest
+            if self.comp_pts:
+                self.pts_rest[g] = rest_nnz[g] / n_rest
+
+    # wilcoxon: the z-scores and p-values, with upstream's expressions.
+    if ref is not None:
+        tie = reply.tie.reshape(n_groups, n_genes)
+        m_active = sizes[ref]
+        for g in range(n_groups):
+            if g == ref:
+                continue
+            n_active = sizes[g]
+            if n_active <= 25 or m_active <= 25:
+                logg.hint("Few observations in a group for normal approximation (<=25). Lower test accuracy.")
+            tc_coef = tie[g] if tie_correct else 1
+            scores = rank_sums[g].copy()
+            std_dev = np.sqrt(tc_coef * n_active * m_active * (n_active + m_active + 1) / 12.0)
+            scores = (scores - (n_active * ((n_active + m_active + 1) / 2.0))) / std_dev
+            scores[np.isnan(scores)] = 0
+            pvals = 2 * stats.distributions.norm.sf(np.abs(scores))
+            yield g, scores, pvals
+    else:
+        tie = reply.tie.reshape(1, n_genes)
+        scores = rank_sums.copy()
+        for g in range(n_groups):
+            n_active = sizes[g]
+            coef = tie[0] if tie_correct else 1
+            std_dev = np.sqrt(coef * n_active * (n_cells - n_active) * (n_cells + 1) / 12.0)
+            scores[g, :] = (scores[g, :] - (n_active * (n_cells + 1) / 2.0)) / std_dev
+            scores[np.isnan(scores)] = 0
+            pvals = 2 * stats.distributions.norm.sf(np.abs(scores[g, :]))
+            yield g, scores[g], pvals
