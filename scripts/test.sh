@@ -16,4 +16,4 @@ bounded 900 cargo test --workspace --release 2>&1 | tail -n 40
 bounded 900 .venv/bin/python -m pytest -q tests --ignore=tests/scanpy_upstream -p no:cacheprovider \
     -o faulthandler_timeout=300
 bounded 900 .venv/bin/python tests/scanpy_upstream/run_scanpy_tests.py --with-autozyme \
-    --functions normalize_total,log1p -- -q -o faulthandler_timeout=300
+    --functions normalize_total,log1p,leiden -- -q -o faulthandler_timeout=300

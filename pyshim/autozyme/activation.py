@@ -20,6 +20,7 @@ from . import fallback, shm
 TARGETS = {
     "normalize_total": ("scanpy.preprocessing._normalization", "normalize_total", "normalize_total"),
     "log1p": ("scanpy.preprocessing._simple", "log1p", "log1p"),
+    "leiden": ("scanpy.tools._leiden", "leiden", "leiden"),
 }
 
 _lock = threading.RLock()
@@ -36,9 +37,10 @@ def version_problem() -> str | None:
     """Why the fast paths must not run on this scanpy, or None."""
     if os.environ.get("AUTOZYME_ALLOW_UNVERIFIED", "") not in ("", "0"):
         return None
-    from .patches import log1p, normalize_total
-
-    verified = set(normalize_total.VERIFIED) & set(log1p.VERIFIED)
+    verified = None
+    for _, _, patch_name in TARGETS.values():
+        patch = importlib.import_module(f"autozyme.patches.{patch_name}")
+        verified = set(patch.VERIFIED) if verified is None else verified & set(patch.VERIFIED)
     version = scanpy_version()
     if version not in verified:
         return (
