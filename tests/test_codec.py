@@ -57,6 +57,7 @@ REQUESTS = {
     "req_lease": msg("Lease", bytes=1 << 30, create=True),
     "req_release": msg("Release", segments=["azm_1000_7_3"]),
     "req_sleep": msg("Sleep", millis=1500),
+    "req_leiden": msg("Leiden", graph=CSR, use_weights=True, resolution=0.8, n_iterations=None, seed=7),
 }
 
 
@@ -70,7 +71,7 @@ def test_every_golden_file_is_covered():
     assert {n for n in names if n.startswith("req_")} == set(REQUESTS)
     assert {n for n in names if n.startswith("resp_")} == {
         "resp_hello", "resp_pong", "resp_status", "resp_shutting_down",
-        "resp_row_sums", "resp_done", "resp_error", "resp_leased", "resp_leased_none",
+        "resp_row_sums", "resp_done", "resp_error", "resp_leased", "resp_leased_none", "resp_leiden",
     }
 
 
@@ -99,6 +100,7 @@ def test_decode_responses():
     assert (leased.segment, leased.size) == ("azm_1000_7_3", 4096)
     assert _decode_golden("resp_leased_none").segment is None
     assert _decode_golden("resp_shutting_down").tag == "ShuttingDown"
+    assert _decode_golden("resp_leiden").membership.tolist() == [0, 1, 0, 2]
 
 
 @pytest.mark.parametrize(

@@ -264,3 +264,145 @@ def test_bad_arguments_get_upstreams_errors(active):
     run_both(active, make, dict(flavor="igraph", partition_type=object), served=False)
     run_both(active, make, dict(flavor="nope"), served=False)
     run_both(active, lambda: AnnData(np.zeros((5, 2), dtype=np.float32)), dict(flavor="igraph"), served=False)
+
+
+# --- parallel mode (opt-in) ----------------------------------------------------------
+
+def overlapping_graph(n=3000, groups=12, seed=0):
+    """Overlapping Gaussian clusters: Leiden runs disagree a little between seeds."""
+    return knn_graph(n, k=10, seed=seed, n_groups=groups)
+
+
+@pytest.fixture
+def parallel_mode(active):
+    import autozyme
+    from autozyme import settings
+
+    autozyme.configure(leiden="parallel")
+    yield active
+    settings.reset()
+
+
+def igraph_modularity(a, labels, resolution=1.0):
+    from scanpy._utils import get_igraph_from_adjacency
+
+    g = get_igraph_from_adjacency(a, directed=False)
+    return g.modularity(np.asarray(labels).astype(int).tolist(), weights="weight", resolution=resolution)
+
+
+def labels_of(ad, key="leiden"):
+    return ad.obs[key].astype(int).to_numpy()
+
+
+def assert_connected(a, labels):
+    from scipy.sparse.csgraph import connected_components
+
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        sub = a[members][:, members]
+        assert connected_components(sub, directed=False)[0] == 1, f"community {c} is not connected"
+
+
+@pytest.mark.parametrize("flavor", ["igraph", "leidenalg"])
+def test_parallel_mode_writes_like_upstream(parallel_mode, flavor):
+    from autozyme import fallback
+
+    sc = parallel_mode
+    a = overlapping_graph(1200, seed=21)
+    ours, ref = make_adata(a.copy()), make_adata(a.copy())
+    with warnings.catch_warnings(record=True) as w_ours:
+        warnings.simplefilter("always")
+        sc.tl.leiden(ours, flavor=flavor, resolution=0.9, random_state=3, key_added="cl")
+    with warnings.catch_warnings(record=True) as w_ref:
+        warnings.simplefilter("always")
+        sc.tl.leiden.__autozyme_upstream__(ref, flavor=flavor, resolution=0.9, random_state=3, key_added="cl")
+    assert sorted(str(x.message) for x in w_ours) == sorted(str(x.message) for x in w_ref)
+    assert fallback.counts()["served"]["leiden"] == 1
+    x, y = ours.obs["cl"], ref.obs["cl"]
+    assert x.dtype == y.dtype or isinstance(x.dtype, pd.CategoricalDtype)
+    assert x.cat.categories.dtype == y.cat.categories.dtype and not x.cat.ordered
+    assert list(x.cat.categories) == [str(i) for i in range(len(x.cat.categories))]
+    sizes = x.value_counts(sort=False).reindex(x.cat.categories).to_numpy()
+    assert (np.diff(sizes) <= 0).all()  # numbered by size
+    assert ours.uns["cl"] == ref.uns["cl"]
+    assert_connected(a, labels_of(ours, "cl"))
+
+
+def test_parallel_mode_quality(parallel_mode):
+    """Mean modularity at least upstream's (igraph flavor, same seeds), and the
+    agreement with upstream close to upstream's own seed-to-seed agreement."""
+    from sklearn.metrics import adjusted_rand_score
+
+    sc = parallel_mode
+    a = overlapping_graph(3000, groups=12, seed=4)
+    up, par = [], []
+    for seed in range(4):
+        u, p = make_adata(a.copy()), make_adata(a.copy())
+        sc.tl.leiden.__autozyme_upstream__(u, flavor="igraph", random_state=seed)
+        sc.tl.leiden(p, flavor="igraph", random_state=seed)
+        up.append(labels_of(u))
+        par.append(labels_of(p))
+        assert_connected(a, par[-1])
+    q_up = np.mean([igraph_modularity(a, x) for x in up])
+    q_par = np.mean([igraph_modularity(a, x) for x in par])
+    assert q_par >= q_up
+    ari_up = np.mean([adjusted_rand_score(up[i], up[j]) for i in range(4) for j in range(i + 1, 4)])
+    ari_par = np.mean([adjusted_rand_score(p, u) for p in par for u in up])
+    assert ari_par >= ari_up - 0.05
+
+
+def test_parallel_mode_deterministic_across_threads(parallel_mode, tmp_path):
+    """The same graph and seed in a daemon with one thread: the same labels."""
+    import os
+    import subprocess
+    import sys
+
+    sc = parallel_mode
+    a = overlapping_graph(6000, groups=20, seed=5)
+    ad = make_adata(a.copy())
+    sc.tl.leiden(ad, flavor="igraph", random_state=11)
+    sp.save_npz(tmp_path / "g.npz", a)
+    script = f"""
+import numpy as np, scipy.sparse as sp, anndata, scanpy as sc, autozyme
+a = sp.load_npz({str(tmp_path / 'g.npz')!r}).tocsr()
+ad = anndata.AnnData(np.zeros((a.shape[0], 1), dtype=np.float32)); ad.obsp["connectivities"] = a
+ad.uns["neighbors"] = {{"connectivities_key": "connectivities", "params": {{}}}}
+autozyme.activate("scanpy", prewarm=False)
+sc.tl.leiden(ad, flavor="igraph", random_state=11)
+assert autozyme.status()["daemon"]["threads"] == 1
+np.save({str(tmp_path / 'one.npy')!r}, ad.obs["leiden"].astype(int).to_numpy())
+from autozyme.client import get_client
+get_client().shutdown()
+"""
+    env = {**os.environ, "AUTOZYME_THREADS": "1", "AUTOZYME_LEIDEN": "parallel",
+           "AUTOZYME_RUNTIME_DIR": str(tmp_path / "rt")}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    np.testing.assert_array_equal(np.load(tmp_path / "one.npy"), labels_of(ad))
+    again = make_adata(a.copy())
+    sc.tl.leiden(again, flavor="igraph", random_state=11)
+    np.testing.assert_array_equal(labels_of(again), labels_of(ad))
+
+
+def test_parallel_mode_scope(parallel_mode, monkeypatch):
+    from autozyme import AutozymeFallbackError, fallback, settings
+
+    sc = parallel_mode
+    a = overlapping_graph(600, seed=6)
+    asym = a.copy()
+    asym.data[::5] *= 2  # A != Aᵀ
+    with pytest.raises(AutozymeFallbackError):  # directed leidenalg on an asymmetric graph
+        sc.tl.leiden(make_adata(asym.copy()), flavor="leidenalg")
+    with pytest.raises(AutozymeFallbackError):  # random_state that is not an integer
+        sc.tl.leiden(make_adata(a.copy()), flavor="igraph", random_state=None)
+    fallback.reset_counts()
+    sc.tl.leiden(make_adata(asym.copy()), flavor="leidenalg", directed=False)
+    sc.tl.leiden(make_adata(asym.copy()), flavor="igraph", use_weights=False, n_iterations=2)
+    assert fallback.counts()["served"]["leiden"] == 2
+    # the environment variable
+    settings.reset()
+    monkeypatch.setenv("AUTOZYME_LEIDEN", "parallel")
+    assert settings.leiden_mode() == "parallel"
+    monkeypatch.setenv("AUTOZYME_LEIDEN", "exact")
+    assert settings.leiden_mode() == "exact"
+    with pytest.raises(ValueError):
+        settings.configure(leiden="fast")

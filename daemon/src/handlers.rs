@@ -20,6 +20,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+mod leiden;
+
 /// What the connection should do after sending the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum After {
@@ -94,6 +96,13 @@ fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, 
             Response::Done
         }
         Request::Sleep { millis } => sleep(daemon, millis)?,
+        Request::Leiden {
+            graph,
+            use_weights,
+            resolution,
+            n_iterations,
+            seed,
+        } => leiden::handle(daemon, peer, &graph, use_weights, resolution, n_iterations, seed)?,
     };
     Ok((response, After::Continue))
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// Bumped on any change of the wire types below.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest frame either side accepts. Bulk data never travels in frames (it lives
 /// in shared memory); the largest inline payloads are per-cell or per-gene vectors.
@@ -134,6 +134,18 @@ pub enum Request {
     Sleep {
         millis: u64,
     },
+    /// leiden, parallel mode: Leiden communities maximising modularity with
+    /// `resolution` on the undirected graph A + Aᵀ of a square CSR matrix (one edge
+    /// per stored non-zero, as igraph sees scanpy's graph; weights, or 1 each
+    /// without `use_weights`). `n_iterations`: None iterates until stable.
+    /// Deterministic for a `seed`, whatever the thread count.
+    Leiden {
+        graph: Matrix,
+        use_weights: bool,
+        resolution: f64,
+        n_iterations: Option<u64>,
+        seed: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,6 +223,8 @@ pub enum Response {
         segment: Option<String>,
         size: u64,
     },
+    /// Community of every node, numbered by decreasing size.
+    Leiden { membership: Vec<u64> },
 }
 
 impl Response {

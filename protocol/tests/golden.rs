@@ -107,6 +107,16 @@ fn requests() -> Vec<(&'static str, Request)> {
             },
         ),
         ("req_sleep", Request::Sleep { millis: 1500 }),
+        (
+            "req_leiden",
+            Request::Leiden {
+                graph: csr(),
+                use_weights: true,
+                resolution: 0.8,
+                n_iterations: None,
+                seed: 7,
+            },
+        ),
     ]
 }
 
@@ -173,6 +183,12 @@ fn responses() -> Vec<(&'static str, Response)> {
         (
             "resp_error",
             Response::error(ErrorKind::BadMatrix, "indptr is not monotone at row 2"),
+        ),
+        (
+            "resp_leiden",
+            Response::Leiden {
+                membership: vec![0, 1, 0, 2],
+            },
         ),
     ]
 }

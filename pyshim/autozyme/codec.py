@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAX_FRAME_BYTES = 256 << 20
 
 
@@ -234,6 +234,16 @@ REQUEST = Enum(
         ("Lease", [("bytes", U64), ("create", BOOL)]),
         ("Release", [("segments", Vec(STR))]),
         ("Sleep", [("millis", U64)]),
+        (
+            "Leiden",
+            [
+                ("graph", MATRIX),
+                ("use_weights", BOOL),
+                ("resolution", F64),
+                ("n_iterations", Opt(U64)),
+                ("seed", U64),
+            ],
+        ),
     ],
 )
 ERROR_KIND = _UnitEnum(
@@ -284,6 +294,7 @@ RESPONSE = Enum(
         ("Done", []),
         ("Error", [("kind", ERROR_KIND), ("message", STR)]),
         ("Leased", [("segment", Opt(STR)), ("size", U64)]),
+        ("Leiden", [("membership", Vec(U64))]),
     ],
 )
 

@@ -12,6 +12,7 @@
 
 pub mod divide_rows;
 pub mod highly_expressed;
+pub mod leiden;
 pub mod row_sums;
 
 use rayon::prelude::*;

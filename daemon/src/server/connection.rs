@@ -229,5 +229,6 @@ fn variant_name(request: &Request) -> &'static str {
         Request::Lease { .. } => "Lease",
         Request::Release { .. } => "Release",
         Request::Sleep { .. } => "Sleep",
+        Request::Leiden { .. } => "Leiden",
     }
 }

@@ -39,7 +39,11 @@ import tempfile
 
 import numpy as np
 
+from .. import settings
+from ..client import DaemonError, get_client
+from ..codec import msg
 from ..fallback import Delegate, Fallback
+from . import _common
 
 VERIFIED = ("1.11.5",)
 
@@ -73,25 +77,38 @@ def fast(upstream, *args, **kwargs):
     p = {**defaults, **kwargs}
     adata = args[0]
 
-    if p["flavor"] not in {"igraph", "leidenalg"}:
-        raise Delegate(f"flavor {p['flavor']!r}")
-    if p["flavor"] != "igraph":
-        raise Fallback("flavor='leidenalg' (exact mode serves flavor='igraph')")
-    if p["directed"]:
+    flavor = p["flavor"]
+    parallel_mode = settings.leiden_mode() == "parallel"
+    if flavor not in {"igraph", "leidenalg"}:
+        raise Delegate(f"flavor {flavor!r}")
+    if flavor == "leidenalg" and not parallel_mode:
+        raise Fallback("flavor='leidenalg' (exact mode serves flavor='igraph'; "
+                       "parallel mode serves both)")
+    if flavor == "igraph" and p["directed"]:
         raise Delegate("directed graph with flavor='igraph'")
-    if p["partition_type"] is not None:
+    if flavor == "igraph" and p["partition_type"] is not None:
         raise Delegate("partition_type with flavor='igraph'")
+    try:
+        import igraph  # noqa: F401
+    except ImportError as e:
+        raise Delegate("igraph is not installed") from e
+    if flavor == "leidenalg":
+        try:
+            import leidenalg
+        except ImportError as e:
+            raise Delegate("leidenalg is not installed") from e
+        if p["partition_type"] not in (None, leidenalg.RBConfigurationVertexPartition):
+            raise Fallback(f"partition_type {p['partition_type']!r}")
     if extra:
         raise Fallback(f"further clustering arguments {extra}")
     if not isinstance(adata, AnnData):
         raise Fallback(f"{type(adata).__name__} is not an AnnData")
     if adata.isbacked:
         raise Fallback("backed AnnData")
-    try:
-        import igraph  # noqa: F401
-    except ImportError as e:
-        raise Delegate("igraph is not installed") from e
-    return _exact(adata, **{k: p[k] for k in _EXACT_ARGS})
+    args = {k: p[k] for k in _EXACT_ARGS}
+    if parallel_mode:
+        return _exact(adata, **args, solver=_Parallel(flavor, p["directed"]))
+    return _exact(adata, **args)
 
 
 _EXACT_ARGS = (
@@ -101,7 +118,7 @@ _EXACT_ARGS = (
 
 
 def _exact(adata, *, resolution, restrict_to, random_state, key_added, adjacency,
-           use_weights, n_iterations, neighbors_key, obsp, copy):
+           use_weights, n_iterations, neighbors_key, obsp, copy, solver=None):
     import pandas as pd
     from natsort import natsorted
     from scanpy import _utils
@@ -129,13 +146,19 @@ def _exact(adata, *, resolution, restrict_to, random_state, key_added, adjacency
     if not graph.data.any():
         # upstream's weight lookup fails on an empty edge list (AttributeError)
         raise Delegate("a graph without edges")
+    if solver is not None:
+        solver.check(graph, random_state, n_iterations)
 
     start = logg.info("running Leiden clustering")
     adata = adata.copy() if copy else adata
-    groups = community_leiden(
-        graph, resolution=resolution, random_state=random_state,
-        n_iterations=n_iterations, use_weights=use_weights,
-    )
+    if solver is not None:
+        groups = solver.run(graph, resolution=resolution, random_state=random_state,
+                            n_iterations=n_iterations, use_weights=use_weights)
+    else:
+        groups = community_leiden(
+            graph, resolution=resolution, random_state=random_state,
+            n_iterations=n_iterations, use_weights=use_weights,
+        )
     if restrict_to is not None:
         if key_added == "leiden":
             key_added += "_R"
@@ -349,3 +372,61 @@ def _categorical(groups: np.ndarray):
     position[[int(c) for c in categories]] = np.arange(len(categories))
     codes = position[groups] if groups.size else np.zeros(0, dtype=np.int64)
     return pd.Categorical.from_codes(codes, categories=categories), len(uniq)
+
+
+# --- parallel mode ----------------------------------------------------------------
+
+class _Parallel:
+    """The daemon's Leiden (``Request::Leiden``): modularity with ``resolution`` on
+    the graph igraph would build (each stored non-zero an undirected edge, so
+    A + Aᵀ), for both flavors. leidenalg's default (a directed graph,
+    RBConfiguration) optimises the same quantity when the graph is symmetric, so a
+    directed call on an asymmetric graph falls back."""
+
+    _peer_refused = False
+
+    def __init__(self, flavor: str, directed):
+        self.flavor = flavor
+        self.directed = directed
+
+    def check(self, graph, random_state, n_iterations) -> None:
+        if isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer)):
+            raise Fallback(f"parallel mode takes an integer random_state, not {type(random_state).__name__}")
+        if not isinstance(n_iterations, (int, np.integer)) or isinstance(n_iterations, bool):
+            raise Fallback(f"n_iterations of type {type(n_iterations).__name__}")
+        if self.flavor == "leidenalg" and self.directed is not False:
+            if (graph != graph.T).nnz:
+                raise Fallback("flavor='leidenalg' (directed) on an asymmetric graph")
+        if graph.data.size and not np.isfinite(graph.data).all() or (graph.data < 0).any():
+            raise Fallback("non-finite or negative edge weights")
+
+    def run(self, graph, *, resolution, random_state, n_iterations, use_weights):
+        if self.flavor == "leidenalg":
+            from scanpy import _utils
+
+            _utils.warn_once(_LEIDENALG_FUTURE, FutureWarning, stacklevel=3)
+        request = dict(
+            use_weights=bool(use_weights),
+            resolution=1.0 if resolution is None else float(resolution),
+            n_iterations=None if n_iterations < 0 else int(n_iterations),
+            seed=int(random_state) & 0xFFFFFFFFFFFFFFFF,
+        )
+        peer = not _Parallel._peer_refused
+        matrix, *_ = _common.csr_refs(graph, with_indices=True, peer=peer)
+        try:
+            reply = get_client().call(msg("Leiden", graph=matrix, **request))
+        except DaemonError as e:
+            if e.kind == "Unsupported" and peer:
+                _Parallel._peer_refused = True
+                matrix, *_ = _common.csr_refs(graph, with_indices=True, peer=False)
+                reply = get_client().call(msg("Leiden", graph=matrix, **request))
+            else:
+                raise
+        return reply.membership.astype(np.int64)
+
+
+_LEIDENALG_FUTURE = (
+    "In the future, the default backend for leiden will be igraph instead of leidenalg.\n\n"
+    " To achieve the future defaults please pass: flavor=\"igraph\" and n_iterations=2.  "
+    "directed must also be False to work with igraph\'s implementation."
+)
