@@ -51,6 +51,7 @@ _GRAPHDB_MAX = 65535
 _SHM_DIR = "/dev/shm"
 
 
+@functools.lru_cache(maxsize=None)
 def _signature_defaults(upstream) -> dict:
     import inspect
 
@@ -66,7 +67,7 @@ def _signature_defaults(upstream) -> dict:
 def fast(upstream, *args, **kwargs):
     from anndata import AnnData
 
-    defaults = _signature_defaults(upstream)
+    defaults = dict(_signature_defaults(upstream))
     if not 1 <= len(args) <= 2:
         raise Fallback("arguments other than adata and resolution passed by position")
     if len(args) == 2:
