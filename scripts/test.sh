@@ -19,6 +19,6 @@ bounded 900 .venv/bin/python -m pytest -q tests --ignore=tests/scanpy_upstream -
 # Hardening (faults, bad input, load, access), printing what each test tried.
 bounded 900 .venv/bin/python -m pytest -q -s $HARDENING -p no:cacheprovider -o faulthandler_timeout=300
 bounded 900 .venv/bin/python tests/scanpy_upstream/run_scanpy_tests.py --with-autozyme \
-    --functions normalize_total,log1p,scale,highly_variable_genes,rank_genes_groups -- -q -o faulthandler_timeout=300
+    --functions normalize_total,log1p,scale,highly_variable_genes,rank_genes_groups,leiden -- -q -o faulthandler_timeout=300
 # Coverage-guided fuzzing of frames and requests, 20 s a target (prints executions).
 bounded 900 bash scripts/fuzz.sh 20

@@ -83,6 +83,7 @@ REQUESTS = {
         "RankGenesGroups", x=CSR, group_of_row=np.array([0, 2**64 - 1, 1], dtype=np.uint64),
         n_groups=2, reference=1, tie_correct=True, mean_slots=2,
     ),
+    "req_leiden": msg("Leiden", graph=CSR, use_weights=True, resolution=0.8, n_iterations=None, seed=7),
 }
 
 
@@ -100,6 +101,7 @@ def test_every_golden_file_is_covered():
         "resp_scale_stats",
         "resp_hvg_mean_var", "resp_hvg_clipped_sums",
         "resp_rank_genes_groups",
+        "resp_row_sums", "resp_done", "resp_error", "resp_leased", "resp_leased_none", "resp_leiden",
     }
 
 
@@ -140,6 +142,7 @@ def test_decode_responses():
     assert rg.n_genes == 2 and rg.rank_sums.tolist() == [3.5, 1.0] and rg.cache_hit
     assert rg.tie.tolist() == [1.0, 0.75] and rg.nnz.tolist() == [1, 2] and len(rg.rest_sums) == 0
     assert rg.nonneg_integers is False
+    assert _decode_golden("resp_leiden").membership.tolist() == [0, 1, 0, 2]
 
 
 @pytest.mark.parametrize(

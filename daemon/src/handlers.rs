@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 mod scale;
 mod hvg;
 mod rank_genes_groups;
+mod leiden;
 
 /// What the connection should do after sending the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +171,13 @@ fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, 
             tie_correct,
             mean_slots,
         )?,
+        Request::Leiden {
+            graph,
+            use_weights,
+            resolution,
+            n_iterations,
+            seed,
+        } => leiden::handle(daemon, peer, &graph, use_weights, resolution, n_iterations, seed)?,
     };
     Ok((response, After::Continue))
 }

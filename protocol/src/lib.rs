@@ -230,6 +230,18 @@ pub enum Request {
         tie_correct: bool,
         mean_slots: u64,
     },
+    /// leiden, parallel mode: Leiden communities maximising modularity with
+    /// `resolution` on the undirected graph A + Aᵀ of a square CSR matrix (one edge
+    /// per stored non-zero, as igraph sees scanpy's graph; weights, or 1 each
+    /// without `use_weights`). `n_iterations`: None iterates until stable.
+    /// Deterministic for a `seed`, whatever the thread count.
+    Leiden {
+        graph: Matrix,
+        use_weights: bool,
+        resolution: f64,
+        n_iterations: Option<u64>,
+        seed: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -350,6 +362,8 @@ pub enum Response {
         /// Upstream's `check_nonnegative_integers` of the matrix.
         nonneg_integers: bool,
     },
+    /// Community of every node, numbered by decreasing size.
+    Leiden { membership: Vec<u64> },
 }
 
 impl Response {

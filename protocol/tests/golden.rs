@@ -164,6 +164,16 @@ fn requests() -> Vec<(&'static str, Request)> {
                 mean_slots: 2,
             },
         ),
+        (
+            "req_leiden",
+            Request::Leiden {
+                graph: csr(),
+                use_weights: true,
+                resolution: 0.8,
+                n_iterations: None,
+                seed: 7,
+            },
+        ),
     ]
 }
 
@@ -270,6 +280,12 @@ fn responses() -> Vec<(&'static str, Response)> {
             Response::HvgClippedSums {
                 sums: vec![1.0, 3.5],
                 squares: vec![1.0, 12.25],
+            },
+        ),
+        (
+            "resp_leiden",
+            Response::Leiden {
+                membership: vec![0, 1, 0, 2],
             },
         ),
     ]

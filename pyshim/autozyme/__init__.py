@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from .activation import activate, deactivate, is_active
 from .fallback import AutozymeFallbackError
+from .settings import configure
 from .status import format_status, status
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "status",
     "format_status",
     "AutozymeFallbackError",
+    "configure",
     "load_ipython_extension",
     "unload_ipython_extension",
 ]

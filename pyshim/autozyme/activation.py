@@ -25,6 +25,7 @@ TARGETS = {
         "scanpy.preprocessing._highly_variable_genes", "highly_variable_genes", "highly_variable_genes"
     ),
     "rank_genes_groups": ("scanpy.tools._rank_genes_groups", "rank_genes_groups", "rank_genes_groups"),
+    "leiden": ("scanpy.tools._leiden", "leiden", "leiden"),
 }
 
 _lock = threading.RLock()

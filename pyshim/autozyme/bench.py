@@ -303,6 +303,14 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = dataset_path(cache, args.cells, args.genes, args.density)
     calls = [c for c in args.calls.split(",") if c]
+    leiden_ok = True
+    if "leiden" in calls:  # a graph, not a count matrix: its own rows (bench_leiden.py)
+        from . import bench_leiden
+
+        calls.remove("leiden")
+        leiden_ok = bench_leiden.run(cache, out, args.leiden_cells, args.leidenalg)
+        if not calls:
+            return 0 if leiden_ok else 1
     hello = get_client().connection().hello  # a running daemon, as after login
     touch_memory(8 * data.stat().st_size)
     bw = copy_bandwidth()
@@ -345,7 +353,7 @@ def run(args) -> int:
     if bad:
         print(f"NOT EQUIVALENT or not served: {', '.join(bad)}")
         return 1
-    return 0
+    return 0 if leiden_ok else 1
 
 
 def add_parser(sub) -> None:
@@ -353,7 +361,11 @@ def add_parser(sub) -> None:
     b.add_argument("--cells", type=int, default=100_000)
     b.add_argument("--genes", type=int, default=25_000)
     b.add_argument("--density", type=float, default=0.07)
-    b.add_argument("--calls", default=",".join(CALLS))
+    b.add_argument("--calls", default=",".join(CALLS),
+                   help=f"comma-separated, from {', '.join([*CALLS, 'leiden'])}")
+    b.add_argument("--leiden-cells", type=int, default=20_000, help="nodes of the kNN graph for leiden")
+    b.add_argument("--leidenalg", action="store_true",
+                   help="leiden: also upstream's default flavor='leidenalg' (slow) and parallel mode on it")
     b.add_argument("--rgg-cells", type=int, default=20_000,
                    help="rank_genes_groups: cells taken from the dataset (upstream is slow)")
     b.add_argument("--rgg-genes", type=int, default=10_000,

@@ -282,6 +282,16 @@ REQUEST = Enum(
                 ("mean_slots", U64),
             ],
         ),
+        (
+            "Leiden",
+            [
+                ("graph", MATRIX),
+                ("use_weights", BOOL),
+                ("resolution", F64),
+                ("n_iterations", Opt(U64)),
+                ("seed", U64),
+            ],
+        ),
     ],
 )
 ERROR_KIND = _UnitEnum(
@@ -361,6 +371,7 @@ RESPONSE = Enum(
                 ("nonneg_integers", BOOL),
             ],
         ),
+        ("Leiden", [("membership", Vec(U64))]),
     ],
 )
 

@@ -15,6 +15,7 @@ pub mod divide_rows;
 pub mod highly_expressed;
 pub mod hvg_clipped_sums;
 pub mod hvg_mean_var;
+pub mod leiden;
 pub mod row_sums;
 pub mod scale_apply;
 pub mod scale_stats;

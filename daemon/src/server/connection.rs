@@ -234,5 +234,6 @@ pub(crate) fn variant_name(request: &Request) -> &'static str {
         Request::HvgMeanVar { .. } => "HvgMeanVar",
         Request::HvgClippedSums { .. } => "HvgClippedSums",
         Request::RankGenesGroups { .. } => "RankGenesGroups",
+        Request::Leiden { .. } => "Leiden",
     }
 }
