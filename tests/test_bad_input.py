@@ -13,32 +13,37 @@ import tempfile
 
 import pytest
 
-from bad_inputs import CALLS, CASES
+from bad_inputs import CALLS, CASES, STRUCTURAL
 
 WORKER = os.path.join(os.path.dirname(__file__), "bad_inputs.py")
 
 
 def run_side(side: str, call: str, env: dict) -> dict[str, dict]:
-    """Outcome per case; a case whose process died is recorded as a crash."""
+    """Outcome per case; a case whose process died is recorded as a crash. The
+    structural cases run one to a process (see ``STRUCTURAL``), the rest in one
+    process, restarted after a crash."""
     names = list(CASES)
+    batches = [[i] for i, n in enumerate(names) if n in STRUCTURAL]
+    batches.append([i for i, n in enumerate(names) if n not in STRUCTURAL])
     results: dict[str, dict] = {}
-    first = 0
-    while first < len(names):
-        out = subprocess.run([sys.executable, WORKER, side, call, str(first)], env=env,
+    while batches:
+        batch = batches.pop(0)
+        out = subprocess.run([sys.executable, WORKER, side, call, *map(str, batch)], env=env,
                              capture_output=True, text=True, timeout=600)
-        current = first
+        started = None
         for line in out.stdout.splitlines():
             if line.startswith("begin "):
-                current = int(line.split()[1])
+                started = int(line.split()[1])
             elif line.startswith("{"):
                 r = json.loads(line)
                 results[r["case"]] = r
-                current += 1
-        if current >= len(names):
-            break
-        results[names[current]] = dict(case=names[current], outcome=f"crash {out.returncode}",
-                                       path=out.stderr.strip().splitlines()[-1:] or "")
-        first = current + 1
+                started = None
+        if started is not None:  # died inside this case: record it, go on after it
+            results[names[started]] = dict(case=names[started], outcome=f"crash {out.returncode}",
+                                           path=out.stderr.strip().splitlines()[-1:] or "")
+            rest = batch[batch.index(started) + 1:]
+            if rest:
+                batches.insert(0, rest)
     return results
 
 
@@ -53,6 +58,8 @@ def test_bad_input_corpus(call):
     for case in CASES:
         u, a = upstream[case]["outcome"], ours[case]["outcome"]
         print(f"{call:24s} {case:28s} upstream: {u:24s} autozyme: {a:24s} {ours[case].get('path', '')}")
+        if case in STRUCTURAL and a == "raise ValueError":
+            continue  # refused clearly, before upstream's code could run out of bounds
         if u.startswith("crash") and not a.startswith("crash"):
             continue  # upstream's compiled code died; ours must not, and did not
         if u != a:

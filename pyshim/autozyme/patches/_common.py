@@ -64,21 +64,25 @@ def check_float_or_int(x) -> None:
 
 
 def check_csr_structure(x) -> None:
-    """Raise ValueError (as scipy's format check would) for a CSR whose indptr
-    decreases or runs past its data: upstream's compiled kernels would read out
-    of bounds on it (a crash, or garbage), and the daemon refuses it anyway.
-    O(rows); the O(stored values) index checks stay in the daemon."""
+    """Raise ValueError (as scipy's format check would) for a CSR or CSC matrix
+    whose indptr decreases or runs past its data, or whose data and indices differ
+    in length: upstream's compiled code reads or writes out of bounds on such a
+    matrix (scipy's eliminate_zeros corrupts the heap, numba kernels crash), and
+    the daemon refuses it anyway. O(rows); the O(stored values) index checks stay
+    in the daemon."""
+    kind = "CSC" if getattr(x, "format", "csr") == "csc" else "CSR"
+    major = x.shape[1] if kind == "CSC" else x.shape[0]
     indptr = x.indptr
-    if len(indptr) != x.shape[0] + 1:
-        raise ValueError(f"autozyme: malformed CSR: indptr has {len(indptr)} entries for {x.shape[0]} rows")
+    if len(indptr) != major + 1:
+        raise ValueError(f"autozyme: malformed {kind}: indptr has {len(indptr)} entries for {major} lines")
     if len(x.indices) != len(x.data):
-        raise ValueError(f"autozyme: malformed CSR: {len(x.indices)} indices but {len(x.data)} values")
+        raise ValueError(f"autozyme: malformed {kind}: {len(x.indices)} indices but {len(x.data)} values")
     if len(indptr) and (indptr[0] != 0 or indptr[-1] > len(x.data)):
         raise ValueError(
-            f"autozyme: malformed CSR: indptr runs from {indptr[0]} to {indptr[-1]} over {len(x.data)} values"
+            f"autozyme: malformed {kind}: indptr runs from {indptr[0]} to {indptr[-1]} over {len(x.data)} values"
         )
     if len(indptr) > 1 and not np.all(indptr[1:] >= indptr[:-1]):
-        raise ValueError("autozyme: malformed CSR: indptr decreases")
+        raise ValueError(f"autozyme: malformed {kind}: indptr decreases")
 
 
 def csr_refs(x, *, with_indices: bool, peer: bool):

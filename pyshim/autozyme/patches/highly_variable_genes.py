@@ -107,6 +107,7 @@ def _in_scope(data) -> str:
             raise Fallback("dense input with fewer than two genes")
         return "dense"
     if _common.is_csr(data) and not _common.is_sparse_array(data):
+        _common.check_csr_structure(data)
         if data.dtype not in _common.FLOATS:
             raise Fallback(f"dtype {data.dtype}")
         if data.indptr.dtype not in _common.INDEX or data.indices.dtype not in _common.INDEX:

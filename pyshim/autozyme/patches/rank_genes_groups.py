@@ -89,6 +89,7 @@ def _check_matrix(x) -> None:
     if sp.issparse(x):
         if x.format not in ("csr", "csc"):
             raise Fallback(f"{x.format} matrix (CSR, CSC and dense are accelerated)")
+        _common.check_csr_structure(x)
         if x.format == "csc" and not x.has_sorted_indices:
             # Upstream's CSC means add each column in storage order.
             raise Fallback("CSC matrix with unsorted indices")

@@ -74,6 +74,8 @@ def _check_scope(x, zero_center, max_value):
     if x.ndim != 2:
         raise Fallback(f"{x.ndim}-d input")
     _common.check_float_or_int(x)
+    if not dense:
+        _common.check_csr_structure(x)
     return dense, bool(zero_center), clip_at
 
 
