@@ -184,7 +184,8 @@ pub fn value_flags<T: CountValue>(data: &[T]) -> ValueFlags {
                 neg |= f.negative;
                 frac |= f.non_integer;
                 inf |= f.non_finite;
-                big = big.max(f.largest);
+                // A plain compare (NaNs are flagged apart): `f64::max` does not vectorise.
+                big = if f.largest > big { f.largest } else { big };
             }
             ValueFlags {
                 negative: neg,
@@ -278,7 +279,8 @@ fn csr_group_sums_impl<T: CountValue, P: SparseIndex, I: SparseIndex, const CHEC
                             neg |= f.negative;
                             frac |= f.non_integer;
                             inf |= f.non_finite;
-                            big = big.max(f.largest);
+                            // A plain compare (NaNs are flagged apart): `f64::max` does not vectorise.
+                            big = if f.largest > big { f.largest } else { big };
                         }
                         if let Some(a) = acc.get_mut(c.to_usize().unwrap_or(usize::MAX)) {
                             a[0] += v.to_f64();
