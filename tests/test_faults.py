@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +218,57 @@ def test_client_killed_in_the_middle_of_a_call(killable, tmp_path, transport):
     assert segments_of(victim) == []
     print(f"client {victim} killed mid-DivideRows ({transport}): daemon {pid} kept serving, "
           "its segments swept")
+
+
+OTHER_CALLS = {
+    "ScaleStats": ("scale", lambda sc, ad: sc.pp.scale(ad, max_value=8)),
+    "ScaleApply": ("scale", lambda sc, ad: sc.pp.scale(ad, max_value=8)),
+    "HvgMeanVar": ("highly_variable_genes", lambda sc, ad: sc.pp.highly_variable_genes(
+        ad, flavor="seurat_v3", n_top_genes=50, batch_key="batch")),
+    "RankGenesGroups": ("rank_genes_groups", lambda sc, ad: sc.tl.rank_genes_groups(
+        ad, "cluster", method="wilcoxon", pts=True)),
+}
+
+
+@pytest.mark.parametrize("phase", ["received", "reply"])
+@pytest.mark.parametrize("request_name", list(OTHER_CALLS))
+def test_daemon_killed_in_the_other_calls(killable, request_name, phase):
+    """The same kills in the requests of scale, hvg and rank_genes_groups: the
+    call returns upstream's result and the next call is served."""
+    import scanpy as sc
+
+    import autozyme
+    from _data import assert_same_anndata, counts
+
+    flag = killable(request_name, phase)
+    name, call = OTHER_CALLS[request_name]
+    autozyme.activate("scanpy", prewarm=False)
+    try:
+        for attempt in ("killed", "next"):
+            a = counts(400, 300, seed=21, n_batches=3)
+            b = a.copy()
+            fallback.reset_counts()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                call(sc_upstream(sc, name), a)
+                call(sc, b)
+            assert_same_anndata(a, b)
+            with np.printoptions(threshold=sys.maxsize):  # uns results, in full
+                assert repr(dict(a.uns)) == repr(dict(b.uns))
+            if attempt == "killed":
+                assert not flag.exists(), "the daemon did not reach the fault"
+            else:
+                assert fallback.counts()["served"].get(name) == 1, fallback.counts()
+        print(f"killed at {request_name}:{phase}: {name} returned upstream's result, next call served")
+    finally:
+        autozyme.deactivate()
+
+
+def sc_upstream(sc, name):
+    """A stand-in for the ``sc`` module whose pp/tl function ``name`` is upstream's."""
+    import types
+
+    fn = getattr(sc.pp, name, None) or getattr(sc.tl, name)
+    up = fn.__autozyme_upstream__
+    ns = types.SimpleNamespace(**{name: up})
+    return types.SimpleNamespace(pp=ns, tl=ns)
