@@ -45,7 +45,12 @@ fn plan() -> Option<&'static Plan> {
         };
         let flag = PathBuf::from(parts.next()?);
         let stall_ms = parts.next().and_then(|v| v.parse().ok());
-        Some(Plan { request, phase, flag, stall_ms })
+        Some(Plan {
+            request,
+            phase,
+            flag,
+            stall_ms,
+        })
     })
     .as_ref()
 }
@@ -71,10 +76,16 @@ pub fn point(phase: Phase) {
         return;
     }
     if let Some(ms) = plan.stall_ms {
-        eprintln!("autozymed: test hook: stalling {ms} ms at {phase:?} of {}", plan.request);
+        eprintln!(
+            "autozymed: test hook: stalling {ms} ms at {phase:?} of {}",
+            plan.request
+        );
         std::thread::sleep(std::time::Duration::from_millis(ms));
     } else {
-        eprintln!("autozymed: test hook: killed at {phase:?} of {}", plan.request);
+        eprintln!(
+            "autozymed: test hook: killed at {phase:?} of {}",
+            plan.request
+        );
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
 }

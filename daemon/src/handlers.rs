@@ -21,10 +21,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-mod scale;
 mod hvg;
-mod rank_genes_groups;
 mod leiden;
+mod rank_genes_groups;
+mod scale;
 
 /// What the connection should do after sending the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,7 +177,15 @@ fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, 
             resolution,
             n_iterations,
             seed,
-        } => leiden::handle(daemon, peer, &graph, use_weights, resolution, n_iterations, seed)?,
+        } => leiden::handle(
+            daemon,
+            peer,
+            &graph,
+            use_weights,
+            resolution,
+            n_iterations,
+            seed,
+        )?,
     };
     Ok((response, After::Continue))
 }

@@ -363,7 +363,9 @@ pub enum Response {
         nonneg_integers: bool,
     },
     /// Community of every node, numbered by decreasing size.
-    Leiden { membership: Vec<u64> },
+    Leiden {
+        membership: Vec<u64>,
+    },
 }
 
 impl Response {

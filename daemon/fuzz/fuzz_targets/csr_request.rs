@@ -25,7 +25,11 @@ unsafe impl Sync for Segment {}
 fn segment() -> &'static Segment {
     static SEGMENT: OnceLock<Segment> = OnceLock::new();
     SEGMENT.get_or_init(|| {
-        let name = format!("azm_{}_{}_9999999", unsafe { libc::geteuid() }, std::process::id());
+        let name = format!(
+            "azm_{}_{}_9999999",
+            unsafe { libc::geteuid() },
+            std::process::id()
+        );
         let cname = std::ffi::CString::new(format!("/{name}")).unwrap();
         unsafe {
             let fd = libc::shm_open(cname.as_ptr(), libc::O_CREAT | libc::O_RDWR, 0o600);
@@ -43,13 +47,20 @@ fn segment() -> &'static Segment {
             libc::close(fd);
             // Unlinked at exit, however the run ends (normal end or a crash report).
             libc::atexit(unlink_segment);
-            Segment { name, base: base as *mut u8 }
+            Segment {
+                name,
+                base: base as *mut u8,
+            }
         }
     })
 }
 
 extern "C" fn unlink_segment() {
-    let name = format!("/azm_{}_{}_9999999", unsafe { libc::geteuid() }, std::process::id());
+    let name = format!(
+        "/azm_{}_{}_9999999",
+        unsafe { libc::geteuid() },
+        std::process::id()
+    );
     let cname = std::ffi::CString::new(name).unwrap();
     unsafe { libc::shm_unlink(cname.as_ptr()) };
 }
@@ -68,8 +79,15 @@ fn daemon() -> &'static Daemon {
 
 #[derive(Arbitrary, Debug)]
 enum Kind {
-    RowSums { exclude: Option<u8> },
-    DivideRows { factors: Vec<f32>, factors_f64: bool, out_dtype: u8, out_offset: u16 },
+    RowSums {
+        exclude: Option<u8>,
+    },
+    DivideRows {
+        factors: Vec<f32>,
+        factors_f64: bool,
+        out_dtype: u8,
+        out_offset: u16,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -118,7 +136,10 @@ fn put(seg: &Segment, offset: usize, dtype: DType, values: impl Iterator<Item = 
 
 fn array(seg: &Segment, offset: u16, written: usize, skew: i8, dtype: DType) -> ArrayRef {
     ArrayRef {
-        location: Location::Segment { name: seg.name.clone(), offset: offset as u64 },
+        location: Location::Segment {
+            name: seg.name.clone(),
+            offset: offset as u64,
+        },
         len: (written as i64 + skew as i64).max(0) as u64,
         dtype,
     }
@@ -128,20 +149,46 @@ fuzz_target!(|input: Input| {
     let seg = segment();
     let (n_rows, n_cols) = (input.n_rows as u64, input.n_cols as u64);
     let data_dtype = dtype(input.data_dtype);
-    let written = put(seg, input.offsets[0] as usize, data_dtype, input.data.iter().map(|&v| v as f64));
-    let data = array(seg, input.offsets[0], written, input.len_skew[0], data_dtype);
+    let written = put(
+        seg,
+        input.offsets[0] as usize,
+        data_dtype,
+        input.data.iter().map(|&v| v as f64),
+    );
+    let data = array(
+        seg,
+        input.offsets[0],
+        written,
+        input.len_skew[0],
+        data_dtype,
+    );
     let x = if input.dense {
-        Matrix::Dense { n_rows, n_cols, data }
+        Matrix::Dense {
+            n_rows,
+            n_cols,
+            data,
+        }
     } else {
         let it = dtype(input.index_dtype);
         let pt = dtype(input.indptr_dtype);
-        let wi = put(seg, input.offsets[1] as usize, it, input.indices.iter().map(|&v| v as f64));
-        let wp = put(seg, input.offsets[2] as usize, pt, input.indptr.iter().map(|&v| v as f64));
+        let wi = put(
+            seg,
+            input.offsets[1] as usize,
+            it,
+            input.indices.iter().map(|&v| v as f64),
+        );
+        let wp = put(
+            seg,
+            input.offsets[2] as usize,
+            pt,
+            input.indptr.iter().map(|&v| v as f64),
+        );
         Matrix::Csr {
             n_rows,
             n_cols,
             data,
-            indices: (!input.omit_indices).then(|| array(seg, input.offsets[1], wi, input.len_skew[1], it)),
+            indices: (!input.omit_indices)
+                .then(|| array(seg, input.offsets[1], wi, input.len_skew[1], it)),
             indptr: array(seg, input.offsets[2], wp, input.len_skew[2], pt),
         }
     };
@@ -150,7 +197,12 @@ fuzz_target!(|input: Input| {
             x,
             exclude_max_fraction: exclude.map(|e| e as f64 / 200.0),
         },
-        Kind::DivideRows { factors, factors_f64, out_dtype, out_offset } => {
+        Kind::DivideRows {
+            factors,
+            factors_f64,
+            out_dtype,
+            out_offset,
+        } => {
             let out_dtype = dtype(out_dtype);
             let len = written as u64;
             Request::DivideRows {
@@ -158,13 +210,19 @@ fuzz_target!(|input: Input| {
                 factors: factors.iter().map(|&f| f as f64).collect(),
                 factors_dtype: if factors_f64 { DType::F64 } else { DType::F32 },
                 out: ArrayRef {
-                    location: Location::Segment { name: seg.name.clone(), offset: out_offset as u64 },
+                    location: Location::Segment {
+                        name: seg.name.clone(),
+                        offset: out_offset as u64,
+                    },
                     len,
                     dtype: out_dtype,
                 },
             }
         }
     };
-    let peer = Peer { uid: daemon().euid, pid: std::process::id() as i32 };
+    let peer = Peer {
+        uid: daemon().euid,
+        pid: std::process::id() as i32,
+    };
     let _ = handle(daemon(), peer, request);
 });

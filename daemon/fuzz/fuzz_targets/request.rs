@@ -26,10 +26,15 @@ fn daemon() -> &'static Daemon {
 }
 
 fuzz_target!(|bytes: &[u8]| {
-    let Ok(mut request) = decode::<Request>(bytes) else { return };
+    let Ok(mut request) = decode::<Request>(bytes) else {
+        return;
+    };
     if let Request::Lease { create, .. } = &mut request {
         *create = false;
     }
-    let peer = Peer { uid: daemon().euid, pid: i32::MAX };
+    let peer = Peer {
+        uid: daemon().euid,
+        pid: i32::MAX,
+    };
     let _ = handle(daemon(), peer, request);
 });

@@ -25,7 +25,10 @@ pub fn handle(
         indptr,
     } = graph
     else {
-        return Err(Failure::new(ErrorKind::Unsupported, "Leiden takes a CSR graph"));
+        return Err(Failure::new(
+            ErrorKind::Unsupported,
+            "Leiden takes a CSR graph",
+        ));
     };
     if n_rows != n_cols {
         return Err(Failure::bad_matrix(format!(
@@ -39,7 +42,14 @@ pub fn handle(
         ));
     }
     let mut resolver = Resolver::new(&daemon.segments, peer);
-    let csr = CsrRegions::resolve(&mut resolver, *n_rows, *n_cols, data, indices.as_ref(), indptr)?;
+    let csr = CsrRegions::resolve(
+        &mut resolver,
+        *n_rows,
+        *n_cols,
+        data,
+        indices.as_ref(),
+        indptr,
+    )?;
     csr.validate_indptr()?;
     let columns = csr.validated_column_indices()?;
     let values = csr.data.floats().expect("dtype checked");

@@ -185,7 +185,11 @@ fn symmetric_as_is<P: SparseIndex, I: SparseIndex, T: Float>(
     let total = offsets[n];
     let columns: Vec<u32> = indices[..total]
         .par_iter()
-        .map(|c| c.to_usize().filter(|&c| c < n).map_or(u32::MAX, |c| c as u32))
+        .map(|c| {
+            c.to_usize()
+                .filter(|&c| c < n)
+                .map_or(u32::MAX, |c| c as u32)
+        })
         .collect();
     if columns.par_iter().any(|&c| c == u32::MAX) {
         return Err("column index out of range".into());
@@ -194,19 +198,31 @@ fn symmetric_as_is<P: SparseIndex, I: SparseIndex, T: Float>(
     if weights.par_iter().any(|&w| !w.is_finite() || w < 0.0) {
         return Err("edge weights must be finite and non-negative".into());
     }
-    let row = |r: usize| (&columns[offsets[r]..offsets[r + 1]], &weights[offsets[r]..offsets[r + 1]]);
+    let row = |r: usize| {
+        (
+            &columns[offsets[r]..offsets[r + 1]],
+            &weights[offsets[r]..offsets[r + 1]],
+        )
+    };
     let symmetric = (0..n).into_par_iter().all(|r| {
         let (cols, ws) = row(r);
         cols.windows(2).all(|p| p[0] < p[1])
             && cols.iter().zip(ws).all(|(&c, &w)| {
                 let (back, back_w) = row(c as usize);
-                w != 0.0 && back.binary_search(&(r as u32)).is_ok_and(|at| back_w[at] == w)
+                w != 0.0
+                    && back
+                        .binary_search(&(r as u32))
+                        .is_ok_and(|at| back_w[at] == w)
             })
     });
     if !symmetric {
         return Ok(None);
     }
-    let weights = if use_weights { weights } else { vec![1.0; total] };
+    let weights = if use_weights {
+        weights
+    } else {
+        vec![1.0; total]
+    };
     let strength = (0..n)
         .into_par_iter()
         .map(|r| weights[offsets[r]..offsets[r + 1]].iter().sum())
@@ -367,7 +383,12 @@ fn iterate(g: &Graph, start: &[u32], gamma: f64, seed: u64, iteration: u64) -> V
         comm = next_comm;
         owned = Some(aggregate);
     }
-    first_occurrence(&node_of.iter().map(|&a| comm[a as usize]).collect::<Vec<_>>())
+    first_occurrence(
+        &node_of
+            .iter()
+            .map(|&a| comm[a as usize])
+            .collect::<Vec<_>>(),
+    )
 }
 
 /// Labels renumbered 0.. in order of first occurrence.
@@ -398,7 +419,10 @@ fn local_move(g: &Graph, comm: &mut [u32], gamma: f64, rng: &mut Rng) -> usize {
         tot[comm[v] as usize] += g.strength[v];
         size[comm[v] as usize] += 1;
     }
-    let mut empty: Vec<u32> = (0..n as u32).rev().filter(|&c| size[c as usize] == 0).collect();
+    let mut empty: Vec<u32> = (0..n as u32)
+        .rev()
+        .filter(|&c| size[c as usize] == 0)
+        .collect();
     let mut order: Vec<u32> = (0..n as u32).collect();
     rng.shuffle(&mut order);
     let mut queue: VecDeque<u32> = order.into_iter().collect();
@@ -465,7 +489,11 @@ fn local_move(g: &Graph, comm: &mut [u32], gamma: f64, rng: &mut Rng) -> usize {
         }
     }
     let renumbered = first_occurrence(comm);
-    let k = renumbered.iter().map(|&c| c as usize + 1).max().unwrap_or(0);
+    let k = renumbered
+        .iter()
+        .map(|&c| c as usize + 1)
+        .max()
+        .unwrap_or(0);
     comm.copy_from_slice(&renumbered);
     k
 }
@@ -908,7 +936,11 @@ mod tests {
         w[..2].reverse();
         let slow = symmetrized(&p, &shuffled, &w, big.n(), true).unwrap();
         assert_eq!(fast.neighbors, slow.neighbors);
-        assert!(fast.weights.iter().zip(&slow.weights).all(|(a, b)| 2.0 * a == *b));
+        assert!(fast
+            .weights
+            .iter()
+            .zip(&slow.weights)
+            .all(|(a, b)| 2.0 * a == *b));
         assert_eq!(leiden(&fast, 1.0, -1, 4), leiden(&slow, 1.0, -1, 4));
     }
 
@@ -957,7 +989,9 @@ mod timing {
         let mut take = |count: usize| {
             let s = &bytes[at..at + 4 * count];
             at += 4 * count;
-            s.chunks_exact(4).map(|c| c.try_into().unwrap()).collect::<Vec<[u8; 4]>>()
+            s.chunks_exact(4)
+                .map(|c| c.try_into().unwrap())
+                .collect::<Vec<[u8; 4]>>()
         };
         let indptr: Vec<i32> = take(n + 1).into_iter().map(i32::from_le_bytes).collect();
         let indices: Vec<i32> = take(nnz).into_iter().map(i32::from_le_bytes).collect();
@@ -968,7 +1002,11 @@ mod timing {
         for seed in 0..3 {
             let t = Instant::now();
             let single = leiden_run(&g, 0.8, -1, seed, 0);
-            eprintln!("single run {:?} Q={:.6}", t.elapsed(), modularity(&g, &single, 0.8));
+            eprintln!(
+                "single run {:?} Q={:.6}",
+                t.elapsed(),
+                modularity(&g, &single, 0.8)
+            );
             let t = Instant::now();
             let labels = leiden(&g, 0.8, -1, seed);
             eprintln!(
