@@ -204,17 +204,36 @@ fn symmetric_as_is<P: SparseIndex, I: SparseIndex, T: Float>(
             &weights[offsets[r]..offsets[r + 1]],
         )
     };
-    let symmetric = (0..n).into_par_iter().all(|r| {
-        let (cols, ws) = row(r);
-        cols.windows(2).all(|p| p[0] < p[1])
-            && cols.iter().zip(ws).all(|(&c, &w)| {
-                let (back, back_w) = row(c as usize);
-                w != 0.0
-                    && back
-                        .binary_search(&(r as u32))
-                        .is_ok_and(|at| back_w[at] == w)
-            })
-    });
+    // Symmetric: every row strictly increasing with no explicit zero, and the
+    // multiset of entries (r, c, w) equal to that of (c, r, w). The second test
+    // compares two 64-bit sums of hashed entries each way instead of looking up
+    // every mirror entry: a lookup is a cache miss per edge (most of this
+    // function's time on a large graph), while the sums stream through the rows
+    // in order. A matrix that is not symmetric passes with probability about
+    // 2^-128; wrapping sums are order-free, so any thread count gives the same.
+    let per_row = (0..n)
+        .into_par_iter()
+        .map(|r| {
+            let (cols, ws) = row(r);
+            if !cols.windows(2).all(|p| p[0] < p[1]) || ws.contains(&0.0) {
+                return None;
+            }
+            let mut sums = [0u64; 4];
+            for (&c, &w) in cols.iter().zip(ws) {
+                let forward = entry_hashes(r as u32, c, w);
+                let backward = entry_hashes(c, r as u32, w);
+                sums[0] = sums[0].wrapping_add(forward[0]);
+                sums[1] = sums[1].wrapping_add(forward[1]);
+                sums[2] = sums[2].wrapping_add(backward[0]);
+                sums[3] = sums[3].wrapping_add(backward[1]);
+            }
+            Some(sums)
+        })
+        .try_reduce(
+            || [0u64; 4],
+            |a, b| Some(std::array::from_fn(|i| a[i].wrapping_add(b[i]))),
+        );
+    let symmetric = per_row.is_some_and(|s| s[0] == s[2] && s[1] == s[3]);
     if !symmetric {
         return Ok(None);
     }
@@ -233,6 +252,16 @@ fn symmetric_as_is<P: SparseIndex, I: SparseIndex, T: Float>(
         weights,
         strength,
     }))
+}
+
+/// Two independent 64-bit hashes of a matrix entry (row, column, weight bits).
+fn entry_hashes(r: u32, c: u32, w: f64) -> [u64; 2] {
+    let position = (u64::from(r) << 32) | u64::from(c);
+    let bits = w.to_bits();
+    [
+        mix(position ^ mix(bits ^ 0x243F_6A88_85A3_08D3)),
+        mix(position.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ mix(bits ^ 0x1319_8A2E_0370_7344)),
+    ]
 }
 
 /// Row ranges of about 2^16 entries of A + Aᵀ each.
@@ -312,22 +341,7 @@ fn mix(mut z: u64) -> u64 {
 /// Leiden on `g`: a community per node, numbered by decreasing size (ties: by
 /// smallest node). `n_iterations` < 0 iterates until the partition is stable.
 pub fn leiden(g: &Graph, resolution: f64, n_iterations: i64, seed: u64) -> Vec<u32> {
-    // Two independent runs at once (the local moving is sequential, so the second
-    // core would idle otherwise); the one of higher modularity wins, the first on
-    // a tie. Each run is deterministic, so the pick is too.
-    let (a, b) = rayon::join(
-        || leiden_run(g, resolution, n_iterations, seed, 0),
-        || leiden_run(g, resolution, n_iterations, seed, 1),
-    );
-    if modularity(g, &b, resolution) > modularity(g, &a, resolution) {
-        b
-    } else {
-        a
-    }
-}
-
-fn leiden_run(g: &Graph, resolution: f64, n_iterations: i64, seed: u64, run: u64) -> Vec<u32> {
-    let seed = mix(seed ^ run.wrapping_mul(0xA076_1D64_78BD_642F));
+    let seed = mix(seed);
     let n = g.n();
     let total: f64 = g.strength.iter().sum();
     let mut membership: Vec<u32> = (0..n as u32).collect();
@@ -923,6 +937,13 @@ mod tests {
         assert_eq!(g.weights, vec![1.0, 2.0, 2.0]);
         let g = symmetrized(&p, &i, &d, 2, false).unwrap();
         assert_eq!(g.weights, vec![1.0, 1.0, 1.0]);
+        // the mirror entry with another weight: not symmetric, S = A + Aᵀ
+        let g = symmetrized(&p, &i, &[1.0f64, 2.0, 3.0], 2, true).unwrap();
+        assert_eq!(g.weights, vec![2.0, 5.0, 5.0]);
+        // the same weights at transposed places of a non-symmetric pattern
+        let (p, i) = (vec![0i32, 1, 2, 3], vec![1i32, 2, 0]); // 0→1, 1→2, 2→0
+        let g = symmetrized(&p, &i, &[1.0f64; 3], 3, true).unwrap();
+        assert_eq!(g.neighbors, vec![1, 2, 0, 2, 0, 1]);
         // the general path on the same matrix gives exactly twice the weights
         let big = random_graph(3000, 5);
         let (p, i): (Vec<i64>, Vec<i64>) = (
@@ -999,22 +1020,29 @@ mod timing {
         let t = Instant::now();
         let g = symmetrized(&indptr, &indices, &data, n, true).unwrap();
         eprintln!("symmetrized {:?}", t.elapsed());
-        for seed in 0..3 {
-            let t = Instant::now();
-            let single = leiden_run(&g, 0.8, -1, seed, 0);
-            eprintln!(
-                "single run {:?} Q={:.6}",
-                t.elapsed(),
-                modularity(&g, &single, 0.8)
-            );
-            let t = Instant::now();
-            let labels = leiden(&g, 0.8, -1, seed);
-            eprintln!(
-                "leiden seed {seed}: {:?}, k={}, Q={:.5}",
-                t.elapsed(),
-                labels.iter().max().unwrap() + 1,
-                modularity(&g, &labels, 0.8)
-            );
+        // fastest of 5 alternating runs per thread count (the machine is shared)
+        let pools: Vec<_> = [1, 2]
+            .iter()
+            .map(|&t| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(t)
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let mut best = [f64::INFINITY; 2];
+        for _ in 0..5 {
+            for (i, pool) in pools.iter().enumerate() {
+                let t = Instant::now();
+                let labels = pool.install(|| leiden(&g, 0.8, -1, 0));
+                best[i] = best[i].min(t.elapsed().as_secs_f64());
+                assert!(modularity(&g, &labels, 0.8) > 0.0);
+            }
         }
+        eprintln!(
+            "leiden seed 0: 1 thread {:.1} ms, 2 threads {:.1} ms",
+            best[0] * 1e3,
+            best[1] * 1e3
+        );
     }
 }
