@@ -84,6 +84,7 @@ REQUESTS = {
         n_groups=2, reference=1, tie_correct=True, mean_slots=2,
     ),
     "req_leiden": msg("Leiden", graph=CSR, use_weights=True, resolution=0.8, n_iterations=None, seed=7),
+    "req_fingerprint": msg("Fingerprint", x=CSR),
 }
 
 
@@ -101,7 +102,7 @@ def test_every_golden_file_is_covered():
         "resp_scale_stats",
         "resp_hvg_mean_var", "resp_hvg_clipped_sums",
         "resp_rank_genes_groups",
-        "resp_row_sums", "resp_done", "resp_error", "resp_leased", "resp_leased_none", "resp_leiden",
+        "resp_row_sums", "resp_done", "resp_error", "resp_leased", "resp_leased_none", "resp_leiden", "resp_fingerprint",
     }
 
 
@@ -143,6 +144,8 @@ def test_decode_responses():
     assert rg.tie.tolist() == [1.0, 0.75] and rg.nnz.tolist() == [1, 2] and len(rg.rest_sums) == 0
     assert rg.nonneg_integers is False
     assert _decode_golden("resp_leiden").membership.tolist() == [0, 1, 0, 2]
+    fp = _decode_golden("resp_fingerprint")
+    assert (fp.lo, fp.hi) == (0x0123_4567_89AB_CDEF, 2**64 - 1)
 
 
 @pytest.mark.parametrize(

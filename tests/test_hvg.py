@@ -266,3 +266,92 @@ def test_out_of_scope_falls_back(active, monkeypatch):
     make = lambda: counts(200, 100, seed=15)  # noqa: E731
     compare(*run_both(active, make, dict(flavor="seurat", n_top_genes=20)))
     assert served() == 0
+
+
+# --- kept results: the same data and parameters again -----------------------------
+def _count_computations(monkeypatch):
+    """A list that grows by one each time a result is computed, not kept."""
+    from autozyme.patches import highly_variable_genes as hvg
+
+    computed = []
+    real = hvg._rank
+
+    def counting(*args, **kwargs):
+        computed.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hvg, "_rank", counting)
+    return computed
+
+
+KEEP_KWARGS = dict(flavor="seurat_v3", batch_key="b", n_top_genes=40)
+
+
+def test_kept_result_on_rerun_and_fresh_copy(active, monkeypatch):
+    computed = _count_computations(monkeypatch)
+    make = lambda: with_batches(counts(700, 300, seed=21), [400, 200, 100])  # noqa: E731
+    a, b, outs = run_both(active, make, KEEP_KWARGS, reruns=3)
+    compare(a, b, outs)
+    assert outs[1][0] == [None] * 3  # results, not loess errors
+    assert len(computed) == 1
+    compare(*run_both(active, make, KEEP_KWARGS))  # fresh copies of the same data
+    assert len(computed) == 1
+    compare(*run_both(active, make, {**KEEP_KWARGS, "n_top_genes": 41}))
+    assert len(computed) == 2
+    compare(*run_both(active, make, {**KEEP_KWARGS, "span": 0.31}))
+    assert len(computed) == 3
+    other_batches = lambda: with_batches(make(), [400, 200, 100], seed=1)  # noqa: E731
+    compare(*run_both(active, other_batches, KEEP_KWARGS))
+    assert len(computed) == 4
+    dense = lambda: _densified(make())  # noqa: E731
+    compare(*run_both(active, dense, KEEP_KWARGS))
+    assert len(computed) == 5
+
+
+def _densified(ad):
+    ad.X = ad.X.toarray()
+    return ad
+
+
+def test_changed_data_computes_again(active, monkeypatch):
+    computed = _count_computations(monkeypatch)
+    fast = active.pp.highly_variable_genes
+    upstream = fast.__autozyme_upstream__
+    a, b = (with_batches(counts(700, 300, seed=22), [400, 300]) for _ in range(2))
+    upstream(a, **KEEP_KWARGS)
+    fast(b, **KEEP_KWARGS)
+    for ad in (a, b):
+        ad.X.data[:50] += 1.0  # in place: b's arrays are the ones placed in shared memory
+    upstream(a, **KEEP_KWARGS)
+    fast(b, **KEEP_KWARGS)
+    assert len(computed) == 2
+    assert_same_anndata(a, b)
+
+
+def test_kept_result_warns_renames_and_is_a_copy(active, monkeypatch):
+    computed = _count_computations(monkeypatch)
+
+    def make(names=None):
+        ad = with_batches(counts(700, 300, seed=23, dtype=np.float64), [400, 300])
+        ad.X = ad.X * 1.5  # non-integers: upstream warns on every call
+        if names:
+            ad.var_names = [f"{names}{i}" for i in range(ad.n_vars)]
+        return ad
+
+    kwargs = {**KEEP_KWARGS, "inplace": False}
+    a, b, outs = run_both(active, make, kwargs, reruns=2)
+    compare(a, b, outs)
+    assert sum("non-integers were found" in m for m in outs[1][1]) == 2
+    outs[1][0][1]["means"] = -1.0  # the user changes a returned frame: not the kept one
+    compare(*run_both(active, make, kwargs))
+    compare(*run_both(active, lambda: make("gene"), kwargs))  # other names, same data
+    compare(*run_both(active, make, {**kwargs, "check_values": False}))  # no warning
+    assert len(computed) == 1
+
+
+def test_keeping_results_can_be_turned_off(active, monkeypatch):
+    monkeypatch.setenv("AUTOZYME_HVG_CACHE", "0")
+    computed = _count_computations(monkeypatch)
+    make = lambda: with_batches(counts(700, 300, seed=24), [400, 300])  # noqa: E731
+    compare(*run_both(active, make, KEEP_KWARGS, reruns=2))
+    assert len(computed) == 2

@@ -21,6 +21,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+mod fingerprint;
 mod hvg;
 mod leiden;
 mod rank_genes_groups;
@@ -186,6 +187,7 @@ fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, 
             n_iterations,
             seed,
         )?,
+        Request::Fingerprint { x } => fingerprint::handle(daemon, peer, &x)?,
     };
     Ok((response, After::Continue))
 }

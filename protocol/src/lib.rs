@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// Bumped on any change of the wire types below.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Largest frame either side accepts. Bulk data never travels in frames (it lives
 /// in shared memory); the largest inline payloads are per-cell or per-gene vectors.
@@ -242,6 +242,12 @@ pub enum Request {
         n_iterations: Option<u64>,
         seed: u64,
     },
+    /// A 128-bit fingerprint of a matrix's content (kind, shape, dtypes and the
+    /// bytes of every array), the key the daemon's derived-data cache uses; a
+    /// client keys results it keeps on it.
+    Fingerprint {
+        x: Matrix,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -365,6 +371,11 @@ pub enum Response {
     /// Community of every node, numbered by decreasing size.
     Leiden {
         membership: Vec<u64>,
+    },
+    /// `Request::Fingerprint`: the low and high 64 bits.
+    Fingerprint {
+        lo: u64,
+        hi: u64,
     },
 }
 

@@ -174,6 +174,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                 seed: 7,
             },
         ),
+        ("req_fingerprint", Request::Fingerprint { x: csr() }),
     ]
 }
 
@@ -286,6 +287,13 @@ fn responses() -> Vec<(&'static str, Response)> {
             "resp_leiden",
             Response::Leiden {
                 membership: vec![0, 1, 0, 2],
+            },
+        ),
+        (
+            "resp_fingerprint",
+            Response::Fingerprint {
+                lo: 0x0123_4567_89AB_CDEF,
+                hi: u64::MAX,
             },
         ),
     ]

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 MAX_FRAME_BYTES = 256 << 20
 
 
@@ -292,6 +292,7 @@ REQUEST = Enum(
                 ("seed", U64),
             ],
         ),
+        ("Fingerprint", [("x", MATRIX)]),
     ],
 )
 ERROR_KIND = _UnitEnum(
@@ -372,6 +373,7 @@ RESPONSE = Enum(
             ],
         ),
         ("Leiden", [("membership", Vec(U64))]),
+        ("Fingerprint", [("lo", U64), ("hi", U64)]),
     ],
 )
 

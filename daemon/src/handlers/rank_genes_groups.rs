@@ -1,16 +1,16 @@
 //! `RankGenesGroups`: fingerprint the matrix, get (or build and cache) its
 //! value-sorted per-gene structure, run the Wilcoxon kernel for this grouping.
 
+use super::fingerprint::fingerprint;
 use crate::cache::Sorted;
 use crate::error::{Failure, Result};
-use crate::kernels::content_hash::{bytes_of, ContentHash, PIECE};
+use crate::kernels::content_hash::{bytes_of, ContentHash};
 use crate::kernels::sorted_csc::{self, BuildError, SortedCsc};
 use crate::kernels::wilcoxon::{wilcoxon_stats, Query, Stats, NO_GROUP};
 use crate::kernels::{Float, SparseIndex};
 use crate::server::state::Daemon;
-use crate::shm::peer::PeerBuffer;
 use crate::shm::{CsrRegions, DenseRegions, FloatSlice, IndexSlice, Peer, Resolver};
-use autozyme_protocol::{ArrayRef, DType, ErrorKind, Location, Matrix, Response};
+use autozyme_protocol::{ErrorKind, Matrix, Response};
 use std::sync::Arc;
 
 /// Largest `cells x groups` table the rest statistics may need.
@@ -137,102 +137,6 @@ fn run<T: Float>(m: &SortedCsc<T>, q: &Query<'_>) -> Result<Stats> {
         ));
     }
     Ok(wilcoxon_stats(m, q))
-}
-
-fn dtype_tag(d: DType) -> u64 {
-    match d {
-        DType::F32 => 1,
-        DType::F64 => 2,
-        DType::I32 => 3,
-        DType::I64 => 4,
-    }
-}
-
-/// The fingerprint of a matrix: kind, shape, dtypes and every array's bytes.
-fn fingerprint(resolver: &mut Resolver<'_>, peer: Peer, x: &Matrix) -> Result<u128> {
-    let mut h = ContentHash::new(0x5753_4353);
-    let arrays: Vec<(&ArrayRef, &str)> = match x {
-        Matrix::Csr {
-            n_rows,
-            n_cols,
-            data,
-            indices,
-            indptr,
-        } => {
-            let indices = indices
-                .as_ref()
-                .ok_or_else(|| Failure::bad_request("RankGenesGroups needs the CSR indices"))?;
-            h.update_u64(1);
-            h.update_u64(*n_rows);
-            h.update_u64(*n_cols);
-            vec![
-                (data, "CSR data"),
-                (indices, "CSR indices"),
-                (indptr, "CSR indptr"),
-            ]
-        }
-        Matrix::Dense {
-            n_rows,
-            n_cols,
-            data,
-        } => {
-            h.update_u64(2);
-            h.update_u64(*n_rows);
-            h.update_u64(*n_cols);
-            vec![(data, "dense data")]
-        }
-    };
-    for (array, what) in arrays {
-        h.update_u64(dtype_tag(array.dtype));
-        h.update_u64(array.len);
-        let mut part = ContentHash::new(dtype_tag(array.dtype));
-        hash_array(resolver, peer, array, what, &mut part)?;
-        let p = part.finish();
-        h.update_u64(p as u64);
-        h.update_u64((p >> 64) as u64);
-    }
-    Ok(h.finish())
-}
-
-fn hash_array(
-    resolver: &mut Resolver<'_>,
-    peer: Peer,
-    array: &ArrayRef,
-    what: &str,
-    h: &mut ContentHash,
-) -> Result<()> {
-    let bytes = array
-        .len
-        .checked_mul(array.dtype.size() as u64)
-        .and_then(|b| usize::try_from(b).ok())
-        .ok_or_else(|| Failure::bad_request(format!("{what}: too many elements")))?;
-    match array.location {
-        Location::Peer { address } => {
-            // Streamed through one block-sized buffer: hashing a copy of a large
-            // array would cost a page fault per fresh page.
-            let block = 16 * PIECE;
-            let mut at = 0usize;
-            while at < bytes {
-                let n = block.min(bytes - at);
-                let mut buf = PeerBuffer::new(address + at as u64, n)?;
-                buf.read_from(peer.pid)?;
-                // SAFETY: the buffer holds `n` initialized bytes.
-                h.update(unsafe { std::slice::from_raw_parts(buf.as_ptr(), n) });
-                at += n;
-            }
-        }
-        Location::Segment { .. } => {
-            let region = resolver.region(array, what)?;
-            match (region.floats(), region.indices()) {
-                (Some(FloatSlice::F32(v)), _) => h.update(bytes_of(v)),
-                (Some(FloatSlice::F64(v)), _) => h.update(bytes_of(v)),
-                (_, Some(IndexSlice::I32(v))) => h.update(bytes_of(v)),
-                (_, Some(IndexSlice::I64(v))) => h.update(bytes_of(v)),
-                _ => return Err(Failure::bad_request(format!("{what}: unexpected dtype"))),
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Refuses a structure larger than the daemon's memory budget (the shim then

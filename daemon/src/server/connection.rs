@@ -235,5 +235,6 @@ pub(crate) fn variant_name(request: &Request) -> &'static str {
         Request::HvgClippedSums { .. } => "HvgClippedSums",
         Request::RankGenesGroups { .. } => "RankGenesGroups",
         Request::Leiden { .. } => "Leiden",
+        Request::Fingerprint { .. } => "Fingerprint",
     }
 }

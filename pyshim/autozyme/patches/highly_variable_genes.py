@@ -18,6 +18,14 @@ over the matrix placed once in shared memory, without copying any batch:
    one request per batch on a second connection, sent as soon as that batch's
    loess fit is done, so the daemon works while the next fit runs here.
 
+A result is kept (the last ``KEPT_RESULTS``, in this process) under the daemon's
+fingerprint of the matrix's content plus every input that shapes it (batches,
+flavor, ``n_top_genes``, ``span``, numba's thread count): the same cell run again,
+or on a fresh copy of the same data, gets a copy of it after one hashing pass
+over the matrix, instead of the statistics and seven loess fits again. The
+computation is deterministic, so a kept result is the one it would compute.
+``AUTOZYME_HVG_CACHE=0`` turns this off.
+
 The loess fits run here with scikit-misc exactly as upstream calls it (same
 inputs, same routine, so the same fitted values, errors and warnings; it holds
 the GIL, so fits cannot run in parallel threads). Everything O(genes) after
@@ -28,9 +36,13 @@ dtypes and bits follow by construction.
 
 from __future__ import annotations
 
+import collections
 import functools
+import hashlib
 import inspect
+import os
 import queue
+import threading
 import warnings
 
 import numpy as np
@@ -43,6 +55,7 @@ from . import _common
 
 VERIFIED = ("1.11.5",)
 FLAVORS = ("seurat_v3", "seurat_v3_paper")
+KEPT_RESULTS = 4
 
 
 def fast(upstream, *args, **kwargs):
@@ -259,6 +272,17 @@ def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_to
     one = np.empty(0, np.uint64)  # no batch codes: one batch of every cell
 
     batches = one if codes is None else codes
+    key = _result_key(client, matrix, codes, n_batches, flavor, n_top_genes, span, partitions)
+    kept = _kept.get(key)
+    if kept is not None:
+        del keep
+        df, raw_counts = kept
+        if check_values and not raw_counts:
+            _warn_non_integers(flavor)
+        df = df.copy()
+        df.index = var_names
+        df["gene_name"] = df.index
+        return df
     # With batches, all cells' statistics come first (a single batch is all cells).
     stats = client.call(msg("HvgMeanVar", x=matrix, batches=batches, n_batches=n_batches,
                             partitions=partitions, check=True, with_overall=codes is not None))
@@ -339,8 +363,54 @@ def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_to
             (n * np.square(mean)) + batch_squares[b] - 2 * batch_sums[b] * mean
         )
         norm_gene_vars.append(norm_gene_var.reshape(1, -1))
-    return _rank(mean_all, var_all, norm_gene_vars, flavor=flavor, n_top_genes=n_top_genes,
-                 var_names=var_names)
+    df = _rank(mean_all, var_all, norm_gene_vars, flavor=flavor, n_top_genes=n_top_genes,
+               var_names=var_names)
+    _kept.put(key, (df.copy(), not (stats.negative or stats.non_integer)))
+    return df
+
+
+class _Kept:
+    """The last few results, by key (None: not kept)."""
+
+    def __init__(self, size: int):
+        self._size = size
+        self._items: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        if key is None:
+            return None
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            return item
+
+    def put(self, key, item) -> None:
+        if key is None:
+            return
+        with self._lock:
+            self._items[key] = item
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+_kept = _Kept(KEPT_RESULTS)
+
+
+def _result_key(client, matrix, codes, n_batches, flavor, n_top_genes, span, partitions):
+    """What determines the result: the matrix's content (the daemon's fingerprint,
+    which covers kind, shape and dtypes), each cell's batch, and the parameters.
+    None when keeping results is turned off."""
+    if os.environ.get("AUTOZYME_HVG_CACHE", "1") == "0":
+        return None
+    fp = client.call(msg("Fingerprint", x=matrix))
+    h = hashlib.blake2b(digest_size=16)
+    h.update(b"none" if codes is None else np.ascontiguousarray(codes).view(np.uint8))
+    h.update(repr((fp.lo, fp.hi, n_batches, flavor, n_top_genes, type(n_top_genes).__name__,
+                   span, type(span).__name__, partitions)).encode())
+    return h.digest()
 
 
 _side: dict = {}  # pid -> Client: a second connection, for overlapping requests
