@@ -48,6 +48,10 @@ def killable(monkeypatch):
     monkeypatch.setenv("AUTOZYME_STRICT", "0")
     old = client_mod._client
     client_mod._set_client(client_mod.Client())
+    from autozyme.patches import highly_variable_genes as hvg
+
+    # No kept hvg result from an earlier test may spare a call its requests.
+    monkeypatch.setattr(hvg, "_kept", hvg._Kept(hvg.KEPT_RESULTS))
 
     def arm(request, phase):
         monkeypatch.setenv("AUTOZYME_TEST_KILL_AT", f"{request}:{phase}:{flag}")
@@ -225,6 +229,8 @@ OTHER_CALLS = {
     "ScaleApply": ("scale", lambda sc, ad: sc.pp.scale(ad, max_value=8)),
     "HvgMeanVar": ("highly_variable_genes", lambda sc, ad: sc.pp.highly_variable_genes(
         ad, flavor="seurat_v3", n_top_genes=50, batch_key="batch")),
+    "Fingerprint": ("highly_variable_genes", lambda sc, ad: sc.pp.highly_variable_genes(
+        ad, flavor="seurat_v3", n_top_genes=50, batch_key="batch")),
     "RankGenesGroups": ("rank_genes_groups", lambda sc, ad: sc.tl.rank_genes_groups(
         ad, "cluster", method="wilcoxon", pts=True)),
 }
@@ -261,6 +267,57 @@ def test_daemon_killed_in_the_other_calls(killable, request_name, phase):
                 assert fallback.counts()["served"].get(name) == 1, fallback.counts()
         print(f"killed at {request_name}:{phase}: {name} returned upstream's result, next call served")
     finally:
+        autozyme.deactivate()
+
+
+@pytest.mark.parametrize("phase", ["received", "reply"])
+def test_daemon_killed_in_parallel_leiden(killable, phase):
+    """Leiden's parallel mode (its own labels, not upstream's): a killed call
+    returns either upstream's labels (fallback) or, resent to a restarted daemon
+    (the request is idempotent), the labels an undisturbed daemon gives; the
+    next call is served and gives those."""
+    import anndata as ad
+    import scanpy as sc
+
+    import autozyme
+
+    rng = np.random.default_rng(5)
+    n = 600
+    centers = rng.integers(0, 6, n)
+    rows = np.repeat(np.arange(n), 8)
+    cols = np.array([rng.choice(np.flatnonzero(centers == centers[i]), 8) for i in range(n)]).ravel()
+    g = sp.csr_matrix((rng.random(rows.size).astype(np.float32) + 0.1, (rows, cols)), shape=(n, n))
+    g = g.maximum(g.T).tocsr()
+
+    def labels(run):
+        adata = ad.AnnData(np.zeros((n, 1), dtype=np.float32))
+        adata.obsp["connectivities"] = g.copy()
+        adata.uns["neighbors"] = {"connectivities_key": "connectivities", "params": {}}
+        run(adata, flavor="igraph", n_iterations=2, random_state=3)
+        return adata.obs["leiden"].astype(str).to_numpy()
+
+    autozyme.activate("scanpy", prewarm=False)
+    autozyme.configure(leiden="parallel")
+    try:
+        upstream = labels(sc.tl.leiden.__autozyme_upstream__)
+        undisturbed = labels(sc.tl.leiden)
+        client_mod.get_client().shutdown()  # the next daemon starts with the fault armed
+        flag = killable("Leiden", phase)
+        fallback.reset_counts()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            killed = labels(sc.tl.leiden)
+        assert not flag.exists(), "the daemon did not reach the fault"
+        resent = fallback.counts()["served"].get("leiden", 0) == 1
+        assert np.array_equal(killed, undisturbed if resent else upstream)
+        assert np.array_equal(labels(sc.tl.leiden), undisturbed)
+        assert fallback.counts()["served"].get("leiden") == 1 + resent, fallback.counts()
+        how = "resent to a restarted daemon" if resent else "upstream's labels returned"
+        print(f"killed at Leiden:{phase}: {how}, next call served")
+    finally:
+        from autozyme import settings
+
+        settings.reset()
         autozyme.deactivate()
 
 
