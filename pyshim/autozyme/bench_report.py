@@ -255,6 +255,7 @@ def run(args) -> int:
 
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
     runtime_base = Path(tempfile.mkdtemp(prefix="azm-report-rt-"))
+    print(f"daemons: one per tier and thread count, runtime dirs under {runtime_base}", flush=True)
     rows: list[dict] = []
     measured: dict[tuple, str] = {}  # rank subset / leiden graph -> the tier that measured it
     try:
