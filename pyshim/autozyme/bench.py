@@ -374,11 +374,13 @@ def print_call(row: dict, bw: float) -> None:
           f"= {moved / bw * 1000:.0f} ms on one thread\n", flush=True)
 
 
-def daemon_cli(action: str, env: dict) -> None:
+def daemon_cli(action: str, env: dict) -> str | None:
     """``autozyme daemon start|stop`` in a subprocess with ``env`` (its own
-    runtime dir and thread count), leaving this process's client alone."""
-    subprocess.run([sys.executable, "-m", "autozyme.cli", "daemon", action], env={**os.environ, **env},
-                   capture_output=True, text=True, check=action == "start")
+    runtime dir and thread count), leaving this process's client alone.
+    Returns the error output when it failed."""
+    proc = subprocess.run([sys.executable, "-m", "autozyme.cli", "daemon", action], env={**os.environ, **env},
+                          capture_output=True, text=True)
+    return None if proc.returncode == 0 else (proc.stderr or proc.stdout).strip()
 
 
 def run(args) -> int:
