@@ -470,8 +470,8 @@ def add_parser(sub) -> None:
                         "(25,000 genes, cells from MemAvailable: 60%% of it at 80 kB per cell, in steps "
                         "of 10,000, skipped unless above medium), or CELLSxGENES (e.g. 3000x2000)")
     r.add_argument("--threads", default=None,
-                   help="thread counts, e.g. 1,2 or 1-4 (default: 1 to all cores). Upstream gets "
-                        "NUMBA_NUM_THREADS, autozyme a daemon with AUTOZYME_THREADS, per count")
+                   help="thread counts, e.g. 1,2 or 1-4 (default: 1, 2, 4, ... and all cores). Upstream "
+                        "gets NUMBA_NUM_THREADS, autozyme a daemon of its own with AUTOZYME_THREADS, per count")
     r.add_argument("--scale-genes", type=int, default=3_000,
                    help="scale: genes of its matrix (the highly variable genes scale usually gets; "
                         "its result is dense)")
