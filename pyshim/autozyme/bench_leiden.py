@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -208,6 +209,7 @@ def run(cache: Path, out: Path, cells: int, with_leidenalg: bool = False) -> boo
         results = {m: run_mode(m, graph, out, env) for m, env in modes}
     finally:
         daemon_cli("stop", one_thread)
+        shutil.rmtree(one_thread["AUTOZYME_RUNTIME_DIR"], ignore_errors=True)
     rows = evaluate(graph, out, results)
     up = np.load(out / "leiden_upstream.npy")
     up_ari = np.mean([adjusted_rand(up[i], up[j]) for i in range(len(SEEDS)) for j in range(i + 1, len(SEEDS))])
