@@ -187,6 +187,8 @@ def worker(mode: str, call: str, data: Path, out: Path, pause: float) -> dict:
         base = lognormalize(base)
     result = {"mode": mode, "call": call, "nnz": int(base.X.nnz),
               "cells": base.n_obs, "genes": base.n_vars}
+    if daemon_pid:
+        result["daemon_threads"] = get_client().connection().hello.threads
     a = base.copy()
     b = base.copy()
     for phase, target in (("first", a), ("warm", b), ("rerun", b)):
@@ -210,17 +212,24 @@ def worker(mode: str, call: str, data: Path, out: Path, pause: float) -> dict:
 
 
 # --- parent ---------------------------------------------------------------------
-def max_ulp(a: np.ndarray, b: np.ndarray) -> int | None:
+def max_ulp(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 22) -> int | None:
     if a.shape != b.shape or a.dtype != b.dtype:
         return None
     if a.size == 0:
         return 0
     ints = {4: np.int32, 8: np.int64}[a.dtype.itemsize]
-    ia, ib = a.view(ints).astype(np.int64), b.view(ints).astype(np.int64)
-    # Map the sign-magnitude float encoding onto a monotone integer line.
-    ia = np.where(ia < 0, np.iinfo(ints).min - ia, ia)
-    ib = np.where(ib < 0, np.iinfo(ints).min - ib, ib)
-    return int(np.max(np.abs(ia - ib)))
+    va, vb = a.reshape(-1).view(ints), b.reshape(-1).view(ints)
+    worst = 0
+    # In chunks: the report compares results of several GB, and the int64
+    # copies of whole arrays would need four times that.
+    for start in range(0, va.size, chunk):
+        ia = va[start:start + chunk].astype(np.int64)
+        ib = vb[start:start + chunk].astype(np.int64)
+        # Map the sign-magnitude float encoding onto a monotone integer line.
+        ia = np.where(ia < 0, np.iinfo(ints).min - ia, ia)
+        ib = np.where(ib < 0, np.iinfo(ints).min - ib, ib)
+        worst = max(worst, int(np.max(np.abs(ia - ib))))
+    return worst
 
 
 def max_ulp_all(a, b) -> int | None:
@@ -263,12 +272,47 @@ def touch_memory(nbytes: int) -> None:
     del block
 
 
-def _run_worker(mode: str, call: str, data: Path, out: Path, pause: float) -> dict:
+def _run_worker(mode: str, call: str, data: Path, out: Path, pause: float, env: dict | None = None) -> dict:
     cmd = [sys.executable, "-m", "autozyme.bench", "--worker", mode, call, str(data), str(out), str(pause)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} {call} worker failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_workers(mode: str, call: str, data: Path, out: Path, pause: float, repeat: int,
+                env: dict | None = None, progress=None) -> dict:
+    """``repeat`` fresh worker processes of one side, merged (medians)."""
+    runs = []
+    for i in range(repeat):
+        if progress:
+            progress(f"{mode} run {i + 1}/{repeat}")
+        runs.append(_run_worker(mode, call, data, out, pause, env))
+    return _median_of(runs)
+
+
+def warm_numba_cache(data: Path, calls, env: dict | None = None) -> None:
+    """One throwaway upstream process that runs ``calls`` on small data, so
+    numba's on-disk cache exists as it does for anyone who has called these
+    functions before."""
+    cmd = [sys.executable, "-m", "autozyme.bench", "--warmup", str(data), ",".join(calls)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise RuntimeError(f"numba warm-up failed:\n{proc.stderr[-3000:]}")
+
+
+def _warmup(data: Path, calls: list[str]) -> None:
+    import scanpy as sc
+
+    base = load_anndata(data)
+    for call in calls:
+        if call == "rank_genes_groups":
+            from .bench_rank import KWARGS, prepare
+
+            sc.tl.rank_genes_groups(prepare(base, base.n_obs, base.n_vars), "grp", **KWARGS)
+        elif call in CALLS:
+            a = lognormalize(base.copy()) if call == "scale" else base.copy()
+            getattr(sc.pp, call)(a, **CALLS[call][0])
 
 
 def _median_of(runs) -> dict:
@@ -291,18 +335,67 @@ def _median_of(runs) -> dict:
     return merged
 
 
+def measure_call(call: str, data: Path, out: Path, repeat: int, pause: float,
+                 up_env: dict | None = None, az_env: dict | None = None, progress=None) -> dict:
+    """Both sides of one call (``repeat`` fresh processes each) and their
+    comparison: ``{call, upstream, autozyme, max_ulp, served, equivalent}``."""
+    up = run_workers("upstream", call, data, out, pause, repeat, up_env, progress)
+    fast = run_workers("autozyme", call, data, out, pause, repeat, az_env, progress)
+    if progress:
+        progress("comparing results")
+    files = [out / f"{call}_{side}.npz" for side in ("upstream", "autozyme")]
+    with np.load(files[0]) as a, np.load(files[1]) as b:
+        ulp = max_ulp_all(a, b)
+    for f in files:  # results can be GBs (scale is dense); the verdict is kept
+        f.unlink(missing_ok=True)
+    served = fast.get("served", 0)
+    return dict(call=call, upstream=up, autozyme=fast, max_ulp=ulp, served=served,
+                equivalent=ulp == 0 and served == len(PHASES))
+
+
 def _fmt_t(s: float) -> str:
     return f"{s * 1000:8.1f} ms" if s < 10 else f"{s:8.2f} s "
 
 
+def print_call(row: dict, bw: float) -> None:
+    """The human-readable rows of one call, as `autozyme bench` prints them."""
+    call, up, fast = row["call"], row["upstream"], row["autozyme"]
+    print(f"{call}  ({up['nnz'] / 1e6:.1f}M non-zeros; max ulp vs upstream: {row['max_ulp']}; "
+          f"calls served by autozyme: {row['served']} of 3 in every run)")
+    print(f"  {'phase':<7} {'upstream':>12} {'autozyme':>12} {'speedup':>8}   "
+          f"{'peak client (up)':>16} {'peak client+daemon (az)':>24}")
+    for phase in PHASES:
+        mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
+        az_mem = f"{mib(fast[f'{phase}_client_peak'])} + {mib(fast[f'{phase}_daemon_peak'])}"
+        print(f"  {phase:<7} {_fmt_t(up[phase]):>12} {_fmt_t(fast[phase]):>12} "
+              f"{up[phase] / fast[phase]:7.1f}x   {mib(up[f'{phase}_client_peak']):>16} {az_mem:>24}")
+    moved = moved_bytes(call, up)
+    print(f"  roofline: {CALLS[call][1]} = {moved / 1e9:.2f} GB / {bw / 1e9:.1f} GB/s "
+          f"= {moved / bw * 1000:.0f} ms on one thread\n", flush=True)
+
+
+def daemon_cli(action: str, env: dict) -> str | None:
+    """``autozyme daemon start|stop`` in a subprocess with ``env`` (its own
+    runtime dir and thread count), leaving this process's client alone.
+    Returns the error output when it failed."""
+    proc = subprocess.run([sys.executable, "-m", "autozyme.cli", "daemon", action], env={**os.environ, **env},
+                          capture_output=True, text=True)
+    return None if proc.returncode == 0 else (proc.stderr or proc.stdout).strip()
+
+
 def run(args) -> int:
+    if args.report:
+        from . import bench_report
+
+        return bench_report.run(args)
     from .client import get_client
 
+    args.repeat = args.repeat or 3
     cache = Path(args.cache).expanduser()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = dataset_path(cache, args.cells, args.genes, args.density)
-    calls = [c for c in args.calls.split(",") if c]
+    calls = [c for c in (args.calls or ",".join(CALLS)).split(",") if c]
     leiden_ok = True
     if "leiden" in calls:  # a graph, not a count matrix: its own rows (bench_leiden.py)
         from . import bench_leiden
@@ -318,38 +411,26 @@ def run(args) -> int:
           f"daemon pid {hello.pid} with {hello.threads} threads; {os.cpu_count()} cores; "
           f"copy bandwidth {bw / 1e9:.1f} GB/s (1 thread); phases {args.pause:g} s apart; "
           f"median of {args.repeat} fresh processes per side\n", flush=True)
-    # One throwaway upstream run, so numba's on-disk cache exists as it does for
-    # anyone who has called these functions before.
     rows = []
     if "rank_genes_groups" in calls:
         from . import bench_rank
 
         calls.remove("rank_genes_groups")
         if not bench_rank.run_call(args, data, out, hello.threads):
-            rows.append(("rank_genes_groups", {}, {}, None))
+            rows.append(dict(call="rank_genes_groups", upstream={}, autozyme={}, max_ulp=None,
+                             served=0, equivalent=False))
+            # (rank_genes_groups prints its own rows and is listed here only if it failed)
+    # One throwaway upstream run, so numba's on-disk cache exists as it does for
+    # anyone who has called these functions before.
     if calls:
         _run_worker("upstream", calls[0], data, out, 0)
     for call in calls:
-        up = _median_of(_run_worker("upstream", call, data, out, args.pause) for _ in range(args.repeat))
-        fast = _median_of(_run_worker("autozyme", call, data, out, args.pause) for _ in range(args.repeat))
-        ulp = max_ulp_all(np.load(out / f"{call}_upstream.npz"), np.load(out / f"{call}_autozyme.npz"))
-        rows.append((call, up, fast, ulp))
-        print(f"{call}  ({up['nnz'] / 1e6:.1f}M non-zeros; max ulp vs upstream: {ulp}; "
-              f"calls served by autozyme: {fast.get('served', 0)} of 3 in every run)")
-        print(f"  {'phase':<7} {'upstream':>12} {'autozyme':>12} {'speedup':>8}   "
-              f"{'peak client (up)':>16} {'peak client+daemon (az)':>24}")
-        for phase in PHASES:
-            mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
-            az_mem = f"{mib(fast[f'{phase}_client_peak'])} + {mib(fast[f'{phase}_daemon_peak'])}"
-            print(f"  {phase:<7} {_fmt_t(up[phase]):>12} {_fmt_t(fast[phase]):>12} "
-                  f"{up[phase] / fast[phase]:7.1f}x   {mib(up[f'{phase}_client_peak']):>16} {az_mem:>24}")
-        moved = moved_bytes(call, up)
-        print(f"  roofline: {CALLS[call][1]} = {moved / 1e9:.2f} GB / {bw / 1e9:.1f} GB/s "
-              f"= {moved / bw * 1000:.0f} ms on one thread\n", flush=True)
+        row = measure_call(call, data, out, args.repeat, args.pause)
+        rows.append(row)
+        print_call(row, bw)
     (out / "bench.json").write_text(json.dumps(
-        [dict(call=c, upstream=u, autozyme=f, max_ulp=m) for c, u, f, m in rows], indent=1))
-    bad = [c for c, _, f, m in rows if m != 0 or f.get("served", 0) != 3]
-    # (rank_genes_groups prints its own rows and is listed here only if it failed)
+        [{k: r[k] for k in ("call", "upstream", "autozyme", "max_ulp")} for r in rows], indent=1))
+    bad = [r["call"] for r in rows if not r["equivalent"]]
     if bad:
         print(f"NOT EQUIVALENT or not served: {', '.join(bad)}")
         return 1
@@ -357,12 +438,16 @@ def run(args) -> int:
 
 
 def add_parser(sub) -> None:
-    b = sub.add_parser("bench", help="time upstream scanpy and autozyme side by side")
+    b = sub.add_parser("bench", help="time upstream scanpy and autozyme side by side",
+                       description="Time upstream scanpy and autozyme side by side, in fresh processes. "
+                       "With --report DIR: every call on dataset tiers and thread counts, written to "
+                       "DIR/report.md (tables, charts) and DIR/report.json.")
     b.add_argument("--cells", type=int, default=100_000)
     b.add_argument("--genes", type=int, default=25_000)
     b.add_argument("--density", type=float, default=0.07)
-    b.add_argument("--calls", default=",".join(CALLS),
-                   help=f"comma-separated, from {', '.join([*CALLS, 'leiden'])}")
+    b.add_argument("--calls", default=None,
+                   help=f"comma-separated, from {', '.join([*CALLS, 'leiden'])} "
+                        f"(default: all but leiden; with --report: all)")
     b.add_argument("--leiden-cells", type=int, default=20_000, help="nodes of the kNN graph for leiden")
     b.add_argument("--leidenalg", action="store_true",
                    help="leiden: also upstream's default flavor='leidenalg' (slow) and parallel mode on it")
@@ -372,9 +457,24 @@ def add_parser(sub) -> None:
                    help="rank_genes_groups: genes taken from the dataset")
     b.add_argument("--cache", default="~/.cache/autozyme/bench")
     b.add_argument("--out", default="bench-out")
-    b.add_argument("--repeat", type=int, default=3, help="fresh-process runs per side (medians)")
+    b.add_argument("--repeat", type=int, default=None,
+                   help="fresh-process runs per side (medians; default 3, with --report 1)")
     b.add_argument("--pause", type=float, default=1.0,
                    help="seconds between phases, as between notebook cells (0: back to back)")
+    r = b.add_argument_group("report (--report DIR)")
+    r.add_argument("--report", metavar="DIR", default=None,
+                   help="run every call on dataset tiers at every thread count and write DIR/report.md "
+                        "(tables and PNG charts) and DIR/report.json")
+    r.add_argument("--tiers", default="small,medium,large",
+                   help="comma-separated: small (20,000 x 20,000), medium (100,000 x 25,000), large "
+                        "(25,000 genes, cells from MemAvailable: 60%% of it at 80 kB per cell, in steps "
+                        "of 10,000, skipped unless above medium), or CELLSxGENES (e.g. 3000x2000)")
+    r.add_argument("--threads", default=None,
+                   help="thread counts, e.g. 1,2 or 1-4 (default: 1, 2, 4, ... and all cores). Upstream "
+                        "gets NUMBA_NUM_THREADS, autozyme a daemon of its own with AUTOZYME_THREADS, per count")
+    r.add_argument("--scale-genes", type=int, default=3_000,
+                   help="scale: genes of its matrix (the highly variable genes scale usually gets; "
+                        "its result is dense)")
     b.set_defaults(func=run)
 
 
@@ -382,5 +482,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 7 and sys.argv[1] == "--worker":
         res = worker(sys.argv[2], sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]), float(sys.argv[6]))
         print(json.dumps(res))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--warmup":
+        _warmup(Path(sys.argv[2]), sys.argv[3].split(","))
     else:
-        sys.exit("usage: python -m autozyme.bench --worker MODE CALL DATA OUT")
+        sys.exit("usage: python -m autozyme.bench --worker MODE CALL DATA OUT PAUSE | --warmup DATA CALLS")

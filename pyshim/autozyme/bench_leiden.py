@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,10 +88,6 @@ def worker(mode: str, graph: Path, out: Path) -> dict:
         result["served"] = fallback.counts()["served"].get("leiden", 0)
         if mode.startswith("parallel"):  # exact mode runs in the shim, not the daemon
             result["threads"] = autozyme.status()["daemon"]["threads"]
-        if mode.startswith("parallel-1"):
-            from autozyme.client import get_client
-
-            get_client().shutdown()
     return result
 
 
@@ -129,60 +126,115 @@ def _run(mode: str, graph: Path, out: Path, env: dict | None = None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(cache: Path, out: Path, cells: int, with_leidenalg: bool = False) -> bool:
-    """Prints the rows; True when exact mode matched upstream for every seed."""
+def run_mode(mode: str, graph: Path, out: Path, env: dict | None = None, progress=None) -> dict:
+    """One row's fresh process (seeds 0, 1, 2); labels left in ``out/leiden_<mode>.npy``.
+    Modes: upstream, exact, parallel-<t>, leidenalg, parallel-<t>-leidenalg, piaso-<t>."""
+    if progress:
+        progress(f"{mode} ({len(SEEDS)} seeds)")
+    return _run(mode, graph, out, env)
+
+
+def _impl(mode: str) -> str:
+    return "leidenalg" if mode == "leidenalg" else mode.split("-")[0]
+
+
+def evaluate(graph: Path, out: Path, results: dict) -> list[dict]:
+    """Rows (one per mode, in ``results``' order) with time, modularity, clusters
+    and agreement with upstream igraph (whose labels must be in ``out``).
+    Equivalence: exact mode must give upstream's labels for every seed; parallel
+    mode (its own Leiden) must give the same labels at every thread count; the
+    other rows are references, not claims."""
     import scipy.sparse as sp
     from sklearn.metrics import adjusted_rand_score
 
     from scanpy._utils import get_igraph_from_adjacency
 
-    graph = graph_path(cache, cells)
     a = sp.load_npz(graph).tocsr()
     g = get_igraph_from_adjacency(a, directed=False)
 
     def modularity(labels):
         return g.modularity(labels.astype(int).tolist(), weights="weight", resolution=RESOLUTION)
 
-    one_thread = tempfile.mkdtemp(prefix="azm-bench-1t-")
-    modes = [("upstream", None), ("exact", None),
-             ("parallel-1", {"AUTOZYME_THREADS": "1", "AUTOZYME_RUNTIME_DIR": one_thread}),
-             ("parallel-2", None)]
+    up = np.load(out / "leiden_upstream.npy")
+    base = float(np.median(results["upstream"]["times"]))
+    parallel = {m: r for m, r in results.items() if _impl(m) == "parallel"}
+    rows = []
+    for mode, r in results.items():
+        labels = np.load(out / f"leiden_{mode}.npy")
+        t = float(np.median(r["times"]))
+        impl = _impl(mode)
+        row = dict(mode=mode, impl=impl, flavor="leidenalg" if mode.endswith("leidenalg") else "igraph",
+                   threads=r.get("threads"), time=t, times=r["times"], upstream_time=base, speedup=base / t,
+                   modularity=float(np.mean([modularity(x) for x in labels])),
+                   clusters="/".join(str(x.max() + 1) for x in labels),
+                   ari=float(np.mean([adjusted_rand_score(x, u) for x, u in zip(labels, up)])),
+                   identical=int(sum(np.array_equal(x, u) for x, u in zip(labels, up))),
+                   seeds=len(SEEDS), served=r.get("served"), nodes=a.shape[0], edges=int(a.nnz))
+        row["equivalent"], row["equivalence"] = None, f"reference (ARI {row['ari']:.4f} to upstream)"
+        if mode == "upstream":
+            row["equivalence"] = "reference"
+        elif impl == "exact":
+            row["equivalent"] = row["identical"] == len(SEEDS) and r.get("served") == len(SEEDS)
+            row["equivalence"] = f"identical labels {row['identical']}/{len(SEEDS)}"
+        elif impl == "parallel":
+            # Its own Leiden: the claim is the same labels at every thread count.
+            same_flavor = sorted((m for m in parallel if m.endswith("leidenalg") == mode.endswith("leidenalg")),
+                                 key=lambda m: parallel[m].get("threads") or 0)
+            first = same_flavor[0]
+            row["equivalence"] = f"own Leiden, ARI {row['ari']:.4f} to upstream"
+            if first != mode:
+                same = np.array_equal(labels, np.load(out / f"leiden_{first}.npy"))
+                row["equivalent"] = same and r.get("served") == len(SEEDS)
+                row["equivalence"] += (f"; same labels as at {parallel[first].get('threads')} thread(s)" if same
+                                       else f"; labels differ from {parallel[first].get('threads')} thread(s)")
+            elif r.get("served") != len(SEEDS):
+                row["equivalent"] = False
+        rows.append(row)
+    return rows
+
+
+def run(cache: Path, out: Path, cells: int, with_leidenalg: bool = False) -> bool:
+    """Prints the rows; True when exact mode matched upstream for every seed and
+    parallel mode gave the same labels at 1 thread and at the daemon's count."""
+    from .bench import daemon_cli
+
+    graph = graph_path(cache, cells)
+    one_thread = {"AUTOZYME_THREADS": "1", "AUTOZYME_RUNTIME_DIR": tempfile.mkdtemp(prefix="azm-bench-1t-")}
+    modes = [("upstream", None), ("exact", None), ("parallel-1", one_thread), ("parallel-2", None)]
     if with_leidenalg:
-        modes += [("leidenalg", None),
-                  ("parallel-1-leidenalg", {"AUTOZYME_THREADS": "1", "AUTOZYME_RUNTIME_DIR": one_thread}),
-                  ("parallel-leidenalg", None)]
+        modes += [("leidenalg", None), ("parallel-1-leidenalg", one_thread), ("parallel-leidenalg", None)]
     if piaso_installed():
         modes += [("piaso-1", None), ("piaso-2", None)]
-    results = {m: _run(m, graph, out, env) for m, env in modes}
+    try:
+        results = {m: run_mode(m, graph, out, env) for m, env in modes}
+    finally:
+        daemon_cli("stop", one_thread)
+        shutil.rmtree(one_thread["AUTOZYME_RUNTIME_DIR"], ignore_errors=True)
+    rows = evaluate(graph, out, results)
     up = np.load(out / "leiden_upstream.npy")
-    up_q = np.mean([modularity(x) for x in up])
-    up_ari = np.mean([adjusted_rand_score(up[i], up[j])
-                      for i in range(len(SEEDS)) for j in range(i + 1, len(SEEDS))])
-    base = float(np.median(results["upstream"]["times"]))
-    print(f"leiden  ({cells} cells, {a.nnz / 1e6:.2f}M stored edges, 12 neighbours, resolution "
+    up_ari = np.mean([adjusted_rand(up[i], up[j]) for i in range(len(SEEDS)) for j in range(i + 1, len(SEEDS))])
+    up_q = rows[0]["modularity"]
+    print(f"leiden  ({cells} cells, {rows[0]['edges'] / 1e6:.2f}M stored edges, 12 neighbours, resolution "
           f"{RESOLUTION}; seeds {', '.join(map(str, SEEDS))}; median time over the seeds)")
     print(f"  {'row':<22} {'threads':>7} {'time':>11} {'speedup':>8} {'modularity':>11} {'clusters':>9} "
           f"{'ARI to up':>10} {'identical':>10}")
-    exact_ok = True
-    for mode, _ in modes:
-        r = results[mode]
-        labels = np.load(out / f"leiden_{mode}.npy")
-        t = float(np.median(r["times"]))
-        q = np.mean([modularity(x) for x in labels])
-        k = "/".join(str(x.max() + 1) for x in labels)
-        ari = np.mean([adjusted_rand_score(x, u) for x, u in zip(labels, up)])
-        same = sum(np.array_equal(x, u) for x, u in zip(labels, up))
-        if mode == "exact":
-            exact_ok = same == len(SEEDS) and r.get("served") == len(SEEDS)
-        threads = r.get("threads", "-")
-        print(f"  {mode:<22} {threads!s:>7} {t * 1000:8.1f} ms {base / t:7.1f}x {q:11.5f} {k:>9} "
-              f"{ari:10.4f} {same:>7}/{len(SEEDS)}")
+    for r in rows:
+        threads = r["threads"] if r["threads"] is not None else "-"
+        print(f"  {r['mode']:<22} {threads!s:>7} {r['time'] * 1000:8.1f} ms {r['speedup']:7.1f}x "
+              f"{r['modularity']:11.5f} {r['clusters']:>9} {r['ari']:10.4f} {r['identical']:>7}/{len(SEEDS)}")
     print(f"  upstream (igraph) seed-to-seed ARI {up_ari:.4f}, mean modularity {up_q:.5f}")
     p1, p2 = (np.load(out / f"leiden_parallel-{t}.npy") for t in (1, 2))
     print(f"  parallel mode, 1 vs 2 threads: {'identical' if np.array_equal(p1, p2) else 'DIFFERENT'} labels\n",
           flush=True)
     (out / "bench_leiden.json").write_text(json.dumps(results, indent=1))
+    exact_ok = next(r for r in rows if r["mode"] == "exact")["equivalent"]
     return exact_ok and np.array_equal(p1, p2)
+
+
+def adjusted_rand(a, b) -> float:
+    from sklearn.metrics import adjusted_rand_score
+
+    return float(adjusted_rand_score(a, b))
 
 
 if __name__ == "__main__":
