@@ -575,7 +575,7 @@ def method_notes(report: dict) -> list[str]:
                      "tie correction, fold changes exponentiated after averaging) is a reference: its "
                      "agreement with upstream is shown, not judged.")
     if s["piaso"]:
-        notes.append("- PIASO (`piaso.tl.leiden(backend='rust')`, `n_iterations=2` as upstream igraph) is a "
+        notes.append("- PIASO (`piaso.tl.leiden(backend='rust')`, `n_iterations=-1` (until stable) as the scanpy calls here) is a "
                      "reference: modularity and ARI are shown, not judged.")
     notes.append("- **NOT EQUIVALENT** marks a run whose result differed from upstream's beyond the claim "
                  "above, a call autozyme did not serve, or a failed worker; such runs stay in every table "
