@@ -540,16 +540,12 @@ fn divide_rows(
             csr.validate_indptr()?;
             let mut out = resolver.output(out, "out")?;
             check_out_len(out.len(), csr.data.len())?;
-            for (array, what) in [
+            out.check_apart(&[
                 (csr.indices.as_ref(), "indices"),
                 (Some(&csr.indptr), "indptr"),
-            ] {
-                if array.is_some_and(|a| out.overlaps(a)) {
-                    return Err(Failure::bad_request(format!("out overlaps x's {what}")));
-                }
-            }
+            ])?;
             let indptr = csr.indptr.indices().expect("dtype checked");
-            if out.is_same_array(&csr.data) {
+            if out.is_in_place_of(&csr.data)? {
                 // SAFETY: `out` is x's data itself, which overlaps neither indices nor
                 // indptr (checked above); no other view of the data is alive.
                 let data = unsafe { csr.data.floats_mut() }.expect("dtype checked");
@@ -559,11 +555,6 @@ fn divide_rows(
                 }
                 csr.data.write_back(peer)?;
             } else {
-                if out.overlaps(&csr.data) {
-                    return Err(Failure::bad_request(
-                        "out partially overlaps x's data (it may only be exactly x's data)",
-                    ));
-                }
                 // SAFETY: `out` overlaps none of x's arrays (checked above).
                 let values = unsafe { out.floats_mut() }.expect("dtype checked");
                 let data = csr.data.floats().expect("dtype checked");
@@ -584,7 +575,7 @@ fn divide_rows(
             let mut out = resolver.output(out, "out")?;
             check_out_len(out.len(), dense.data.len())?;
             let n_cols = dense.n_cols;
-            if out.is_same_array(&dense.data) {
+            if out.is_in_place_of(&dense.data)? {
                 // SAFETY: `out` is x's data itself; no other view of it is alive.
                 let data = unsafe { dense.data.floats_mut() }.expect("dtype checked");
                 match data {
@@ -597,11 +588,6 @@ fn divide_rows(
                 }
                 dense.data.write_back(peer)?;
             } else {
-                if out.overlaps(&dense.data) {
-                    return Err(Failure::bad_request(
-                        "out partially overlaps x's data (it may only be exactly x's data)",
-                    ));
-                }
                 // SAFETY: `out` does not overlap x's data (checked above).
                 let values = unsafe { out.floats_mut() }.expect("dtype checked");
                 let data = dense.data.floats().expect("dtype checked");

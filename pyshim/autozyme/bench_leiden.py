@@ -111,11 +111,9 @@ def piaso_worker(mode: str, a, out: Path) -> dict:
 
 
 def piaso_installed() -> bool:
-    try:
-        import piaso  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("piaso") is not None
 
 
 def _run(mode: str, graph: Path, out: Path, env: dict | None = None) -> dict:

@@ -222,15 +222,11 @@ pub fn apply(
             }
             let mut out_region = resolver.output(out, "out")?;
             check_out_len(out_region.len(), csr.n_rows, csr.n_cols)?;
-            for (array, what) in [
+            out_region.check_apart(&[
                 (Some(&csr.data), "data"),
                 (csr.indices.as_ref(), "indices"),
                 (Some(&csr.indptr), "indptr"),
-            ] {
-                if array.is_some_and(|a| out_region.overlaps(a)) {
-                    return Err(Failure::bad_request(format!("out overlaps x's {what}")));
-                }
-            }
+            ])?;
             let cols = csr.validated_column_indices()?;
             let indptr = csr.indptr.indices().expect("dtype checked");
             let data = csr.data.floats().expect("dtype checked");
@@ -266,7 +262,7 @@ pub fn apply(
             }
             let mut out_region = resolver.output(out, "out")?;
             check_out_len(out_region.len(), dense.n_rows, dense.n_cols)?;
-            if out_region.is_same_array(&dense.data) {
+            if out_region.is_in_place_of(&dense.data)? {
                 // SAFETY: `out` is x's data itself; no other view of it is alive.
                 match unsafe { dense.data.floats_mut() }.expect("dtype checked") {
                     FloatSliceMut::F32(d) => dense_in_place(d, n_cols, t, sel),
@@ -274,11 +270,6 @@ pub fn apply(
                 }
                 dense.data.write_back(peer)?;
             } else {
-                if out_region.overlaps(&dense.data) {
-                    return Err(Failure::bad_request(
-                        "out partially overlaps x's data (it may only be exactly x's data)",
-                    ));
-                }
                 // SAFETY: `out` does not overlap x's data (checked above).
                 let values = unsafe { out_region.floats_mut() }.expect("dtype checked");
                 match (dense.data.floats().expect("dtype checked"), values) {

@@ -134,6 +134,31 @@ impl Region {
             && self.dtype == other.dtype
     }
 
+    /// For an output: an error if it overlaps any of the input arrays a kernel
+    /// reads while writing it (`what` names each in the message).
+    pub fn check_apart(&self, inputs: &[(Option<&Region>, &str)]) -> Result<()> {
+        for &(array, what) in inputs {
+            if array.is_some_and(|a| self.overlaps(a)) {
+                return Err(Failure::bad_request(format!("out overlaps x's {what}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// For an output of a kernel that may work in place: whether it is x's
+    /// `data` itself (in place); an error if it overlaps `data` only in part.
+    pub fn is_in_place_of(&self, data: &Region) -> Result<bool> {
+        if self.is_same_array(data) {
+            return Ok(true);
+        }
+        if self.overlaps(data) {
+            return Err(Failure::bad_request(
+                "out partially overlaps x's data (it may only be exactly x's data)",
+            ));
+        }
+        Ok(false)
+    }
+
     fn base(&self) -> *mut u8 {
         match &self.backing {
             Backing::Mapped(m) => m.base(),
