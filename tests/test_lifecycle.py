@@ -4,6 +4,7 @@ Each test uses its own runtime dir and its own daemon."""
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import signal
@@ -225,6 +226,45 @@ def test_segment_freed_while_placement_is_busy_does_not_deadlock():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_new_segment_pages_are_populated_in_parallel_and_zero():
+    """A new segment (several populate pieces) is fully allocated and reads as
+    zeros; freeing it leaves nothing behind."""
+    before = set(os.listdir(shm.SHM_DIR))
+    n = (3 * shm._POPULATE_PIECE + 4096) // 8
+    a = shm.empty(n, np.float64)
+    assert not a.any()
+    a[:] = 1.5
+    assert a.sum() == 1.5 * n
+    del a
+    shm.clear_pool()
+    assert set(os.listdir(shm.SHM_DIR)) <= before
+
+
+def test_full_shared_memory_is_an_error_not_a_sigbus(tmp_path):
+    """Populating a segment's pages on a full tmpfs returns an errno (the shim
+    turns it into PlacementError and falls back); it never leaves a mapping
+    whose first write would kill the process with SIGBUS. Needs a tmpfs of its
+    own: skipped without the privilege to mount one."""
+    import mmap
+
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tmp_path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs")
+    try:
+        results = []
+        for size in (256 << 10, 4 << 20):
+            fd = os.open(tmp_path / f"seg{size}", os.O_CREAT | os.O_RDWR, 0o600)
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+            os.close(fd)
+            results.append(shm._populate_for_writing(mm))
+            mm.close()
+    finally:
+        subprocess.run(["umount", "-l", str(tmp_path)], capture_output=True)
+    assert results[0] == 0
+    assert results[1] in (errno.EFAULT, errno.ENOMEM, errno.ENOSPC)
 
 
 def test_killed_client_segments_are_swept(fresh_runtime):
