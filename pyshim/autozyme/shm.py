@@ -155,8 +155,11 @@ _POPULATE_PIECE = 64 << 20
 
 
 def _populate_for_writing(mm: mmap.mmap) -> int:
-    """Fault in every page of ``mm`` for writing, in pieces spread over up to
-    ``os.cpu_count()`` threads; returns 0 or the first errno."""
+    """Fault in every page of ``mm`` for writing; returns 0 or the first errno.
+
+    The first piece here (an old kernel says EINVAL at once), the rest spread
+    over one thread a core at nice +10: a spare is often populated in the
+    background while the next call runs, which must not wait behind it."""
     size = len(mm)
     if size == 0:
         return 0
@@ -165,7 +168,12 @@ def _populate_for_writing(mm: mmap.mmap) -> int:
     pieces = [(a, min(_POPULATE_PIECE, size - a)) for a in range(0, size, _POPULATE_PIECE)]
     errors: list[int] = []
 
-    def work(mine):
+    def work(mine, lower_priority):
+        if lower_priority:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only
+            except OSError:
+                pass
         for a, n in mine:
             if errors:
                 return
@@ -174,14 +182,13 @@ def _populate_for_writing(mm: mmap.mmap) -> int:
                 return
 
     try:
-        work(pieces[:1])  # an old kernel says EINVAL at once
+        work(pieces[:1], False)
         rest = pieces[1:]
         k = min(os.cpu_count() or 1, 8, len(rest))
         if rest and not errors:
-            threads = [threading.Thread(target=work, args=(rest[i::k],)) for i in range(1, k)]
+            threads = [threading.Thread(target=work, args=(rest[i::k], True)) for i in range(k)]
             for t in threads:
                 t.start()
-            work(rest[0::k])
             for t in threads:
                 t.join()
     finally:

@@ -19,6 +19,7 @@ use autozyme_protocol::ErrorKind;
 use std::collections::HashMap;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -208,11 +209,15 @@ const RESERVE_PIECE: usize = 64 << 20;
 /// Fresh memory is the dominant cost of a large result (4.3 GB for scale's
 /// 180,000 x 3,000), and one thread allocating tmpfs pages (posix_fallocate,
 /// then MAP_POPULATE zeroing them) leaves the other cores idle. Here the pieces
-/// are populated for writing on the rayon pool (`MADV_POPULATE_WRITE`, Linux
-/// 5.14), which returns an error, rather than a later SIGBUS, when /dev/shm is
-/// full. Older kernels get posix_fallocate.
+/// are populated for writing (`MADV_POPULATE_WRITE`, Linux 5.14) by one thread a
+/// core, which also turns a full /dev/shm into an error rather than a later
+/// SIGBUS. Older kernels get posix_fallocate.
+///
+/// The threads run at a lower priority (nice +10), not on the rayon pool: a
+/// spare segment is often populated in the background while the client's next
+/// call runs its kernels, which must not wait behind it; when nothing else runs,
+/// the low priority costs nothing.
 fn reserve_pages(file: &std::fs::File, size: u64) -> std::io::Result<()> {
-    use rayon::prelude::*;
     file.set_len(size)?;
     let Ok(len) = usize::try_from(size) else {
         return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
@@ -239,6 +244,11 @@ fn reserve_pages(file: &std::fs::File, size: u64) -> std::io::Result<()> {
             Err(std::io::Error::last_os_error())
         }
     };
+    // EFAULT: a page could not be allocated (/dev/shm is full).
+    let full = |e: std::io::Error| match e.raw_os_error() {
+        Some(libc::EFAULT) => std::io::Error::from_raw_os_error(libc::ENOSPC),
+        _ => e,
+    };
     match populate(0) {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             // The kernel predates MADV_POPULATE_WRITE.
@@ -253,20 +263,38 @@ fn reserve_pages(file: &std::fs::File, size: u64) -> std::io::Result<()> {
                 Err(std::io::Error::from_raw_os_error(rc))
             };
         }
-        // EFAULT: a page could not be allocated (/dev/shm is full).
-        Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
-            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
-        }
-        other => other?,
+        other => other.map_err(full)?,
     }
-    (RESERVE_PIECE..len)
-        .into_par_iter()
-        .step_by(RESERVE_PIECE)
-        .try_for_each(populate)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::EFAULT) => std::io::Error::from_raw_os_error(libc::ENOSPC),
-            _ => e,
-        })
+    let next = AtomicUsize::new(RESERVE_PIECE);
+    let failed: Mutex<Option<std::io::Error>> = Mutex::new(None);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = threads.min(len.div_ceil(RESERVE_PIECE) - 1);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                // SAFETY: plain system calls about this thread itself.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
+                loop {
+                    let start = next.fetch_add(RESERVE_PIECE, Ordering::Relaxed);
+                    if start >= len {
+                        return;
+                    }
+                    if let Err(e) = populate(start) {
+                        failed
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(e);
+                        next.store(len, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(full(e)),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
