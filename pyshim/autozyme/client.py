@@ -43,6 +43,7 @@ class DaemonError(RuntimeError):
     def __init__(self, kind: str, message: str):
         super().__init__(f"{kind}: {message}")
         self.kind = kind
+        self.message = message
 
 
 class Connection:

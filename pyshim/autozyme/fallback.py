@@ -92,16 +92,13 @@ def fast_or_upstream(name: str, fast, upstream):
         except Fallback as e:
             _record_fallback(name, e.kind, str(e))
             return upstream(*args, **kwargs)
-        except DaemonError as e:
-            if e.kind == "BadMatrix":
+        except (DaemonUnavailable, DaemonError, PlacementError) as e:
+            if isinstance(e, DaemonError) and e.kind == "BadMatrix":
                 # Malformed structure the shim's O(rows) checks cannot see (a column
                 # index out of range): upstream's compiled code would read out of
                 # bounds on it, so refuse it clearly, as scipy's format check would.
                 # The daemon checks before it writes, so nothing has changed.
-                raise ValueError(f"autozyme: malformed matrix: {str(e).split(': ', 1)[-1]}") from None
-            _record_fallback(name, "failure", f"{type(e).__name__}: {e}")
-            return upstream(*args, **kwargs)
-        except (DaemonUnavailable, PlacementError) as e:
+                raise ValueError(f"autozyme: malformed matrix: {e.message}") from None
             _record_fallback(name, "failure", f"{type(e).__name__}: {e}")
             return upstream(*args, **kwargs)
         with _lock:
