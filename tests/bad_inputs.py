@@ -11,9 +11,11 @@ prints one JSON line per case: {"case", "outcome", "path"} where outcome is
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -44,7 +46,9 @@ def _set(x, attr, values):
 
 def _backed():
     ad = _base()
-    path = os.path.join(tempfile.mkdtemp(prefix="azm-bad-"), "x.h5ad")
+    d = tempfile.mkdtemp(prefix="azm-bad-")
+    atexit.register(shutil.rmtree, d, True)  # the file stays open until the case is done
+    path = os.path.join(d, "x.h5ad")
     ad.write_h5ad(path)
     import anndata
 

@@ -4,6 +4,7 @@ notebook starts it, in a private runtime dir; upstream scanpy is the oracle."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -20,6 +21,10 @@ def _daemon_session():
     from autozyme.client import get_client
 
     get_client().shutdown()
+    from autozyme import runtime
+
+    runtime.terminate_daemon()
+    shutil.rmtree(_RUNTIME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,5 +69,6 @@ def test_bad_input_corpus(call):
     log = os.path.join(runtime_dir, "daemon.log")
     text = open(log).read() if os.path.exists(log) else ""
     subprocess.run([sys.executable, "-m", "autozyme", "daemon", "stop"], env=env, capture_output=True)
+    shutil.rmtree(runtime_dir, ignore_errors=True)
     assert "panicked" not in text and "internal error" not in text, text[-2000:]
     assert not mismatches, mismatches

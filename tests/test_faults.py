@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -62,6 +63,7 @@ def killable(monkeypatch):
     client_mod.get_client().shutdown()
     runtime.terminate_daemon()
     client_mod._set_client(old)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.parametrize("transport", ["peer memory", "shared memory"])

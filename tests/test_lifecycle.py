@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -36,6 +37,7 @@ def fresh_runtime(monkeypatch):
     client_mod.get_client().shutdown()
     runtime.terminate_daemon()
     client_mod._set_client(old)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def our_segments() -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,7 @@ def shared_daemon(monkeypatch):
     client_mod.get_client().shutdown()
     runtime.terminate_daemon()
     client_mod._set_client(old)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_eight_clients_fifty_mixed_calls_each(shared_daemon, tmp_path):
