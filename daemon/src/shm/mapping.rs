@@ -110,6 +110,39 @@ impl SegmentCache {
         Ok(mapping)
     }
 
+    /// Caches the mapping of segment `name`, which this daemon has just created as
+    /// `file` for a client with uid `peer_uid`: `map`, the mapping its pages were
+    /// populated through, when there is one, else a new one as [`Self::get`] makes.
+    pub fn insert_created(
+        &self,
+        name: &str,
+        peer_uid: u32,
+        file: &File,
+        map: Option<MmapRaw>,
+    ) -> Result<Arc<Mapping>> {
+        let Some(map) = map else {
+            return self.get(name, peer_uid);
+        };
+        names::validate_for_uid(name, peer_uid).map_err(Failure::segment)?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Failure::segment(format!("cannot stat segment {name}: {e}")))?;
+        if map.len() as u64 != meta.size() {
+            return Err(Failure::segment(format!(
+                "segment {name} changed size while it was created"
+            )));
+        }
+        let mapping = Arc::new(Mapping {
+            name: name.to_string(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            map,
+        });
+        self.lock().insert(name.to_string(), Arc::clone(&mapping));
+        Ok(mapping)
+    }
+
     /// Number of cached mappings and their total size.
     pub fn stats(&self) -> (u32, u64) {
         let map = self.lock();

@@ -91,9 +91,11 @@ impl SegmentPool {
             format!("azm_{uid}_{daemon_pid}_{}", inner.next_seq)
         };
         let size = bytes.max(1);
-        allocate(&name, size)?;
-        // Map it now (all pages), so the client's first use costs nothing here.
-        if let Err(e) = cache.get(&name, uid) {
+        let (file, map) = allocate(&name, size)?;
+        // Keep the mapping whose pages were just faulted in, so the client's first
+        // use costs nothing here (mapping the segment again would fill a second
+        // page table: about 60 ms a GB).
+        if let Err(e) = cache.insert_created(&name, uid, &file, map) {
             let _ = std::fs::remove_file(path_of(&name));
             return Err(e);
         }
@@ -180,7 +182,9 @@ impl SegmentPool {
 
 /// Creates `/dev/shm/<name>` (mode 0600, never an existing file) with `size` bytes
 /// of pages reserved, so a full /dev/shm is an error here, not a SIGBUS later.
-fn allocate(name: &str, size: u64) -> Result<()> {
+/// Returns the file and, where its pages were populated through a mapping, that
+/// mapping.
+fn allocate(name: &str, size: u64) -> Result<(std::fs::File, Option<memmap2::MmapRaw>)> {
     let path = path_of(name);
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -190,15 +194,17 @@ fn allocate(name: &str, size: u64) -> Result<()> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&path)
         .map_err(|e| Failure::segment(format!("cannot create segment {name}: {e}")))?;
-    if let Err(e) = reserve_pages(&file, size) {
-        drop(file);
-        let _ = std::fs::remove_file(&path);
-        return Err(Failure::new(
-            ErrorKind::TooLarge,
-            format!("cannot reserve {size} bytes of shared memory: {e}"),
-        ));
+    match reserve_pages(&file, size) {
+        Ok(map) => Ok((file, map)),
+        Err(e) => {
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            Err(Failure::new(
+                ErrorKind::TooLarge,
+                format!("cannot reserve {size} bytes of shared memory: {e}"),
+            ))
+        }
     }
-    Ok(())
 }
 
 /// Pieces of a new segment whose pages are allocated as separate parallel jobs.
@@ -217,13 +223,16 @@ const RESERVE_PIECE: usize = 64 << 20;
 /// spare segment is often populated in the background while the client's next
 /// call runs its kernels, which must not wait behind it; when nothing else runs,
 /// the low priority costs nothing.
-fn reserve_pages(file: &std::fs::File, size: u64) -> std::io::Result<()> {
+///
+/// Returns the shared mapping the pages were populated through (None on old
+/// kernels and for an empty file).
+fn reserve_pages(file: &std::fs::File, size: u64) -> std::io::Result<Option<memmap2::MmapRaw>> {
     file.set_len(size)?;
     let Ok(len) = usize::try_from(size) else {
         return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
     };
     if len == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let map = memmap2::MmapOptions::new().len(len).map_raw(file)?;
     let base = map.as_mut_ptr() as usize;
@@ -258,7 +267,7 @@ fn reserve_pages(file: &std::fs::File, size: u64) -> std::io::Result<()> {
             // SAFETY: a plain system call on a file descriptor we own.
             let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, off) };
             return if rc == 0 {
-                Ok(())
+                Ok(None)
             } else {
                 Err(std::io::Error::from_raw_os_error(rc))
             };
@@ -293,7 +302,7 @@ fn reserve_pages(file: &std::fs::File, size: u64) -> std::io::Result<()> {
     });
     match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
         Some(e) => Err(full(e)),
-        None => Ok(()),
+        None => Ok(Some(map)),
     }
 }
 
@@ -324,6 +333,32 @@ mod tests {
         assert_eq!(again.map(|(n, _)| n), Some(name.clone()));
         pool.unlink_all();
         assert!(!path_of(&name).exists());
+    }
+
+    /// A new segment is cached with the mapping its pages were populated through,
+    /// which a later lookup by name returns.
+    #[test]
+    fn a_created_segment_is_mapped_once_and_cached() {
+        let cache = SegmentCache::new();
+        let pool = SegmentPool::default();
+        let uid = crate::config::euid();
+        let me = std::process::id();
+        // Another "daemon pid" than the other tests' pools, whose names would clash.
+        let creator = u32::MAX - me;
+        let size = RESERVE_PIECE as u64 + 4096;
+        let (name, got) = pool
+            .lease(&cache, uid, creator, me as i32, size, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, size);
+        assert_eq!(cache.stats(), (1, size));
+        let m = cache.get(&name, uid).unwrap();
+        assert_eq!(m.len() as u64, size);
+        // SAFETY: the mapping is `size` bytes long and nothing else writes it.
+        let bytes = unsafe { std::slice::from_raw_parts(m.base(), m.len()) };
+        assert!(bytes.iter().all(|&b| b == 0));
+        assert_eq!(cache.stats(), (1, size));
+        pool.unlink_all();
     }
 
     /// A new segment's pages are all there, zeroed, across several pieces.
@@ -386,8 +421,8 @@ mod tests {
                 .open(dir.join(name))
                 .unwrap()
         };
-        let small = reserve_pages(&open("small"), 256 << 10);
-        let big = reserve_pages(&open("big"), 4 << 20);
+        let small = reserve_pages(&open("small"), 256 << 10).map(drop);
+        let big = reserve_pages(&open("big"), 4 << 20).map(drop);
         // SAFETY: unmounting the tmpfs mounted above.
         unsafe { libc::umount2(c_dir.as_ptr(), libc::MNT_DETACH) };
         let _ = std::fs::remove_dir(&dir);
