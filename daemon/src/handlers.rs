@@ -12,7 +12,10 @@ use crate::kernels::highly_expressed::{flagged_indices, highly_expressed_genes};
 use crate::kernels::row_sums::{csr_row_sums, csr_row_sums_excluding};
 use crate::kernels::{Float, SparseIndex};
 use crate::server::state::Daemon;
-use crate::shm::{CsrRegions, DenseRegions, FloatSlice, FloatSliceMut, IndexSlice, Peer, Resolver};
+use crate::shm::{
+    visit_csr, CsrRegions, CsrVisitor, DenseRegions, FloatSlice, FloatSliceMut, IndexSlice, Peer,
+    Resolver,
+};
 use crate::streaming::{self, PeerArray};
 use autozyme_protocol::{
     ArrayRef, DType, DaemonStatus, ErrorKind, Location, Matrix, Request, Response, PROTOCOL_VERSION,
@@ -365,10 +368,7 @@ fn row_sums(
         n_cols: csr.n_cols,
         max_fraction,
     };
-    let (sums, highly_expressed) = match indptr {
-        IndexSlice::I32(p) => job.with_indices(p, indices, data),
-        IndexSlice::I64(p) => job.with_indices(p, indices, data),
-    };
+    let (sums, highly_expressed) = visit_csr(job, indptr, indices, data);
     Ok(Response::RowSums {
         sums,
         highly_expressed,
@@ -382,35 +382,13 @@ struct ExcludingJob {
     max_fraction: f64,
 }
 
-impl ExcludingJob {
-    fn with_indices<P: SparseIndex>(
-        &self,
-        indptr: &[P],
-        indices: IndexSlice<'_>,
-        data: FloatSlice<'_>,
-    ) -> (Vec<f64>, Vec<u64>) {
-        match indices {
-            IndexSlice::I32(i) => self.with_data(indptr, i, data),
-            IndexSlice::I64(i) => self.with_data(indptr, i, data),
-        }
-    }
-
-    fn with_data<P: SparseIndex, I: SparseIndex>(
-        &self,
-        indptr: &[P],
-        indices: &[I],
-        data: FloatSlice<'_>,
-    ) -> (Vec<f64>, Vec<u64>) {
-        match data {
-            FloatSlice::F32(d) => self.run(indptr, indices, d),
-            FloatSlice::F64(d) => self.run(indptr, indices, d),
-        }
-    }
+impl CsrVisitor for ExcludingJob {
+    type Out = (Vec<f64>, Vec<u64>);
 
     /// Upstream's `_normalize_csr` with exclusion: plain sums, the flagged genes,
     /// then the sums recomputed without them.
-    fn run<T: Float, P: SparseIndex, I: SparseIndex>(
-        &self,
+    fn visit<P: SparseIndex, I: SparseIndex, T: Float>(
+        self,
         indptr: &[P],
         indices: &[I],
         data: &[T],

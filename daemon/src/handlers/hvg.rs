@@ -4,12 +4,12 @@
 use crate::error::{Failure, Result};
 use crate::kernels::hvg_clipped_sums::{csr_clipped_sums, dense_clipped_sums, ClippedSums};
 use crate::kernels::hvg_mean_var::{
-    csr_group_sums, csr_group_sums_checked, dense_group_sums, value_flags, CountValue,
-    GroupMeanVar, GroupSums, ValueFlags,
+    csr_group_sums, csr_group_sums_checked, dense_group_sums, value_flags, GroupMeanVar, GroupSums,
+    ValueFlags,
 };
-use crate::kernels::SparseIndex;
+use crate::kernels::{Float, SparseIndex};
 use crate::server::state::Daemon;
-use crate::shm::{CsrRegions, DenseRegions, FloatSlice, IndexSlice, Peer, Resolver};
+use crate::shm::{visit_csr, CsrRegions, CsrVisitor, DenseRegions, FloatSlice, Peer, Resolver};
 use autozyme_protocol::{ErrorKind, Matrix, Response, MAX_FRAME_BYTES};
 
 /// numba's thread count is at most a few hundred; more is a malformed request.
@@ -233,7 +233,7 @@ pub(super) fn clipped_sums(
 }
 
 /// Dense sums and, with `check`, the flags of every value (a separate pass).
-fn dense_sums<T: CountValue>(
+fn dense_sums<T: Float>(
     data: &[T],
     n_rows: usize,
     n_cols: usize,
@@ -280,40 +280,11 @@ struct CsrJob<'a> {
     work: CsrWork<'a>,
 }
 
-impl CsrJob<'_> {
-    fn run(&self, indptr: IndexSlice<'_>, indices: IndexSlice<'_>, data: FloatSlice<'_>) -> CsrOut {
-        match indptr {
-            IndexSlice::I32(p) => self.with_indices(p, indices, data),
-            IndexSlice::I64(p) => self.with_indices(p, indices, data),
-        }
-    }
+impl CsrVisitor for CsrJob<'_> {
+    type Out = CsrOut;
 
-    fn with_indices<P: SparseIndex>(
-        &self,
-        indptr: &[P],
-        indices: IndexSlice<'_>,
-        data: FloatSlice<'_>,
-    ) -> CsrOut {
-        match indices {
-            IndexSlice::I32(i) => self.with_data(indptr, i, data),
-            IndexSlice::I64(i) => self.with_data(indptr, i, data),
-        }
-    }
-
-    fn with_data<P: SparseIndex, I: SparseIndex>(
-        &self,
-        indptr: &[P],
-        indices: &[I],
-        data: FloatSlice<'_>,
-    ) -> CsrOut {
-        match data {
-            FloatSlice::F32(d) => self.kernel(indptr, indices, d),
-            FloatSlice::F64(d) => self.kernel(indptr, indices, d),
-        }
-    }
-
-    fn kernel<P: SparseIndex, I: SparseIndex, T: CountValue>(
-        &self,
+    fn visit<P: SparseIndex, I: SparseIndex, T: Float>(
+        self,
         indptr: &[P],
         indices: &[I],
         data: &[T],
@@ -367,7 +338,8 @@ fn run_csr(
         groups,
         work,
     };
-    Ok(job.run(
+    Ok(visit_csr(
+        job,
         csr.indptr.indices().expect("dtype checked"),
         indices,
         csr.data.floats().expect("dtype checked"),

@@ -5,7 +5,7 @@ use crate::error::{Failure, Result};
 use crate::kernels::leiden::{leiden, symmetrized, Graph};
 use crate::kernels::{Float, SparseIndex};
 use crate::server::state::Daemon;
-use crate::shm::{CsrRegions, FloatSlice, IndexSlice, Peer, Resolver};
+use crate::shm::{visit_csr, CsrRegions, CsrVisitor, Peer, Resolver};
 use autozyme_protocol::{ErrorKind, Matrix, Response};
 
 pub fn handle(
@@ -55,11 +55,8 @@ pub fn handle(
     let values = csr.data.floats().expect("dtype checked");
     let pointers = csr.indptr.indices().expect("dtype checked");
     let n = csr.n_rows;
-    let g = match pointers {
-        IndexSlice::I32(p) => with_indices(p, columns, values, n, use_weights),
-        IndexSlice::I64(p) => with_indices(p, columns, values, n, use_weights),
-    }
-    .map_err(|e| Failure::new(ErrorKind::Unsupported, e))?;
+    let g = visit_csr(Symmetrize { n, use_weights }, pointers, columns, values)
+        .map_err(|e| Failure::new(ErrorKind::Unsupported, e))?;
     let n_iterations = match n_iterations {
         None => -1,
         Some(k) => i64::try_from(k).unwrap_or(i64::MAX),
@@ -70,38 +67,22 @@ pub fn handle(
     })
 }
 
-fn with_indices<P: SparseIndex>(
-    indptr: &[P],
-    indices: IndexSlice<'_>,
-    data: FloatSlice<'_>,
+/// The graph of a CSR adjacency matrix, made symmetric (A + Aᵀ) as upstream's
+/// undirected igraph graph is.
+struct Symmetrize {
     n: usize,
     use_weights: bool,
-) -> std::result::Result<Graph, String> {
-    match indices {
-        IndexSlice::I32(i) => with_data(indptr, i, data, n, use_weights),
-        IndexSlice::I64(i) => with_data(indptr, i, data, n, use_weights),
-    }
 }
 
-fn with_data<P: SparseIndex, I: SparseIndex>(
-    indptr: &[P],
-    indices: &[I],
-    data: FloatSlice<'_>,
-    n: usize,
-    use_weights: bool,
-) -> std::result::Result<Graph, String> {
-    match data {
-        FloatSlice::F32(d) => run(indptr, indices, d, n, use_weights),
-        FloatSlice::F64(d) => run(indptr, indices, d, n, use_weights),
-    }
-}
+impl CsrVisitor for Symmetrize {
+    type Out = std::result::Result<Graph, String>;
 
-fn run<P: SparseIndex, I: SparseIndex, T: Float>(
-    indptr: &[P],
-    indices: &[I],
-    data: &[T],
-    n: usize,
-    use_weights: bool,
-) -> std::result::Result<Graph, String> {
-    symmetrized(indptr, indices, data, n, use_weights)
+    fn visit<P: SparseIndex, I: SparseIndex, T: Float>(
+        self,
+        indptr: &[P],
+        indices: &[I],
+        data: &[T],
+    ) -> Self::Out {
+        symmetrized(indptr, indices, data, self.n, self.use_weights)
+    }
 }

@@ -4,11 +4,14 @@
 use crate::error::{Failure, Result};
 use crate::kernels::scale_apply::{csr_to_dense, dense_in_place, dense_to_dense, Transform};
 use crate::kernels::scale_stats::{
-    csr_column_sums, csr_row_sums_f64, dense_column_sums, rows_in_range, Selection, Square, Sums,
+    csr_column_sums, csr_row_sums_f64, dense_column_sums, rows_in_range, Selection, Sums,
 };
-use crate::kernels::SparseIndex;
+use crate::kernels::{Float, SparseIndex};
 use crate::server::state::Daemon;
-use crate::shm::{CsrRegions, DenseRegions, FloatSlice, FloatSliceMut, IndexSlice, Peer, Resolver};
+use crate::shm::{
+    visit_csr, CsrRegions, CsrVisitor, DenseRegions, FloatSlice, FloatSliceMut, IndexSlice, Peer,
+    Resolver,
+};
 use autozyme_protocol::{ArrayRef, DType, ErrorKind, Matrix, Response};
 
 fn selection(rows: Option<&[u64]>, n_rows: usize) -> Result<Option<Vec<usize>>> {
@@ -82,10 +85,7 @@ pub fn stats(
             let n_cols = csr.n_cols;
             check_partials(parts.min(csr.n_rows.max(1)), n_cols)?;
             let job = ColumnJob { n_cols, sel, parts };
-            Ok(reply(match indptr {
-                IndexSlice::I32(p) => job.with_indices(p, cols, data),
-                IndexSlice::I64(p) => job.with_indices(p, cols, data),
-            }))
+            Ok(reply(visit_csr(job, indptr, cols, data)))
         }
         Matrix::Dense {
             n_rows,
@@ -132,33 +132,11 @@ struct ColumnJob<'a> {
     parts: usize,
 }
 
-impl ColumnJob<'_> {
-    fn with_indices<P: SparseIndex>(
-        &self,
-        indptr: &[P],
-        indices: IndexSlice<'_>,
-        data: FloatSlice<'_>,
-    ) -> Sums {
-        match indices {
-            IndexSlice::I32(i) => self.with_data(indptr, i, data),
-            IndexSlice::I64(i) => self.with_data(indptr, i, data),
-        }
-    }
+impl CsrVisitor for ColumnJob<'_> {
+    type Out = Sums;
 
-    fn with_data<P: SparseIndex, I: SparseIndex>(
-        &self,
-        indptr: &[P],
-        indices: &[I],
-        data: FloatSlice<'_>,
-    ) -> Sums {
-        match data {
-            FloatSlice::F32(d) => self.run(indptr, indices, d),
-            FloatSlice::F64(d) => self.run(indptr, indices, d),
-        }
-    }
-
-    fn run<T: Square, P: SparseIndex, I: SparseIndex>(
-        &self,
+    fn visit<P: SparseIndex, I: SparseIndex, T: Float>(
+        self,
         indptr: &[P],
         indices: &[I],
         data: &[T],
@@ -235,10 +213,16 @@ pub fn apply(
                 return Err(Failure::bad_request("out must be F64"));
             };
             let n_cols = csr.n_cols;
-            match indptr {
-                IndexSlice::I32(p) => densify_with_indices(p, cols, data, n_cols, t, values),
-                IndexSlice::I64(p) => densify_with_indices(p, cols, data, n_cols, t, values),
-            }
+            visit_csr(
+                Densify {
+                    n_cols,
+                    t,
+                    out: values,
+                },
+                indptr,
+                cols,
+                data,
+            );
             out_region.write_back(peer)?;
         }
         Matrix::Dense {
@@ -288,19 +272,23 @@ pub fn apply(
     Ok(Response::Done)
 }
 
-fn densify_with_indices<P: SparseIndex>(
-    indptr: &[P],
-    indices: IndexSlice<'_>,
-    data: FloatSlice<'_>,
+/// A CSR matrix centred, scaled and clipped into the dense `out`.
+struct Densify<'a, 'o> {
     n_cols: usize,
-    t: Transform<'_>,
-    out: &mut [f64],
-) {
-    match (indices, data) {
-        (IndexSlice::I32(i), FloatSlice::F32(d)) => csr_to_dense(indptr, i, d, n_cols, t, out),
-        (IndexSlice::I32(i), FloatSlice::F64(d)) => csr_to_dense(indptr, i, d, n_cols, t, out),
-        (IndexSlice::I64(i), FloatSlice::F32(d)) => csr_to_dense(indptr, i, d, n_cols, t, out),
-        (IndexSlice::I64(i), FloatSlice::F64(d)) => csr_to_dense(indptr, i, d, n_cols, t, out),
+    t: Transform<'a>,
+    out: &'o mut [f64],
+}
+
+impl CsrVisitor for Densify<'_, '_> {
+    type Out = ();
+
+    fn visit<P: SparseIndex, I: SparseIndex, T: Float>(
+        self,
+        indptr: &[P],
+        indices: &[I],
+        data: &[T],
+    ) {
+        csr_to_dense(indptr, indices, data, self.n_cols, self.t, self.out)
     }
 }
 

@@ -17,8 +17,8 @@
 //! Parallel over (batch, column block) tasks; each sum is one task's, in the order
 //! above, so results are identical for any thread count and any blocking.
 
-use super::hvg_mean_var::{CountValue, DENSE_BLOCK};
-use super::{row_range, SparseIndex};
+use super::hvg_mean_var::DENSE_BLOCK;
+use super::{row_range, Float, SparseIndex};
 use rayon::prelude::*;
 
 /// `value` clipped to `clip` the way upstream does it.
@@ -42,7 +42,7 @@ pub struct ClippedSums {
 /// `groups × n_cols` clip values. `col_blocks` splits each batch's columns among
 /// that many tasks (each scans the batch's rows; only speed depends on it).
 /// Column indices at or beyond `n_cols` are skipped.
-pub fn csr_clipped_sums<T: CountValue, P: SparseIndex, I: SparseIndex>(
+pub fn csr_clipped_sums<T: Float, P: SparseIndex, I: SparseIndex>(
     indptr: &[P],
     indices: &[I],
     data: &[T],
@@ -84,7 +84,7 @@ pub fn csr_clipped_sums<T: CountValue, P: SparseIndex, I: SparseIndex>(
 }
 
 /// Dense, C-contiguous `n_rows × n_cols`; rows at or beyond `n_rows` are skipped.
-pub fn dense_clipped_sums<T: CountValue>(
+pub fn dense_clipped_sums<T: Float>(
     data: &[T],
     n_rows: usize,
     n_cols: usize,

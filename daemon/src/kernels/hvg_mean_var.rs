@@ -38,6 +38,17 @@ pub struct ValueFlags {
 }
 
 impl ValueFlags {
+    /// One value's flags.
+    #[inline]
+    pub fn of<T: Float>(v: T) -> Self {
+        ValueFlags {
+            negative: v.is_sign_negative(),
+            non_integer: v.has_fraction(),
+            non_finite: !v.is_finite(),
+            largest: v.abs_f64(),
+        }
+    }
+
     fn merge(&mut self, other: ValueFlags) {
         self.negative |= other.negative;
         self.non_integer |= other.non_integer;
@@ -54,52 +65,6 @@ impl ValueFlags {
     pub fn sums_are_exact(&self, n_rows: usize) -> bool {
         let bound = (n_rows as f64) * self.largest * self.largest * 2.0;
         !self.negative && !self.non_integer && !self.non_finite && bound < 4_503_599_627_370_496.0
-    }
-}
-
-/// Data element types, with the two operations upstream's kernels apply to them.
-pub trait CountValue: Float {
-    /// `v * v` in the element's own type, widened to f64 (numba and numpy square
-    /// a float32 in float32).
-    fn square_f64(self) -> f64;
-    fn flags(self) -> ValueFlags;
-}
-
-impl CountValue for f32 {
-    #[inline]
-    fn square_f64(self) -> f64 {
-        (self * self) as f64
-    }
-    #[inline]
-    fn flags(self) -> ValueFlags {
-        // Below 2^23 adding and subtracting 2^23 rounds to an integer (no libm
-        // call, unlike `trunc` on baseline x86-64); from 2^23 on every f32 is one.
-        const BIG: f32 = 8_388_608.0;
-        let a = self.abs();
-        ValueFlags {
-            negative: self.is_sign_negative(),
-            non_integer: a < BIG && (a + BIG) - BIG != a,
-            non_finite: !self.is_finite(),
-            largest: a as f64,
-        }
-    }
-}
-
-impl CountValue for f64 {
-    #[inline]
-    fn square_f64(self) -> f64 {
-        self * self
-    }
-    #[inline]
-    fn flags(self) -> ValueFlags {
-        const BIG: f64 = 4_503_599_627_370_496.0; // 2^52, as for f32 above
-        let a = self.abs();
-        ValueFlags {
-            negative: self.is_sign_negative(),
-            non_integer: a < BIG && (a + BIG) - BIG != a,
-            non_finite: !self.is_finite(),
-            largest: a,
-        }
     }
 }
 
@@ -175,12 +140,12 @@ fn finish(sums: &[f64], squares: &[f64], n: usize, means: &mut [f64], variances:
 
 /// Every stored value's flags, OR-ed (a separate streaming pass: it vectorises,
 /// where checks inside the scattering loops would not).
-pub fn value_flags<T: CountValue>(data: &[T]) -> ValueFlags {
+pub fn value_flags<T: Float>(data: &[T]) -> ValueFlags {
     data.par_chunks(1 << 16)
         .map(|chunk| {
             let (mut neg, mut frac, mut inf, mut big) = (false, false, false, 0.0f64);
             for &v in chunk {
-                let f = v.flags();
+                let f = ValueFlags::of(v);
                 neg |= f.negative;
                 frac |= f.non_integer;
                 inf |= f.non_finite;
@@ -202,7 +167,7 @@ pub fn value_flags<T: CountValue>(data: &[T]) -> ValueFlags {
 
 /// CSR: `groups[g]` lists group g's rows in increasing order. Column indices
 /// outside `0..n_cols` are skipped, as upstream's kernel skips those beyond it.
-pub fn csr_group_mean_var<T: CountValue, P: SparseIndex, I: SparseIndex>(
+pub fn csr_group_mean_var<T: Float, P: SparseIndex, I: SparseIndex>(
     indptr: &[P],
     indices: &[I],
     data: &[T],
@@ -215,7 +180,7 @@ pub fn csr_group_mean_var<T: CountValue, P: SparseIndex, I: SparseIndex>(
 }
 
 /// The sums behind [`csr_group_mean_var`].
-pub fn csr_group_sums<T: CountValue, P: SparseIndex, I: SparseIndex>(
+pub fn csr_group_sums<T: Float, P: SparseIndex, I: SparseIndex>(
     indptr: &[P],
     indices: &[I],
     data: &[T],
@@ -229,7 +194,7 @@ pub fn csr_group_sums<T: CountValue, P: SparseIndex, I: SparseIndex>(
 /// [`csr_group_sums`], also checking every value it adds ([`ValueFlags`]) and
 /// counting column indices outside `0..n_cols` (skipped), in the same pass.
 /// When the groups cover every row once, that is every stored value.
-pub fn csr_group_sums_checked<T: CountValue, P: SparseIndex, I: SparseIndex>(
+pub fn csr_group_sums_checked<T: Float, P: SparseIndex, I: SparseIndex>(
     indptr: &[P],
     indices: &[I],
     data: &[T],
@@ -240,7 +205,7 @@ pub fn csr_group_sums_checked<T: CountValue, P: SparseIndex, I: SparseIndex>(
     csr_group_sums_impl::<T, P, I, true>(indptr, indices, data, n_cols, groups, partitions)
 }
 
-fn csr_group_sums_impl<T: CountValue, P: SparseIndex, I: SparseIndex, const CHECK: bool>(
+fn csr_group_sums_impl<T: Float, P: SparseIndex, I: SparseIndex, const CHECK: bool>(
     indptr: &[P],
     indices: &[I],
     data: &[T],
@@ -275,7 +240,7 @@ fn csr_group_sums_impl<T: CountValue, P: SparseIndex, I: SparseIndex, const CHEC
                     let span = row_range(indptr, r, nnz);
                     for (&c, &v) in indices[span.clone()].iter().zip(&data[span]) {
                         if CHECK {
-                            let f = v.flags();
+                            let f = ValueFlags::of(v);
                             neg |= f.negative;
                             frac |= f.non_integer;
                             inf |= f.non_finite;
@@ -284,7 +249,7 @@ fn csr_group_sums_impl<T: CountValue, P: SparseIndex, I: SparseIndex, const CHEC
                         }
                         if let Some(a) = acc.get_mut(c.to_usize().unwrap_or(usize::MAX)) {
                             a[0] += v.to_f64();
-                            a[1] += v.square_f64();
+                            a[1] += v.square_widened();
                         } else if CHECK {
                             skipped += 1;
                         }
@@ -315,7 +280,7 @@ fn csr_group_sums_impl<T: CountValue, P: SparseIndex, I: SparseIndex, const CHEC
 
 /// Dense, C-contiguous `n_rows × n_cols` (`data.len()` must be `n_rows * n_cols`;
 /// rows at or beyond `n_rows` are skipped).
-pub fn dense_group_mean_var<T: CountValue>(
+pub fn dense_group_mean_var<T: Float>(
     data: &[T],
     n_rows: usize,
     n_cols: usize,
@@ -326,7 +291,7 @@ pub fn dense_group_mean_var<T: CountValue>(
 }
 
 /// The sums behind [`dense_group_mean_var`].
-pub fn dense_group_sums<T: CountValue>(
+pub fn dense_group_sums<T: Float>(
     data: &[T],
     n_rows: usize,
     n_cols: usize,
@@ -354,13 +319,13 @@ pub fn dense_group_sums<T: CountValue>(
                 if first {
                     for ((s, q), &v) in s.iter_mut().zip(q.iter_mut()).zip(row) {
                         *s = v.to_f64();
-                        *q = v.square_f64();
+                        *q = v.square_widened();
                     }
                     first = false;
                 } else {
                     for ((s, q), &v) in s.iter_mut().zip(q.iter_mut()).zip(row) {
                         *s += v.to_f64();
-                        *q += v.square_f64();
+                        *q += v.square_widened();
                     }
                 }
             }

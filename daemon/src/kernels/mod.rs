@@ -34,6 +34,15 @@ pub trait Float: Copy + Send + Sync + PartialOrd + 'static {
     fn from_f64(v: f64) -> Self;
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
+    /// `self * self` in this type, widened to f64 (numba and numpy square a
+    /// float32 in float32).
+    fn square_widened(self) -> f64;
+    /// A finite value with a fractional part.
+    fn has_fraction(self) -> bool;
+    /// The sign bit is set (`np.signbit`, so -0.0 counts).
+    fn is_sign_negative(self) -> bool;
+    fn is_finite(self) -> bool;
+    fn abs_f64(self) -> f64;
 }
 
 impl Float for f32 {
@@ -50,6 +59,31 @@ impl Float for f32 {
     fn from_f32(v: f32) -> Self {
         v
     }
+    #[inline]
+    fn square_widened(self) -> f64 {
+        (self * self) as f64
+    }
+    #[inline]
+    fn has_fraction(self) -> bool {
+        // Below 2^23 adding and subtracting 2^23 rounds to an integer (no libm
+        // call, unlike `trunc` on baseline x86-64, so it vectorises); from 2^23 on
+        // every f32 is one. NaN and infinities compare false.
+        const BIG: f32 = 8_388_608.0;
+        let a = self.abs();
+        a < BIG && (a + BIG) - BIG != a
+    }
+    #[inline]
+    fn is_sign_negative(self) -> bool {
+        f32::is_sign_negative(self)
+    }
+    #[inline]
+    fn is_finite(self) -> bool {
+        f32::is_finite(self)
+    }
+    #[inline]
+    fn abs_f64(self) -> f64 {
+        self.abs() as f64
+    }
 }
 
 impl Float for f64 {
@@ -65,6 +99,28 @@ impl Float for f64 {
     }
     fn from_f32(v: f32) -> Self {
         v as f64
+    }
+    #[inline]
+    fn square_widened(self) -> f64 {
+        self * self
+    }
+    #[inline]
+    fn has_fraction(self) -> bool {
+        const BIG: f64 = 4_503_599_627_370_496.0; // 2^52, as for f32 above
+        let a = self.abs();
+        a < BIG && (a + BIG) - BIG != a
+    }
+    #[inline]
+    fn is_sign_negative(self) -> bool {
+        f64::is_sign_negative(self)
+    }
+    #[inline]
+    fn is_finite(self) -> bool {
+        f64::is_finite(self)
+    }
+    #[inline]
+    fn abs_f64(self) -> f64 {
+        self.abs()
     }
 }
 

@@ -24,25 +24,6 @@ use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::Mutex;
 
-/// A value's square in its own dtype, widened (numba's and numpy's `x * x`).
-pub trait Square: Float {
-    fn square_widened(self) -> f64;
-}
-
-impl Square for f32 {
-    #[inline]
-    fn square_widened(self) -> f64 {
-        (self * self) as f64
-    }
-}
-
-impl Square for f64 {
-    #[inline]
-    fn square_widened(self) -> f64 {
-        self * self
-    }
-}
-
 /// Sums and sums of squares, one pair per column (or per row).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sums {
@@ -123,7 +104,7 @@ fn combine_parts(
 }
 
 /// CSR, per column, rows dealt round-robin into `parts` parts (numba's order).
-pub fn csr_column_sums<T: Square, P: SparseIndex, I: SparseIndex>(
+pub fn csr_column_sums<T: Float, P: SparseIndex, I: SparseIndex>(
     indptr: &[P],
     indices: &[I],
     data: &[T],
@@ -166,7 +147,7 @@ pub fn csr_column_sums<T: Square, P: SparseIndex, I: SparseIndex>(
 }
 
 /// Dense (C-contiguous, `n_cols` columns), per column, rows dealt into `parts`.
-pub fn dense_column_sums<T: Square>(
+pub fn dense_column_sums<T: Float>(
     data: &[T],
     n_cols: usize,
     rows: Selection<'_>,
@@ -258,7 +239,7 @@ mod tests {
     }
 
     /// The plain sequential reference, as numba runs it.
-    fn reference_csr<T: Square>(
+    fn reference_csr<T: Float>(
         indptr: &[i64],
         indices: &[i32],
         data: &[T],

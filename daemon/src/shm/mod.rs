@@ -11,5 +11,6 @@ pub mod view;
 pub use mapping::{Mapping, SegmentCache};
 pub use pool::SegmentPool;
 pub use view::{
-    CsrRegions, DenseRegions, FloatSlice, FloatSliceMut, IndexSlice, Peer, Region, Resolver,
+    visit_csr, CsrRegions, CsrVisitor, DenseRegions, FloatSlice, FloatSliceMut, IndexSlice, Peer,
+    Region, Resolver,
 };

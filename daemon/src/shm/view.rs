@@ -14,6 +14,7 @@
 use super::mapping::{Mapping, SegmentCache};
 use super::peer::PeerBuffer;
 use crate::error::{Failure, Result};
+use crate::kernels::{Float, SparseIndex};
 use autozyme_protocol::{ArrayRef, DType, Location};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -79,6 +80,40 @@ pub enum FloatSliceMut<'a> {
 pub enum IndexSlice<'a> {
     I32(&'a [i32]),
     I64(&'a [i64]),
+}
+
+/// A computation over a CSR matrix's three arrays, generic in their element
+/// types; [`visit_csr`] runs it with the types of the arrays at hand (one
+/// dispatch for every request, instead of a ladder of matches in each handler).
+pub trait CsrVisitor {
+    type Out;
+    fn visit<P: SparseIndex, I: SparseIndex, T: Float>(
+        self,
+        indptr: &[P],
+        indices: &[I],
+        data: &[T],
+    ) -> Self::Out;
+}
+
+/// Runs `v` on `indptr`, `indices` and `data`, whatever their dtypes.
+pub fn visit_csr<V: CsrVisitor>(
+    v: V,
+    indptr: IndexSlice<'_>,
+    indices: IndexSlice<'_>,
+    data: FloatSlice<'_>,
+) -> V::Out {
+    use FloatSlice::{F32, F64};
+    use IndexSlice::{I32, I64};
+    match (indptr, indices, data) {
+        (I32(p), I32(i), F32(d)) => v.visit(p, i, d),
+        (I32(p), I32(i), F64(d)) => v.visit(p, i, d),
+        (I32(p), I64(i), F32(d)) => v.visit(p, i, d),
+        (I32(p), I64(i), F64(d)) => v.visit(p, i, d),
+        (I64(p), I32(i), F32(d)) => v.visit(p, i, d),
+        (I64(p), I32(i), F64(d)) => v.visit(p, i, d),
+        (I64(p), I64(i), F32(d)) => v.visit(p, i, d),
+        (I64(p), I64(i), F64(d)) => v.visit(p, i, d),
+    }
 }
 
 impl Region {
