@@ -456,6 +456,16 @@ fn malformed_requests_get_the_right_error_and_the_daemon_keeps_serving() {
     let out = seg.f32s(&vec![0.0; f.data.len()]);
     seg.write();
     let good = || csr(&f, data.clone(), indices.clone(), indptr.clone());
+    let forged_rows = Matrix::Csr {
+        n_rows: 1 << 40,
+        n_cols: 6,
+        data: data.clone(),
+        indices: Some(indices.clone()),
+        indptr: ArrayRef {
+            len: (1 << 40) + 1,
+            ..indptr.clone()
+        },
+    };
     let sums = |x: Matrix| Request::RowSums {
         x,
         exclude_max_fraction: Some(0.1),
@@ -627,6 +637,31 @@ fn malformed_requests_get_the_right_error_and_the_daemon_keeps_serving() {
             "Sleep without test hooks",
             Request::Sleep { millis: 1 },
             ErrorKind::BadRequest,
+        ),
+        (
+            // Nothing may be sized from a shape its arrays do not back (the
+            // fuzzer's crash: one batch of 2^40 rows, allocated before resolving).
+            "hvg clipped sums of a forged 2^40-row shape",
+            Request::HvgClippedSums {
+                x: forged_rows.clone(),
+                batches: vec![],
+                n_batches: 1,
+                clip: vec![0.0; 6],
+                only: None,
+            },
+            ErrorKind::Segment,
+        ),
+        (
+            "hvg means of a forged 2^40-row shape",
+            Request::HvgMeanVar {
+                x: forged_rows.clone(),
+                batches: vec![],
+                n_batches: 1,
+                partitions: 1,
+                check: true,
+                with_overall: false,
+            },
+            ErrorKind::Segment,
         ),
     ];
     for name in [

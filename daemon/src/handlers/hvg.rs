@@ -77,10 +77,11 @@ pub(super) fn mean_var(
             "partitions must be in 1..={MAX_PARTITIONS}, not {partitions}"
         )));
     }
-    let (n_rows, n_cols) = shape(x)?;
+    let mut resolver = Resolver::new(&daemon.segments, peer);
+    let m = Resolved::of(&mut resolver, x)?;
+    let (n_rows, n_cols) = m.shape();
     let batch_groups = batch_rows(batches, n_batches, n_rows)?;
     check_reply_size(batch_groups.len() + usize::from(with_overall), n_cols)?;
-    let mut resolver = Resolver::new(&daemon.segments, peer);
     let job = MeanVarJob {
         batch_groups,
         n_rows,
@@ -89,20 +90,15 @@ pub(super) fn mean_var(
         check,
         with_overall,
     };
-    let (stats, flags) = match x {
-        Matrix::Csr { .. } => {
+    let (stats, flags) = match &m {
+        Resolved::Csr(csr) => {
             let work = CsrWork::MeanVar { job: &job };
-            match run_csr(&mut resolver, x, &[], work)? {
+            match run_csr(csr, &[], work)? {
                 CsrOut::MeanVar(stats) => stats?,
                 CsrOut::Clipped(_) => unreachable!("asked for means and variances"),
             }
         }
-        Matrix::Dense {
-            n_rows,
-            n_cols,
-            data,
-        } => {
-            let dense = DenseRegions::resolve(&mut resolver, *n_rows, *n_cols, data)?;
+        Resolved::Dense(dense) => {
             let (r, c) = (dense.n_rows, dense.n_cols);
             match dense.data.floats().expect("dtype checked") {
                 FloatSlice::F32(d) => job.run(|g, check| dense_sums(d, r, c, g, check))?,
@@ -181,7 +177,9 @@ pub(super) fn clipped_sums(
     clip: &[f64],
     only: Option<u64>,
 ) -> Result<Response> {
-    let (n_rows, n_cols) = shape(x)?;
+    let mut resolver = Resolver::new(&daemon.segments, peer);
+    let m = Resolved::of(&mut resolver, x)?;
+    let (n_rows, n_cols) = m.shape();
     let mut groups = batch_rows(batches, n_batches, n_rows)?;
     if let Some(b) = only {
         let b = usize::try_from(b)
@@ -198,9 +196,8 @@ pub(super) fn clipped_sums(
             groups.len()
         )));
     }
-    let mut resolver = Resolver::new(&daemon.segments, peer);
-    let sums = match x {
-        Matrix::Csr { .. } => {
+    let sums = match &m {
+        Resolved::Csr(csr) => {
             // Enough column blocks to keep every thread busy with few batches; a
             // request for one batch of several gets one thread (each column block
             // reads all the batch's values): its client overlaps such requests
@@ -210,17 +207,12 @@ pub(super) fn clipped_sums(
                 None => rayon::current_num_threads().div_ceil(groups.len().max(1)),
             };
             let work = CsrWork::Clipped { clip, blocks };
-            match run_csr(&mut resolver, x, &groups, work)? {
+            match run_csr(csr, &groups, work)? {
                 CsrOut::Clipped(sums) => sums,
                 CsrOut::MeanVar(..) => unreachable!("asked for clipped sums"),
             }
         }
-        Matrix::Dense {
-            n_rows,
-            n_cols,
-            data,
-        } => {
-            let dense = DenseRegions::resolve(&mut resolver, *n_rows, *n_cols, data)?;
+        Resolved::Dense(dense) => {
             let (r, c) = (dense.n_rows, dense.n_cols);
             match dense.data.floats().expect("dtype checked") {
                 FloatSlice::F32(d) => dense_clipped_sums(d, r, c, &groups, clip),
@@ -249,15 +241,47 @@ fn dense_sums<T: Float>(
     (sums, flags, 0)
 }
 
-fn shape(x: &Matrix) -> Result<(usize, usize)> {
-    let (r, c) = match x {
-        Matrix::Csr { n_rows, n_cols, .. } | Matrix::Dense { n_rows, n_cols, .. } => {
-            (*n_rows, *n_cols)
+/// A request's matrix with its arrays resolved and checked against its shape
+/// (and a CSR indptr validated), before anything is sized from that shape: a
+/// shape no arrays back must not size the batches' row lists.
+enum Resolved {
+    Csr(CsrRegions),
+    Dense(DenseRegions),
+}
+
+impl Resolved {
+    fn of(resolver: &mut Resolver<'_>, x: &Matrix) -> Result<Self> {
+        match x {
+            Matrix::Csr {
+                n_rows,
+                n_cols,
+                data,
+                indices,
+                indptr,
+            } => {
+                let indices = indices
+                    .as_ref()
+                    .ok_or_else(|| Failure::bad_request("this request needs the CSR indices"))?;
+                let csr =
+                    CsrRegions::resolve(resolver, *n_rows, *n_cols, data, Some(indices), indptr)?;
+                csr.validate_indptr()?;
+                Ok(Resolved::Csr(csr))
+            }
+            Matrix::Dense {
+                n_rows,
+                n_cols,
+                data,
+            } => Ok(Resolved::Dense(DenseRegions::resolve(
+                resolver, *n_rows, *n_cols, data,
+            )?)),
         }
-    };
-    match (usize::try_from(r), usize::try_from(c)) {
-        (Ok(r), Ok(c)) => Ok((r, c)),
-        _ => Err(Failure::bad_matrix(format!("shape {r} x {c} is too large"))),
+    }
+
+    fn shape(&self) -> (usize, usize) {
+        match self {
+            Resolved::Csr(m) => (m.n_rows, m.n_cols),
+            Resolved::Dense(m) => (m.n_rows, m.n_cols),
+        }
     }
 }
 
@@ -306,27 +330,10 @@ impl CsrVisitor for CsrJob<'_> {
     }
 }
 
-/// Resolves a CSR matrix (indices required) and validates its indptr, then runs
-/// `work`. Column indices are bounds-checked by the kernels as they read them
-/// (`HvgMeanVar` with `check` reports bad ones as an error, in the same pass).
-fn run_csr(
-    resolver: &mut Resolver<'_>,
-    x: &Matrix,
-    groups: &[Vec<usize>],
-    work: CsrWork<'_>,
-) -> Result<CsrOut> {
-    let Matrix::Csr {
-        n_rows,
-        n_cols,
-        data,
-        indices,
-        indptr,
-    } = x
-    else {
-        unreachable!("run_csr is called for CSR matrices");
-    };
-    let csr = CsrRegions::resolve(resolver, *n_rows, *n_cols, data, indices.as_ref(), indptr)?;
-    csr.validate_indptr()?;
+/// Runs `work` on a resolved CSR matrix. Column indices are bounds-checked by
+/// the kernels as they read them (`HvgMeanVar` with `check` reports bad ones as an
+/// error, in the same pass).
+fn run_csr(csr: &CsrRegions, groups: &[Vec<usize>], work: CsrWork<'_>) -> Result<CsrOut> {
     let indices = csr
         .indices
         .as_ref()
