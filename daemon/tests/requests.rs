@@ -454,6 +454,7 @@ fn malformed_requests_get_the_right_error_and_the_daemon_keeps_serving() {
     *wrong_end_values.last_mut().unwrap() -= 1;
     let wrong_end = seg.i64s(&wrong_end_values);
     let out = seg.f32s(&vec![0.0; f.data.len()]);
+    let seg_empty = seg.f32s(&[]);
     seg.write();
     let good = || csr(&f, data.clone(), indices.clone(), indptr.clone());
     let forged_rows = Matrix::Csr {
@@ -664,6 +665,78 @@ fn malformed_requests_get_the_right_error_and_the_daemon_keeps_serving() {
             ErrorKind::Segment,
         ),
     ];
+    // Shapes no array backs: a CSR matrix's column count, and a dense matrix's
+    // rows with no columns (or columns with no rows). Nothing may be sized or
+    // looped over from them beyond the daemon's memory budget.
+    let wide = Matrix::Csr {
+        n_rows: f.n_rows as u64,
+        n_cols: 1 << 44,
+        data: data.clone(),
+        indices: Some(indices.clone()),
+        indptr: indptr.clone(),
+    };
+    let empty = seg_empty.clone();
+    let tall_dense = Matrix::Dense {
+        n_rows: 1 << 44,
+        n_cols: 0,
+        data: empty.clone(),
+    };
+    let wide_dense = Matrix::Dense {
+        n_rows: 0,
+        n_cols: 1 << 44,
+        data: empty.clone(),
+    };
+    for (what, x) in [
+        ("CSR of 2^44 columns", wide),
+        ("dense of 2^44 rows and no columns", tall_dense),
+        ("dense of no rows and 2^44 columns", wide_dense),
+    ] {
+        let n_rows = match &x {
+            Matrix::Csr { n_rows, .. } | Matrix::Dense { n_rows, .. } => *n_rows,
+        };
+        let requests = [
+            Request::ScaleStats {
+                x: x.clone(),
+                rows: None,
+                partitions: 2,
+                along_rows: false,
+            },
+            Request::RankGenesGroups {
+                x: x.clone(),
+                group_of_row: vec![0; n_rows.min(1 << 10) as usize],
+                n_groups: 1,
+                reference: None,
+                tie_correct: true,
+                mean_slots: 1,
+            },
+            Request::HvgMeanVar {
+                x: x.clone(),
+                batches: vec![],
+                n_batches: 1,
+                partitions: 1,
+                check: true,
+                with_overall: false,
+            },
+            Request::Fingerprint { x: x.clone() },
+            sums(x.clone()),
+        ];
+        for request in requests {
+            // An error, or (Fingerprint, which only hashes the arrays) an answer.
+            match c.call(&request) {
+                Response::Error { kind, .. } => assert!(
+                    matches!(
+                        kind,
+                        ErrorKind::TooLarge | ErrorKind::BadRequest | ErrorKind::Unsupported
+                    ),
+                    "{what}: {kind:?} for {request:?}"
+                ),
+                Response::Fingerprint { .. } => {}
+                other => panic!("{what}: {other:?} for {request:?}"),
+            }
+            assert_eq!(c.call(&Request::Ping), Response::Pong, "after {what}");
+        }
+    }
+
     for name in [
         "../etc/passwd".to_string(),
         "/dev/shm/x".to_string(),

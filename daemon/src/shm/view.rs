@@ -15,7 +15,7 @@ use super::mapping::{Mapping, SegmentCache};
 use super::peer::PeerBuffer;
 use crate::error::{Failure, Result};
 use crate::kernels::{Float, SparseIndex};
-use autozyme_protocol::{ArrayRef, DType, Location};
+use autozyme_protocol::{ArrayRef, DType, ErrorKind, Location};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -391,7 +391,7 @@ impl CsrRegions {
         indices: Option<&ArrayRef>,
         indptr: &ArrayRef,
     ) -> Result<Self> {
-        check_csr_shape(n_rows, data, indices, indptr)?;
+        check_csr_shape(n_rows, n_cols, data, indices, indptr)?;
         Ok(CsrRegions {
             n_rows: to_usize(n_rows, "n_rows")?,
             n_cols: to_usize(n_cols, "n_cols")?,
@@ -412,7 +412,8 @@ impl CsrRegions {
         data: &ArrayRef,
         indptr: &ArrayRef,
     ) -> Result<Region> {
-        check_csr_shape(n_rows, data, None, indptr)?;
+        // Streaming kernels never read columns, so no column count to check.
+        check_csr_shape(n_rows, 0, data, None, indptr)?;
         let region = resolver.region(indptr, "CSR indptr")?;
         let nnz = to_usize(data.len, "CSR data length")?;
         match region.indices().expect("dtype checked") {
@@ -451,6 +452,7 @@ impl CsrRegions {
 /// Dtypes and lengths of a CSR matrix's arrays (not yet indptr's contents).
 fn check_csr_shape(
     n_rows: u64,
+    n_cols: u64,
     data: &ArrayRef,
     indices: Option<&ArrayRef>,
     indptr: &ArrayRef,
@@ -482,7 +484,23 @@ fn check_csr_shape(
             data.len, indices.len
         )));
     }
-    Ok(())
+    check_unbacked(n_cols, "CSR columns")
+}
+
+/// A dimension that no array's length bounds (a CSR matrix's columns; a dense
+/// matrix's rows when it has no columns, or its columns when it has no rows)
+/// must still fit the daemon's memory budget at 8 bytes an entry: kernels size
+/// per-column (per-row) vectors and loops from it, and a forged one would abort
+/// the daemon on allocation or keep it busy for days.
+fn check_unbacked(n: u64, what: &str) -> Result<()> {
+    // Small counts pass without reading the budget (/proc/meminfo).
+    if n <= 1 << 24 || n <= (super::peer::budget() / 8) as u64 {
+        return Ok(());
+    }
+    Err(Failure::new(
+        ErrorKind::TooLarge,
+        format!("{n} {what} exceed the daemon's memory budget"),
+    ))
 }
 
 fn check_indptr<P: Copy + Into<i64>>(indptr: &[P], nnz: usize) -> Result<()> {
@@ -570,6 +588,12 @@ impl DenseRegions {
                 "dense data has {} elements but the shape is {n_rows} x {n_cols}",
                 data.len
             )));
+        }
+        if data.len == 0 {
+            check_unbacked(
+                n_rows.max(n_cols),
+                "rows or columns of an empty dense matrix",
+            )?;
         }
         Ok(DenseRegions {
             n_rows: to_usize(n_rows, "n_rows")?,
