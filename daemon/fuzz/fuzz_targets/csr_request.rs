@@ -68,6 +68,10 @@ extern "C" fn unlink_segment() {
 fn daemon() -> &'static Daemon {
     static DAEMON: OnceLock<Daemon> = OnceLock::new();
     DAEMON.get_or_init(|| {
+        // A small memory budget: requests may allocate up to it by design (per-task
+        // partials, unbacked dimensions, copies of peer arrays), and the fuzzer's
+        // RSS limit is there to catch what exceeds the budget, not what honours it.
+        std::env::set_var("AUTOZYME_MAX_BYTES", (256u64 << 20).to_string());
         Daemon::new(Config {
             runtime_dir: std::env::temp_dir(),
             threads: 2,

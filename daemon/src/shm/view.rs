@@ -487,19 +487,24 @@ fn check_csr_shape(
     check_unbacked(n_cols, "CSR columns")
 }
 
+/// The largest dimension that no array bounds. No real matrix comes near it
+/// (2^26 = 67M genes, or cells of an empty matrix); a vector of that many 8-byte
+/// entries is 512 MiB.
+const UNBACKED_MAX: u64 = 1 << 26;
+
 /// A dimension that no array's length bounds (a CSR matrix's columns; a dense
 /// matrix's rows when it has no columns, or its columns when it has no rows)
-/// must still fit the daemon's memory budget at 8 bytes an entry: kernels size
-/// per-column (per-row) vectors and loops from it, and a forged one would abort
-/// the daemon on allocation or keep it busy for days.
+/// must stay within [`UNBACKED_MAX`] and the daemon's memory budget at 8 bytes
+/// an entry: kernels size per-column (per-row) vectors and loops from it, and a
+/// forged one would abort the daemon on allocation or keep it busy for days.
 fn check_unbacked(n: u64, what: &str) -> Result<()> {
     // Small counts pass without reading the budget (/proc/meminfo).
-    if n <= 1 << 24 || n <= (super::peer::budget() / 8) as u64 {
+    if n <= 1 << 20 || (n <= UNBACKED_MAX && n <= (super::peer::budget() / 8) as u64) {
         return Ok(());
     }
     Err(Failure::new(
         ErrorKind::TooLarge,
-        format!("{n} {what} exceed the daemon's memory budget"),
+        format!("{n} {what} exceed what the daemon takes ({UNBACKED_MAX}, and its memory budget)"),
     ))
 }
 
