@@ -8,9 +8,14 @@
 # runs past 5 minutes, so a hang fails loudly instead of stalling CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export AUTOZYME_RUNTIME_DIR="${AUTOZYME_RUNTIME_DIR:-$(mktemp -d /tmp/azm-test-XXXXXX)}"
-# The daemon the last stage starts is stopped when this script ends.
-trap '.venv/bin/autozyme daemon stop >/dev/null 2>&1 || true' EXIT
+own_runtime=""
+if [ -z "${AUTOZYME_RUNTIME_DIR:-}" ]; then
+  own_runtime=$(mktemp -d /tmp/azm-test-XXXXXX)
+  export AUTOZYME_RUNTIME_DIR="$own_runtime"
+fi
+# The daemon the last stage starts is stopped when this script ends, and the
+# runtime dir made here removed.
+trap '.venv/bin/autozyme daemon stop >/dev/null 2>&1 || true; [ -z "$own_runtime" ] || rm -rf "$own_runtime"' EXIT
 bounded() { timeout --kill-after=30 "$@"; }
 bounded 900 cargo test --workspace --release 2>&1 | tail -n 40
 HARDENING="tests/test_faults.py tests/test_bad_input.py tests/test_load.py tests/test_access.py"
