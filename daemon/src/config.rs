@@ -54,6 +54,18 @@ fn env_parsed<T: std::str::FromStr>(key: &str) -> Result<Option<T>, String> {
     }
 }
 
+/// A field of `/proc/meminfo` in bytes (`MemAvailable`, `MemTotal`, ...); 0 when
+/// it cannot be read.
+pub fn meminfo_bytes(field: &str) -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    kib * 1024
+}
+
 pub fn euid() -> u32 {
     // SAFETY: geteuid cannot fail and has no preconditions.
     unsafe { libc::geteuid() }
@@ -138,6 +150,15 @@ pub fn resolve(cli: &CliOptions) -> Result<Config, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn meminfo_fields_are_read_exactly_by_name() {
+        let total = meminfo_bytes("MemTotal");
+        assert!(total > 0);
+        assert!(meminfo_bytes("MemAvailable") <= total);
+        assert_eq!(meminfo_bytes("Mem"), 0); // a prefix of a name is not a field
+        assert_eq!(meminfo_bytes("NoSuchField"), 0);
+    }
 
     #[test]
     fn build_id_has_version_and_16_hex_digits() {

@@ -57,13 +57,7 @@ fn default_budget() -> u64 {
     {
         return v;
     }
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    (kib * 1024 / 4).min(4 << 30)
+    (crate::config::meminfo_bytes("MemAvailable") / 4).min(4 << 30)
 }
 
 impl Default for Cache {

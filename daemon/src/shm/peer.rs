@@ -103,13 +103,7 @@ pub fn budget() -> usize {
     {
         return v;
     }
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let kib: usize = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    kib * 1024 / 2
+    usize::try_from(crate::config::meminfo_bytes("MemAvailable") / 2).unwrap_or(usize::MAX)
 }
 
 impl PeerBuffer {

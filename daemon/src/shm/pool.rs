@@ -32,15 +32,7 @@ const IDLE_MAX_AGE: Duration = Duration::from_secs(600);
 /// instead of being allocated again.
 fn idle_max_bytes() -> u64 {
     static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *LIMIT.get_or_init(|| {
-        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let total_kib: u64 = meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0);
-        (4u64 << 30).max(total_kib * 1024 / 4)
-    })
+    *LIMIT.get_or_init(|| (4u64 << 30).max(crate::config::meminfo_bytes("MemTotal") / 4))
 }
 
 #[derive(Debug)]
