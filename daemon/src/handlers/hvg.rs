@@ -9,7 +9,7 @@ use crate::kernels::hvg_mean_var::{
 };
 use crate::kernels::{Float, SparseIndex};
 use crate::server::state::Daemon;
-use crate::shm::{visit_csr, CsrRegions, CsrVisitor, DenseRegions, FloatSlice, Peer, Resolver};
+use crate::shm::{visit_csr, CsrRegions, CsrVisitor, FloatSlice, MatrixRegions, Peer, Resolver};
 use autozyme_protocol::{ErrorKind, Matrix, Response, MAX_FRAME_BYTES};
 
 /// numba's thread count is at most a few hundred; more is a malformed request.
@@ -78,7 +78,7 @@ pub(super) fn mean_var(
         )));
     }
     let mut resolver = Resolver::new(&daemon.segments, peer);
-    let m = Resolved::of(&mut resolver, x)?;
+    let m = MatrixRegions::resolve(&mut resolver, x)?;
     let (n_rows, n_cols) = m.shape();
     let batch_groups = batch_rows(batches, n_batches, n_rows)?;
     check_reply_size(batch_groups.len() + usize::from(with_overall), n_cols)?;
@@ -91,14 +91,14 @@ pub(super) fn mean_var(
         with_overall,
     };
     let (stats, flags) = match &m {
-        Resolved::Csr(csr) => {
+        MatrixRegions::Csr(csr) => {
             let work = CsrWork::MeanVar { job: &job };
-            match run_csr(csr, &[], work)? {
+            match run_csr(csr, &[], work) {
                 CsrOut::MeanVar(stats) => stats?,
                 CsrOut::Clipped(_) => unreachable!("asked for means and variances"),
             }
         }
-        Resolved::Dense(dense) => {
+        MatrixRegions::Dense(dense) => {
             let (r, c) = (dense.n_rows, dense.n_cols);
             match dense.data.floats().expect("dtype checked") {
                 FloatSlice::F32(d) => job.run(|g, check| dense_sums(d, r, c, g, check))?,
@@ -178,7 +178,7 @@ pub(super) fn clipped_sums(
     only: Option<u64>,
 ) -> Result<Response> {
     let mut resolver = Resolver::new(&daemon.segments, peer);
-    let m = Resolved::of(&mut resolver, x)?;
+    let m = MatrixRegions::resolve(&mut resolver, x)?;
     let (n_rows, n_cols) = m.shape();
     let mut groups = batch_rows(batches, n_batches, n_rows)?;
     if let Some(b) = only {
@@ -197,7 +197,7 @@ pub(super) fn clipped_sums(
         )));
     }
     let sums = match &m {
-        Resolved::Csr(csr) => {
+        MatrixRegions::Csr(csr) => {
             // Enough column blocks to keep every thread busy with few batches; a
             // request for one batch of several gets one thread (each column block
             // reads all the batch's values): its client overlaps such requests
@@ -207,12 +207,12 @@ pub(super) fn clipped_sums(
                 None => rayon::current_num_threads().div_ceil(groups.len().max(1)),
             };
             let work = CsrWork::Clipped { clip, blocks };
-            match run_csr(csr, &groups, work)? {
+            match run_csr(csr, &groups, work) {
                 CsrOut::Clipped(sums) => sums,
                 CsrOut::MeanVar(..) => unreachable!("asked for clipped sums"),
             }
         }
-        Resolved::Dense(dense) => {
+        MatrixRegions::Dense(dense) => {
             let (r, c) = (dense.n_rows, dense.n_cols);
             match dense.data.floats().expect("dtype checked") {
                 FloatSlice::F32(d) => dense_clipped_sums(d, r, c, &groups, clip),
@@ -239,50 +239,6 @@ fn dense_sums<T: Float>(
         ValueFlags::default()
     };
     (sums, flags, 0)
-}
-
-/// A request's matrix with its arrays resolved and checked against its shape
-/// (and a CSR indptr validated), before anything is sized from that shape: a
-/// shape no arrays back must not size the batches' row lists.
-enum Resolved {
-    Csr(CsrRegions),
-    Dense(DenseRegions),
-}
-
-impl Resolved {
-    fn of(resolver: &mut Resolver<'_>, x: &Matrix) -> Result<Self> {
-        match x {
-            Matrix::Csr {
-                n_rows,
-                n_cols,
-                data,
-                indices,
-                indptr,
-            } => {
-                let indices = indices
-                    .as_ref()
-                    .ok_or_else(|| Failure::bad_request("this request needs the CSR indices"))?;
-                let csr =
-                    CsrRegions::resolve(resolver, *n_rows, *n_cols, data, Some(indices), indptr)?;
-                csr.validate_indptr()?;
-                Ok(Resolved::Csr(csr))
-            }
-            Matrix::Dense {
-                n_rows,
-                n_cols,
-                data,
-            } => Ok(Resolved::Dense(DenseRegions::resolve(
-                resolver, *n_rows, *n_cols, data,
-            )?)),
-        }
-    }
-
-    fn shape(&self) -> (usize, usize) {
-        match self {
-            Resolved::Csr(m) => (m.n_rows, m.n_cols),
-            Resolved::Dense(m) => (m.n_rows, m.n_cols),
-        }
-    }
 }
 
 /// What a CSR request computes.
@@ -333,11 +289,11 @@ impl CsrVisitor for CsrJob<'_> {
 /// Runs `work` on a resolved CSR matrix. Column indices are bounds-checked by
 /// the kernels as they read them (`HvgMeanVar` with `check` reports bad ones as an
 /// error, in the same pass).
-fn run_csr(csr: &CsrRegions, groups: &[Vec<usize>], work: CsrWork<'_>) -> Result<CsrOut> {
+fn run_csr(csr: &CsrRegions, groups: &[Vec<usize>], work: CsrWork<'_>) -> CsrOut {
     let indices = csr
         .indices
         .as_ref()
-        .ok_or_else(|| Failure::bad_request("this request needs the CSR indices"))?
+        .expect("MatrixRegions resolves CSR indices")
         .indices()
         .expect("dtype checked");
     let job = CsrJob {
@@ -345,10 +301,10 @@ fn run_csr(csr: &CsrRegions, groups: &[Vec<usize>], work: CsrWork<'_>) -> Result
         groups,
         work,
     };
-    Ok(visit_csr(
+    visit_csr(
         job,
         csr.indptr.indices().expect("dtype checked"),
         indices,
         csr.data.floats().expect("dtype checked"),
-    ))
+    )
 }

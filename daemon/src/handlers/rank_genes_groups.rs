@@ -9,7 +9,7 @@ use crate::kernels::sorted_csc::{self, BuildError, SortedCsc};
 use crate::kernels::wilcoxon::{wilcoxon_stats, Query, Stats, NO_GROUP};
 use crate::kernels::{Float, SparseIndex};
 use crate::server::state::Daemon;
-use crate::shm::{CsrRegions, DenseRegions, FloatSlice, IndexSlice, Peer, Resolver};
+use crate::shm::{FloatSlice, IndexSlice, MatrixRegions, Peer, Resolver};
 use autozyme_protocol::{ErrorKind, Matrix, Response};
 use std::sync::Arc;
 
@@ -167,17 +167,8 @@ fn build_failure(e: BuildError) -> Failure {
 }
 
 fn build(resolver: &mut Resolver<'_>, x: &Matrix) -> Result<Sorted> {
-    match x {
-        Matrix::Csr {
-            n_rows,
-            n_cols,
-            data,
-            indices,
-            indptr,
-        } => {
-            let csr =
-                CsrRegions::resolve(resolver, *n_rows, *n_cols, data, indices.as_ref(), indptr)?;
-            csr.validate_indptr()?;
+    match MatrixRegions::resolve(resolver, x)? {
+        MatrixRegions::Csr(csr) => {
             let indices = csr.validated_column_indices()?;
             let indptr = csr.indptr.indices().expect("dtype checked");
             let data = csr.data.floats().expect("dtype checked");
@@ -187,12 +178,7 @@ fn build(resolver: &mut Resolver<'_>, x: &Matrix) -> Result<Sorted> {
                 IndexSlice::I64(p) => csr_with_indices(p, indices, data, n, m),
             }
         }
-        Matrix::Dense {
-            n_rows,
-            n_cols,
-            data,
-        } => {
-            let dense = DenseRegions::resolve(resolver, *n_rows, *n_cols, data)?;
+        MatrixRegions::Dense(dense) => {
             let (n, m) = (dense.n_rows, dense.n_cols);
             match dense.data.floats().expect("dtype checked") {
                 FloatSlice::F32(d) => sorted_csc::from_dense(d, n, m).map(Sorted::F32),

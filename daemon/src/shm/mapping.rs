@@ -98,6 +98,12 @@ impl SegmentCache {
             .populate()
             .map_raw(&file)
             .map_err(|e| Failure::segment(format!("cannot map segment {name}: {e}")))?;
+        Ok(self.keep(name, dev, ino, size, map))
+    }
+
+    /// Caches `map` as segment `name`'s mapping. A request still using an older
+    /// mapping of the name keeps that alive through its Arc.
+    fn keep(&self, name: &str, dev: u64, ino: u64, size: u64, map: MmapRaw) -> Arc<Mapping> {
         let mapping = Arc::new(Mapping {
             name: name.to_string(),
             dev,
@@ -105,9 +111,8 @@ impl SegmentCache {
             size,
             map,
         });
-        // A request still using an older mapping keeps it alive through its Arc.
         self.lock().insert(name.to_string(), Arc::clone(&mapping));
-        Ok(mapping)
+        mapping
     }
 
     /// Caches the mapping of segment `name`, which this daemon has just created as
@@ -132,15 +137,7 @@ impl SegmentCache {
                 "segment {name} changed size while it was created"
             )));
         }
-        let mapping = Arc::new(Mapping {
-            name: name.to_string(),
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            map,
-        });
-        self.lock().insert(name.to_string(), Arc::clone(&mapping));
-        Ok(mapping)
+        Ok(self.keep(name, meta.dev(), meta.ino(), meta.size(), map))
     }
 
     /// Number of cached mappings and their total size.

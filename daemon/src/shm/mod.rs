@@ -11,6 +11,6 @@ pub mod view;
 pub use mapping::{Mapping, SegmentCache};
 pub use pool::SegmentPool;
 pub use view::{
-    visit_csr, CsrRegions, CsrVisitor, DenseRegions, FloatSlice, FloatSliceMut, IndexSlice, Peer,
-    Region, Resolver,
+    visit_csr, CsrRegions, CsrVisitor, DenseRegions, FloatSlice, FloatSliceMut, IndexSlice,
+    MatrixRegions, Peer, Region, Resolver,
 };

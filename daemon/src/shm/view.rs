@@ -15,7 +15,7 @@ use super::mapping::{Mapping, SegmentCache};
 use super::peer::PeerBuffer;
 use crate::error::{Failure, Result};
 use crate::kernels::{Float, SparseIndex};
-use autozyme_protocol::{ArrayRef, DType, ErrorKind, Location};
+use autozyme_protocol::{ArrayRef, DType, ErrorKind, Location, Matrix};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -569,6 +569,51 @@ fn check_columns<I: Copy + Into<i64> + Send + Sync>(indices: &[I], n_cols: usize
 }
 
 /// The data array of a C-contiguous dense matrix, with its shape checked.
+/// A request's matrix, CSR (with its column indices) or dense, with its arrays
+/// resolved and checked against its shape and a CSR indptr validated, before
+/// anything is sized from that shape.
+pub enum MatrixRegions {
+    Csr(CsrRegions),
+    Dense(DenseRegions),
+}
+
+impl MatrixRegions {
+    pub fn resolve(resolver: &mut Resolver<'_>, x: &Matrix) -> Result<Self> {
+        match x {
+            Matrix::Csr {
+                n_rows,
+                n_cols,
+                data,
+                indices,
+                indptr,
+            } => {
+                let indices = indices
+                    .as_ref()
+                    .ok_or_else(|| Failure::bad_request("this request needs the CSR indices"))?;
+                let csr =
+                    CsrRegions::resolve(resolver, *n_rows, *n_cols, data, Some(indices), indptr)?;
+                csr.validate_indptr()?;
+                Ok(MatrixRegions::Csr(csr))
+            }
+            Matrix::Dense {
+                n_rows,
+                n_cols,
+                data,
+            } => Ok(MatrixRegions::Dense(DenseRegions::resolve(
+                resolver, *n_rows, *n_cols, data,
+            )?)),
+        }
+    }
+
+    /// (rows, columns)
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            MatrixRegions::Csr(m) => (m.n_rows, m.n_cols),
+            MatrixRegions::Dense(m) => (m.n_rows, m.n_cols),
+        }
+    }
+}
+
 pub struct DenseRegions {
     pub n_rows: usize,
     pub n_cols: usize,
