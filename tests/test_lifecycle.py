@@ -396,9 +396,9 @@ def test_unverified_scanpy_version_falls_back_with_reason(monkeypatch):
     import scanpy as sc
 
     import autozyme
-    from autozyme import activation
+    from autozyme import versions
 
-    monkeypatch.setattr(activation, "scanpy_version", lambda: "1.99.0")
+    monkeypatch.setattr(versions, "scanpy_version", lambda: "1.99.0")
     monkeypatch.setenv("AUTOZYME_STRICT", "0")
     autozyme.activate("scanpy", prewarm=False)
     try:
@@ -406,7 +406,7 @@ def test_unverified_scanpy_version_falls_back_with_reason(monkeypatch):
         normalize_both_and_compare(sc, counts(40, 30))
         reasons = fallback.counts()["fallbacks"]["normalize_total"]
         assert any("1.99.0 is not verified" in r for r in reasons), reasons
-        assert "not verified" in autozyme.status()["version_problem"]
+        assert "not verified" in autozyme.status()["version_problems"]["normalize_total"]
         monkeypatch.setenv("AUTOZYME_ALLOW_UNVERIFIED", "1")
         sc.pp.normalize_total(counts(40, 30))
         assert fallback.counts()["served"]["normalize_total"] == 1

@@ -7,14 +7,12 @@ own internal callers get the fast path too.
 
 from __future__ import annotations
 
-import functools
 import importlib
-import os
 import sys
 import threading
 import warnings
 
-from . import fallback, shm
+from . import fallback, shm, versions
 
 # name -> (module that defines it, attribute, patch module)
 TARGETS = {
@@ -38,29 +36,22 @@ def is_active() -> bool:
     return bool(_patched)
 
 
-def version_problem() -> str | None:
-    """Why the fast paths must not run on this scanpy, or None."""
-    if os.environ.get("AUTOZYME_ALLOW_UNVERIFIED", "") not in ("", "0"):
-        return None
-    verified = None
-    for _, _, patch_name in TARGETS.values():
-        patch = importlib.import_module(f"autozyme.patches.{patch_name}")
-        verified = set(patch.VERIFIED) if verified is None else verified & set(patch.VERIFIED)
-    verified = verified or set()
-    version = scanpy_version()
-    if version not in verified:
-        return (
-            f"scanpy {version} is not verified (verified: {', '.join(sorted(verified))}); "
-            "set AUTOZYME_ALLOW_UNVERIFIED=1 to opt in"
-        )
-    return None
+def verified_versions() -> dict[str, tuple[str, ...]]:
+    """scanpy call -> the scanpy versions its fast path reproduces."""
+    return {
+        name: tuple(importlib.import_module(f"autozyme.patches.{patch_name}").VERIFIED)
+        for name, (_, _, patch_name) in TARGETS.items()
+    }
 
 
-@functools.lru_cache(maxsize=1)
-def scanpy_version() -> str:
-    from importlib.metadata import version
-
-    return version("scanpy")
+def version_problems() -> dict[str, str]:
+    """scanpy call -> why its fast path must not run on this scanpy (calls that may run are absent)."""
+    out = {}
+    for name, verified in verified_versions().items():
+        reason = versions.problem(verified)
+        if reason is not None:
+            out[name] = reason
+    return out
 
 
 def _scanpy_modules():
@@ -80,7 +71,7 @@ def activate(library: str = "scanpy", *, prewarm: bool = True) -> None:
             upstream = getattr(importlib.import_module(modname), attr)
             upstream = getattr(upstream, "__autozyme_upstream__", upstream)
             patch = importlib.import_module(f"autozyme.patches.{patch_name}")
-            wrapper = fallback.fast_or_upstream(name, patch.fast, upstream)
+            wrapper = fallback.fast_or_upstream(name, patch.fast, upstream, patch.VERIFIED)
             sites = []
             for mod in _scanpy_modules():
                 for key, value in list(vars(mod).items()):

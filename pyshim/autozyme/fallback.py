@@ -17,7 +17,7 @@ import threading
 import warnings
 from collections import Counter, defaultdict
 
-from . import verify
+from . import verify, versions
 from .client import DaemonError
 from .runtime import DaemonUnavailable
 from .shm import PlacementError
@@ -32,6 +32,11 @@ class Fallback(Exception):
 class Delegate(Exception):
     """Upstream raises for this input (bad arguments, missing layer): let it raise
     its own error. Counted, but never a strict-mode violation."""
+
+
+class BadInput(ValueError):
+    """Input upstream's compiled code would read out of bounds on (a malformed
+    sparse structure): refused with a clear error instead of running upstream."""
 
 
 class AutozymeFallbackError(RuntimeError):
@@ -62,21 +67,26 @@ def _record_fallback(name: str, kind: str, reason: str) -> None:
         raise AutozymeFallbackError(f"autozyme {name} fell back to upstream ({kind}): {reason}")
 
 
-def fast_or_upstream(name: str, fast, upstream):
+def fast_or_upstream(name: str, fast, upstream, verified=()):
     """Wrap ``upstream`` so that ``fast(upstream, *args, **kwargs)`` serves the call,
     and any Fallback (or daemon trouble before the fast path changed anything)
-    runs ``upstream(*args, **kwargs)`` instead."""
+    runs ``upstream(*args, **kwargs)`` instead. ``verified``: the scanpy versions
+    the fast path reproduces; on any other it falls back unless the user opted in.
+
+    An exception the fast path did not expect (a private scanpy name another
+    version lacks, a bug of ours) never reaches the user: upstream runs, and only
+    when upstream completes is it counted as autozyme's failure (strict mode then
+    raises). When upstream raises too, the input was bad: the user gets upstream's
+    own error."""
 
     @functools.wraps(upstream)
     def wrapper(*args, **kwargs):
-        from . import activation
-
         if getattr(_pure, "on", False):
             # Inside verify mode's reference run: scanpy calling its own (patched)
             # functions must get upstream too.
             return upstream(*args, **kwargs)
 
-        reason = activation.version_problem()
+        reason = versions.problem(verified)
         if reason is not None:
             _record_fallback(name, "failure", reason)
             return upstream(*args, **kwargs)
@@ -98,9 +108,13 @@ def fast_or_upstream(name: str, fast, upstream):
                 # index out of range): upstream's compiled code would read out of
                 # bounds on it, so refuse it clearly, as scipy's format check would.
                 # The daemon checks before it writes, so nothing has changed.
-                raise ValueError(f"autozyme: malformed matrix: {e.message}") from None
+                raise BadInput(f"autozyme: malformed matrix: {e.message}") from None
             _record_fallback(name, "failure", f"{type(e).__name__}: {e}")
             return upstream(*args, **kwargs)
+        except (BadInput, AutozymeFallbackError):
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's call must not fail because of us
+            return _upstream_after_unexpected(name, e, upstream, args, kwargs)
         with _lock:
             served[name] += 1
         if check:
@@ -115,7 +129,20 @@ def fast_or_upstream(name: str, fast, upstream):
         return result
 
     wrapper.__autozyme_upstream__ = upstream
+    wrapper.__autozyme_verified__ = tuple(verified)
     return wrapper
+
+
+def _upstream_after_unexpected(name, error, upstream, args, kwargs):
+    try:
+        result = upstream(*args, **kwargs)
+    except Exception:
+        # Upstream refuses this input as well: its error is the user's answer.
+        with _lock:
+            fallbacks[name][f"delegated: upstream raises too ({type(error).__name__} in the fast path)"] += 1
+        raise
+    _record_fallback(name, "failure", f"unexpected {type(error).__name__} in the fast path: {error}")
+    return result
 
 
 def counts() -> dict:

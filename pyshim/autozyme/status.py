@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import activation, fallback, runtime, shm, verify
+from . import activation, fallback, runtime, shm, verify, versions
 from .client import DaemonError, get_client
 
 
@@ -11,16 +11,19 @@ def status(*, start: bool = False) -> dict:
     out = {
         "active": activation.is_active(),
         "patched": activation.patched_targets(),
-        "version_problem": None,
+        "scanpy_version": None,
+        "verified_versions": activation.verified_versions(),
+        "version_problems": {},
         "runtime_dir": str(runtime.runtime_dir()),
         "shared_memory": shm.stats(),
         "verify": verify.report(),
         **fallback.counts(),
     }
     try:
-        out["version_problem"] = activation.version_problem()
+        out["scanpy_version"] = versions.scanpy_version()
+        out["version_problems"] = activation.version_problems()
     except ImportError:
-        out["version_problem"] = "scanpy is not installed"
+        out["version_problems"] = {name: "scanpy is not installed" for name in activation.TARGETS}
     try:
         st = get_client().status(autostart=start)
         out["daemon"] = {k: v for k, v in st.fields.items() if k != "cache"}
@@ -39,8 +42,13 @@ def format_status(st: dict | None = None) -> str:
     st = status() if st is None else st
     lines = [f"autozyme: {'active' if st['active'] else 'inactive'}"
              + (f" (patched: {', '.join(st['patched'])})" if st["patched"] else "")]
-    if st.get("version_problem"):
-        lines.append(f"  falls back: {st['version_problem']}")
+    lines.append(f"scanpy {st.get('scanpy_version') or 'not installed'}; fast paths verified on:")
+    problems = st.get("version_problems") or {}
+    for name, verified in st["verified_versions"].items():
+        here = "falls back here" if name in problems else "serves here"
+        lines.append(f"  {name}: {', '.join(verified)} ({here})")
+    if problems:
+        lines.append(f"  falls back: {next(iter(problems.values()))}")
     d = st.get("daemon")
     if d:
         lines.append(

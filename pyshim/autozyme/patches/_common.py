@@ -11,7 +11,7 @@ import scipy.sparse as sp
 
 from .. import shm
 from ..codec import msg
-from ..fallback import Delegate, Fallback
+from ..fallback import BadInput, Delegate, Fallback
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 INDEX = (np.dtype(np.int32), np.dtype(np.int64))
@@ -74,15 +74,15 @@ def check_csr_structure(x) -> None:
     major = x.shape[1] if kind == "CSC" else x.shape[0]
     indptr = x.indptr
     if len(indptr) != major + 1:
-        raise ValueError(f"autozyme: malformed {kind}: indptr has {len(indptr)} entries for {major} lines")
+        raise BadInput(f"autozyme: malformed {kind}: indptr has {len(indptr)} entries for {major} lines")
     if len(x.indices) != len(x.data):
-        raise ValueError(f"autozyme: malformed {kind}: {len(x.indices)} indices but {len(x.data)} values")
+        raise BadInput(f"autozyme: malformed {kind}: {len(x.indices)} indices but {len(x.data)} values")
     if len(indptr) and (indptr[0] != 0 or indptr[-1] > len(x.data)):
-        raise ValueError(
+        raise BadInput(
             f"autozyme: malformed {kind}: indptr runs from {indptr[0]} to {indptr[-1]} over {len(x.data)} values"
         )
     if len(indptr) > 1 and not np.all(indptr[1:] >= indptr[:-1]):
-        raise ValueError(f"autozyme: malformed {kind}: indptr decreases")
+        raise BadInput(f"autozyme: malformed {kind}: indptr decreases")
 
 
 def csr_refs(x, *, with_indices: bool, peer: bool):

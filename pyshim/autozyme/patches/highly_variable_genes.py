@@ -50,7 +50,7 @@ import numpy as np
 from .. import parallel, shm
 from ..client import get_client, prefault_in_background
 from ..codec import msg
-from ..fallback import Delegate, Fallback
+from ..fallback import BadInput, Delegate, Fallback
 from . import _common
 
 VERIFIED = ("1.11.5",)
@@ -448,7 +448,7 @@ def _check_loess_input(n_points: int, span, label) -> None:
     except TypeError:
         return  # loess raises its own error for such a span
     if tiny:
-        raise ValueError(
+        raise BadInput(
             f"highly_variable_genes: batch {label!r} has {n_points} genes with non-zero "
             f"variance, too few for a loess fit with span={span} (needs span * genes >= 1). "
             "scikit-misc's loess crashes the Python process on such input (upstream scanpy "
