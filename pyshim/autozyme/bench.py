@@ -45,6 +45,21 @@ BATCH_FRACTIONS = (0.30, 0.22, 0.16, 0.12, 0.10, 0.06, 0.04)
 PHASES = ("first", "warm", "rerun")
 
 
+def stack_versions() -> str:
+    """The stack a run measured: Python and the versions of scanpy and what it runs on."""
+    import importlib.metadata
+    import platform
+
+    names = ("scanpy", "anndata", "numpy", "scipy", "pandas", "numba")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return f"Python {platform.python_version()}, " + ", ".join(found)
+
+
 # --- data -----------------------------------------------------------------------
 def make_counts(n_cells: int, n_genes: int, density: float, seed: int = 0):
     """A realistic-looking count matrix, vectorized: gene popularity is lognormal,
@@ -410,7 +425,7 @@ def run(args) -> int:
     print(f"\nautozyme bench: {args.cells} cells x {args.genes} genes, density {args.density:g}; "
           f"daemon pid {hello.pid} with {hello.threads} threads; {os.cpu_count()} cores; "
           f"copy bandwidth {bw / 1e9:.1f} GB/s (1 thread); phases {args.pause:g} s apart; "
-          f"median of {args.repeat} fresh processes per side\n", flush=True)
+          f"median of {args.repeat} fresh processes per side; {stack_versions()}\n", flush=True)
     rows = []
     if "rank_genes_groups" in calls:
         from . import bench_rank

@@ -169,7 +169,7 @@ def machine_info() -> dict:
         build = None
     return dict(cpu=cpu, cores=os.cpu_count() or 1, memory=total, memory_available=mem_available(),
                 kernel=f"{platform.system()} {platform.release()}", python=platform.python_version(),
-                versions={p: _version(p) for p in ("scanpy", "anndata", "numpy", "scipy", "numba", "illico",
+                versions={p: _version(p) for p in ("scanpy", "anndata", "numpy", "scipy", "pandas", "numba", "illico",
                                                    "piaso-tools", "autozyme")},
                 autozymed=build, date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))
 
@@ -593,7 +593,8 @@ def render_markdown(report: dict, charts: list[tuple[str, str]]) -> str:
         "# autozyme benchmark report", "",
         f"**Machine:** {m['cpu']}, {m['cores']} cores, {m['memory'] / 2**30:.1f} GiB RAM "
         f"({m['memory_available'] / 2**30:.1f} GiB available at start), {m['kernel']}; Python {m['python']}, "
-        f"scanpy {v['scanpy']}, anndata {v['anndata']}, numpy {v['numpy']}, numba {v['numba']}"
+        f"scanpy {v['scanpy']}, anndata {v['anndata']}, numpy {v['numpy']}, scipy {v.get('scipy')}, "
+        f"pandas {v.get('pandas')}, numba {v['numba']}"
         + (f", {extras}" if extras else "") + f"; autozymed {m['autozymed']}. {m['date']}, "
         f"{minutes} min {secs} s.", "",
         f"**Regenerate:** `{report['command']}`", "",
