@@ -1,13 +1,16 @@
 # The supported stacks, in one place: sourced by setup.sh, test.sh and demo.sh.
 # A stack is a scanpy release with the Python it runs on, its pinned requirements
-# and its own venv. Every stack's tests run in CI.
-STACKS="1.11.5 1.12.4"
+# and its own venv. Every stack's tests run in CI: all of them on the two main stacks;
+# on 1.12.4-py3.13 (the same pinned set on CPython 3.13) the lifecycle tests and the
+# oracle tests, to show the wheel, the daemon's start and the shim work there too.
+STACKS="1.11.5 1.12.4 1.12.4-py3.13"
 
 # The venv of a stack (the first stack keeps the historical `.venv`).
 stack_venv() {
   case "$1" in
     1.11.5) echo .venv ;;
     1.12.4) echo .venv-1.12.4 ;;
+    1.12.4-py3.13) echo .venv-1.12.4-py3.13 ;;
     *) echo "unknown stack $1 (known: $STACKS)" >&2; return 1 ;;
   esac
 }
@@ -18,6 +21,7 @@ stack_python() {
   case "$1" in
     1.11.5) want=3.11 ;;
     1.12.4) want=3.12 ;;
+    1.12.4-py3.13) want=3.13 ;;
     *) return 1 ;;
   esac
   if command -v pyenv >/dev/null 2>&1; then
@@ -33,8 +37,17 @@ stack_python() {
 
 # The pinned requirements of a stack, then the extras its copy of scanpy's own tests needs.
 stack_requirements() {
-  echo "requirements-test-scanpy-$1.txt"
-  if [ -f "tests/requirements-upstream-tests-$1.txt" ]; then
-    echo "tests/requirements-upstream-tests-$1.txt"
+  local scanpy=${1%-py*}
+  echo "requirements-test-scanpy-$scanpy.txt"
+  if [ -f "tests/requirements-upstream-tests-$scanpy.txt" ]; then
+    echo "tests/requirements-upstream-tests-$scanpy.txt"
   fi
+}
+
+# Whether a stack runs every test stage ("all") or the integration tests only ("integration").
+stack_stages() {
+  case "$1" in
+    1.12.4-py3.13) echo integration ;;
+    *) echo all ;;
+  esac
 }

@@ -45,7 +45,12 @@ def format_status(st: dict | None = None) -> str:
     lines.append(f"scanpy {st.get('scanpy_version') or 'not installed'}; fast paths verified on:")
     problems = st.get("version_problems") or {}
     for name, verified in st["verified_versions"].items():
-        here = "falls back here" if name in problems else "serves here"
+        if name in problems:
+            here = "falls back here"
+        elif st.get("scanpy_version") in verified:
+            here = "serves here"
+        else:
+            here = "not verified here, served by opt-in (AUTOZYME_ALLOW_UNVERIFIED=1)"
         lines.append(f"  {name}: {', '.join(verified)} ({here})")
     if problems:
         lines.append(f"  falls back: {next(iter(problems.values()))}")
