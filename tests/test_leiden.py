@@ -1,4 +1,6 @@
-"""sc.tl.leiden: exact mode gives upstream's labels (igraph flavor), same random_state."""
+"""sc.tl.leiden: exact mode gives upstream's labels (igraph flavor), same random_state,
+and writes what upstream writes (scanpy 1.12: the partition's modularity too); the
+warnings of the version (patches/leiden.py's UPSTREAM record) as upstream gives them."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 
-def knn_graph(n, k=10, *, seed=0, n_groups=6, dtype=np.float32, isolated=(), components=1):
+def knn_graph(n, k=10, *, seed=0, n_groups=6, dtype=np.float32, isolated=(), components=1, spread=4.0):
     """A symmetric kNN graph (connectivity-like weights in (0, 1]) on a Gaussian
     mixture; ``components`` disjoint copies side by side; ``isolated`` rows/cols
     emptied."""
@@ -21,7 +23,7 @@ def knn_graph(n, k=10, *, seed=0, n_groups=6, dtype=np.float32, isolated=(), com
     blocks = []
     for c in range(components):
         m = n // components
-        centers = rng.normal(size=(n_groups, 8)) * 4
+        centers = rng.normal(size=(n_groups, 8)) * spread
         x = centers[rng.integers(0, n_groups, m)] + rng.normal(size=(m, 8))
         dist, idx = NearestNeighbors(n_neighbors=min(k, m - 1) + 1).fit(x).kneighbors(x)
         rows = np.repeat(np.arange(m), idx.shape[1] - 1)
@@ -47,6 +49,13 @@ def make_adata(a, *, obsp="connectivities"):
     return ad
 
 
+def upstream_record():
+    from autozyme import versions
+    from autozyme.patches import leiden
+
+    return versions.pick(leiden.UPSTREAM)
+
+
 def outcome(fn, *args, **kwargs):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -54,7 +63,7 @@ def outcome(fn, *args, **kwargs):
             res = fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - the outcome is what is compared
             res = type(e)
-    return res, sorted(str(x.message) for x in w)
+    return res, sorted((x.category.__name__, str(x.message), x.filename, x.lineno) for x in w)
 
 
 def assert_same_clustering(a, b, key):
@@ -64,7 +73,14 @@ def assert_same_clustering(a, b, key):
     assert list(x.cat.categories) == list(y.cat.categories)
     assert x.cat.categories.dtype == y.cat.categories.dtype
     assert x.cat.ordered == y.cat.ordered
-    assert a.uns[key] == b.uns[key]
+    assert a.uns[key]["params"] == b.uns[key]["params"]
+    if upstream_record().stores_modularity:
+        assert list(a.uns[key]) == list(b.uns[key]) == ["params", "modularity"]
+        assert type(a.uns[key]["modularity"]) is type(b.uns[key]["modularity"])
+        # bit for bit (== would pass NaN == NaN as False, and -0.0 == 0.0)
+        assert np.float64(a.uns[key]["modularity"]).tobytes() == np.float64(b.uns[key]["modularity"]).tobytes()
+    else:
+        assert list(b.uns[key]) == ["params"]
     assert set(a.obs) == set(b.obs) and set(a.uns) == set(b.uns)
 
 
@@ -77,7 +93,13 @@ def run_both(sc, make, kwargs, *, args=(), key=None, served=True):
     before = fallback.counts()["served"].get("leiden", 0)
     ra, wa = outcome(upstream, a, *args, **kwargs)
     rb, wb = outcome(fast, b, *args, **kwargs)
-    assert wa == wb
+    # category and message; where it points too when served on a version whose
+    # upstream attributes its warnings to the caller (a fallback's upstream names
+    # the wrapper, and 1.11.5's warn_once a fixed stack level)
+    assert [w[:2] for w in wa] == [w[:2] for w in wb]
+    if served and upstream_record().leidenalg_warns == "every_call":
+        assert wa == wb
+        assert all(w[2] == __file__ for w in wb)
     if isinstance(ra, type):
         assert ra is rb
         return a, b
@@ -105,6 +127,41 @@ def test_identical_labels(active, seed, resolution):
              dict(flavor="igraph", resolution=resolution, random_state=seed))
 
 
+OVERLAPPING = knn_graph(3000, k=10, seed=4, n_groups=12, spread=1.5)
+
+
+def test_identical_labels_seeds_0_1_2(active):
+    """On a graph where the seed changes the clustering, each seed's labels (and,
+    on 1.12, modularity) are upstream's."""
+    labels = []
+    for seed in (0, 1, 2):
+        _, b = run_both(active, lambda: make_adata(OVERLAPPING.copy()),
+                        dict(flavor="igraph", random_state=seed, resolution=0.8))
+        labels.append(b.obs["leiden"].to_numpy())
+    # the seeds matter on this graph, so the identity is about the random stream
+    assert not np.array_equal(labels[0], labels[1]) and not np.array_equal(labels[1], labels[2])
+
+
+def test_modularity_is_igraphs(active):
+    """1.12 stores the partition's modularity: igraph's ``Graph.modularity`` of the
+    labels with the call's weights and resolution (1.11.5 stores none)."""
+    from scanpy._utils import get_igraph_from_adjacency
+
+    g = get_igraph_from_adjacency(OVERLAPPING, directed=False)
+    for kwargs in (dict(), dict(resolution=0.5, random_state=1), dict(use_weights=False, random_state=2),
+                   dict(resolution=None, n_iterations=2)):
+        _, b = run_both(active, lambda: make_adata(OVERLAPPING.copy()), dict(flavor="igraph", **kwargs))
+        if not upstream_record().stores_modularity:
+            assert "modularity" not in b.uns["leiden"]
+            continue
+        q = b.uns["leiden"]["modularity"]
+        assert type(q) is float and 0 < q < 1
+        res = kwargs.get("resolution", 1)
+        expected = g.modularity(labels_of(b).tolist(), weights="weight" if kwargs.get("use_weights", True) else None,
+                                resolution=1 if res is None else res)
+        assert q == expected
+
+
 @pytest.mark.parametrize("use_weights", [True, False])
 @pytest.mark.parametrize("n_iterations", [-1, 2, 1, 0])
 def test_weights_and_iterations(active, use_weights, n_iterations):
@@ -121,6 +178,24 @@ def test_float64_and_csr_array(active):
     g64 = knn_graph(900, seed=5, dtype=np.float64)
     run_both(active, lambda: make_adata(g64.copy()), dict(flavor="igraph", random_state=2))
     run_both(active, lambda: make_adata(sp.csr_array(g64)), dict(flavor="igraph", random_state=2))
+
+
+def test_csr_array_everywhere(active):
+    """scipy sparse arrays (1.12 accepts them everywhere; anndata 0.13 keeps them)
+    as obsp, as neighbors' connectivities, as adjacency, with restrict_to."""
+    g = knn_graph(1000, seed=17)
+    ga = sp.csr_array(g)
+
+    def arrays():
+        ad = make_adata(sp.csr_array(g))
+        ad.obsp["other"] = sp.csr_array(knn_graph(1000, k=6, seed=18))
+        ad.obs["half"] = pd.Categorical(np.where(np.arange(1000) % 3 == 0, "a", "b"))
+        return ad
+
+    for kwargs in (dict(), dict(obsp="other", random_state=1), dict(adjacency=ga, random_state=2),
+                   dict(restrict_to=("half", ["b"]), random_state=0),
+                   dict(restrict_to=("half", ["a", "b"]), adjacency=ga, key_added="r", copy=True)):
+        run_both(active, arrays, dict(flavor="igraph", **kwargs))
 
 
 def test_adjacency_obsp_neighbors_key(active):
@@ -258,6 +333,23 @@ def test_out_of_scope_falls_back(active, monkeypatch):
     assert sum(fallback.counts()["fallbacks"]["leiden"].values()) == 4
 
 
+def test_flavor_none(active, monkeypatch):
+    """flavor=None: scanpy 1.12's default, leidenalg with a FutureWarning (exact mode
+    hands it to upstream); scanpy 1.11.5 refuses it with a ValueError."""
+    from autozyme import AutozymeFallbackError
+
+    make = lambda: make_adata(GRAPH.copy())  # noqa: E731
+    if upstream_record().flavor_none_is_leidenalg:
+        with pytest.raises(AutozymeFallbackError, match="leidenalg"):
+            active.tl.leiden(make(), flavor=None)
+        monkeypatch.setenv("AUTOZYME_STRICT", "0")
+        run_both(active, make, dict(flavor=None), served=False)
+        run_both(active, make, dict(), served=False)
+    else:
+        a, b = run_both(active, make, dict(flavor=None), served=False)
+        assert "leiden" not in b.obs
+
+
 def test_bad_arguments_get_upstreams_errors(active):
     make = lambda: make_adata(GRAPH.copy())  # noqa: E731
     run_both(active, make, dict(flavor="igraph", directed=True), served=False)
@@ -303,29 +395,121 @@ def assert_connected(a, labels):
         assert connected_components(sub, directed=False)[0] == 1, f"community {c} is not connected"
 
 
-@pytest.mark.parametrize("flavor", ["igraph", "leidenalg"])
-def test_parallel_mode_writes_like_upstream(parallel_mode, flavor):
+@pytest.mark.parametrize("use_weights", [True, False])
+@pytest.mark.parametrize("flavor", ["igraph", "leidenalg", None])
+def test_parallel_mode_writes_like_upstream(parallel_mode, flavor, use_weights):
     from autozyme import fallback
 
     sc = parallel_mode
+    up = upstream_record()
+    if flavor is None and not up.flavor_none_is_leidenalg:
+        a, b = run_both(sc, lambda: make_adata(GRAPH.copy()), dict(flavor=None), served=False)
+        return
     a = overlapping_graph(1200, seed=21)
     ours, ref = make_adata(a.copy()), make_adata(a.copy())
-    with warnings.catch_warnings(record=True) as w_ours:
-        warnings.simplefilter("always")
-        sc.tl.leiden(ours, flavor=flavor, resolution=0.9, random_state=3, key_added="cl")
-    with warnings.catch_warnings(record=True) as w_ref:
-        warnings.simplefilter("always")
-        sc.tl.leiden.__autozyme_upstream__(ref, flavor=flavor, resolution=0.9, random_state=3, key_added="cl")
-    assert sorted(str(x.message) for x in w_ours) == sorted(str(x.message) for x in w_ref)
+    kwargs = dict(resolution=0.9, random_state=3, key_added="cl", use_weights=use_weights)
+    if flavor is not None:
+        kwargs["flavor"] = flavor
+    r_ref, w_ref = outcome(sc.tl.leiden.__autozyme_upstream__, ref, **kwargs)
+    r_ours, w_ours = outcome(sc.tl.leiden, ours, **kwargs)
+    assert r_ours is None and r_ref is None
     assert fallback.counts()["served"]["leiden"] == 1
+    if up.leidenalg_warns == "every_call":
+        # same category, message and place (the caller's line: the same line in
+        # ``outcome`` for both)
+        assert w_ours == w_ref
+        assert [w[0] for w in w_ours] == ([] if flavor == "igraph" else
+                                          ["FutureWarning" if flavor is None else "UserWarning"])
+        assert all(w[2] == __file__ for w in w_ours)
+    else:
+        assert [w[:2] for w in w_ours] == [w[:2] for w in w_ref]
     x, y = ours.obs["cl"], ref.obs["cl"]
     assert x.dtype == y.dtype or isinstance(x.dtype, pd.CategoricalDtype)
     assert x.cat.categories.dtype == y.cat.categories.dtype and not x.cat.ordered
     assert list(x.cat.categories) == [str(i) for i in range(len(x.cat.categories))]
     sizes = x.value_counts(sort=False).reindex(x.cat.categories).to_numpy()
     assert (np.diff(sizes) <= 0).all()  # numbered by size
-    assert ours.uns["cl"] == ref.uns["cl"]
+    assert ours.uns["cl"]["params"] == ref.uns["cl"]["params"]
+    assert list(ours.uns["cl"]) == list(ref.uns["cl"])
+    if up.stores_modularity:
+        # the modularity the flavor reports, of our labels: igraph's partition
+        # (weights as the call, its resolution, undirected) or leidenalg's (no
+        # weights, resolution 1, directed unless directed=False)
+        from scanpy._utils import get_igraph_from_adjacency
+
+        q = ours.uns["cl"]["modularity"]
+        assert type(q) is type(ref.uns["cl"]["modularity"]) is float
+        labels = labels_of(ours, "cl").tolist()
+        if flavor == "igraph":
+            g = get_igraph_from_adjacency(a, directed=False)
+            assert q == g.modularity(labels, weights="weight" if use_weights else None, resolution=0.9)
+        else:
+            assert q == get_igraph_from_adjacency(a, directed=True).modularity(labels)
+        # upstream's own modularity of upstream's labels, near ours
+        assert abs(q - ref.uns["cl"]["modularity"]) < 0.02
     assert_connected(a, labels_of(ours, "cl"))
+
+
+@pytest.mark.parametrize("flavor", ["leidenalg", None])
+def test_parallel_mode_warnings_as_errors(parallel_mode, flavor):
+    """scanpy's test config turns warnings into errors: a served leidenalg call then
+    raises upstream's warning and leaves the AnnData as upstream does."""
+    sc = parallel_mode
+    up = upstream_record()
+    if flavor is None and not up.flavor_none_is_leidenalg:
+        return
+    category = UserWarning if (flavor is not None and up.leidenalg_warns == "every_call") else FutureWarning
+    # (1.11.5's warn_once adds an "ignore" filter after warning; "error" put in
+    # front of it here still applies)
+    for fn in (sc.tl.leiden.__autozyme_upstream__, sc.tl.leiden):
+        ad = make_adata(GRAPH.copy())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(category, match="igraph"):
+                fn(ad, flavor=flavor, random_state=0)
+        assert "leiden" not in ad.obs and "leiden" not in ad.uns
+    # pytest.warns, as scanpy's test_leiden_basic asserts it
+    with pytest.warns(category, match=r"igraph"):
+        sc.tl.leiden(make_adata(GRAPH.copy()), flavor=flavor, random_state=0)
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_modularity_formula_is_igraphs(trial):
+    """The parallel mode's modularity (numpy, igraph's order of operations) equals
+    igraph's ``Graph.modularity`` bit for bit: directed or not, weighted or not, any
+    resolution, on graphs with self-loops, duplicates, explicit zeros, asymmetry."""
+    from scanpy._utils import get_igraph_from_adjacency
+
+    from autozyme.patches import leiden
+
+    rng = np.random.default_rng(trial)
+    n = int(rng.integers(20, 2500))
+    a = sp.random(n, n, density=min(1.0, float(rng.uniform(2, 25)) / n), random_state=trial, format="csr",
+                  dtype=np.float32 if trial % 2 else np.float64)
+    if trial % 3 == 0:
+        a = a.maximum(a.T).tocsr()
+    if trial % 4 == 1:
+        a = (a + sp.eye(n, dtype=a.dtype)).tocsr()
+    if trial % 5 == 2:
+        a.data[::9] = 0
+    a.sort_indices()
+    if trial % 6 == 3:  # every row's first entry stored twice: non-canonical
+        lens = np.diff(a.indptr)
+        first = a.indptr[:-1][lens > 0]
+        pos = np.sort(np.concatenate([np.arange(a.nnz), first]))
+        indptr = np.concatenate([[0], np.cumsum(lens + (lens > 0))])
+        a = sp.csr_matrix((a.data[pos], a.indices[pos], indptr), shape=a.shape)
+    for directed in (False, True):
+        g = get_igraph_from_adjacency(a, directed=directed)
+        for weighted in (True, False):
+            for k in (1, 3, 30, n):
+                membership = rng.integers(0, k, n)
+                resolution = float(rng.choice([1.0, 0.8, 2.5, 0.1]))
+                expected = g.modularity(membership.tolist(), weights="weight" if weighted else None,
+                                        resolution=resolution)
+                got = leiden._modularity(a, membership, weighted=weighted, resolution=resolution,
+                                         directed=directed)
+                assert np.float64(got).tobytes() == np.float64(expected).tobytes()
 
 
 def test_parallel_mode_quality(parallel_mode):
@@ -395,7 +579,8 @@ def test_parallel_mode_scope(parallel_mode, monkeypatch):
     with pytest.raises(AutozymeFallbackError):  # random_state that is not an integer
         sc.tl.leiden(make_adata(a.copy()), flavor="igraph", random_state=None)
     fallback.reset_counts()
-    sc.tl.leiden(make_adata(asym.copy()), flavor="leidenalg", directed=False)
+    with pytest.warns((UserWarning, FutureWarning), match="leiden"):  # upstream's, for leidenalg
+        sc.tl.leiden(make_adata(asym.copy()), flavor="leidenalg", directed=False)
     sc.tl.leiden(make_adata(asym.copy()), flavor="igraph", use_weights=False, n_iterations=2)
     assert fallback.counts()["served"]["leiden"] == 2
     # the environment variable

@@ -1,4 +1,4 @@
-"""sc.tl.leiden, verified against scanpy 1.11.5.
+"""sc.tl.leiden, verified against scanpy 1.11.5 and 1.12.4.
 
 Exact mode (the default) serves ``flavor="igraph"`` and returns upstream's labels
 for the same input and ``random_state``: it runs the same igraph routine on the
@@ -24,9 +24,28 @@ half of upstream's time):
   ``random_state`` (a ``RandomState``, ``None``) uses upstream's own object, since
   its state after the call is visible to the user.
 - **Labels.** The categorical is built from integer codes instead of strings.
+- **Modularity** (scanpy 1.12: ``uns[key_added]["modularity"]``). Upstream stores
+  ``part.modularity`` of igraph's partition, which igraph computes on request
+  (``Graph.modularity`` with the call's weights and resolution); here the same
+  property of the same partition on the same graph, so the same bits.
 
 Everything else (graph choice, ``restrict_to``, the ``uns`` params, logging) calls
 upstream's own helpers or repeats upstream's expression.
+
+What differs between the verified versions is declared once, in ``UPSTREAM``:
+scanpy 1.12 takes ``flavor=None`` (its default, leidenalg) and warns on every call
+that runs leidenalg (a FutureWarning without ``flavor``, a UserWarning for an
+explicit ``flavor="leidenalg"``, attributed to the first frame outside scanpy),
+where 1.11.5 warns once per process (a FutureWarning, ``stacklevel=3``); and 1.12
+stores the partition's modularity. Exact mode hands leidenalg calls to upstream,
+which then warns itself; parallel mode serves them and warns as upstream does.
+
+Parallel mode (``AUTOZYME_LEIDEN=parallel``) runs the daemon's own Leiden. On
+scanpy 1.12 its ``modularity`` is that of its own labels, as the flavor defines it:
+igraph's (weighted when ``use_weights``, at the call's resolution, undirected) or
+leidenalg's partition's (unweighted, resolution 1, directed unless
+``directed=False``), evaluated with igraph's formula and summation order in numpy
+(``_modularity``), which the tests check against igraph's routine bit for bit.
 """
 
 from __future__ import annotations
@@ -36,16 +55,74 @@ import itertools
 import operator
 import os
 import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from .. import settings
+from .. import settings, versions
 from ..client import DaemonError, get_client
 from ..codec import msg
 from ..fallback import Delegate, Fallback
 from . import _common
 
-VERIFIED = ("1.11.5",)
+
+@dataclass(frozen=True)
+class Upstream:
+    """How scanpy's leiden differs between the verified versions."""
+
+    # flavor=None: upstream's default, resolved to "leidenalg" (1.12); else upstream
+    # refuses it with a ValueError.
+    flavor_none_is_leidenalg: bool
+    # How a call that runs leidenalg warns: "once" (scanpy's warn_once: one
+    # FutureWarning per process, stacklevel=3) or "every_call" (scanpy's
+    # _compat.warn: every call, attributed to the first frame outside scanpy).
+    leidenalg_warns: str
+    # The warning for an explicit flavor="leidenalg" (its category: FutureWarning
+    # when "once", UserWarning when "every_call").
+    leidenalg_message: str
+    # Appended to it for flavor=None, as a FutureWarning ("every_call" only).
+    flavor_none_suffix: str | None
+    # uns[key_added]["modularity"] = the partition's modularity.
+    stores_modularity: bool
+    # A graph without edges: upstream's weight lookup on the empty edge list
+    # raises (AttributeError, 1.11.5), or it clusters every vertex alone (1.12).
+    edgeless_graph_raises: bool
+
+
+_LEIDENALG_FUTURE = (
+    "In the future, the default backend for leiden will be igraph instead of leidenalg.\n\n"
+    " To achieve the future defaults please pass: flavor=\"igraph\" and n_iterations=2.  "
+    "directed must also be False to work with igraph\'s implementation."
+)
+
+UPSTREAM = {
+    "1.11.5": Upstream(
+        flavor_none_is_leidenalg=False,
+        leidenalg_warns="once",
+        leidenalg_message=_LEIDENALG_FUTURE,
+        flavor_none_suffix=None,
+        stores_modularity=False,
+        edgeless_graph_raises=True,
+    ),
+    "1.12.4": Upstream(
+        flavor_none_is_leidenalg=True,
+        leidenalg_warns="every_call",
+        leidenalg_message=(
+            "The `igraph` implementation of leiden clustering is *orders of magnitude faster*. "
+            "Set the flavor argument to (and install if needed) 'igraph' to use it."
+        ),
+        flavor_none_suffix=(
+            "\nIn the future, the default backend for leiden will be igraph instead of leidenalg. "
+            "To achieve the future defaults please pass: `flavor='igraph'` and `n_iterations=2`. "
+            "`directed` must also be `False` to work with igraph’s implementation."
+        ),
+        stores_modularity=True,
+        edgeless_graph_raises=False,
+    ),
+}
+VERIFIED = tuple(UPSTREAM)
 
 _GRAPHDB_MAX = 65535
 _SHM_DIR = "/dev/shm"
@@ -67,6 +144,7 @@ def _signature_defaults(upstream) -> dict:
 def fast(upstream, *args, **kwargs):
     from anndata import AnnData
 
+    up = versions.pick(UPSTREAM)
     defaults = dict(_signature_defaults(upstream))
     if not 1 <= len(args) <= 2:
         raise Fallback("arguments other than adata and resolution passed by position")
@@ -78,12 +156,14 @@ def fast(upstream, *args, **kwargs):
     p = {**defaults, **kwargs}
     adata = args[0]
 
-    flavor = p["flavor"]
+    flavor = requested = p["flavor"]
+    if flavor is None and up.flavor_none_is_leidenalg:
+        flavor = "leidenalg"
     parallel_mode = settings.leiden_mode() == "parallel"
     if flavor not in {"igraph", "leidenalg"}:
         raise Delegate(f"flavor {flavor!r}")
     if flavor == "leidenalg" and not parallel_mode:
-        raise Fallback("flavor='leidenalg' (exact mode serves flavor='igraph'; "
+        raise Fallback(f"flavor={requested!r} runs leidenalg (exact mode serves flavor='igraph'; "
                        "parallel mode serves both)")
     if flavor == "igraph" and p["directed"]:
         raise Delegate("directed graph with flavor='igraph'")
@@ -108,8 +188,9 @@ def fast(upstream, *args, **kwargs):
         raise Fallback("backed AnnData")
     args = {k: p[k] for k in _EXACT_ARGS}
     if parallel_mode:
-        return _exact(adata, **args, solver=_Parallel(flavor, p["directed"]))
-    return _exact(adata, **args)
+        warning = _flavor_warning(up, requested)
+        return _exact(adata, **args, up=up, solver=_Parallel(flavor, p["directed"], warning))
+    return _exact(adata, **args, up=up)
 
 
 _EXACT_ARGS = (
@@ -119,7 +200,7 @@ _EXACT_ARGS = (
 
 
 def _exact(adata, *, resolution, restrict_to, random_state, key_added, adjacency,
-           use_weights, n_iterations, neighbors_key, obsp, copy, solver=None):
+           use_weights, n_iterations, neighbors_key, obsp, copy, up, solver=None):
     import pandas as pd
     from natsort import natsorted
     from scanpy import _utils
@@ -144,8 +225,7 @@ def _exact(adata, *, resolution, restrict_to, random_state, key_added, adjacency
             )
         except Exception as e:  # noqa: BLE001 - upstream raises its own error
             raise Delegate(f"restrict_to {restrict_to!r}: {e}") from e
-    if not graph.data.any():
-        # upstream's weight lookup fails on an empty edge list (AttributeError)
+    if up.edgeless_graph_raises and not graph.data.any():
         raise Delegate("a graph without edges")
     if solver is not None:
         solver.check(graph, random_state, n_iterations)
@@ -153,13 +233,17 @@ def _exact(adata, *, resolution, restrict_to, random_state, key_added, adjacency
     start = logg.info("running Leiden clustering")
     adata = adata.copy() if copy else adata
     if solver is not None:
-        groups = solver.run(graph, resolution=resolution, random_state=random_state,
-                            n_iterations=n_iterations, use_weights=use_weights)
+        groups, modularity = solver.run(graph, resolution=resolution, random_state=random_state,
+                                        n_iterations=n_iterations, use_weights=use_weights,
+                                        with_modularity=up.stores_modularity)
     else:
-        groups = community_leiden(
+        part = community_leiden(
             graph, resolution=resolution, random_state=random_state,
             n_iterations=n_iterations, use_weights=use_weights,
         )
+        groups = np.array(part.membership)
+        # igraph computes it when asked, on the partition's graph, weights and resolution
+        modularity = part.modularity if up.stores_modularity else None
     if restrict_to is not None:
         if key_added == "leiden":
             key_added += "_R"
@@ -179,6 +263,8 @@ def _exact(adata, *, resolution, restrict_to, random_state, key_added, adjacency
     adata.uns[key_added]["params"] = dict(
         resolution=resolution, random_state=random_state, n_iterations=n_iterations
     )
+    if up.stores_modularity:
+        adata.uns[key_added]["modularity"] = modularity
     logg.info(
         "    finished",
         time=start,
@@ -202,8 +288,8 @@ def _check_graph(a) -> None:
 
 
 def community_leiden(adjacency, *, resolution, random_state, n_iterations, use_weights):
-    """Upstream's ``community_leiden`` call on upstream's graph; the membership as an
-    integer array."""
+    """Upstream's ``community_leiden`` call on upstream's graph; igraph's partition
+    (its ``membership`` and, computed when asked, its ``modularity``)."""
     import random
 
     import igraph
@@ -222,10 +308,9 @@ def community_leiden(adjacency, *, resolution, random_state, n_iterations, use_w
         rng = _RNGIgraph(random_state)
     igraph.set_random_number_generator(rng)
     try:
-        part = graph.community_leiden(**kwargs)
+        return graph.community_leiden(**kwargs)
     finally:
         igraph.set_random_number_generator(random)
-    return np.array(part.membership)
 
 
 def _edges(a):
@@ -375,6 +460,81 @@ def _categorical(groups: np.ndarray):
     return pd.Categorical.from_codes(codes, categories=categories), len(uniq)
 
 
+# --- warnings ---------------------------------------------------------------------
+
+def _flavor_warning(up: Upstream, requested):
+    """The warning upstream gives a call with ``flavor=requested`` (a callable that
+    gives it), or None. Only calls that run leidenalg warn."""
+    if requested == "igraph":
+        return None
+    if up.leidenalg_warns == "once":
+        from scanpy import _utils
+
+        # scanpy's own once-per-process cache (keyed with stacklevel=3, as upstream
+        # calls it), so a warning upstream already gave is not repeated.
+        return functools.partial(_utils.warn_once, up.leidenalg_message, FutureWarning, stacklevel=3)
+    if requested is None:
+        return functools.partial(_warn_outside, up.leidenalg_message + up.flavor_none_suffix, FutureWarning)
+    return functools.partial(_warn_outside, up.leidenalg_message, UserWarning)
+
+
+def _warn_outside(message: str, category) -> None:
+    """``warnings.warn`` attributed to the first frame outside scanpy (and the
+    decorator package scanpy skips), as scanpy 1.12's ``_compat.warn`` does; the
+    frames of autozyme's wrapper and of this patch are skipped too, so the warning
+    names the user's line as upstream's does."""
+    warnings.warn(message, category, skip_file_prefixes=_skipped_prefixes())
+
+
+@functools.lru_cache(maxsize=1)
+def _skipped_prefixes() -> tuple[str, ...]:
+    import legacy_api_wrap
+    import scanpy
+
+    import autozyme
+
+    return tuple(str(Path(m.__file__).parent) for m in (scanpy, legacy_api_wrap, autozyme))
+
+
+# --- modularity ---------------------------------------------------------------------
+
+def _modularity(adjacency, membership: np.ndarray, *, weighted: bool, resolution: float,
+                directed: bool) -> float:
+    """``Graph.modularity(membership, weights, resolution)`` of the graph upstream
+    builds from ``adjacency`` (an edge per stored non-zero, in storage order), with
+    igraph's arithmetic in igraph's order: one pass over the edges adding each
+    edge's weight to its end communities' out- and in-strength (an undirected edge
+    runs from its larger to its smaller vertex) and, within a community, the
+    weight times 2 (undirected) or 1 to the sum; the strengths then scaled by
+    1 / (that factor times the total weight), the sum divided by it, and
+    resolution * out * in subtracted community by community. ``np.bincount``,
+    ``np.cumsum`` and ``np.subtract.accumulate`` add in sequence, as igraph's loops do."""
+    rows, cols, data, _ = _edges(adjacency)
+    if rows.size == 0:
+        return float("nan")
+    if not directed:
+        rows, cols = np.maximum(rows, cols), np.minimum(rows, cols)
+    source, target = membership[rows], membership[cols]
+    w = data.astype(np.float64) if weighted else np.ones(rows.size)
+    factor = 1.0 if directed else 2.0
+    total = float(np.cumsum(w)[-1])
+    if not total > 0:
+        return float("nan")
+    inside = w[source == target] * factor
+    q = float(np.cumsum(inside)[-1]) if inside.size else 0.0
+    k = int(membership.max()) + 1
+    k_out = np.bincount(source, weights=w, minlength=k)
+    k_in = np.bincount(target, weights=w, minlength=k)
+    if not directed:
+        k_out = k_out + k_in
+        k_in = k_out
+    scale = 1.0 / (factor * total)
+    k_out, k_in = k_out * scale, k_in * scale
+    q /= factor * total
+    terms = resolution * k_out * k_in
+    return float(np.subtract.accumulate(np.concatenate(([q], terms)))[-1])
+
+
 # --- parallel mode ----------------------------------------------------------------
 
 class _Parallel:
@@ -386,9 +546,10 @@ class _Parallel:
 
     _peer_refused = False
 
-    def __init__(self, flavor: str, directed):
+    def __init__(self, flavor: str, directed, warning=None):
         self.flavor = flavor
         self.directed = directed
+        self.warning = warning
 
     def check(self, graph, random_state, n_iterations) -> None:
         if isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer)):
@@ -401,11 +562,9 @@ class _Parallel:
         if graph.data.size and not np.isfinite(graph.data).all() or (graph.data < 0).any():
             raise Fallback("non-finite or negative edge weights")
 
-    def run(self, graph, *, resolution, random_state, n_iterations, use_weights):
-        if self.flavor == "leidenalg":
-            from scanpy import _utils
-
-            _utils.warn_once(_LEIDENALG_FUTURE, FutureWarning, stacklevel=3)
+    def run(self, graph, *, resolution, random_state, n_iterations, use_weights, with_modularity):
+        """The membership, and the modularity the flavor reports for it (None unless
+        ``with_modularity``)."""
         request = dict(
             use_weights=bool(use_weights),
             resolution=1.0 if resolution is None else float(resolution),
@@ -423,11 +582,22 @@ class _Parallel:
                 reply = get_client().call(msg("Leiden", graph=matrix, **request))
             else:
                 raise
-        return reply.membership.astype(np.int64)
-
-
-_LEIDENALG_FUTURE = (
-    "In the future, the default backend for leiden will be igraph instead of leidenalg.\n\n"
-    " To achieve the future defaults please pass: flavor=\"igraph\" and n_iterations=2.  "
-    "directed must also be False to work with igraph\'s implementation."
-)
+        membership = reply.membership.astype(np.int64)
+        modularity = None
+        if with_modularity:
+            if self.flavor == "igraph":
+                # igraph's partition: the call's weights and resolution, undirected
+                modularity = _modularity(graph, membership, weighted=bool(use_weights),
+                                         resolution=1 if resolution is None else resolution,
+                                         directed=False)
+            else:
+                # leidenalg's partition reports igraph's modularity of its graph
+                # without weights or resolution; the graph is directed unless
+                # directed=False
+                modularity = _modularity(graph, membership, weighted=False, resolution=1,
+                                         directed=self.directed is not False)
+        # Warned once the call is served (a daemon failure before this point runs
+        # upstream, which warns itself), before anything is written.
+        if self.warning is not None:
+            self.warning()
+        return membership, modularity
