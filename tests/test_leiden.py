@@ -93,11 +93,11 @@ def run_both(sc, make, kwargs, *, args=(), key=None, served=True):
     before = fallback.counts()["served"].get("leiden", 0)
     ra, wa = outcome(upstream, a, *args, **kwargs)
     rb, wb = outcome(fast, b, *args, **kwargs)
-    # category and message; where it points too when served on a version whose
-    # upstream attributes its warnings to the caller (a fallback's upstream names
-    # the wrapper, and 1.11.5's warn_once a fixed stack level)
+    # category and message; and where it points on a version whose upstream
+    # attributes its warnings to the caller, served or fallen back (1.11.5's
+    # warn_once uses a fixed stack level instead)
     assert [w[:2] for w in wa] == [w[:2] for w in wb]
-    if served and upstream_record().leidenalg_warns == "every_call":
+    if upstream_record().leidenalg_warns == "every_call":
         assert wa == wb
         assert all(w[2] == __file__ for w in wb)
     if isinstance(ra, type):

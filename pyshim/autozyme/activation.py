@@ -79,6 +79,7 @@ def activate(library: str = "scanpy", *, prewarm: bool = True) -> None:
                         setattr(mod, key, wrapper)
                         sites.append((mod, key))
             _patched[name] = (upstream, wrapper, sites)
+        _attribute_upstream_warnings_past_autozyme(True)
         _warn_main_bindings()
     shm.sweep_dead_segments()
     from .client import lease_segment, release_segments
@@ -99,6 +100,25 @@ def _prewarm() -> None:
         get_client().connection()
     except Exception:  # noqa: BLE001 - activation never fails because of the daemon
         pass
+
+
+def _attribute_upstream_warnings_past_autozyme(on: bool) -> None:
+    """scanpy 1.12 attributes its warnings to the first frame outside the packages
+    in ``scanpy._compat._FILE_PREFIXES`` (read when it warns). When a call falls
+    back, upstream runs under autozyme's wrapper, whose frame would be named
+    instead of the user's line: list autozyme's package there while active. scanpy
+    1.11.5 has no such list (nothing to do)."""
+    from pathlib import Path
+
+    compat = sys.modules.get("scanpy._compat")
+    prefixes = getattr(compat, "_FILE_PREFIXES", None)
+    if not isinstance(prefixes, tuple):
+        return
+    ours = str(Path(__file__).parent)
+    if on and ours not in prefixes:
+        compat._FILE_PREFIXES = (*prefixes, ours)
+    elif not on and ours in prefixes:
+        compat._FILE_PREFIXES = tuple(p for p in prefixes if p != ours)
 
 
 def _warn_main_bindings() -> None:
@@ -125,6 +145,7 @@ def deactivate() -> None:
                 if getattr(mod, key, None) is wrapper:
                     setattr(mod, key, upstream)
         _patched.clear()
+        _attribute_upstream_warnings_past_autozyme(False)
 
 
 def patched_targets() -> list[str]:

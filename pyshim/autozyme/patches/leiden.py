@@ -1,4 +1,4 @@
-"""sc.tl.leiden, verified against scanpy 1.11.5 and 1.12.4.
+"""sc.tl.leiden, verified against scanpy 1.11.5, 1.12.3 and 1.12.4.
 
 Exact mode (the default) serves ``flavor="igraph"`` and returns upstream's labels
 for the same input and ``random_state``: it runs the same igraph routine on the
@@ -97,6 +97,24 @@ _LEIDENALG_FUTURE = (
     "directed must also be False to work with igraph\'s implementation."
 )
 
+# scanpy 1.12.3 and 1.12.4: the same tools/_leiden.py, _utils_clustering.py,
+# _utils/random.py, _compat.py and graph helpers (compared from their sdists).
+_SCANPY_1_12 = Upstream(
+    flavor_none_is_leidenalg=True,
+    leidenalg_warns="every_call",
+    leidenalg_message=(
+        "The `igraph` implementation of leiden clustering is *orders of magnitude faster*. "
+        "Set the flavor argument to (and install if needed) 'igraph' to use it."
+    ),
+    flavor_none_suffix=(
+        "\nIn the future, the default backend for leiden will be igraph instead of leidenalg. "
+        "To achieve the future defaults please pass: `flavor='igraph'` and `n_iterations=2`. "
+        "`directed` must also be `False` to work with igraph’s implementation."
+    ),
+    stores_modularity=True,
+    edgeless_graph_raises=False,
+)
+
 UPSTREAM = {
     "1.11.5": Upstream(
         flavor_none_is_leidenalg=False,
@@ -106,21 +124,8 @@ UPSTREAM = {
         stores_modularity=False,
         edgeless_graph_raises=True,
     ),
-    "1.12.4": Upstream(
-        flavor_none_is_leidenalg=True,
-        leidenalg_warns="every_call",
-        leidenalg_message=(
-            "The `igraph` implementation of leiden clustering is *orders of magnitude faster*. "
-            "Set the flavor argument to (and install if needed) 'igraph' to use it."
-        ),
-        flavor_none_suffix=(
-            "\nIn the future, the default backend for leiden will be igraph instead of leidenalg. "
-            "To achieve the future defaults please pass: `flavor='igraph'` and `n_iterations=2`. "
-            "`directed` must also be `False` to work with igraph’s implementation."
-        ),
-        stores_modularity=True,
-        edgeless_graph_raises=False,
-    ),
+    "1.12.3": _SCANPY_1_12,
+    "1.12.4": _SCANPY_1_12,
 }
 VERIFIED = tuple(UPSTREAM)
 
