@@ -85,6 +85,10 @@ REQUESTS = {
     ),
     "req_leiden": msg("Leiden", graph=CSR, use_weights=True, resolution=0.8, n_iterations=None, seed=7),
     "req_fingerprint": msg("Fingerprint", x=CSR),
+    "req_rank_genes_groups_group_sums": msg(
+        "RankGenesGroupsGroupSums", x=CSR, group_of_row=np.array([0, 2, 1], dtype=np.uint64),
+        n_groups=3, reference=None, tie_correct=False,
+    ),
 }
 
 

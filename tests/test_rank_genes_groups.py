@@ -45,8 +45,9 @@ def make(n_cells=300, n_genes=60, *, dtype=np.float32, fmt="csr", seed=0, probs=
         ad.X = ad.X * 2.0
     if fmt == "dense":
         ad.X = ad.X.toarray()
-        for k in ad.layers:
-            ad.layers[k] = ad.layers[k].toarray()
+        for k in list(ad.layers):
+            if sp.issparse(ad.layers[k]):  # anndata 0.13 lists X as layers[None]
+                ad.layers[k] = ad.layers[k].toarray()
     if fmt == "csc":
         ad.X = ad.X.tocsc()
     return ad

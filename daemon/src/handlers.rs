@@ -174,6 +174,7 @@ fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, 
             reference,
             tie_correct,
             mean_slots,
+            true,
         )?,
         Request::Leiden {
             graph,
@@ -191,6 +192,23 @@ fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, 
             seed,
         )?,
         Request::Fingerprint { x } => fingerprint::handle(daemon, peer, &x)?,
+        Request::RankGenesGroupsGroupSums {
+            x,
+            group_of_row,
+            n_groups,
+            reference,
+            tie_correct,
+        } => rank_genes_groups::rank_genes_groups(
+            daemon,
+            peer,
+            &x,
+            &group_of_row,
+            n_groups,
+            reference,
+            tie_correct,
+            1,
+            false,
+        )?,
     };
     Ok((response, After::Continue))
 }

@@ -248,6 +248,19 @@ pub enum Request {
     Fingerprint {
         x: Matrix,
     },
+    /// rank_genes_groups(method="wilcoxon") as scanpy 1.12.3 and later compute
+    /// it: as `RankGenesGroups` with `mean_slots` 1 (each group's values added in
+    /// f64 in cell order, as `sc.get.aggregate` adds them), but without the
+    /// per-group rest statistics: the reply's `rest_sums` and `rest_nnz` are
+    /// empty (upstream derives the rest from the groups' sums; the shim sends the
+    /// cells of no selected group as one more group).
+    RankGenesGroupsGroupSums {
+        x: Matrix,
+        group_of_row: Vec<u64>,
+        n_groups: u64,
+        reference: Option<u64>,
+        tie_correct: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

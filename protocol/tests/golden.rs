@@ -175,6 +175,16 @@ fn requests() -> Vec<(&'static str, Request)> {
             },
         ),
         ("req_fingerprint", Request::Fingerprint { x: csr() }),
+        (
+            "req_rank_genes_groups_group_sums",
+            Request::RankGenesGroupsGroupSums {
+                x: csr(),
+                group_of_row: vec![0, 2, 1],
+                n_groups: 3,
+                reference: None,
+                tie_correct: false,
+            },
+        ),
     ]
 }
 

@@ -293,6 +293,16 @@ REQUEST = Enum(
             ],
         ),
         ("Fingerprint", [("x", MATRIX)]),
+        (
+            "RankGenesGroupsGroupSums",
+            [
+                ("x", MATRIX),
+                ("group_of_row", Vec(U64)),
+                ("n_groups", U64),
+                ("reference", Opt(U64)),
+                ("tie_correct", BOOL),
+            ],
+        ),
     ],
 )
 ERROR_KIND = _UnitEnum(

@@ -1,4 +1,5 @@
-//! `RankGenesGroups`: fingerprint the matrix, get (or build and cache) its
+//! `RankGenesGroups` and `RankGenesGroupsGroupSums` (the same without the rest
+//! statistics): fingerprint the matrix, get (or build and cache) its
 //! value-sorted per-gene structure, run the Wilcoxon kernel for this grouping.
 
 use super::fingerprint::fingerprint;
@@ -26,6 +27,7 @@ pub fn rank_genes_groups(
     reference: Option<u64>,
     tie_correct: bool,
     mean_slots: u64,
+    rest_stats: bool,
 ) -> Result<Response> {
     let (n_rows, n_cols) = match x {
         Matrix::Csr { n_rows, n_cols, .. } | Matrix::Dense { n_rows, n_cols, .. } => {
@@ -73,6 +75,7 @@ pub fn rank_genes_groups(
     params.update_u64(reference.map_or(u64::MAX, |r| r));
     params.update_u64(tie_correct as u64);
     params.update_u64(mean_slots);
+    params.update_u64(rest_stats as u64);
     params.update(bytes_of(group_of_row));
     let result_key = params.finish();
     if let Some(kept) = daemon.cache.result::<(Stats, bool)>(result_key) {
@@ -96,6 +99,7 @@ pub fn rank_genes_groups(
         reference: reference.map(|r| r as usize),
         tie_correct,
         slots: mean_slots as usize,
+        rest_stats,
     };
     let t_build = t0.elapsed();
     let (stats, nonneg_integers) = match &*sorted {

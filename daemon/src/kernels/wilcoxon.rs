@@ -24,6 +24,10 @@
 //! the rest). Where a column's sums are exact in any order (see
 //! `SortedCsc::exact`) the partials are skipped and the rest is the column total
 //! minus the group: the same value, computed in one pass.
+//!
+//! scanpy 1.12.3 and later take the means from one `sc.get.aggregate` instead:
+//! each group's values added in f64 in cell order (one partial), the rest derived
+//! from the groups' sums by the shim; `rest_stats: false` skips the rest here.
 
 use super::sorted_csc::{SortedCsc, TIE_START};
 use super::Float;
@@ -42,6 +46,11 @@ pub struct Query<'a> {
     pub tie_correct: bool,
     /// Partial sums per group, as upstream's numba thread count.
     pub slots: usize,
+    /// Without a reference: also each group's rest sums and non-zero counts
+    /// (scanpy 1.11 sums the rest's own slice; 1.12.3 derives the rest from the
+    /// groups' sums, so the shim sends the unselected cells as one more group
+    /// and skips this O(values x groups) pass).
+    pub rest_stats: bool,
 }
 
 /// Results, each `[n_groups x n_genes]` row-major (`tie`: one row without a reference).
@@ -51,7 +60,7 @@ pub struct Stats {
     pub tie: Vec<f64>,
     pub sums: Vec<f64>,
     pub nnz: Vec<u64>,
-    /// Only without a reference.
+    /// Only without a reference and with `rest_stats`.
     pub rest_sums: Vec<f64>,
     pub rest_nnz: Vec<u64>,
 }
@@ -77,7 +86,7 @@ fn tables(q: &Query<'_>) -> Tables {
         }
     }
     let mut rest_slot = Vec::new();
-    if q.reference.is_none() {
+    if q.reference.is_none() && q.rest_stats {
         rest_slot = vec![0u8; q.group_of_row.len() * g_count];
         let mut rest_pos = vec![0u64; g_count];
         for (r, &own) in q.group_of_row.iter().enumerate() {
@@ -136,8 +145,8 @@ pub fn wilcoxon_stats<T: Float>(m: &SortedCsc<T>, q: &Query<'_>) -> Stats {
     assert!((1..=255).contains(&q.slots), "slots in 1..=255");
     let t = tables(q);
     let g_count = q.n_groups;
-    let rest = q.reference.is_none();
-    let tie_rows = if rest { 1 } else { g_count };
+    let tie_rows = if q.reference.is_none() { 1 } else { g_count };
+    let rest = q.reference.is_none() && q.rest_stats;
     // Per gene: rank sums, tie factors, sums, nnz, rest sums, rest nnz.
     let width = g_count * if rest { 5 } else { 3 } + tie_rows;
     let n_genes = m.n_cols;
@@ -199,8 +208,9 @@ fn gene<T: Float>(
 ) {
     let g_count = q.n_groups;
     let slots = q.slots;
-    let rest = q.reference.is_none();
-    let tie_rows = if rest { 1 } else { g_count };
+    let tie_rows = if q.reference.is_none() { 1 } else { g_count };
+    // Rest sums and counts are wanted (they follow `nnz` in `out`).
+    let rest = q.reference.is_none() && q.rest_stats;
     let (rank, tail) = out.split_at_mut(g_count);
     let (tie, tail) = tail.split_at_mut(tie_rows);
     let (sums, tail) = tail.split_at_mut(g_count);
@@ -550,10 +560,14 @@ mod tests {
                 .collect();
             let m = from_dense(&dense, n_rows, n_cols).unwrap();
             for reference in [None, Some(1)] {
-                for slots in [1usize, 2, 3] {
-                    let want = reference_stats(
+                for (slots, rest_stats) in [(1usize, true), (2, true), (3, true), (1, false)] {
+                    let mut want = reference_stats(
                         &dense, n_rows, n_cols, &groups, n_groups, reference, slots,
                     );
+                    if !rest_stats {
+                        want.rest_sums.clear();
+                        want.rest_nnz.clear();
+                    }
                     for threads in [1, 2] {
                         let q = Query {
                             group_of_row: &groups,
@@ -561,9 +575,12 @@ mod tests {
                             reference,
                             tie_correct: true,
                             slots,
+                            rest_stats,
                         };
                         let got = with_threads(threads, || wilcoxon_stats(&m, &q));
-                        let what = format!("{n_rows}x{n_cols} ref {reference:?} slots {slots}");
+                        let what = format!(
+                            "{n_rows}x{n_cols} ref {reference:?} slots {slots} rest {rest_stats}"
+                        );
                         assert_eq!(bits(&got.rank_sums), bits(&want.rank_sums), "ranks {what}");
                         assert_eq!(bits(&got.tie), bits(&want.tie), "tie {what}");
                         assert_eq!(bits(&got.sums), bits(&want.sums), "sums {what}");
@@ -617,6 +634,7 @@ mod timing {
                 reference,
                 tie_correct: true,
                 slots: 2,
+                rest_stats: true,
             };
             let t = std::time::Instant::now();
             let st = wilcoxon_stats(&s, &q);

@@ -236,5 +236,6 @@ pub(crate) fn variant_name(request: &Request) -> &'static str {
         Request::RankGenesGroups { .. } => "RankGenesGroups",
         Request::Leiden { .. } => "Leiden",
         Request::Fingerprint { .. } => "Fingerprint",
+        Request::RankGenesGroupsGroupSums { .. } => "RankGenesGroupsGroupSums",
     }
 }

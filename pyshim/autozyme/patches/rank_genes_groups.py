@@ -1,29 +1,36 @@
-"""sc.tl.rank_genes_groups(method="wilcoxon"), verified against scanpy 1.11.5.
+"""sc.tl.rank_genes_groups(method="wilcoxon"), verified against scanpy 1.11.5 and 1.12.4.
 
 Upstream's own function runs the call: argument checks, ``sanitize_anndata``,
-group selection and its errors (single-cell groups), ``compute_statistics``
+group selection and its errors (single-cell groups), the numba thread limit of
+1.12.2 and later (``settings.n_jobs``, restored afterwards), ``compute_statistics``
 (top-n selection, ``multipletests``, log fold changes) and everything written to
 ``adata.uns[key_added]``. Only the two O(cells x genes) steps of its ``_RankGenes``
 move to the daemon: ``_basic_stats`` (per-group means and fractions of expressing
-cells, by slicing the matrix once per group) and the dense ranking of every cell
-of every gene in ``wilcoxon``. For that, scanpy's ``_RankGenes`` is replaced by a
-subclass that behaves exactly as upstream unless this patch is serving the call
-in the current thread.
+cells) and the dense ranking of every cell of every gene in ``wilcoxon``. For
+that, scanpy's ``_RankGenes`` is replaced by a subclass that behaves exactly as
+upstream unless this patch is serving the call in the current thread.
 
 The daemon returns exact rank sums (half-integers), upstream's tie-correction
-factors term by term, per-group sums in the order upstream's numba kernel adds
-them (per-thread partials, ``numba.get_num_threads()`` of this process), and
+factors term by term, per-group f64 sums in the order upstream adds them, and
 non-zero counts. From those, this module evaluates upstream's own numpy
 expressions (``sqrt``, ``norm.sf``, the divisions) in upstream's order, so
 scores, p-values, means, ``pts`` and ``pts_rest`` are bit-identical.
 
+How the means are summed is where the versions differ (``UPSTREAM`` below):
+1.11.5 slices each group and each group's rest and takes ``_get_mean_var`` of
+each slice (CSR: numba's per-thread partials, ``numba.get_num_threads()`` of this
+process); 1.12.3 and later take every group's sums from one ``sc.get.aggregate``
+(f64, in cell order; the cells of no selected group form one more group) and
+derive the rest's means and ``pts_rest`` from them.
+
 Not reproduced: ``vars`` (upstream computes them but never uses them for the
-Wilcoxon test; they are left as zeros on the internal object).
+Wilcoxon test; they are left as zeros, on 1.12 as None, on the internal object).
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -33,8 +40,28 @@ from ..client import DaemonError, get_client
 from ..codec import msg
 from ..fallback import Delegate, Fallback
 from . import _common
+from .. import versions
 
-VERIFIED = ("1.11.5",)
+
+@dataclass(frozen=True)
+class Upstream:
+    """What differs, for this call, between the scanpy versions reproduced."""
+
+    # Where the group means, pts and the rest's come from. False (1.11.5):
+    # ``_get_mean_var`` and ``getnnz`` of each group's slice and of each group's
+    # rest slice (CSR means: numba's per-thread partial sums). True (1.12.3 on):
+    # one ``sc.get.aggregate`` over the groups plus, without a reference, the
+    # cells of no selected group as one more group: f64 sums in cell order over
+    # the group's size, ``means_rest = (total - n_g * mean_g) / n_rest`` and
+    # ``pts_rest`` likewise; ``vars`` left None.
+    aggregate_stats: bool
+
+
+UPSTREAM = {
+    "1.11.5": Upstream(aggregate_stats=False),
+    "1.12.4": Upstream(aggregate_stats=True),
+}
+VERIFIED = tuple(UPSTREAM)
 NO_GROUP = np.uint64(2**64 - 1)
 
 _serving = threading.local()
@@ -72,8 +99,9 @@ def fast(upstream, *args, **kwargs):
         x = adata.raw.X
     else:
         x = adata.X
+    up = versions.pick(UPSTREAM)
     if x is not None:
-        _check_matrix(x)
+        _check_matrix(x, up)
     _install()
     _serving.tie_correct = bool(p["tie_correct"])
     _serving.on = True
@@ -84,7 +112,7 @@ def fast(upstream, *args, **kwargs):
         _serving.checked = None
 
 
-def _check_matrix(x) -> None:
+def _check_matrix(x, up: Upstream) -> None:
     """Fallback for inputs the daemon does not rank."""
     if sp.issparse(x):
         if x.format not in ("csr", "csc"):
@@ -100,10 +128,13 @@ def _check_matrix(x) -> None:
     if not isinstance(x, np.ndarray) or isinstance(x, np.matrix):
         raise Fallback(f"{type(x).__name__} input")
     _check_dtype(x.dtype)
-    if x.ndim != 2 or x.shape[1] < 2:
-        # numpy's column means of a one-column array use pairwise summation, not
-        # row by row. (Upstream slices rows with a mask, which gives C-ordered
-        # copies whatever the input's layout, so their means add row by row.)
+    if x.ndim != 2:
+        raise Fallback(f"{x.ndim}-dimensional input")
+    if not up.aggregate_stats and x.shape[1] < 2:
+        # 1.11.5: numpy's column means of a one-column array use pairwise
+        # summation, not row by row. (Upstream slices rows with a mask, which gives
+        # C-ordered copies whatever the input's layout, so their means add row by
+        # row.) 1.12's aggregate adds row by row whatever the shape.
         raise Fallback("dense input with fewer than two genes")
 
 
@@ -193,10 +224,16 @@ def _matrix_ref(x):
 
 
 def _request(x, labels, n_groups, reference, tie_correct, slots):
+    """The daemon's statistics; ``slots`` None asks for 1.12's group sums (in cell
+    order, no rest statistics), else 1.11.5's, with that many partial sums."""
     global _peer_refused
     matrix, keep = _matrix_ref(x)
-    request = msg("RankGenesGroups", x=matrix, group_of_row=labels, n_groups=n_groups,
-                  reference=reference, tie_correct=bool(tie_correct), mean_slots=slots)
+    if slots is None:
+        request = msg("RankGenesGroupsGroupSums", x=matrix, group_of_row=labels, n_groups=n_groups,
+                      reference=reference, tie_correct=bool(tie_correct))
+    else:
+        request = msg("RankGenesGroups", x=matrix, group_of_row=labels, n_groups=n_groups,
+                      reference=reference, tie_correct=bool(tie_correct), mean_slots=slots)
     try:
         reply = get_client().call(request)
     except DaemonError as e:
@@ -212,14 +249,11 @@ def _request(x, labels, n_groups, reference, tie_correct, slots):
 
 def _request_stats(self, tie_correct):
     """The daemon's per-gene statistics for this test object."""
-    import numba
-
+    up = versions.pick(UPSTREAM)
     x = self.X
-    _check_matrix(x)
+    _check_matrix(x, up)
     masks = np.asarray(self.groups_masks_obs, dtype=bool)
     n_groups, n_cells = masks.shape
-    if n_groups * x.shape[1] * 8 * 8 > codec.MAX_FRAME_BYTES:
-        raise Fallback(f"{n_groups} groups x {x.shape[1]} genes exceed one reply frame")
     if masks.sum(axis=0).max(initial=0) > 1:
         raise Fallback("overlapping group masks")
     labels = np.full(n_cells, NO_GROUP, dtype=np.uint64)
@@ -229,41 +263,55 @@ def _request_stats(self, tie_correct):
     ref = self.ireference
     if ref is None and any(n_cells - s == 0 for s in sizes):
         raise Fallback("a group holds every cell (no rest to compare with)")
-    # Upstream's means: CSR, numba's per-thread partials over rows; CSC (numba's
-    # per-column kernel over sorted rows) and dense (numpy, row by row), one sum
-    # in row order.
-    slots = int(numba.get_num_threads()) if sp.issparse(x) and x.format == "csr" else 1
+    n_sent = n_groups
+    if up.aggregate_stats:
+        # Upstream's ranks use the masks, its means the group codes of each cell:
+        # the same partition, checked (O(cells)) rather than assumed.
+        import pandas as pd
+
+        codes = pd.Index(self.groups_order).get_indexer(self.group_col)
+        if not np.array_equal(codes, np.where(labels == NO_GROUP, -1, labels.astype(np.int64))):
+            raise Fallback("group codes and group masks disagree")
+        if ref is None:
+            # The cells of no selected group are aggregate's extra group.
+            labels[labels == NO_GROUP] = n_groups
+            n_sent = n_groups + 1
+        slots = None
+    else:
+        # Upstream's means: CSR, numba's per-thread partials over rows; CSC
+        # (numba's per-column kernel over sorted rows) and dense (numpy, row by
+        # row), one sum in row order.
+        import numba
+
+        slots = int(numba.get_num_threads()) if sp.issparse(x) and x.format == "csr" else 1
+    if n_sent * x.shape[1] * 8 * 8 > codec.MAX_FRAME_BYTES:
+        raise Fallback(f"{n_groups} groups x {x.shape[1]} genes exceed one reply frame")
     if sp.issparse(x) and x.format == "csc":
         x = x.tocsr()
 
-    reply = _request(x, labels, n_groups, None if ref is None else int(ref), tie_correct, slots)
+    reply = _request(x, labels, n_sent, None if ref is None else int(ref), tie_correct, slots)
     if int(reply.n_genes) != x.shape[1]:
         raise DaemonError("Internal", "gene count mismatch")
     reply.fields["tie_correct"] = bool(tie_correct)
     reply.fields["sizes"] = sizes
+    reply.fields["n_sent"] = n_sent
+    reply.fields["group_counts"] = np.bincount(labels[labels != NO_GROUP].astype(np.int64), minlength=n_sent)
     last.cache_hit = bool(reply.cache_hit)
     return reply
 
 
-def _wilcoxon(self, reply, *, tie_correct):
-    """Upstream's ``_basic_stats`` and ``wilcoxon``, from the daemon's statistics."""
-    from scanpy import logging as logg
-    from scipy import stats
-
-    x = self.X
+def _basic_stats_sliced(self, reply):
+    """1.11.5's ``_basic_stats``: each row from its own group's (or rest's) slice."""
     n_groups, n_cells = self.groups_masks_obs.shape
     sizes = reply.sizes
-    ref = self.ireference
     n_genes = int(reply.n_genes)
-    rank_sums = reply.rank_sums.reshape(n_groups, n_genes)
     sums = reply.sums.reshape(n_groups, n_genes)
     nnz = reply.nnz.reshape(n_groups, n_genes).astype(np.int64)
-
-    # _basic_stats: upstream's arrays, each row from its own group's slice.
     self.means = np.zeros((n_groups, n_genes))
     self.vars = np.zeros((n_groups, n_genes))
     self.pts = np.zeros((n_groups, n_genes)) if self.comp_pts else None
-    if ref is None:
+    rest = self.ireference is None
+    if rest:
         rest_sums = reply.rest_sums.reshape(n_groups, n_genes)
         rest_nnz = reply.rest_nnz.reshape(n_groups, n_genes).astype(np.int64)
         self.means_rest = np.zeros((n_groups, n_genes))
@@ -274,15 +322,61 @@ def _wilcoxon(self, reply, *, tie_correct):
         self.means[g] = sums[g] / n_g
         if self.comp_pts:
             self.pts[g] = nnz[g] / n_g
-        if ref is None:
+        if rest:
             n_rest = n_cells - n_g
             self.means_rest[g] = rest_sums[g] / n_rest
             if self.comp_pts:
                 self.pts_rest[g] = rest_nnz[g] / n_rest
 
+
+def _basic_stats_aggregated(self, reply):
+    """1.12's ``_basic_stats`` (no variances): ``sc.get.aggregate``'s means and
+    non-zero counts of every group sent, the rest's derived from them with
+    upstream's expressions."""
+    k = self.groups_masks_obs.shape[0]
+    n_sent = reply.n_sent
+    n_genes = int(reply.n_genes)
+    group_counts = reply.group_counts
+    # aggregate drops empty groups; upstream's arrays keep zeros there.
+    present = group_counts > 0
+    mean = np.zeros((n_sent, n_genes))
+    mean[present] = reply.sums.reshape(n_sent, n_genes)[present] / group_counts[present][:, None]
+    nnz = np.zeros((n_sent, n_genes)) if self.comp_pts else None
+    if self.comp_pts:
+        nnz[present] = reply.nnz.reshape(n_sent, n_genes)[present]
+    self.vars = None
+    if self.ireference is not None:
+        self.means = mean
+        self.pts = nnz / self.groups_masks_obs.sum(axis=1)[:, None] if self.comp_pts else None
+        return
+    n_sel = group_counts[:k]
+    self.means = mean[:k]
+    self.pts = nnz[:k] / n_sel[:, None] if self.comp_pts else None
+    n_rest = (self.X.shape[0] - group_counts[:k])[:, None]
+    total = (group_counts[:, None] * mean).sum(axis=0)
+    self.means_rest = (total - group_counts[:k, None] * mean[:k]) / n_rest
+    self.vars_rest = None
+    self.pts_rest = (nnz.sum(axis=0) - nnz[:k]) / n_rest if self.comp_pts else None
+
+
+def _wilcoxon(self, reply, *, tie_correct):
+    """Upstream's ``_basic_stats`` and ``wilcoxon``, from the daemon's statistics."""
+    from scanpy import logging as logg
+    from scipy import stats
+
+    n_groups, n_cells = self.groups_masks_obs.shape
+    sizes = reply.sizes
+    ref = self.ireference
+    n_genes = int(reply.n_genes)
+    if versions.pick(UPSTREAM).aggregate_stats:
+        _basic_stats_aggregated(self, reply)
+    else:
+        _basic_stats_sliced(self, reply)
+    rank_sums = reply.rank_sums.reshape(reply.n_sent, n_genes)[:n_groups]
+
     # wilcoxon: the z-scores and p-values, with upstream's expressions.
     if ref is not None:
-        tie = reply.tie.reshape(n_groups, n_genes)
+        tie = reply.tie.reshape(reply.n_sent, n_genes)
         m_active = sizes[ref]
         for g in range(n_groups):
             if g == ref:
