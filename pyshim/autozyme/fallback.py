@@ -43,6 +43,12 @@ class AutozymeFallbackError(RuntimeError):
     """Strict mode: a call would have fallen back to upstream."""
 
 
+class Interrupted(RuntimeError):
+    """A fast path failed after it had begun changing the user's own data (an
+    in-place kernel in shared memory): upstream must not run on partly changed
+    input, so this reaches the user instead of falling back."""
+
+
 _lock = threading.Lock()
 served: Counter = Counter()
 fallbacks: dict[str, Counter] = defaultdict(Counter)
@@ -111,7 +117,7 @@ def fast_or_upstream(name: str, fast, upstream, verified=()):
                 raise BadInput(f"autozyme: malformed matrix: {e.message}") from None
             _record_fallback(name, "failure", f"{type(e).__name__}: {e}")
             return upstream(*args, **kwargs)
-        except (BadInput, AutozymeFallbackError):
+        except (BadInput, AutozymeFallbackError, Interrupted):
             raise
         except Exception as e:  # noqa: BLE001 - the user's call must not fail because of us
             return _upstream_after_unexpected(name, e, upstream, args, kwargs)

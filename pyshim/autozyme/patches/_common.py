@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -124,3 +126,26 @@ def adopt_csr(x, data=None, indices=None, indptr=None) -> None:
     for attr, new in (("data", data), ("indices", indices), ("indptr", indptr)):
         if new is not None:
             setattr(x, attr, new)
+
+
+@functools.lru_cache(maxsize=1)
+def _caller_skip_prefixes() -> tuple[str, ...]:
+    """Directories of scanpy, the decorator package scanpy skips, and autozyme."""
+    import legacy_api_wrap
+    import scanpy
+
+    return tuple(
+        str(Path(m.__file__).parent) for m in (scanpy, legacy_api_wrap)
+    ) + (str(Path(__file__).parent.parent),)
+
+
+def warn_like_upstream(message: str, category, *, skip_packages: bool, stacklevel: int) -> None:
+    """Issue a warning that upstream issues, attributed to the frame upstream's
+    would be: scanpy 1.12 attributes its warnings to the first frame outside its
+    own package (``skip_file_prefixes``; autozyme's frames are skipped too, so the
+    user's call is named), 1.11.5 uses a fixed ``stacklevel`` (counted from the
+    caller of this function)."""
+    if skip_packages:
+        warnings.warn(message, category, skip_file_prefixes=_caller_skip_prefixes())
+    else:
+        warnings.warn(message, category, stacklevel=stacklevel + 1)

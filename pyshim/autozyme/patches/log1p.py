@@ -1,4 +1,4 @@
-"""sc.pp.log1p, verified against scanpy 1.11.5.
+"""sc.pp.log1p, verified against scanpy 1.11.5, 1.12.3 and 1.12.4.
 
 numpy's float32/float64 ``log1p`` is a SIMD routine whose last bits differ from a
 correctly rounded log1p (and from one CPU to another), so no other implementation
@@ -7,6 +7,10 @@ blocks of the values in parallel threads (numpy releases the GIL inside the loop
 each element goes through the same SIMD lanes as in one whole-array call.
 Everything else (scanpy's dispatch, sklearn's ``check_array`` validation and
 dtype rules, ``uns["log1p"]``, the warnings) is upstream's own code path.
+
+Upstream's log1p is the same code in all three versions (1.12 only renamed the
+helpers around it), so there is no per-version record; scipy's sparse arrays
+(csr_array, csc_array) take the sparse path like sparse matrices.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from .. import parallel
 from ..fallback import Delegate, Fallback
 from . import _common
 
-VERIFIED = ("1.11.5",)
+VERIFIED = ("1.11.5", "1.12.3", "1.12.4")
 _ARRAY_ONLY = ("chunked", "chunk_size", "layer", "obsm")
 
 

@@ -1,4 +1,4 @@
-"""sc.pp.normalize_total, verified against scanpy 1.11.5.
+"""sc.pp.normalize_total, verified against scanpy 1.11.5, 1.12.3 and 1.12.4.
 
 Mirrors upstream's steps one for one; only the O(non-zeros) work moves:
 - CSR: per-cell sums (f64 accumulation in index order, as upstream's numba
@@ -7,24 +7,44 @@ Mirrors upstream's steps one for one; only the O(non-zeros) work moves:
   upstream's ``x.data = x.data / np.repeat(...)`` does, into a recycled segment.
 - dense: numpy's own pairwise row sums and ``true_divide``, on row blocks in
   parallel threads (the summation order is numpy's implementation detail, so
-  numpy computes it).
+  numpy computes it; 1.12's fast-array-utils ``stats.sum`` is ``np.sum`` here).
 Everything O(cells) (median, ``/ target_sum``, the zero guard) is upstream's numpy
 expression on the same arrays, so dtypes and rounding follow by construction.
+
+What differs between the versions is declared once, in ``UPSTREAM``: scipy's
+sparse arrays (1.12), the median of a CSR input's sums when ``target_sum`` is None
+(1.12.4: over the cells with non-zero counts, as the dense path always did), and
+how the zero-counts warning names its caller. 1.12's ``obsm`` argument comes with
+upstream's signature.
 """
 
 from __future__ import annotations
 
-from warnings import warn
+from dataclasses import dataclass
 
 import numpy as np
 
-from .. import parallel, shm
+from .. import parallel, shm, versions
 from ..client import DaemonError, get_client, prefault_in_background
 from ..codec import msg
 from ..fallback import Delegate, Fallback
 from . import _common
 
-VERIFIED = ("1.11.5",)
+
+@dataclass(frozen=True)
+class Upstream:
+    sparse_arrays: bool  # csr_array/csc_array input served (1.11.5 fails on them)
+    csr_median_of_nonzero: bool  # target_sum=None, CSR: median over cells with counts > 0
+    warn_skips_packages: bool  # warnings name the first frame outside scanpy
+
+
+UPSTREAM = {
+    "1.11.5": Upstream(sparse_arrays=False, csr_median_of_nonzero=False, warn_skips_packages=False),
+    # 1.12.3 differs from 1.12.4 only in the CSR median (read from its source).
+    "1.12.3": Upstream(sparse_arrays=True, csr_median_of_nonzero=False, warn_skips_packages=True),
+    "1.12.4": Upstream(sparse_arrays=True, csr_median_of_nonzero=True, warn_skips_packages=True),
+}
+VERIFIED = tuple(UPSTREAM)
 
 
 def fast(upstream, *args, **kwargs):
@@ -33,9 +53,11 @@ def fast(upstream, *args, **kwargs):
     from scanpy._utils import view_to_actual
     from scanpy.get import _get_obs_rep, _set_obs_rep
 
+    up = versions.pick(UPSTREAM)
     adata, p = _common.bind(upstream, _common.keyword_defaults(upstream), args, kwargs)
     target_sum, exclude = p["target_sum"], p["exclude_highly_expressed"]
     max_fraction, key_added, layer = p["max_fraction"], p["key_added"], p["layer"]
+    obsm = p.get("obsm")  # a parameter of upstream's signature since 1.12
     inplace, copy = p["inplace"], p["copy"]
 
     # Scope and error checks first, before anything changes.
@@ -47,15 +69,26 @@ def fast(upstream, *args, **kwargs):
         raise Delegate("max_fraction outside [0, 1]")
     if adata.isbacked:
         raise Fallback("backed AnnData")
+    if layer is not None and obsm is not None:
+        raise Delegate("both layer and obsm")
     if layer is not None and layer not in adata.layers:
         raise Delegate(f"no layer {layer!r}")
-    x = adata.X if layer is None else adata.layers[layer]
+    if obsm is not None and obsm not in adata.obsm:
+        raise Delegate(f"no obsm {obsm!r}")
+    x = _get_obs_rep(adata, layer=layer, obsm=obsm)
+    if x is None:
+        raise Delegate("no X (upstream raises)")
     if not (isinstance(x, np.ndarray) and not isinstance(x, np.matrix)) and not (
         _common.is_csr(x) or _common.is_csc(x)
     ):
         raise Fallback(f"{type(x).__name__} input")
-    if _common.is_sparse_array(x):
+    if _common.is_sparse_array(x) and not up.sparse_arrays:
         raise Fallback("scipy sparse array input (upstream 1.11.5 fails on csr_array)")
+    if x.ndim != 2:
+        raise Fallback(f"{x.ndim}-d input")
+    if obsm is not None and exclude and x.shape[1] != adata.n_vars:
+        # upstream names the excluded genes from var_names: it may raise
+        raise Delegate("exclude_highly_expressed on an obsm entry not n_vars wide")
     _common.check_float_or_int(x)
     if target_sum is not None and not isinstance(target_sum, (int, float, np.floating, np.integer)):
         raise Fallback(f"target_sum of type {type(target_sum).__name__}")
@@ -63,11 +96,9 @@ def fast(upstream, *args, **kwargs):
     if copy:
         adata = adata.copy()
     view_to_actual(adata)
-    x = _get_obs_rep(adata, layer=layer)
+    x = _get_obs_rep(adata, layer=layer, obsm=obsm)
     if _common.is_csc(x):
         x = x.tocsr()
-    if isinstance(x, np.ndarray) and not x.flags.c_contiguous:
-        raise Fallback("dense input that is not C-contiguous")
     was_float = x.dtype in _common.FLOATS
     if not inplace and was_float and not _common.is_csr(x):
         x = x.copy()
@@ -79,7 +110,8 @@ def fast(upstream, *args, **kwargs):
         # A CSR result never shares buffers with the input: the data array is new
         # and inplace=False gets its own indices/indptr (upstream copies them).
         x, counts_per_cell, highly_expressed = _csr(
-            x, exclude, max_fraction, target_sum, own_structure=not inplace and was_float
+            x, exclude, max_fraction, target_sum, own_structure=not inplace and was_float,
+            median=_nnz_median if up.csr_median_of_nonzero else np.median,
         )
     else:
         x, counts_per_cell, highly_expressed = _dense(x, exclude, max_fraction, target_sum)
@@ -91,14 +123,16 @@ def fast(upstream, *args, **kwargs):
         )
     cell_subset = counts_per_cell > 0
     if not np.all(cell_subset):
-        # stacklevel: the user's call -> autozyme's wrapper -> here.
-        warn("Some cells have zero counts", UserWarning, stacklevel=3)
+        # stacklevel (1.11.5's stacklevel=2 from the user's call): the user's
+        # call -> autozyme's wrapper -> here.
+        _common.warn_like_upstream("Some cells have zero counts", UserWarning,
+                                   skip_packages=up.warn_skips_packages, stacklevel=3)
 
     dat = dict(X=x, norm_factor=counts_per_cell)
     if inplace:
         if key_added is not None:
             adata.obs[key_added] = dat["norm_factor"]
-        _set_obs_rep(adata, dat["X"], layer=layer)
+        _set_obs_rep(adata, dat["X"], layer=layer, obsm=obsm)
     logg.info("    finished ({time_passed})", time=start)
     if key_added is not None:
         logg.debug(f"and added {key_added!r}, counts per cell before normalization (adata.obs)")
@@ -107,6 +141,12 @@ def fast(upstream, *args, **kwargs):
     if not inplace:
         return dat
     return None
+
+
+def _nnz_median(counts_per_cell):
+    """Upstream's ``_compute_nnz_median``: the median of the non-zero sums (NaN,
+    with numpy's warnings, when every cell is empty)."""
+    return np.median(counts_per_cell[counts_per_cell > 0])
 
 
 def _factors(counts_per_cell, target_sum):
@@ -123,7 +163,7 @@ def _factors(counts_per_cell, target_sum):
 _peer_refused = False
 
 
-def _csr(x, exclude, max_fraction, target_sum, own_structure):
+def _csr(x, exclude, max_fraction, target_sum, own_structure, median):
     """Two daemon requests: the per-cell sums, then the division into a new array.
 
     Where the data lives decides how it travels. Already in shared memory (a
@@ -143,7 +183,7 @@ def _csr(x, exclude, max_fraction, target_sum, own_structure):
         # The new array's pages are populated while the daemon sums (the kernel
         # call releases the GIL); numpy's promotion fixes its dtype beforehand.
         with np.errstate(all="ignore"):  # the probe's 0/0 must not warn
-            probe = np.ones(1, x.dtype) / (np.median(np.ones(1, x.dtype)) if target_sum is None else target_sum)
+            probe = np.ones(1, x.dtype) / (median(np.ones(1, x.dtype)) if target_sum is None else target_sum)
         out_pending = parallel.submit(shm.private_empty, data.shape, np.result_type(x.data.dtype, probe.dtype))
     client = get_client()
     try:
@@ -154,11 +194,11 @@ def _csr(x, exclude, max_fraction, target_sum, own_structure):
         if not peer or e.kind != "Unsupported":
             raise
         _peer_refused = True
-        return _csr(x, exclude, max_fraction, target_sum, own_structure)
+        return _csr(x, exclude, max_fraction, target_sum, own_structure, median)
     counts_per_cell = reply.sums.astype(x.dtype)
     highly_expressed = reply.highly_expressed.astype(np.intp)
     if target_sum is None:
-        target_sum = np.median(counts_per_cell)  # upstream's CSR path: zeros included
+        target_sum = median(counts_per_cell)
     counts_per_cell, scaling = _factors(counts_per_cell, target_sum)
 
     out_dtype = np.result_type(x.data.dtype, scaling.dtype)
@@ -196,7 +236,10 @@ def _csr(x, exclude, max_fraction, target_sum, own_structure):
 def _dense(x, exclude, max_fraction, target_sum):
     n_rows = x.shape[0]
     row_bytes = max(1, x.shape[1] * x.dtype.itemsize)
-    bounds = parallel.blocks(n_rows, row_bytes)
+    # Row blocks keep numpy's per-row (pairwise) summation order only where rows
+    # are contiguous; any other layout (an F-ordered obsm entry) is one block,
+    # upstream's own whole-array calls.
+    bounds = parallel.blocks(n_rows, row_bytes) if x.flags.c_contiguous else [(0, n_rows)]
     counts_per_cell = np.empty(n_rows, dtype=np.sum(x[:0], axis=1).dtype)
 
     def sums(a, b):
@@ -222,9 +265,7 @@ def _dense(x, exclude, max_fraction, target_sum):
 
         parallel.run_blocks(subset_sums, bounds)
     if target_sum is None:
-        from scanpy.preprocessing._normalization import _compute_nnz_median
-
-        target_sum = _compute_nnz_median(counts_per_cell)
+        target_sum = _nnz_median(counts_per_cell)
     counts_per_cell, scaling = _factors(counts_per_cell, target_sum)
 
     def divide(a, b):

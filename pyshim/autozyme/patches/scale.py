@@ -1,4 +1,4 @@
-"""sc.pp.scale, verified against scanpy 1.11.5.
+"""sc.pp.scale, verified against scanpy 1.11.5, 1.12.3 and 1.12.4.
 
 Upstream's steps, one for one; the O(cells x genes) work moves to the daemon:
 1. per-gene sums and sums of squares (``ScaleStats``), accumulated in f64 in
@@ -13,27 +13,50 @@ Upstream's steps, one for one; the O(cells x genes) work moves to the daemon:
 Sparse data without centring stays sparse: its stored values are divided and
 clipped with numpy here, as upstream's numba kernel does (same promotion, same
 NaN rule), on parallel blocks.
+
+1.12 computes the statistics with fast-array-utils' ``mean_var(x, axis=0,
+correction=1)`` instead of scanpy's ``_get_mean_var``: the same numba kernels
+(rows dealt round-robin to ``numba.get_num_threads()`` parts, f64 sums of values
+and of their squares in the data's dtype), the same numpy sums for dense data
+(``sum(dtype=float64) / n``, which is what ``mean(dtype=float64)`` computed) and
+the same ``n / (n - 1)`` correction, so the arithmetic is shared. What differs
+is declared once, in ``UPSTREAM``: scipy's sparse arrays (1.12) and how the
+densifying warning names its caller.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
-from .. import parallel, shm
+from .. import parallel, shm, versions
 from ..client import DaemonError, get_client
 from ..codec import msg
-from ..fallback import Delegate, Fallback
+from ..fallback import Delegate, Fallback, Interrupted
 from ..runtime import DaemonUnavailable
 from . import _common
 
-VERIFIED = ("1.11.5",)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    sparse_arrays: bool  # csr_array/csc_array input (1.11.5 raises NotImplementedError)
+    warn_skips_packages: bool  # warnings name the first frame outside scanpy
+
+
+UPSTREAM = {
+    "1.11.5": Upstream(sparse_arrays=False, warn_skips_packages=False),
+    # 1.12.3's _scale.py is 1.12.4's, byte for byte.
+    "1.12.3": Upstream(sparse_arrays=True, warn_skips_packages=True),
+    "1.12.4": Upstream(sparse_arrays=True, warn_skips_packages=True),
+}
+VERIFIED = tuple(UPSTREAM)
 _EXACT_INT = 2**53
 
 
-class ScaleInterrupted(RuntimeError):
+class ScaleInterrupted(Interrupted):
     """The daemon failed while scaling the user's array in place (in shared
     memory): falling back would run upstream on partly scaled data."""
 
@@ -63,14 +86,15 @@ def _max_value(max_value):
 
 def _check_scope(x, zero_center, max_value):
     """Input types the fast path serves; returns (dense, zero_center, clip_at)."""
+    up = versions.pick(UPSTREAM)
     if not isinstance(zero_center, (bool, np.bool_)):
         raise Fallback(f"zero_center of type {type(zero_center).__name__}")
     clip_at = _max_value(max_value)
     dense = isinstance(x, np.ndarray) and not isinstance(x, np.matrix)
     if not dense and not (_common.is_csr(x) or _common.is_csc(x)):
         raise Fallback(f"{type(x).__name__} input")
-    if _common.is_sparse_array(x):
-        raise Fallback("scipy sparse array input")
+    if _common.is_sparse_array(x) and not up.sparse_arrays:
+        raise Fallback("scipy sparse array input (upstream 1.11.5 has no scale for them)")
     if x.ndim != 2:
         raise Fallback(f"{x.ndim}-d input")
     _common.check_float_or_int(x)
@@ -233,6 +257,20 @@ def _finish_stats(sums, sq_sums, n, *, squares_of_means: bool, numba: bool):
     return mean, std
 
 
+def _numpy_mean_var(x):
+    """Upstream's dense mean and variance (ddof 1), by numpy itself: the f64 sum
+    of the values and of their squares (squared in the data's dtype) over ``n``
+    (1.11.5's ``mean(axis=0, dtype=float64)`` divides the same sum by the same
+    ``n``; 1.12's ``mean_var`` is this expression), then the ``n / (n - 1)``
+    correction."""
+    n = x.shape[0]
+    mean = np.sum(x, axis=0, dtype=np.float64) / n
+    var = np.sum(np.multiply(x, x), axis=0, dtype=np.float64) / n - mean**2
+    if n != 1:
+        var *= n / (n - 1)
+    return mean, var
+
+
 def _segment(shape, dtype):
     """A new segment-backed array for a result: a pooled segment when one is at
     hand (ours, or lent by the daemon's pool), else one the daemon creates and
@@ -302,9 +340,7 @@ def _dense(x, rows, mask, zero_center, clip_at, *, in_place):
     if f_order or x.shape[1] == 1:
         # numpy sums these columns pairwise (contiguous along the reduced axis),
         # not row by row: numpy computes the statistics, as upstream.
-        from scanpy.preprocessing._utils import _get_mean_var
-
-        mean, var = _get_mean_var(x if mask is None else x[mask])
+        mean, var = _numpy_mean_var(x if mask is None else x[mask])
         std = np.sqrt(var)
         std[std == 0] = 1
     else:
@@ -398,7 +434,8 @@ def _sparse_centred(x, clip_at):
         out = pending.result()
     # stacklevel: the user's call -> autozyme's wrapper -> fast -> _anndata or
     # _array -> _scale_array -> here.
-    warnings.warn("zero-centering a sparse array/matrix densifies it.", UserWarning, stacklevel=6)
+    _common.warn_like_upstream("zero-centering a sparse array/matrix densifies it.", UserWarning,
+                               skip_packages=versions.pick(UPSTREAM).warn_skips_packages, stacklevel=6)
     _call_sparse(
         lambda m: msg("ScaleApply", x=m, rows=None, mean=mean, std=std, per_row=csc,
                       max_value=clip_at, out=shm.ref(out)),
