@@ -15,10 +15,11 @@ SIZES9 = [0.36, 0.2, 0.14, 0.1, 0.07, 0.05, 0.04, 0.025, 0.015]
 
 
 def make(n_cells=300, n_genes=60, *, dtype=np.float32, fmt="csr", seed=0, probs=SIZES9,
-         zero_genes=(3, 17), base=None, with_raw=False, layer=False):
+         zero_genes=(3, 17), zero_cells=(), base=None, with_raw=False, layer=False):
     """Log-normalised counts (ties from small counts, all-zero genes), groups of
     very different sizes, each with at least two cells."""
-    ad = counts(n_cells, n_genes, seed=seed, dtype=np.float64, zero_genes=zero_genes, density=0.2)
+    ad = counts(n_cells, n_genes, seed=seed, dtype=np.float64, zero_genes=zero_genes,
+                zero_cells=zero_cells, density=0.2)
     x = ad.X.tocsr()
     sums = np.asarray(x.sum(axis=1)).ravel()
     sums[sums == 0] = 1
@@ -50,7 +51,17 @@ def make(n_cells=300, n_genes=60, *, dtype=np.float32, fmt="csr", seed=0, probs=
                 ad.layers[k] = ad.layers[k].toarray()
     if fmt == "csc":
         ad.X = ad.X.tocsc()
+    if fmt in ("csr_array", "csc_array"):
+        ad.X = getattr(sp, fmt)(ad.X.asformat(fmt[:3]))
     return ad
+
+
+def upstream_record():
+    """The patch's own record of upstream's behaviour on the installed scanpy."""
+    from autozyme import versions
+    from autozyme.patches import rank_genes_groups as patch
+
+    return versions.pick(patch.UPSTREAM)
 
 
 def outcome(fn, *args, **kwargs):
@@ -219,3 +230,129 @@ def test_integer_counts(active, fmt):
 
     run_both(active, ints, "grp", method="wilcoxon", pts=True, tie_correct=True)
     run_both(active, ints, "grp", method="wilcoxon", reference="c")
+
+
+@pytest.mark.parametrize("fmt", ["csr_array", "csc_array"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reference", ["rest", "g4"])
+def test_sparse_arrays(active, fmt, dtype, reference):
+    """Served on 1.12; on 1.11.5 upstream raises NotImplementedError, and so does the call."""
+    from autozyme import fallback
+
+    data = lambda: make(250, 45, seed=12, dtype=dtype, fmt=fmt)  # noqa: E731
+    kwargs = dict(method="wilcoxon", reference=reference, pts=True, tie_correct=True)
+    if upstream_record().sparse_arrays:
+        run_both(active, data, "grp", **kwargs)
+        return
+    fast = active.tl.rank_genes_groups
+    ra, _ = outcome(fast.__autozyme_upstream__, data(), "grp", **kwargs)
+    rb, _ = outcome(fast, data(), "grp", **kwargs)
+    assert ra is rb is NotImplementedError
+    assert not fallback.counts()["served"].get("rank_genes_groups")
+
+
+@pytest.mark.parametrize("fmt", ["csr", "dense", "csc"])
+def test_odd_groups(active, fmt):
+    """A one-cell group outside the selection, a rest of one cell, cells of no
+    category (NaN), all-zero cells, a single selected group, very unequal sizes."""
+    def lonely():
+        ad = make(400, 40, seed=13, fmt=fmt, dtype=np.float64, zero_cells=(0, 7, 8, 399),
+                  probs=[0.6, 0.25, 0.1, 0.03, 0.02])
+        cats = list(ad.obs["grp"].cat.categories) + ["one"]
+        col = ad.obs["grp"].cat.set_categories(cats).to_numpy().copy()
+        col[5] = "one"
+        col[[20, 21, 22, 23]] = np.nan
+        ad.obs["grp"] = pd.Categorical(col, categories=cats)
+        return ad
+
+    everyone_but_one = ["g0", "g1", "g2", "g3", "g4"]
+    run_both(active, lonely, "grp", method="wilcoxon", groups=everyone_but_one, pts=True, tie_correct=True)
+    run_both(active, lonely, "grp", method="wilcoxon", groups=["g0", "g2", "g4"], pts=True)
+    run_both(active, lonely, "grp", method="wilcoxon", groups=["g3"], pts=True)
+    run_both(active, lonely, "grp", method="wilcoxon", groups=["g4", "g0"], reference="g0", pts=True)
+    run_both(active, lonely, "grp", method="wilcoxon", groups=["g3", "g1", "g4"], reference="g4",
+             tie_correct=True, n_genes=7)
+
+
+def test_mask_var_by_name_and_n_genes(active):
+    def masked():
+        ad = make(300, 50, seed=14, fmt="csc", dtype=np.float64)
+        ad.var["hv"] = np.arange(50) % 4 != 1
+        return ad
+
+    run_both(active, masked, "grp", method="wilcoxon", mask_var="hv", pts=True, n_genes=10,
+             rankby_abs=True, key_added="masked", key="masked")
+
+
+def test_one_gene_dense(active):
+    """1.12's aggregate adds row by row whatever the shape (served); 1.11.5's numpy
+    mean of one column is pairwise (falls back, out of scope)."""
+    from autozyme import fallback
+
+    def one():
+        ad = make(200, 30, seed=15, fmt="dense", dtype=np.float64)
+        return ad[:, [4]].copy()
+
+    if upstream_record().aggregate_stats:
+        run_both(active, one, "grp", method="wilcoxon", pts=True)
+        return
+    fallback.set_strict_scope(False)
+    try:
+        a, b = one(), one()
+        active.tl.rank_genes_groups.__autozyme_upstream__(a, "grp", method="wilcoxon")
+        active.tl.rank_genes_groups(b, "grp", method="wilcoxon")
+        assert_same_result(a.uns["rank_genes_groups"], b.uns["rank_genes_groups"])
+        assert any("fewer than two genes" in r for r in fallback.counts()["fallbacks"]["rank_genes_groups"])
+    finally:
+        fallback.set_strict_scope(True)
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2, -1])
+def test_numba_threads_restored_and_n_jobs(active, n_jobs):
+    """1.12.2 on: upstream limits numba to settings.n_jobs during the statistics
+    and restores numba's thread count afterwards; the same holds with autozyme,
+    and results do not depend on it."""
+    import numba
+
+    before_jobs = active.settings.n_jobs
+    before_threads = numba.get_num_threads()
+    threads = min(2, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(threads)
+    active.settings.n_jobs = n_jobs
+    try:
+        run_both(active, lambda: make(500, 30, seed=16, dtype=np.float64), "grp", method="wilcoxon",
+                 pts=True)
+        assert numba.get_num_threads() == threads
+    finally:
+        active.settings.n_jobs = before_jobs
+        numba.set_num_threads(before_threads)
+
+
+def test_copies_and_views_are_independent(active):
+    """The patch never writes the user's matrix; with the matrix already in shared
+    memory (as after another patch adopted it), a copy made before or after the
+    call keeps its own data, and a view gives upstream's result."""
+    from autozyme import shm
+
+    fast = active.tl.rank_genes_groups
+    upstream = fast.__autozyme_upstream__
+    a = make(300, 40, seed=17)
+    a.X.data[::11] = 0.0  # explicit zeros: upstream's eliminate_zeros rewrites X in place
+    for attr in ("data", "indices", "indptr"):
+        setattr(a.X, attr, shm.placed(getattr(a.X, attr)))
+    b = a.copy()
+    snapshot = b.X.copy()
+    ref = a.copy()
+    fast(a, "grp", method="wilcoxon", pts=True)
+    upstream(ref, "grp", method="wilcoxon", pts=True)
+    assert_same_result(ref.uns["rank_genes_groups"], a.uns["rank_genes_groups"])
+    assert "rank_genes_groups" not in b.uns
+    assert_identical(b.X, snapshot, "copy's X")
+    c = a.copy()
+    fast(c, "grp", method="wilcoxon", reference="g1")
+    assert_identical(a.X, ref.X, "original's X after a call on its copy")
+
+    keep = np.arange(300) % 5 != 0
+    run_both(active, lambda: make(300, 40, seed=17)[keep], "grp", method="wilcoxon", pts=True)
+    run_both(active, lambda: make(300, 40, seed=17, fmt="dense")[:, 5:], "grp", method="wilcoxon",
+             reference="g0")
