@@ -89,6 +89,9 @@ REQUESTS = {
         "RankGenesGroupsGroupSums", x=CSR, group_of_row=np.array([0, 2, 1], dtype=np.uint64),
         n_groups=3, reference=None, tie_correct=False,
     ),
+    "req_hvg_batch_welford": msg(
+        "HvgBatchWelford", x=CSR, batches=np.array([1, 0, 1], dtype=np.uint64), n_batches=2,
+    ),
 }
 
 
@@ -107,6 +110,7 @@ def test_every_golden_file_is_covered():
         "resp_hvg_mean_var", "resp_hvg_clipped_sums",
         "resp_rank_genes_groups",
         "resp_row_sums", "resp_done", "resp_error", "resp_leased", "resp_leased_none", "resp_leiden", "resp_fingerprint",
+        "resp_hvg_batch_welford",
     }
 
 
@@ -137,6 +141,8 @@ def test_decode_responses():
     assert _decode_golden("resp_shutting_down").tag == "ShuttingDown"
     stats = _decode_golden("resp_scale_stats")
     assert stats.sums.tolist() == [1.5, 0.0] and np.signbit(stats.sq_sums[1])
+    welford = _decode_golden("resp_hvg_batch_welford")
+    assert welford.means.tolist() == [0.5, 2.0] and welford.variances.tolist() == [1.25, 0.0]
     mv = _decode_golden("resp_hvg_mean_var")
     assert mv.means.tolist() == [0.5, 2.0] and np.signbit(mv.variances[1])
     assert (mv.negative, mv.non_integer, mv.non_finite) == (False, True, False)

@@ -209,6 +209,11 @@ fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, 
             1,
             false,
         )?,
+        Request::HvgBatchWelford {
+            x,
+            batches,
+            n_batches,
+        } => hvg::batch_welford(daemon, peer, &x, &batches, n_batches)?,
     };
     Ok((response, After::Continue))
 }

@@ -261,6 +261,19 @@ pub enum Request {
         reference: Option<u64>,
         tie_correct: bool,
     },
+    /// highly_variable_genes (seurat_v3) as scanpy 1.12.2 and later compute it
+    /// with a `batch_key`: per batch and gene, the mean and the biased variance
+    /// (M2 / n, before upstream's `n / (n - 1)`) by Welford's algorithm, as
+    /// `sc.get.aggregate(func=["mean", "var"])` computes them (CSR: over the
+    /// stored values in row order, then the implicit zeros merged in closed form;
+    /// dense: over every value). `batches` as for `HvgMeanVar`; column indices are
+    /// not validated up front (send `HvgMeanVar` with `check` first), bad ones
+    /// are skipped.
+    HvgBatchWelford {
+        x: Matrix,
+        batches: Vec<u64>,
+        n_batches: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -389,6 +402,11 @@ pub enum Response {
     Fingerprint {
         lo: u64,
         hi: u64,
+    },
+    /// `Request::HvgBatchWelford`: `n_batches × n_cols` row-major.
+    HvgBatchWelford {
+        means: Vec<f64>,
+        variances: Vec<f64>,
     },
 }
 

@@ -185,6 +185,14 @@ fn requests() -> Vec<(&'static str, Request)> {
                 tie_correct: false,
             },
         ),
+        (
+            "req_hvg_batch_welford",
+            Request::HvgBatchWelford {
+                x: csr(),
+                batches: vec![1, 0, 1],
+                n_batches: 2,
+            },
+        ),
     ]
 }
 
@@ -304,6 +312,13 @@ fn responses() -> Vec<(&'static str, Response)> {
             Response::Fingerprint {
                 lo: 0x0123_4567_89AB_CDEF,
                 hi: u64::MAX,
+            },
+        ),
+        (
+            "resp_hvg_batch_welford",
+            Response::HvgBatchWelford {
+                means: vec![0.5, 2.0],
+                variances: vec![1.25, 0.0],
             },
         ),
     ]

@@ -303,6 +303,7 @@ REQUEST = Enum(
                 ("tie_correct", BOOL),
             ],
         ),
+        ("HvgBatchWelford", [("x", MATRIX), ("batches", Vec(U64)), ("n_batches", U64)]),
     ],
 )
 ERROR_KIND = _UnitEnum(
@@ -384,6 +385,7 @@ RESPONSE = Enum(
         ),
         ("Leiden", [("membership", Vec(U64))]),
         ("Fingerprint", [("lo", U64), ("hi", U64)]),
+        ("HvgBatchWelford", [("means", Vec(F64)), ("variances", Vec(F64))]),
     ],
 )
 

@@ -1,7 +1,10 @@
-//! highly_variable_genes (flavor `seurat_v3` / `seurat_v3_paper`): the two
-//! O(stored values) steps, with the loess fits between them done by the shim.
+//! highly_variable_genes (flavor `seurat_v3` / `seurat_v3_paper`): the
+//! O(stored values) steps (statistics, then clipped sums), with the loess fits
+//! between them done by the shim. Batch statistics come as scanpy 1.11.5 computes
+//! them (`mean_var`: sums) or as 1.12.2 and later do (`batch_welford`).
 
 use crate::error::{Failure, Result};
+use crate::kernels::hvg_batch_welford::{csr_batch_welford, dense_batch_welford, BatchMeanVar};
 use crate::kernels::hvg_clipped_sums::{csr_clipped_sums, dense_clipped_sums, ClippedSums};
 use crate::kernels::hvg_mean_var::{
     csr_group_sums, csr_group_sums_checked, dense_group_sums, value_flags, GroupMeanVar, GroupSums,
@@ -9,7 +12,9 @@ use crate::kernels::hvg_mean_var::{
 };
 use crate::kernels::{Float, SparseIndex};
 use crate::server::state::Daemon;
-use crate::shm::{visit_csr, CsrRegions, CsrVisitor, FloatSlice, MatrixRegions, Peer, Resolver};
+use crate::shm::{
+    visit_csr, CsrRegions, CsrVisitor, FloatSlice, IndexSlice, MatrixRegions, Peer, Resolver,
+};
 use autozyme_protocol::{ErrorKind, Matrix, Response, MAX_FRAME_BYTES};
 
 /// numba's thread count is at most a few hundred; more is a malformed request.
@@ -95,7 +100,7 @@ pub(super) fn mean_var(
             let work = CsrWork::MeanVar { job: &job };
             match run_csr(csr, &[], work) {
                 CsrOut::MeanVar(stats) => stats?,
-                CsrOut::Clipped(_) => unreachable!("asked for means and variances"),
+                _ => unreachable!("asked for means and variances"),
             }
         }
         MatrixRegions::Dense(dense) => {
@@ -209,7 +214,7 @@ pub(super) fn clipped_sums(
             let work = CsrWork::Clipped { clip, blocks };
             match run_csr(csr, &groups, work) {
                 CsrOut::Clipped(sums) => sums,
-                CsrOut::MeanVar(..) => unreachable!("asked for clipped sums"),
+                _ => unreachable!("asked for clipped sums"),
             }
         }
         MatrixRegions::Dense(dense) => {
@@ -222,6 +227,67 @@ pub(super) fn clipped_sums(
     };
     let ClippedSums { sums, squares } = sums;
     Ok(Response::HvgClippedSums { sums, squares })
+}
+
+/// Per-batch Welford means and biased variances (`Request::HvgBatchWelford`).
+pub(super) fn batch_welford(
+    daemon: &Daemon,
+    peer: Peer,
+    x: &Matrix,
+    batches: &[u64],
+    n_batches: u64,
+) -> Result<Response> {
+    let mut resolver = Resolver::new(&daemon.segments, peer);
+    let m = MatrixRegions::resolve(&mut resolver, x)?;
+    let (n_rows, n_cols) = m.shape();
+    let groups = batch_rows(batches, n_batches, n_rows)?;
+    check_reply_size(groups.len(), n_cols)?;
+    let stats = match &m {
+        MatrixRegions::Csr(csr) => {
+            let blocks = welford_blocks(csr, &groups);
+            match run_csr(csr, &groups, CsrWork::Welford { blocks: &blocks }) {
+                CsrOut::Welford(stats) => stats,
+                _ => unreachable!("asked for Welford statistics"),
+            }
+        }
+        MatrixRegions::Dense(dense) => {
+            let (r, c) = (dense.n_rows, dense.n_cols);
+            match dense.data.floats().expect("dtype checked") {
+                FloatSlice::F32(d) => dense_batch_welford(d, r, c, &groups),
+                FloatSlice::F64(d) => dense_batch_welford(d, r, c, &groups),
+            }
+        }
+    };
+    let BatchMeanVar { means, variances } = stats;
+    Ok(Response::HvgBatchWelford { means, variances })
+}
+
+/// Column blocks per batch for the CSR Welford pass: about four tasks per
+/// thread in all, shared out by the batches' stored values, so one large batch
+/// among small ones does not leave threads idle (each block rescans its batch's
+/// indices, which is cheap next to the divisions).
+fn welford_blocks(csr: &CsrRegions, groups: &[Vec<usize>]) -> Vec<usize> {
+    let target = 4 * rayon::current_num_threads().max(1);
+    let indptr = csr.indptr.indices().expect("dtype checked");
+    let stored = |rows: &[usize]| -> usize {
+        match &indptr {
+            IndexSlice::I32(p) => count_stored(p, rows),
+            IndexSlice::I64(p) => count_stored(p, rows),
+        }
+    };
+    let per_group: Vec<usize> = groups.iter().map(|g| stored(g)).collect();
+    let total: usize = per_group.iter().sum::<usize>().max(1);
+    per_group
+        .iter()
+        .map(|&s| ((s as u128 * target as u128).div_ceil(total as u128) as usize).max(1))
+        .collect()
+}
+
+fn count_stored<P: SparseIndex>(indptr: &[P], rows: &[usize]) -> usize {
+    let nnz = indptr.last().and_then(|v| v.to_usize()).unwrap_or(0);
+    rows.iter()
+        .map(|&r| crate::kernels::row_range(indptr, r, nnz).len())
+        .sum()
 }
 
 /// Dense sums and, with `check`, the flags of every value (a separate pass).
@@ -246,11 +312,13 @@ fn dense_sums<T: Float>(
 enum CsrWork<'a> {
     MeanVar { job: &'a MeanVarJob },
     Clipped { clip: &'a [f64], blocks: usize },
+    Welford { blocks: &'a [usize] },
 }
 
 enum CsrOut {
     MeanVar(Result<(GroupMeanVar, ValueFlags)>),
     Clipped(ClippedSums),
+    Welford(BatchMeanVar),
 }
 
 /// Runs `work` on a CSR matrix, dispatched over the index and data dtypes.
@@ -281,6 +349,9 @@ impl CsrVisitor for CsrJob<'_> {
             })),
             CsrWork::Clipped { clip, blocks } => CsrOut::Clipped(csr_clipped_sums(
                 indptr, indices, data, n_cols, groups, clip, blocks,
+            )),
+            CsrWork::Welford { blocks } => CsrOut::Welford(csr_batch_welford(
+                indptr, indices, data, n_cols, groups, blocks,
             )),
         }
     }

@@ -13,6 +13,7 @@
 pub mod content_hash;
 pub mod divide_rows;
 pub mod highly_expressed;
+pub mod hvg_batch_welford;
 pub mod hvg_clipped_sums;
 pub mod hvg_mean_var;
 pub mod leiden;

@@ -237,5 +237,6 @@ pub(crate) fn variant_name(request: &Request) -> &'static str {
         Request::Leiden { .. } => "Leiden",
         Request::Fingerprint { .. } => "Fingerprint",
         Request::RankGenesGroupsGroupSums { .. } => "RankGenesGroupsGroupSums",
+        Request::HvgBatchWelford { .. } => "HvgBatchWelford",
     }
 }

@@ -1,22 +1,40 @@
 """sc.pp.highly_variable_genes(flavor="seurat_v3" | "seurat_v3_paper"), verified
-against scanpy 1.11.5.
+against scanpy 1.11.5 and 1.12.4.
 
-Upstream copies the count matrix once per batch, computes per-gene means and
-variances (``_get_mean_var``), fits a loess per batch (scikit-misc) and then sums the
-clipped values and their squares. Here the O(stored values) work runs in the daemon,
-over the matrix placed once in shared memory, without copying any batch:
+Upstream computes per-gene means and variances of all cells and of every batch,
+fits a loess per batch (scikit-misc) and then sums the clipped values and their
+squares per batch. Here the O(stored values) work runs in the daemon, over the
+matrix placed once in shared memory, without copying any batch:
 
-1. ``HvgMeanVar``: means and variances of all cells and of every batch, in
-   upstream's order of additions (CSR: numba's kernel, whose rows are dealt to
-   ``numba.get_num_threads()`` accumulators; dense: numpy's row-order sums), and a
-   check of every value (negative / non-integer / non-finite) that replaces
-   ``check_nonnegative_integers``. For non-negative integer counts every sum is
-   exact in any order, so all cells' sums are the batches' sums added up (one
-   pass instead of two).
-2. ``HvgClippedSums``: per batch and gene, the sums of the values clipped to the
+1. ``HvgMeanVar``: means and variances of all cells (and, as scanpy 1.11.5
+   computes them, of every batch) in upstream's order of additions (CSR: numba's
+   kernel, whose rows are dealt to ``numba.get_num_threads()`` accumulators;
+   dense: numpy's row-order sums), and a check of every value (negative /
+   non-integer / non-finite) that replaces ``check_nonnegative_integers``. For
+   non-negative integer counts every sum is exact in any order, so all cells'
+   sums are the batches' sums added up (one pass instead of two).
+2. ``HvgBatchWelford`` (scanpy 1.12.2 and later, with a ``batch_key``): each
+   batch's means and variances as ``sc.get.aggregate(func=["mean", "var"])``
+   computes them, by Welford's algorithm (dense: over every value; sparse: over
+   the stored values, then the implicit zeros merged in closed form), in the
+   same operations and order as its numba kernels; the ``n / (n - 1)`` scaling
+   (NaN and upstream's warning for a one-cell batch) is upstream's numpy
+   expression here. Loess turns a last-bit difference into another selection.
+3. ``HvgClippedSums``: per batch and gene, the sums of the values clipped to the
    batch's clip values and of their squares, in upstream's order; with batches,
    one request per batch on a second connection, sent as soon as that batch's
    loess fit is done, so the daemon works while the next fit runs here.
+
+What differs between the scanpy versions is declared once, in ``UPSTREAM``
+(which batch statistics, the 1.12.1 guard that skips loess for a batch in which
+no gene varies, sparse arrays, how upstream decides its numba kernels run
+serially, where its warnings point, the AnnData upstream 1.12 builds of the
+names); the code branches on the picked record's fields only.
+
+CSC input (canonical: sorted indices, no duplicates) is served through a CSR
+copy: upstream's CSC kernels add each gene's values in row order with a single
+accumulator and f64 squares, which the CSR kernels reproduce with one partition
+on f64 values.
 
 A result is kept (the last ``KEPT_RESULTS``, in this process) under the daemon's
 fingerprint of the matrix's content plus every input that shapes it (batches,
@@ -24,7 +42,8 @@ flavor, ``n_top_genes``, ``span``, numba's thread count): the same cell run agai
 or on a fresh copy of the same data, gets a copy of it after one hashing pass
 over the matrix, instead of the statistics and seven loess fits again. The
 computation is deterministic, so a kept result is the one it would compute.
-``AUTOZYME_HVG_CACHE=0`` turns this off.
+``AUTOZYME_HVG_CACHE=0`` turns this off. Results whose computation warns (a
+batch of one cell) are not kept, so every call warns as upstream does.
 
 The loess fits run here with scikit-misc exactly as upstream calls it (same
 inputs, same routine, so the same fitted values, errors and warnings; it holds
@@ -39,21 +58,76 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import importlib
 import inspect
 import os
 import queue
 import threading
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
-from .. import parallel, shm
+from .. import parallel, shm, versions
 from ..client import get_client, prefault_in_background
 from ..codec import msg
 from ..fallback import BadInput, Delegate, Fallback
 from . import _common
 
-VERIFIED = ("1.11.5",)
+
+@dataclass(frozen=True)
+class Upstream:
+    """What differs, for these flavors, between the scanpy versions served."""
+
+    # With a batch_key, each batch's means and variances: "sums" (1.11.5:
+    # `_get_mean_var` of the batch's rows, as for all cells) or "welford" (1.12.2+:
+    # `sc.get.aggregate`'s Welford kernels, then `var *= n / (n - 1)` in numpy,
+    # NaN with a RuntimeWarning for a one-cell batch).
+    batch_stats: str
+    # 1.12.1+: a batch in which no gene varies skips loess (estimates stay 0);
+    # before, scikit-misc crashes the process on it (we raise BadInput).
+    loess_skips_no_variance: bool
+    # 1.12+ take scipy sparse arrays (csr_array, csc_array).
+    sparse_arrays: bool
+    # Predicates (module, name) under which upstream's numba kernels run serially
+    # with a warning; we leave such calls to upstream.
+    serial_numba: tuple[tuple[str, str], ...]
+    # Whether upstream's numba kernels (and so `serial_numba`) are used for a dense
+    # matrix with a batch_key (1.12: aggregate's kernels), not only for sparse input.
+    numba_for_dense_batches: bool
+    # Where upstream's warnings point: "stacklevel" (1.11.5: warnings.warn with
+    # stacklevel=3 from the seurat_v3 helper) or "skip_prefixes" (1.12: scanpy's
+    # `warn`, skipping scanpy's and legacy_api_wrap's frames).
+    warning_site: str
+    # 1.12 builds AnnData objects of adata's obs and var names (for aggregate),
+    # which warn when the names are not unique.
+    anndata_of_names: bool
+
+
+UPSTREAM = {
+    "1.11.5": Upstream(
+        batch_stats="sums",
+        loess_skips_no_variance=False,
+        sparse_arrays=False,
+        serial_numba=(("scanpy._compat", "_is_in_unsafe_thread_pool"),),
+        numba_for_dense_batches=False,
+        warning_site="stacklevel",
+        anndata_of_names=False,
+    ),
+    "1.12.4": Upstream(
+        batch_stats="welford",
+        loess_skips_no_variance=True,
+        sparse_arrays=True,
+        serial_numba=(
+            ("fast_array_utils.numba", "_is_on_unsafe_thread"),
+            ("fast_array_utils.numba._parallel_runtime", "_needs_parallel_runtime_probe"),
+        ),
+        numba_for_dense_batches=True,
+        warning_site="skip_prefixes",
+        anndata_of_names=True,
+    ),
+}
+VERIFIED = tuple(UPSTREAM)
 FLAVORS = ("seurat_v3", "seurat_v3_paper")
 KEPT_RESULTS = 4
 
@@ -62,6 +136,7 @@ def fast(upstream, *args, **kwargs):
     from anndata import AnnData
     from scanpy import logging as logg
 
+    up = versions.pick(UPSTREAM)
     adata, p = _common.bind(upstream, _common.keyword_defaults(upstream), args, kwargs)
     flavor = p["flavor"]
     if not isinstance(adata, AnnData):
@@ -81,6 +156,8 @@ def fast(upstream, *args, **kwargs):
         raise Delegate(f"no layer {layer!r}")
     if batch_key is not None and batch_key not in adata.obs.columns:
         raise Delegate(f"no obs column {batch_key!r}")
+    if up.anndata_of_names and not (adata.obs_names.is_unique and adata.var_names.is_unique):
+        raise Fallback("obs or var names that are not unique (upstream's AnnData of them warns)")
     n_top_genes = p["n_top_genes"]
     if n_top_genes is None:
         n_top_genes = _default_n_top_genes()
@@ -88,14 +165,20 @@ def fast(upstream, *args, **kwargs):
     from scanpy.get import _get_obs_rep
 
     data = _get_obs_rep(adata, layer=layer)
-    matrix = _in_scope(data)
+    batched = batch_key is not None
+    kind, work, partitions = _in_scope(data, up, batched)
     codes, n_batches, sizes, labels = _batches(adata, batch_key)
+    dof_warning = None
+    if batched and up.batch_stats == "welford":
+        dof_warning = _aggregate_dof_warning(adata.obs[batch_key], sizes)
 
     start = logg.info("extracting highly variable genes")  # noqa: F841 (as upstream)
     result = _compute(
-        data, matrix, loess, codes=codes, n_batches=n_batches, sizes=sizes, labels=labels,
-        flavor=flavor, n_top_genes=n_top_genes, check_values=p["check_values"], span=p["span"],
-        var_names=adata.var_names, adopt=not adata.is_view,
+        work, kind, loess, up=up, codes=codes, n_batches=n_batches, sizes=sizes,
+        labels=labels, batched=batched, dof_warning=dof_warning, flavor=flavor,
+        n_top_genes=n_top_genes, check_values=p["check_values"], span=p["span"],
+        partitions=partitions, var_names=adata.var_names,
+        adopt=work is data and not adata.is_view,
     )
     return _finish(adata, result, flavor=flavor, batch_key=batch_key, subset=p["subset"],
                    inplace=p["inplace"])
@@ -108,8 +191,13 @@ def _default_n_top_genes() -> int:
     return inspect.signature(_highly_variable_genes_seurat_v3).parameters["n_top_genes"].default
 
 
-def _in_scope(data) -> str:
-    """'csr' or 'dense' for inputs the fast path serves, else Fallback."""
+def _in_scope(data, up: Upstream, batched: bool):
+    """(kind, matrix to compute on, partitions) for inputs the fast path serves,
+    else Fallback. kind is 'csr' or 'dense'; partitions is the number of
+    accumulators upstream's sparse all-cells kernel uses (None: numba's thread
+    count, the CSR kernel's)."""
+    import numba
+
     if isinstance(data, np.ndarray) and not isinstance(data, np.matrix):
         if data.dtype not in _common.FLOATS:
             raise Fallback(f"dtype {data.dtype}")
@@ -118,20 +206,38 @@ def _in_scope(data) -> str:
         if data.shape[1] < 2:
             # numpy sums a single column pairwise, not row by row.
             raise Fallback("dense input with fewer than two genes")
-        return "dense"
-    if _common.is_csr(data) and not _common.is_sparse_array(data):
-        _common.check_csr_structure(data)
-        if data.dtype not in _common.FLOATS:
-            raise Fallback(f"dtype {data.dtype}")
-        if data.indptr.dtype not in _common.INDEX or data.indices.dtype not in _common.INDEX:
-            raise Fallback(f"index dtype {data.indices.dtype}/{data.indptr.dtype}")
-        from scanpy._compat import _is_in_unsafe_thread_pool
+        if batched and up.numba_for_dense_batches:
+            _check_numba_parallel(up)
+        return "dense", data, None
+    if not (_common.is_csr(data) or _common.is_csc(data)):
+        raise Fallback(f"{type(data).__name__} input")
+    if _common.is_sparse_array(data) and not up.sparse_arrays:
+        raise Fallback(f"{type(data).__name__} input")
+    _common.check_csr_structure(data)
+    if data.dtype not in _common.FLOATS:
+        raise Fallback(f"dtype {data.dtype}")
+    if data.indptr.dtype not in _common.INDEX or data.indices.dtype not in _common.INDEX:
+        raise Fallback(f"index dtype {data.indices.dtype}/{data.indptr.dtype}")
+    _check_numba_parallel(up)
+    if _common.is_csr(data):
+        return "csr", data, int(numba.get_num_threads())
+    # CSC: upstream adds each gene's values in stored order (row order for a
+    # canonical matrix) into one accumulator, squaring in f64; a CSR copy in f64
+    # with one partition does exactly that.
+    if not data.has_canonical_format:
+        raise Fallback("CSC input with unsorted or duplicate indices")
+    work = data.tocsr()
+    if work.dtype != np.float64:
+        work = work.astype(np.float64)
+    return "csr", work, 1
 
-        if _is_in_unsafe_thread_pool():
-            # upstream's numba kernel runs serially there, with a warning.
-            raise Delegate("called from a thread pool numba cannot share")
-        return "csr"
-    raise Fallback(f"{type(data).__name__} input")
+
+def _check_numba_parallel(up: Upstream) -> None:
+    """Upstream's numba kernels run serially, with a warning, in some threads or
+    runtimes: such calls are left to upstream."""
+    for module, name in up.serial_numba:
+        if getattr(importlib.import_module(module), name)():
+            raise Delegate("numba would run upstream's kernels serially here (it warns)")
 
 
 def _batches(adata, batch_key):
@@ -259,35 +365,99 @@ def _transport(data, kind: str, adopt: bool):
     return tuple(_place(data, kind, adopt=adopt and kind == "csr"))
 
 
-def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_top_genes,
-             check_values, span, var_names, adopt):
+def _aggregate_dof_warning(col, sizes):
+    """scanpy 1.12's ``aggregate`` (dof 1) gives a one-cell batch a NaN variance
+    and warns, naming such groups in its category order (the used categories of
+    ``pd.Categorical(col)``, as strings): that warning's message, or None. Where
+    the categories' names coincide as strings upstream's aggregate raises."""
+    import pandas as pd
+
+    cat = pd.Categorical(col).remove_unused_categories()
+    names = ["_".join(map(str, (c,))) for c in cat.categories]
+    if len(set(names)) != len(names):
+        raise Delegate("batch categories whose names coincide as strings (upstream's aggregate raises)")
+    if (np.asarray(sizes) > 1).all():
+        return None
+    codes = np.asarray(cat.codes)
+    counts = np.bincount(codes[codes >= 0], minlength=len(names))
+    which = [name for name, k in zip(names, counts) if k <= 1]
+    return f"Group counts matches dof, resulting var for groups {which} will be nan"
+
+
+def _batch_stats(client, matrix, *, up, codes, n_batches, sizes, batched, partitions,
+                 dof_warning, check_values, flavor):
+    """(overall means, variances, per-batch means, per-batch variances, value
+    flags): the statistics upstream computes before its loess fits, variances
+    scaled to upstream's ``n / (n - 1)``; upstream's warnings on the way, in its
+    order."""
+    one = np.empty(0, np.uint64)  # no batch codes: one batch of every cell
+    batches = one if codes is None else codes
+    welford = batched and up.batch_stats == "welford"
+    sums_per_batch = codes is not None and not welford
+    stats = client.call(msg("HvgMeanVar", x=matrix, batches=batches if sums_per_batch else one,
+                            n_batches=n_batches if sums_per_batch else 1,
+                            partitions=partitions, check=True, with_overall=sums_per_batch))
+    if stats.non_finite:
+        raise Delegate("NaN or infinite values")
+    if check_values and (stats.negative or stats.non_integer):
+        _warn_non_integers(up, flavor)
+    n_genes = int(matrix.n_cols)
+    means = stats.means.reshape(-1, n_genes)
+    variances = stats.variances.reshape(-1, n_genes)
+    mean_all, var_all = means[0], variances[0]
+    _unbias(var_all, int(matrix.n_rows))
+    if welford:
+        # sc.get.aggregate(func=["mean", "var"], dof=1): Welford's biased
+        # variances, then upstream's numpy scaling by count / (count - 1).
+        w = client.call(msg("HvgBatchWelford", x=matrix, batches=batches, n_batches=n_batches))
+        batch_means = w.means.reshape(-1, n_genes)
+        batch_vars = w.variances.reshape(-1, n_genes)
+        group_counts = np.asarray(sizes, dtype=np.int64)
+        denom = np.where(group_counts > 1, group_counts - 1, np.nan)
+        if dof_warning is not None:
+            _warn(up, dof_warning, RuntimeWarning)
+        batch_vars *= (group_counts / denom)[:, np.newaxis]
+        return mean_all, var_all, list(batch_means), list(batch_vars), stats
+    if codes is None:
+        return mean_all, var_all, [mean_all], [var_all], stats
+    batch_means, batch_vars = list(means[1:]), list(variances[1:])
+    for v, size in zip(batch_vars, sizes):
+        _unbias(v, int(size))
+    return mean_all, var_all, batch_means, batch_vars, stats
+
+
+def _compute(data, kind, loess, *, up, codes, n_batches, sizes, labels, batched, dof_warning,
+             flavor, n_top_genes, check_values, span, partitions, var_names, adopt):
     import numba
 
     n_genes = data.shape[1]
     was_placed = _placed(data, kind)
     keep = _transport(data, kind, adopt)
     matrix = _wire_matrix(data, kind, keep)
-    partitions = int(numba.get_num_threads())
+    if partitions is None:
+        partitions = int(numba.get_num_threads())
     client = get_client()
     one = np.empty(0, np.uint64)  # no batch codes: one batch of every cell
 
     batches = one if codes is None else codes
-    key = _result_key(client, matrix, codes, n_batches, flavor, n_top_genes, span, partitions)
+    key = _result_key(client, matrix, codes, n_batches, flavor, n_top_genes, span, partitions,
+                      (up.batch_stats, batched))
     kept = _kept.get(key)
     if kept is not None:
         del keep
         df, raw_counts = kept
         if check_values and not raw_counts:
-            _warn_non_integers(flavor)
+            _warn_non_integers(up, flavor)
         df = df.copy()
         df.index = var_names
         df["gene_name"] = df.index
         return df
-    # With batches, all cells' statistics come first (a single batch is all cells).
-    stats = client.call(msg("HvgMeanVar", x=matrix, batches=batches, n_batches=n_batches,
-                            partitions=partitions, check=True, with_overall=codes is not None))
-    # With batches, each batch's clipped sums are computed on a second connection
-    # as soon as its clip values are known, while the next loess fit runs here.
+    mean_all, var_all, batch_means, batch_vars, stats = _batch_stats(
+        client, matrix, up=up, codes=codes, n_batches=n_batches, sizes=sizes, batched=batched,
+        partitions=partitions, dof_warning=dof_warning, check_values=check_values,
+        flavor=flavor)
+    # Each batch's clipped sums are computed on a second connection as soon as
+    # its clip values are known, while the next loess fit runs here.
     clipped = None
     if codes is not None:
         todo: queue.SimpleQueue = queue.SimpleQueue()
@@ -303,32 +473,19 @@ def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_to
 
         clipped = parallel.submit(clip_batches)
     try:
-        if stats.non_finite:
-            raise Delegate("NaN or infinite values")
-        if check_values and (stats.negative or stats.non_integer):
-            _warn_non_integers(flavor)
-        means = stats.means.reshape(-1, n_genes)
-        variances = stats.variances.reshape(-1, n_genes)
-        mean_all, var_all = means[0], variances[0]
-        _unbias(var_all, data.shape[0])
-        if codes is None:
-            batch_means, batch_vars = [mean_all], [var_all]
-        else:
-            batch_means, batch_vars = list(means[1:]), list(variances[1:])
-            for v, size in zip(batch_vars, sizes):
-                _unbias(v, int(size))
-
         reg_stds, clips = [], np.empty((n_batches, n_genes), dtype=np.float64)
         for b, (mean, var) in enumerate(zip(batch_means, batch_vars)):
             # upstream's per-batch loess, verbatim in what it computes
             not_const = var > 0
             estimat_var = np.zeros(n_genes, dtype=np.float64)
-            y = np.log10(var[not_const])
-            x = np.log10(mean[not_const])
-            _check_loess_input(len(x), span, labels[b])
-            model = loess(x, y, span=span, degree=2)
-            model.fit()
-            estimat_var[not_const] = model.outputs.fitted_values
+            n_points = int(np.count_nonzero(not_const))
+            if n_points or not up.loess_skips_no_variance:
+                y = np.log10(var[not_const])
+                x = np.log10(mean[not_const])
+                _check_loess_input(n_points, span, labels[b])
+                model = loess(x, y, span=span, degree=2)
+                model.fit()
+                estimat_var[not_const] = model.outputs.fitted_values
             reg_std = np.sqrt(10**estimat_var)
             vmax = np.sqrt(int(sizes[b]))
             clips[b] = reg_std * vmax + mean
@@ -365,7 +522,10 @@ def _compute(data, kind, loess, *, codes, n_batches, sizes, labels, flavor, n_to
         norm_gene_vars.append(norm_gene_var.reshape(1, -1))
     df = _rank(mean_all, var_all, norm_gene_vars, flavor=flavor, n_top_genes=n_top_genes,
                var_names=var_names)
-    _kept.put(key, (df.copy(), not (stats.negative or stats.non_integer)))
+    if (np.asarray(sizes) > 1).all() and not stats.negative:
+        # (a one-cell batch divides by zero; negative values can take a log of a
+        # negative mean: numpy warns on every call, so such results are not kept)
+        _kept.put(key, (df.copy(), not (stats.negative or stats.non_integer)))
     return df
 
 
@@ -399,17 +559,17 @@ class _Kept:
 _kept = _Kept(KEPT_RESULTS)
 
 
-def _result_key(client, matrix, codes, n_batches, flavor, n_top_genes, span, partitions):
+def _result_key(client, matrix, codes, n_batches, flavor, n_top_genes, span, partitions, how):
     """What determines the result: the matrix's content (the daemon's fingerprint,
-    which covers kind, shape and dtypes), each cell's batch, and the parameters.
-    None when keeping results is turned off."""
+    which covers kind, shape and dtypes), each cell's batch, the parameters and
+    ``how`` (which batch statistics). None when keeping results is turned off."""
     if os.environ.get("AUTOZYME_HVG_CACHE", "1") == "0":
         return None
     fp = client.call(msg("Fingerprint", x=matrix))
     h = hashlib.blake2b(digest_size=16)
     h.update(b"none" if codes is None else np.ascontiguousarray(codes).view(np.uint8))
     h.update(repr((fp.lo, fp.hi, n_batches, flavor, n_top_genes, type(n_top_genes).__name__,
-                   span, type(span).__name__, partitions)).encode())
+                   span, type(span).__name__, partitions, how)).encode())
     return h.digest()
 
 
@@ -442,7 +602,9 @@ def _check_loess_input(n_points: int, span, label) -> None:
     """scikit-misc's loess dereferences out of bounds, killing the process with
     SIGSEGV, when ``floor(n_points * span)`` is 0 (a span in (0, 1] covering less
     than one point: e.g. a batch of one cell, where no gene varies). Upstream
-    scanpy 1.11.5 crashes there; we raise instead."""
+    scanpy 1.11.5 crashes there; 1.12.1 and later skip loess when no gene varies
+    (never calling this) but still crash for a few varying genes. We raise
+    instead."""
     try:
         tiny = 0 < span <= 1 and n_points * span < 1
     except TypeError:
@@ -452,7 +614,7 @@ def _check_loess_input(n_points: int, span, label) -> None:
             f"highly_variable_genes: batch {label!r} has {n_points} genes with non-zero "
             f"variance, too few for a loess fit with span={span} (needs span * genes >= 1). "
             "scikit-misc's loess crashes the Python process on such input (upstream scanpy "
-            "1.11.5 dies with a segmentation fault here); use larger batches or a larger span."
+            "dies with a segmentation fault here); use larger batches or a larger span."
         )
 
 
@@ -485,15 +647,36 @@ def _upstream_warning_site():
     return None
 
 
-def _warn_non_integers(flavor) -> None:
-    message = f"`{flavor=!r}` expects raw count data, but non-integers were found."
+def _warn_non_integers(up: Upstream, flavor) -> None:
+    _warn(up, f"`{flavor=!r}` expects raw count data, but non-integers were found.", UserWarning)
+
+
+@functools.lru_cache(maxsize=1)
+def _skipped_prefixes() -> tuple[str, ...]:
+    """The frames scanpy 1.12's ``warn`` skips (scanpy's and legacy_api_wrap's
+    directories), and ours: the warning then points at the caller, as upstream's."""
+    from pathlib import Path
+
+    import legacy_api_wrap
+    import scanpy
+
+    return tuple(str(Path(m.__file__).parent) for m in (scanpy, legacy_api_wrap)) + (
+        str(Path(__file__).parent.parent),
+    )
+
+
+def _warn(up: Upstream, message: str, category) -> None:
+    """A warning of upstream's, pointing where upstream's points."""
+    if up.warning_site == "skip_prefixes":
+        warnings.warn(message, category, skip_file_prefixes=_skipped_prefixes())
+        return
     site = _upstream_warning_site()
     if site is None or site[2] is None:
-        warnings.warn(message, UserWarning, stacklevel=4)
+        warnings.warn(message, category, stacklevel=5)
         return
     filename, lineno, module_globals = site
     warnings.warn_explicit(
-        message, UserWarning, filename, lineno,
+        message, category, filename, lineno,
         module=module_globals.get("__name__"),
         registry=module_globals.setdefault("__warningregistry__", {}),
         module_globals=module_globals,
