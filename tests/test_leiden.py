@@ -169,6 +169,12 @@ def test_weights_and_iterations(active, use_weights, n_iterations):
              dict(flavor="igraph", use_weights=use_weights, n_iterations=n_iterations, random_state=1))
 
 
+def test_objective_function_modularity(active):
+    """objective_function="modularity" is what upstream's igraph call sets anyway."""
+    run_both(active, lambda: make_adata(OVERLAPPING.copy()),
+             dict(flavor="igraph", objective_function="modularity", random_state=1))
+
+
 def test_resolution_positional_and_none(active):
     run_both(active, lambda: make_adata(GRAPH.copy()), dict(flavor="igraph"), args=(0.7,))
     run_both(active, lambda: make_adata(GRAPH.copy()), dict(flavor="igraph", resolution=None))

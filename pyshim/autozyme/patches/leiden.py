@@ -160,6 +160,11 @@ def fast(upstream, *args, **kwargs):
     extra = sorted(set(kwargs) - set(defaults))
     p = {**defaults, **kwargs}
     adata = args[0]
+    if "objective_function" in extra and p["flavor"] == "igraph" \
+            and _is_str(p["objective_function"], "modularity"):
+        # upstream's igraph call sets this very value by default (setdefault);
+        # igraph compares it case-sensitively, hence exactly this string
+        extra.remove("objective_function")
 
     flavor = requested = p["flavor"]
     if flavor is None and up.flavor_none_is_leidenalg:
@@ -196,6 +201,10 @@ def fast(upstream, *args, **kwargs):
         warning = _flavor_warning(up, requested)
         return _exact(adata, **args, up=up, solver=_Parallel(flavor, p["directed"], warning))
     return _exact(adata, **args, up=up)
+
+
+def _is_str(x, value: str) -> bool:
+    return type(x) is str and x == value
 
 
 _EXACT_ARGS = (
