@@ -9,11 +9,16 @@ Everything else (scanpy's dispatch, sklearn's ``check_array`` validation and
 dtype rules, ``uns["log1p"]``, the warnings) is upstream's own code path.
 
 Upstream's log1p is the same code in all three versions (1.12 only renamed the
-helpers around it), so there is no per-version record; scipy's sparse arrays
-(csr_array, csc_array) take the sparse path like sparse matrices.
+helpers around it); the one difference, declared in ``UPSTREAM``, is that 1.12
+dispatches scipy's sparse arrays (csr_array, csc_array) to its sparse path. The
+fast path takes that path for them on every version: on 1.11.5, where upstream
+raises TypeError for a sparse array, it has served them so since before 1.12,
+and that is kept.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -22,7 +27,20 @@ from .. import parallel
 from ..fallback import Delegate, Fallback
 from . import _common
 
-VERIFIED = ("1.11.5", "1.12.3", "1.12.4")
+
+
+@dataclass(frozen=True)
+class Upstream:
+    sparse_arrays: bool  # upstream's own log1p takes csr_array/csc_array (1.12)
+
+
+UPSTREAM = {
+    "1.11.5": Upstream(sparse_arrays=False),
+    # 1.12.3's log1p is 1.12.4's, line for line.
+    "1.12.3": Upstream(sparse_arrays=True),
+    "1.12.4": Upstream(sparse_arrays=True),
+}
+VERIFIED = tuple(UPSTREAM)
 _ARRAY_ONLY = ("chunked", "chunk_size", "layer", "obsm")
 
 
