@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""Fetch scanpy's own test suite from the scanpy 1.11.5 sdist on PyPI.
+"""Fetch scanpy's own test suite from the sdist of the installed scanpy version on PyPI.
 
-Downloads the sdist (only the .tar.gz; no wheel is built, nothing is installed)
-into ``.cache/scanpy-sdist/`` at the repo root and extracts the upstream
+Reads the installed scanpy's version (importlib.metadata, without importing
+scanpy), downloads that version's sdist (only the .tar.gz; no wheel is built,
+nothing is installed) into ``.cache/scanpy-sdist/`` at the repo root, checks it
+against the sha256 recorded in ``SDIST_SHA256`` below, and extracts the upstream
 ``tests/`` directory (test modules, ``conftest.py`` and the ``_data`` files the
-tests read) into ``.cache/scanpy-tests-1.11.5/tests/``.
+tests read) into ``.cache/scanpy-tests-<version>/tests/``. A version without a
+recorded sha256 is refused: its tests have not been mapped either (see
+run_scanpy_tests.py).
 
 The tests' other helpers (``testing.scanpy._pytest`` and
 ``testing.scanpy._helpers``) are *not* taken from the sdist: scanpy's wheel
@@ -14,7 +18,7 @@ the installed scanpy and its installed helpers.
 Idempotent: does nothing when the extracted tree is already complete. Run from
 anywhere; paths are resolved relative to this file.
 
-    python tests/scanpy_upstream/fetch_scanpy_tests.py [--force]
+    python tests/scanpy_upstream/fetch_scanpy_tests.py [--force] [--version X.Y.Z]
 """
 
 from __future__ import annotations
@@ -26,22 +30,49 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as dist_version
 from pathlib import Path
 
-SCANPY_VERSION = "1.11.5"
-SDIST_NAME = f"scanpy-{SCANPY_VERSION}.tar.gz"
-# sha256 of the file PyPI serves for scanpy==1.11.5 (PyPI files are immutable).
-SDIST_SHA256 = "b2ef5476dfb1144b7dd0fae90b0198699c7988e6b27f083904150642c7ba6b89"
+# sha256 of the sdist PyPI serves for each scanpy version whose tests we run (PyPI
+# files are immutable). The one table of supported versions: add a version here,
+# and its FUNCTION_TESTS entry, pytest-<version>.{ini,toml} and deselect-<version>.txt.
+SDIST_SHA256: dict[str, str] = {
+    "1.11.5": "b2ef5476dfb1144b7dd0fae90b0198699c7988e6b27f083904150642c7ba6b89",
+    "1.12.4": "b87a5b1413ab33b69691df69c2084ff4ea8b389728e1542b22145825f88b5037",
+}
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SDIST_DIR = REPO_ROOT / ".cache" / "scanpy-sdist"
-TESTS_ROOT = REPO_ROOT / ".cache" / f"scanpy-tests-{SCANPY_VERSION}"
-# Written last; its content is the sdist hash, so a half-finished or stale
-# extraction is redone.
-MARKER = TESTS_ROOT / ".complete"
+CACHE_DIR = REPO_ROOT / ".cache"
+SDIST_DIR = CACHE_DIR / "scanpy-sdist"
 
 # Members of the sdist to extract, relative to its top directory.
 EXTRACT_PREFIXES = ("tests/",)
+
+
+def installed_scanpy_version() -> str:
+    """The version of the scanpy distribution installed for this interpreter."""
+    try:
+        return dist_version("scanpy")
+    except PackageNotFoundError:
+        msg = f"scanpy is not installed for {sys.executable}"
+        raise SystemExit(msg) from None
+
+
+def check_supported(version: str) -> str:
+    if version not in SDIST_SHA256:
+        msg = (
+            f"scanpy {version} is not supported by tests/scanpy_upstream "
+            f"(known: {', '.join(SDIST_SHA256)}); record its sdist sha256 in "
+            "fetch_scanpy_tests.py and map its tests in run_scanpy_tests.py"
+        )
+        raise SystemExit(msg)
+    return version
+
+
+def tests_root(version: str) -> Path:
+    """Where the tests of scanpy `version` are extracted."""
+    return CACHE_DIR / f"scanpy-tests-{version}"
 
 
 def log(msg: str) -> None:
@@ -56,10 +87,12 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def download_sdist() -> Path:
+def download_sdist(version: str) -> Path:
     """Return the path of the verified sdist, downloading it with pip if needed."""
-    sdist = SDIST_DIR / SDIST_NAME
-    if sdist.is_file() and sha256(sdist) == SDIST_SHA256:
+    sdist_name = f"scanpy-{version}.tar.gz"
+    expected = SDIST_SHA256[version]
+    sdist = SDIST_DIR / sdist_name
+    if sdist.is_file() and sha256(sdist) == expected:
         return sdist
     if sdist.exists():
         log(f"{sdist} has the wrong sha256; downloading again")
@@ -75,27 +108,28 @@ def download_sdist() -> Path:
             "--disable-pip-version-check",
             "--quiet",
             "--dest", tmp,
-            f"scanpy=={SCANPY_VERSION}",
+            f"scanpy=={version}",
         ]  # fmt: skip
         # pip only reads the sdist's metadata here (it may set up hatchling in a
         # throwaway build env to do so); it builds no wheel and installs nothing.
-        log("downloading " + SDIST_NAME + " with: " + " ".join(cmd[1:]))
+        log("downloading " + sdist_name + " with: " + " ".join(cmd[1:]))
         subprocess.run(cmd, check=True)
-        got = Path(tmp) / SDIST_NAME
+        got = Path(tmp) / sdist_name
         if not got.is_file():
-            msg = f"pip did not produce {SDIST_NAME}; got {sorted(p.name for p in Path(tmp).iterdir())}"
+            msg = f"pip did not produce {sdist_name}; got {sorted(p.name for p in Path(tmp).iterdir())}"
             raise SystemExit(msg)
         digest = sha256(got)
-        if digest != SDIST_SHA256:
-            msg = f"sha256 mismatch for {SDIST_NAME}: expected {SDIST_SHA256}, got {digest}"
+        if digest != expected:
+            msg = f"sha256 mismatch for {sdist_name}: expected {expected}, got {digest}"
             raise SystemExit(msg)
         got.replace(sdist)
     return sdist
 
 
-def extract(sdist: Path) -> None:
-    top = f"scanpy-{SCANPY_VERSION}/"
-    staging = TESTS_ROOT.with_name(TESTS_ROOT.name + ".partial")
+def extract(sdist: Path, version: str) -> None:
+    top = f"scanpy-{version}/"
+    root = tests_root(version)
+    staging = root.with_name(root.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
@@ -120,29 +154,43 @@ def extract(sdist: Path) -> None:
         else:
             tar.extractall(staging, members=members)  # noqa: S202 (checked above)
         n = sum(1 for m in members if m.isfile())
-    if TESTS_ROOT.exists():
-        shutil.rmtree(TESTS_ROOT)
-    staging.rename(TESTS_ROOT)
-    MARKER.write_text(SDIST_SHA256 + "\n")
-    log(f"extracted {n} files into {TESTS_ROOT.relative_to(REPO_ROOT)}")
+    if root.exists():
+        shutil.rmtree(root)
+    staging.rename(root)
+    # Written last; its content is the sdist hash, so a half-finished or stale
+    # extraction is redone.
+    marker(version).write_text(SDIST_SHA256[version] + "\n")
+    log(f"extracted {n} files into {root.relative_to(REPO_ROOT)}")
 
 
-def is_complete() -> bool:
-    return MARKER.is_file() and MARKER.read_text().strip() == SDIST_SHA256
+def marker(version: str) -> Path:
+    return tests_root(version) / ".complete"
 
 
-def fetch(*, force: bool = False) -> Path:
-    """Make sure the upstream tests are extracted; return the extraction root."""
-    if force or not is_complete():
-        extract(download_sdist())
-    return TESTS_ROOT
+def is_complete(version: str) -> bool:
+    m = marker(version)
+    return m.is_file() and m.read_text().strip() == SDIST_SHA256[version]
+
+
+def fetch(version: str | None = None, *, force: bool = False) -> Path:
+    """Make sure the tests of scanpy `version` (default: the installed one) are
+    extracted; return the extraction root."""
+    version = check_supported(version or installed_scanpy_version())
+    if force or not is_complete(version):
+        extract(download_sdist(version), version)
+    return tests_root(version)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--force", action="store_true", help="re-extract even if present")
+    p.add_argument(
+        "--version",
+        choices=list(SDIST_SHA256),
+        help="scanpy version whose tests to fetch (default: the installed one)",
+    )
     args = p.parse_args(argv)
-    root = fetch(force=args.force)
+    root = fetch(args.version, force=args.force)
     print(root)
     return 0
 

@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
-"""Run scanpy 1.11.5's own tests against the installed scanpy, optionally under autozyme.
+"""Run the installed scanpy's own tests (from its sdist), optionally under autozyme.
 
     python tests/scanpy_upstream/run_scanpy_tests.py --functions normalize_total,log1p
     python tests/scanpy_upstream/run_scanpy_tests.py --functions normalize_total,log1p --with-autozyme
     python tests/scanpy_upstream/run_scanpy_tests.py --functions all -- -x -q
 
-Fetches the tests first (fetch_scanpy_tests.py), then runs pytest with the
-current interpreter on the tests mapped to the chosen functions in FUNCTION_TESTS,
-minus everything listed in deselect.txt (same deselection with and without
-autozyme). Arguments after the options (or after `--`) go to pytest unchanged;
-a `-k` among them is AND-ed with deselect.txt's `-k` lines. Exits with pytest's
-exit code. Run from the repo root.
+The scanpy version is the installed one (importlib.metadata; 1.11.5 and 1.12.4 are
+known). Fetches that version's tests first (fetch_scanpy_tests.py), writes the
+offline pbmc3k stand-in (pbmc3k_standin.py), then runs pytest with the current
+interpreter under that version's config (pytest-<version>.ini / .toml, derived from
+scanpy's own) on the tests mapped to the chosen functions in
+FUNCTION_TESTS[<version>], minus everything listed in deselect-<version>.txt (same
+deselection with and without autozyme). Arguments after the options (or after
+`--`) go to pytest unchanged; a `-k` among them is AND-ed with the deselect
+file's `-k` lines. Exits with pytest's exit code. Run from the repo root.
 """
 
 from __future__ import annotations
@@ -25,77 +28,175 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from fetch_scanpy_tests import REPO_ROOT, fetch  # noqa: E402
+import pbmc3k_standin  # noqa: E402
+from fetch_scanpy_tests import (  # noqa: E402
+    REPO_ROOT,
+    SDIST_SHA256,
+    check_supported,
+    fetch,
+    installed_scanpy_version,
+)
 
-INI = HERE / "pytest.ini"
-DESELECT = HERE / "deselect.txt"
 AUTOZYME_PLUGIN = "autozyme.pytest_plugin"
 COMPAT_PLUGIN = "upstream_compat"  # tests/scanpy_upstream/upstream_compat.py
+DATASETS_PLUGIN = "offline_datasets"  # tests/scanpy_upstream/offline_datasets.py
 
-# Which upstream tests exercise which scanpy function. Entries are pytest node
-# ids relative to the extracted tree's root (`tests/...`): a whole file, a test
+
+def config_file(version: str) -> Path:
+    """scanpy `version`'s pytest config: pytest-<version>.ini (from an
+    [tool.pytest.ini_options] table) or pytest-<version>.toml (from [tool.pytest])."""
+    candidates = (HERE / f"pytest-{version}.ini", HERE / f"pytest-{version}.toml")
+    found = [p for p in candidates if p.is_file()]
+    if len(found) != 1:
+        msg = f"expected exactly one pytest-{version}.ini/.toml in {HERE}, found {found}"
+        raise SystemExit(msg)
+    return found[0]
+
+
+def deselect_file(version: str) -> Path:
+    return HERE / f"deselect-{version}.txt"
+
+
+FUNCTIONS = (
+    "normalize_total",
+    "log1p",
+    "scale",
+    "highly_variable_genes",
+    "rank_genes_groups",
+    "leiden",
+)
+
+# Which upstream tests exercise which scanpy function, per scanpy version (the
+# versions of fetch_scanpy_tests.SDIST_SHA256). Entries are pytest node ids
+# relative to the extracted tree's root (`tests/...`): a whole file, a test
 # function (all its parametrizations) or one parametrization. Only tests that
 # call the function itself are listed (not tests that merely use it to prepare
 # data, except where noted). Tests that cannot run here are removed by
-# deselect.txt, not here.
-FUNCTION_TESTS: dict[str, tuple[str, ...]] = {
-    "normalize_total": (
-        "tests/test_normalization.py::test_normalize_matrix_types",
-        "tests/test_normalization.py::test_normalize_total",
-        "tests/test_normalization.py::test_normalize_total_rep",
-        "tests/test_normalization.py::test_normalize_total_view",
-        "tests/test_preprocessing_distributed.py::test_normalize_total",
-    ),
-    "log1p": (
-        "tests/test_preprocessing.py::test_log1p",
-        "tests/test_preprocessing.py::test_log1p_deprecated_arg",
-        "tests/test_preprocessing.py::test_log1p_rep",
-        "tests/test_backed.py::test_log1p_backed_errors",
-        "tests/test_preprocessing_distributed.py::test_log1p",
-    ),
-    "scale": (
-        "tests/test_scaling.py",
-        "tests/test_preprocessing.py::test_scale_matrix_types",
-        "tests/test_preprocessing.py::test_scale_zero_center_warns_dask_sparse",
-        "tests/test_preprocessing.py::test_scale",
-        "tests/test_preprocessing.py::test_scale_rep",
-        "tests/test_preprocessing.py::test_scale_array",
-        # backed_adata ids are swapped upstream: "sparse" is dense, "dense" is CSR
-        "tests/test_backed.py::test_backed_error[sparse-scale]",
-        "tests/test_backed.py::test_backed_error[dense-scale]",
-    ),
-    "highly_variable_genes": (
-        # also runs normalize_total + log1p as preprocessing in several tests
-        "tests/test_highly_variable_genes.py",
-    ),
-    "rank_genes_groups": (
-        "tests/test_rank_genes_groups.py",
-        "tests/test_filter_rank_genes_groups.py",
-        # t-test / logreg / default method: must fall back, not break
-        "tests/test_rank_genes_groups_logreg.py",
-        "tests/test_get.py::test_rank_genes_groups_df",
-        "tests/test_backed.py::test_backed_error[sparse-rank_genes_groups]",
-        "tests/test_backed.py::test_backed_error[dense-rank_genes_groups]",
-    ),
-    "leiden": (
-        "tests/test_clustering.py::test_leiden_basic",
-        "tests/test_clustering.py::test_leiden_random_state",
-        "tests/test_clustering.py::test_leiden_igraph_directed",
-        "tests/test_clustering.py::test_leiden_wrong_flavor",
-        "tests/test_clustering.py::test_leiden_igraph_partition_type",
-        "tests/test_clustering.py::test_leiden_equal_defaults_same_args",
-        "tests/test_clustering.py::test_leiden_equal_defaults",
-        "tests/test_clustering.py::test_leiden_objective_function",
-        "tests/test_clustering.py::test_clustering_subset[leiden-leiden]",
-        "tests/test_clustering.py::test_clustering_custom_key[leiden-leiden-0.8-custom_resolutions0]",
-        # leiden with neighbors_key= / obsp= (also runs neighbors, draw_graph, umap, paga)
-        "tests/test_neighbors_key_added.py::test_neighbors_key_obsp",
-    ),
+# deselect-<version>.txt, not here.
+FUNCTION_TESTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "1.11.5": {
+        "normalize_total": (
+            "tests/test_normalization.py::test_normalize_matrix_types",
+            "tests/test_normalization.py::test_normalize_total",
+            "tests/test_normalization.py::test_normalize_total_rep",
+            "tests/test_normalization.py::test_normalize_total_view",
+            "tests/test_preprocessing_distributed.py::test_normalize_total",
+        ),
+        "log1p": (
+            "tests/test_preprocessing.py::test_log1p",
+            "tests/test_preprocessing.py::test_log1p_deprecated_arg",
+            "tests/test_preprocessing.py::test_log1p_rep",
+            "tests/test_backed.py::test_log1p_backed_errors",
+            "tests/test_preprocessing_distributed.py::test_log1p",
+        ),
+        "scale": (
+            "tests/test_scaling.py",
+            "tests/test_preprocessing.py::test_scale_matrix_types",
+            "tests/test_preprocessing.py::test_scale_zero_center_warns_dask_sparse",
+            "tests/test_preprocessing.py::test_scale",
+            "tests/test_preprocessing.py::test_scale_rep",
+            "tests/test_preprocessing.py::test_scale_array",
+            # backed_adata ids are swapped upstream: "sparse" is dense, "dense" is CSR
+            "tests/test_backed.py::test_backed_error[sparse-scale]",
+            "tests/test_backed.py::test_backed_error[dense-scale]",
+        ),
+        "highly_variable_genes": (
+            # also runs normalize_total + log1p as preprocessing in several tests
+            "tests/test_highly_variable_genes.py",
+        ),
+        "rank_genes_groups": (
+            "tests/test_rank_genes_groups.py",
+            "tests/test_filter_rank_genes_groups.py",
+            # t-test / logreg / default method: must fall back, not break
+            "tests/test_rank_genes_groups_logreg.py",
+            "tests/test_get.py::test_rank_genes_groups_df",
+            "tests/test_backed.py::test_backed_error[sparse-rank_genes_groups]",
+            "tests/test_backed.py::test_backed_error[dense-rank_genes_groups]",
+        ),
+        "leiden": (
+            "tests/test_clustering.py::test_leiden_basic",
+            "tests/test_clustering.py::test_leiden_random_state",
+            "tests/test_clustering.py::test_leiden_igraph_directed",
+            "tests/test_clustering.py::test_leiden_wrong_flavor",
+            "tests/test_clustering.py::test_leiden_igraph_partition_type",
+            "tests/test_clustering.py::test_leiden_equal_defaults_same_args",
+            "tests/test_clustering.py::test_leiden_equal_defaults",
+            "tests/test_clustering.py::test_leiden_objective_function",
+            "tests/test_clustering.py::test_clustering_subset[leiden-leiden]",
+            "tests/test_clustering.py::test_clustering_custom_key[leiden-leiden-0.8-custom_resolutions0]",
+            # leiden with neighbors_key= / obsp= (also runs neighbors, draw_graph, umap, paga)
+            "tests/test_neighbors_key_added.py::test_neighbors_key_obsp",
+        ),
+    },
+    # Same tests as 1.11.5 under the same names, plus the ones 1.12 added; 1.12
+    # dropped zappy (test_preprocessing_distributed has no [direct]/[dask] ids any
+    # more) and louvain (test_clustering_* have only the leiden case).
+    "1.12.4": {
+        "normalize_total": (
+            "tests/test_normalization.py::test_normalize_matrix_types",
+            "tests/test_normalization.py::test_normalize_total",
+            "tests/test_normalization.py::test_normalize_total_rep",
+            "tests/test_normalization.py::test_normalize_total_view",
+            # new in 1.12.4: target_sum=None takes the median over non-empty cells
+            "tests/test_normalization.py::test_normalize_total_target_sum_ignores_zero_count_cells",
+            "tests/test_preprocessing_distributed.py::test_normalize_total",
+        ),
+        "log1p": (
+            "tests/test_preprocessing.py::test_log1p",
+            "tests/test_preprocessing.py::test_log1p_deprecated_arg",
+            "tests/test_preprocessing.py::test_log1p_rep",
+            "tests/test_backed.py::test_log1p_backed_errors",
+            "tests/test_preprocessing_distributed.py::test_log1p",
+        ),
+        "scale": (
+            "tests/test_scaling.py",
+            "tests/test_preprocessing.py::test_scale_matrix_types",
+            "tests/test_preprocessing.py::test_scale_zero_center_warns_dask_sparse",
+            "tests/test_preprocessing.py::test_scale",
+            "tests/test_preprocessing.py::test_scale_rep",
+            "tests/test_preprocessing.py::test_scale_array",
+            # backed_adata ids are swapped upstream: "sparse" is dense, "dense" is CSR
+            "tests/test_backed.py::test_backed_error[sparse-scale]",
+            "tests/test_backed.py::test_backed_error[dense-scale]",
+        ),
+        "highly_variable_genes": (
+            # also runs normalize_total + log1p as preprocessing in several tests
+            "tests/test_highly_variable_genes.py",
+        ),
+        "rank_genes_groups": (
+            "tests/test_rank_genes_groups.py",
+            "tests/test_filter_rank_genes_groups.py",
+            # t-test / logreg / default method: must fall back, not break
+            "tests/test_rank_genes_groups_logreg.py",
+            "tests/test_get.py::test_rank_genes_groups_df",
+            "tests/test_backed.py::test_backed_error[sparse-rank_genes_groups]",
+            "tests/test_backed.py::test_backed_error[dense-rank_genes_groups]",
+        ),
+        "leiden": (
+            "tests/test_clustering.py::test_leiden_basic",
+            "tests/test_clustering.py::test_leiden_random_state",
+            "tests/test_clustering.py::test_leiden_igraph_directed",
+            "tests/test_clustering.py::test_leiden_wrong_flavor",
+            "tests/test_clustering.py::test_leiden_igraph_partition_type",
+            "tests/test_clustering.py::test_leiden_equal_defaults_same_args",
+            "tests/test_clustering.py::test_leiden_equal_defaults",
+            "tests/test_clustering.py::test_leiden_objective_function",
+            "tests/test_clustering.py::test_clustering_subset",
+            "tests/test_clustering.py::test_clustering_custom_key",
+            # leiden with neighbors_key= / obsp= (also runs neighbors, draw_graph, umap, paga)
+            "tests/test_neighbors_key_added.py::test_neighbors_key_obsp",
+        ),
+    },
 }
+if set(FUNCTION_TESTS) != set(SDIST_SHA256) or any(
+    tuple(table) != FUNCTIONS for table in FUNCTION_TESTS.values()
+):
+    msg = "FUNCTION_TESTS needs one table per version of SDIST_SHA256, each over FUNCTIONS"
+    raise SystemExit(msg)
 
 
-def read_deselect(path: Path = DESELECT) -> tuple[list[str], list[str]]:
-    """Parse deselect.txt into (node-id prefixes, -k expressions).
+def read_deselect(path: Path) -> tuple[list[str], list[str]]:
+    """Parse a deselect-<version>.txt into (node-id prefixes, -k expressions).
 
     One entry a line: a node id (prefix) or `-k EXPRESSION`; `# reason` comments
     and blank lines are ignored. Every entry must carry a reason.
@@ -143,38 +244,47 @@ def split_user_k(args: list[str]) -> tuple[list[str], list[str]]:
 def resolve_functions(spec: str) -> list[str]:
     names = [f.strip() for f in spec.split(",") if f.strip()]
     if names == ["all"]:
-        return list(FUNCTION_TESTS)
-    unknown = [n for n in names if n not in FUNCTION_TESTS]
+        return list(FUNCTIONS)
+    unknown = [n for n in names if n not in FUNCTIONS]
     if unknown or not names:
-        msg = f"unknown function(s) {unknown}; choose from: all, {', '.join(FUNCTION_TESTS)}"
+        msg = f"unknown function(s) {unknown}; choose from: all, {', '.join(FUNCTIONS)}"
         raise SystemExit(msg)
     return names
 
 
 def build_command(
-    functions: list[str], *, with_autozyme: bool, pytest_args: list[str], tests_root: Path
+    functions: list[str],
+    *,
+    version: str,
+    with_autozyme: bool,
+    pytest_args: list[str],
+    tests_root: Path,
+    datasets_dir: Path,
 ) -> list[str]:
     rel_root = os.path.relpath(tests_root, Path.cwd())
     targets: list[str] = []
     for fn in functions:
-        for node in FUNCTION_TESTS[fn]:
+        for node in FUNCTION_TESTS[version][fn]:
             target = f"{rel_root}/{node}"
             if target not in targets:  # pytest would run a repeated id twice
                 targets.append(target)
 
-    deselect_ids, deselect_k = read_deselect()
+    deselect_ids, deselect_k = read_deselect(deselect_file(version))
     pytest_args, user_k = split_user_k(pytest_args)
     k_terms = [f"({e})" for e in user_k] + [f"not ({e})" for e in deselect_k]
 
     cmd = [
         sys.executable, "-m", "pytest",
-        "-c", str(INI),
+        "-c", str(config_file(version)),
         f"--rootdir={rel_root}",
         # conftest.py of the extracted tree only; nothing from the repo's own dirs
         f"--confcutdir={rel_root}",
         "-p", "no:randomly",  # keep upstream order deterministic if installed
         # restores an anndata test-helper name scanpy's helpers import (see module)
         "-p", COMPAT_PLUGIN,
+        # sc.datasets.pbmc3k() reads the offline stand-in (see offline_datasets.py)
+        "-p", DATASETS_PLUGIN,
+        f"--scanpy-datasets-from={os.path.relpath(datasets_dir, Path.cwd())}",
         "-rfEs",
     ]  # fmt: skip
     if with_autozyme:
@@ -192,13 +302,13 @@ def build_command(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description="Run scanpy 1.11.5's own tests against the installed scanpy.",
+        description="Run the installed scanpy's own tests (from its sdist), optionally under autozyme.",
         epilog="Unrecognised arguments (and everything after `--`) are passed to pytest.",
     )
     p.add_argument(
         "--functions",
         default="normalize_total,log1p",
-        help=f"comma-separated, or `all` (default: %(default)s); known: {', '.join(FUNCTION_TESTS)}",
+        help=f"comma-separated, or `all` (default: %(default)s); known: {', '.join(FUNCTIONS)}",
     )
     p.add_argument(
         "--with-autozyme",
@@ -211,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         help="with --with-autozyme: do not set AUTOZYME_STRICT=1 (fallbacks allowed)",
     )
     p.add_argument(
-        "--list-functions", action="store_true", help="print the function table and exit"
+        "--list-functions",
+        action="store_true",
+        help="print the installed version's function table and exit",
     )
     p.add_argument(
         "--print-command", action="store_true", help="print the pytest command before running"
@@ -220,15 +332,21 @@ def main(argv: list[str] | None = None) -> int:
     if pytest_args[:1] == ["--"]:
         pytest_args = pytest_args[1:]
 
+    version = check_supported(installed_scanpy_version())
     if args.list_functions:
-        for fn, nodes in FUNCTION_TESTS.items():
+        print(f"scanpy {version}")
+        for fn, nodes in FUNCTION_TESTS[version].items():
             print(fn)
             for n in nodes:
                 print(f"    {n}")
         return 0
 
     functions = resolve_functions(args.functions)
-    tests_root = fetch()
+    tests_root = fetch(version)
+    # generated once per version into the test cache, in this process (it imports
+    # anndata, never scanpy): pytest's process must not import scanpy this early
+    datasets_dir = tests_root / "datasets"
+    pbmc3k_standin.ensure(datasets_dir)
 
     env = os.environ.copy()
     # make upstream_compat.py importable as a plugin
@@ -251,10 +369,13 @@ def main(argv: list[str] | None = None) -> int:
 
     cmd = build_command(
         functions,
+        version=version,
         with_autozyme=args.with_autozyme,
         pytest_args=pytest_args,
         tests_root=tests_root,
+        datasets_dir=datasets_dir,
     )
+    print(f"run_scanpy_tests: scanpy {version}'s own tests", file=sys.stderr, flush=True)
     if args.print_command:
         strict = " AUTOZYME_STRICT=1" if env.get("AUTOZYME_STRICT") == "1" else ""
         print(f"+{strict} {shlex.join(cmd)}", file=sys.stderr, flush=True)
