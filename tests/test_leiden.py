@@ -169,6 +169,22 @@ def test_weights_and_iterations(active, use_weights, n_iterations):
              dict(flavor="igraph", use_weights=use_weights, n_iterations=n_iterations, random_state=1))
 
 
+def test_arguments_as_upstream_binds_them(active):
+    """adata by keyword is served; what upstream's signature refuses (a third
+    positional argument, resolution twice) gets upstream's TypeError."""
+    from autozyme import fallback
+
+    fast, upstream = active.tl.leiden, active.tl.leiden.__autozyme_upstream__
+    a, b = make_adata(GRAPH.copy()), make_adata(GRAPH.copy())
+    upstream(adata=a, flavor="igraph", random_state=2)
+    fast(adata=b, flavor="igraph", random_state=2)
+    assert fallback.counts()["served"]["leiden"] == 1
+    assert_same_clustering(a, b, "leiden")
+    run_both(active, lambda: make_adata(GRAPH.copy()), dict(flavor="igraph"), args=(0.5, None), served=False)
+    run_both(active, lambda: make_adata(GRAPH.copy()), dict(flavor="igraph", resolution=1), args=(0.5,),
+             served=False)
+
+
 def test_objective_function_modularity(active):
     """objective_function="modularity" is what upstream's igraph call sets anyway."""
     run_both(active, lambda: make_adata(OVERLAPPING.copy()),

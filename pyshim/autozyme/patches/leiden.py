@@ -134,37 +134,35 @@ _SHM_DIR = "/dev/shm"
 
 
 @functools.lru_cache(maxsize=None)
-def _signature_defaults(upstream) -> dict:
+def _signature(upstream):
+    """Upstream's signature, its data parameter's name and its ``**clustering_args``'."""
     import inspect
 
     sig = inspect.signature(inspect.unwrap(upstream))
-    return {
-        name: p.default
-        for name, p in sig.parameters.items()
-        if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        and p.default is not inspect.Parameter.empty
-    }
+    params = list(sig.parameters.values())
+    rest = next(p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD)
+    return sig, params[0].name, rest
 
 
 def fast(upstream, *args, **kwargs):
     from anndata import AnnData
 
     up = versions.pick(UPSTREAM)
-    defaults = dict(_signature_defaults(upstream))
-    if not 1 <= len(args) <= 2:
-        raise Fallback("arguments other than adata and resolution passed by position")
-    if len(args) == 2:
-        if "resolution" in kwargs:
-            raise Delegate("resolution given twice")
-        kwargs = {**kwargs, "resolution": args[1]}
-    extra = sorted(set(kwargs) - set(defaults))
-    p = {**defaults, **kwargs}
-    adata = args[0]
-    if "objective_function" in extra and p["flavor"] == "igraph" \
-            and _is_str(p["objective_function"], "modularity"):
+    sig, data_name, rest_name = _signature(upstream)
+    try:
+        # the arguments exactly as upstream's function receives them
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise Delegate(f"arguments upstream refuses: {e}") from e
+    bound.apply_defaults()
+    p = dict(bound.arguments)
+    adata = p.pop(data_name)
+    clustering_args = dict(p.pop(rest_name))
+    if p["flavor"] == "igraph" and _is_str(clustering_args.get("objective_function"), "modularity"):
         # upstream's igraph call sets this very value by default (setdefault);
         # igraph compares it case-sensitively, hence exactly this string
-        extra.remove("objective_function")
+        del clustering_args["objective_function"]
+    extra = sorted(clustering_args)
 
     flavor = requested = p["flavor"]
     if flavor is None and up.flavor_none_is_leidenalg:
