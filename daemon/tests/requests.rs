@@ -709,6 +709,13 @@ fn malformed_requests_get_the_right_error_and_the_daemon_keeps_serving() {
                 tie_correct: true,
                 mean_slots: 1,
             },
+            Request::RankGenesGroupsGroupSums {
+                x: x.clone(),
+                group_of_row: vec![0; n_rows.min(1 << 10) as usize],
+                n_groups: 1,
+                reference: None,
+                tie_correct: true,
+            },
             Request::HvgMeanVar {
                 x: x.clone(),
                 batches: vec![],
