@@ -387,9 +387,11 @@ def _aggregate_dof_warning(col, sizes):
 def _batch_stats(client, matrix, *, up, codes, n_batches, sizes, batched, partitions,
                  dof_warning, check_values, flavor):
     """(overall means, variances, per-batch means, per-batch variances, value
-    flags): the statistics upstream computes before its loess fits, variances
-    scaled to upstream's ``n / (n - 1)``; upstream's warnings on the way, in its
-    order."""
+    flags, warnings): the statistics upstream computes before its loess fits,
+    variances scaled to upstream's ``n / (n - 1)``, and the warnings upstream
+    gives on the way, in its order, as (message, category). They are given once
+    the loess fits have succeeded: where a fit fails, upstream runs and gives
+    them itself (with its error), so the user sees each once."""
     one = np.empty(0, np.uint64)  # no batch codes: one batch of every cell
     batches = one if codes is None else codes
     welford = batched and up.batch_stats == "welford"
@@ -399,8 +401,9 @@ def _batch_stats(client, matrix, *, up, codes, n_batches, sizes, batched, partit
                             partitions=partitions, check=True, with_overall=sums_per_batch))
     if stats.non_finite:
         raise Delegate("NaN or infinite values")
+    pending = []
     if check_values and (stats.negative or stats.non_integer):
-        _warn_non_integers(up, flavor)
+        pending.append((_non_integer_message(flavor), UserWarning))
     n_genes = int(matrix.n_cols)
     means = stats.means.reshape(-1, n_genes)
     variances = stats.variances.reshape(-1, n_genes)
@@ -415,15 +418,15 @@ def _batch_stats(client, matrix, *, up, codes, n_batches, sizes, batched, partit
         group_counts = np.asarray(sizes, dtype=np.int64)
         denom = np.where(group_counts > 1, group_counts - 1, np.nan)
         if dof_warning is not None:
-            _warn(up, dof_warning, RuntimeWarning)
+            pending.append((dof_warning, RuntimeWarning))
         batch_vars *= (group_counts / denom)[:, np.newaxis]
-        return mean_all, var_all, list(batch_means), list(batch_vars), stats
+        return mean_all, var_all, list(batch_means), list(batch_vars), stats, pending
     if codes is None:
-        return mean_all, var_all, [mean_all], [var_all], stats
+        return mean_all, var_all, [mean_all], [var_all], stats, pending
     batch_means, batch_vars = list(means[1:]), list(variances[1:])
     for v, size in zip(batch_vars, sizes):
         _unbias(v, int(size))
-    return mean_all, var_all, batch_means, batch_vars, stats
+    return mean_all, var_all, batch_means, batch_vars, stats, pending
 
 
 def _compute(data, kind, loess, *, up, codes, n_batches, sizes, labels, batched, dof_warning,
@@ -452,7 +455,7 @@ def _compute(data, kind, loess, *, up, codes, n_batches, sizes, labels, batched,
         df.index = var_names
         df["gene_name"] = df.index
         return df
-    mean_all, var_all, batch_means, batch_vars, stats = _batch_stats(
+    mean_all, var_all, batch_means, batch_vars, stats, pending = _batch_stats(
         client, matrix, up=up, codes=codes, n_batches=n_batches, sizes=sizes, batched=batched,
         partitions=partitions, dof_warning=dof_warning, check_values=check_values,
         flavor=flavor)
@@ -506,6 +509,8 @@ def _compute(data, kind, loess, *, up, codes, n_batches, sizes, labels, batched,
     if clipped is not None:
         batch_sums = [per_batch[b].sums for b in range(n_batches)]
         batch_squares = [per_batch[b].squares for b in range(n_batches)]
+    for message, category in pending:
+        _warn(up, message, category)
     del keep
     if not was_placed:
         # The next fresh matrix of this size finds a segment ready (prepared in
@@ -647,8 +652,12 @@ def _upstream_warning_site():
     return None
 
 
+def _non_integer_message(flavor) -> str:
+    return f"`{flavor=!r}` expects raw count data, but non-integers were found."
+
+
 def _warn_non_integers(up: Upstream, flavor) -> None:
-    _warn(up, f"`{flavor=!r}` expects raw count data, but non-integers were found.", UserWarning)
+    _warn(up, _non_integer_message(flavor), UserWarning)
 
 
 @functools.lru_cache(maxsize=1)
