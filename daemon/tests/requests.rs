@@ -664,6 +664,15 @@ fn malformed_requests_get_the_right_error_and_the_daemon_keeps_serving() {
             },
             ErrorKind::Segment,
         ),
+        (
+            "hvg batch Welford of a forged 2^40-row shape",
+            Request::HvgBatchWelford {
+                x: forged_rows.clone(),
+                batches: vec![],
+                n_batches: 1,
+            },
+            ErrorKind::Segment,
+        ),
     ];
     // Shapes no array backs: a CSR matrix's column count, and a dense matrix's
     // rows with no columns (or columns with no rows). Nothing may be sized or
@@ -723,6 +732,11 @@ fn malformed_requests_get_the_right_error_and_the_daemon_keeps_serving() {
                 partitions: 1,
                 check: true,
                 with_overall: false,
+            },
+            Request::HvgBatchWelford {
+                x: x.clone(),
+                batches: vec![],
+                n_batches: 1,
             },
             Request::Fingerprint { x: x.clone() },
             sums(x.clone()),
