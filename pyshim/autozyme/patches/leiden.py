@@ -480,14 +480,27 @@ def _flavor_warning(up: Upstream, requested):
     if requested == "igraph":
         return None
     if up.leidenalg_warns == "once":
-        from scanpy import _utils
-
-        # scanpy's own once-per-process cache (keyed with stacklevel=3, as upstream
-        # calls it), so a warning upstream already gave is not repeated.
-        return functools.partial(_utils.warn_once, up.leidenalg_message, FutureWarning, stacklevel=3)
+        return functools.partial(_warn_once_at_caller, up.leidenalg_message)
     if requested is None:
         return functools.partial(_warn_outside, up.leidenalg_message + up.flavor_none_suffix, FutureWarning)
     return functools.partial(_warn_outside, up.leidenalg_message, UserWarning)
+
+
+def _warn_once_at_caller(message: str) -> None:
+    """scanpy 1.11.5's ``warn_once(message, FutureWarning, stacklevel=3)`` from its
+    leiden: the warning, then an "ignore" filter for it (so it is not repeated,
+    whoever gave it first), attributed to leiden's caller. The stack level here
+    counts autozyme's frames (this function's caller up to the wrapper) instead."""
+    import sys
+
+    from scanpy import _utils
+
+    ours = _skipped_prefixes()[-1]
+    # level 1: warn_once; 2: this function; 3: its caller, where the walk starts
+    frame, level = sys._getframe(1), 3
+    while frame is not None and frame.f_code.co_filename.startswith(ours):
+        frame, level = frame.f_back, level + 1
+    _utils.warn_once(message, FutureWarning, stacklevel=level)
 
 
 def _warn_outside(message: str, category) -> None:
