@@ -51,6 +51,9 @@ def pytest_configure(config: pytest.Config) -> None:
         target = f.resolve()
         if link.is_symlink() and Path(os.readlink(link)) == target:
             continue
-        if link.exists() or link.is_symlink():
-            link.unlink()  # a stale link, or a file a test run left there
-        link.symlink_to(target)
+        # replaces a stale link (or a file left there) atomically, so runs started
+        # at the same time on the same cache do not trip over each other
+        tmp = dest / f".{f.name}.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target)
+        tmp.replace(link)
