@@ -55,7 +55,6 @@ import itertools
 import operator
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -495,7 +494,7 @@ def _warn_once_at_caller(message: str) -> None:
 
     from scanpy import _utils
 
-    ours = _skipped_prefixes()[-1]
+    ours = str(Path(__file__).parent.parent)  # the autozyme package
     # level 1: warn_once; 2: this function; 3: its caller, where the walk starts
     frame, level = sys._getframe(1), 3
     while frame is not None and frame.f_code.co_filename.startswith(ours):
@@ -504,21 +503,9 @@ def _warn_once_at_caller(message: str) -> None:
 
 
 def _warn_outside(message: str, category) -> None:
-    """``warnings.warn`` attributed to the first frame outside scanpy (and the
-    decorator package scanpy skips), as scanpy 1.12's ``_compat.warn`` does; the
-    frames of autozyme's wrapper and of this patch are skipped too, so the warning
-    names the user's line as upstream's does."""
-    warnings.warn(message, category, skip_file_prefixes=_skipped_prefixes())
-
-
-@functools.lru_cache(maxsize=1)
-def _skipped_prefixes() -> tuple[str, ...]:
-    import legacy_api_wrap
-    import scanpy
-
-    import autozyme
-
-    return tuple(str(Path(m.__file__).parent) for m in (scanpy, legacy_api_wrap, autozyme))
+    """As scanpy 1.12's ``_compat.warn``: attributed to the first frame outside
+    scanpy (and outside autozyme, so the user's line is named)."""
+    _common.warn_like_upstream(message, category, skip_packages=True, stacklevel=1)
 
 
 # --- modularity ---------------------------------------------------------------------
