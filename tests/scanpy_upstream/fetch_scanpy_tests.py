@@ -163,6 +163,23 @@ def extract(sdist: Path, version: str) -> None:
     log(f"extracted {n} files into {root.relative_to(REPO_ROOT)}")
 
 
+def sdist_pytest_config(version: str) -> dict:
+    """scanpy `version`'s own pytest table, read from its (verified) sdist's pyproject.toml:
+    `[tool.pytest.ini_options]` or, from 1.12 on, `[tool.pytest]`."""
+    import tomllib
+
+    sdist = download_sdist(version)
+    with tarfile.open(sdist, "r:gz") as tar:
+        f = tar.extractfile(f"scanpy-{version}/pyproject.toml")
+        if f is None:
+            msg = f"no pyproject.toml in {sdist.name}"
+            raise SystemExit(msg)
+        tool_pytest = tomllib.load(f).get("tool", {}).get("pytest", {})
+    return tool_pytest.get("ini_options") or {
+        k: v for k, v in tool_pytest.items() if k != "ini_options"
+    }
+
+
 def marker(version: str) -> Path:
     return tests_root(version) / ".complete"
 

@@ -35,6 +35,7 @@ from fetch_scanpy_tests import (  # noqa: E402
     check_supported,
     fetch,
     installed_scanpy_version,
+    sdist_pytest_config,
 )
 
 AUTOZYME_PLUGIN = "autozyme.pytest_plugin"
@@ -55,6 +56,51 @@ def config_file(version: str) -> Path:
 
 def deselect_file(version: str) -> Path:
     return HERE / f"deselect-{version}.txt"
+
+
+# How our per-version config differs from scanpy's own pytest table, and nothing
+# else (each config file's header says why): config_drift() checks it every run.
+DROPPED_KEYS = frozenset({"testpaths", "junit_family", "norecursedirs"})
+DROPPED_ADDOPTS = frozenset({"--doctest-modules", "--pyargs"})
+ADDED_MARKERS = {
+    "1.11.5": ("flaky: rerun marker from pytest-rerunfailures (not installed here; a no-op)",),
+}
+
+
+def read_config(path: Path) -> dict[str, object]:
+    """Our config file's pytest table: TOML values as they are; ini values as pytest
+    reads them (a list a line for the list-valued keys, else the string)."""
+    if path.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(path.read_text())["pytest"]
+    import configparser
+
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(path)
+    return {
+        k: [line.strip() for line in v.splitlines() if line.strip()]
+        if k in {"addopts", "markers", "filterwarnings"}
+        else v.strip()
+        for k, v in ini["pytest"].items()
+    }
+
+
+def config_drift(version: str) -> list[str]:
+    """Differences between our config for `version` and scanpy's own, beyond the
+    documented ones; empty when the config is faithful."""
+    upstream = {k: v for k, v in sdist_pytest_config(version).items() if k not in DROPPED_KEYS}
+    upstream["addopts"] = [a for a in upstream.get("addopts", []) if a not in DROPPED_ADDOPTS]
+    upstream["markers"] = [*upstream.get("markers", []), *ADDED_MARKERS.get(version, ())]
+    ours = read_config(config_file(version))
+    problems = []
+    for key in sorted(set(upstream) | set(ours)):
+        want, got = upstream.get(key), ours.get(key)
+        if isinstance(want, bool):  # an ini file spells it as a string
+            want = str(want).lower() if isinstance(got, str) else want
+        if want != got:
+            problems.append(f"{key}: scanpy {version} has {want!r}, {config_file(version).name} has {got!r}")
+    return problems
 
 
 FUNCTIONS = (
@@ -343,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
 
     functions = resolve_functions(args.functions)
     tests_root = fetch(version)
+    if drift := config_drift(version):
+        print("run_scanpy_tests: the config no longer matches scanpy's own:", *drift, sep="\n  ", file=sys.stderr)
+        return 4  # pytest's "usage error" code
     # generated once per version into the test cache, in this process (it imports
     # anndata, never scanpy): pytest's process must not import scanpy this early
     datasets_dir = tests_root / "datasets"
