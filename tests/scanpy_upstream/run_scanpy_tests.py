@@ -41,6 +41,7 @@ from fetch_scanpy_tests import (  # noqa: E402
 AUTOZYME_PLUGIN = "autozyme.pytest_plugin"
 COMPAT_PLUGIN = "upstream_compat"  # tests/scanpy_upstream/upstream_compat.py
 DATASETS_PLUGIN = "offline_datasets"  # tests/scanpy_upstream/offline_datasets.py
+DESELECT_CHECK_PLUGIN = "deselect_check"  # tests/scanpy_upstream/deselect_check.py
 
 
 def config_file(version: str) -> Path:
@@ -308,14 +309,18 @@ def build_command(
     datasets_dir: Path,
 ) -> list[str]:
     rel_root = os.path.relpath(tests_root, Path.cwd())
-    targets: list[str] = []
+    nodes: list[str] = []
     for fn in functions:
         for node in FUNCTION_TESTS[version][fn]:
-            target = f"{rel_root}/{node}"
-            if target not in targets:  # pytest would run a repeated id twice
-                targets.append(target)
+            if node not in nodes:  # pytest would run a repeated id twice
+                nodes.append(node)
+    targets = [f"{rel_root}/{node}" for node in nodes]
 
     deselect_ids, deselect_k = read_deselect(deselect_file(version))
+    # entries inside the selected tests must each match a test (deselect_check.py)
+    expected_deselect = [
+        d for d in deselect_ids if any(d.startswith(n) or n.startswith(d) for n in nodes)
+    ]
     pytest_args, user_k = split_user_k(pytest_args)
     k_terms = [f"({e})" for e in user_k] + [f"not ({e})" for e in deselect_k]
 
@@ -331,8 +336,10 @@ def build_command(
         # sc.datasets.pbmc3k() reads the offline stand-in (see offline_datasets.py)
         "-p", DATASETS_PLUGIN,
         f"--scanpy-datasets-from={os.path.relpath(datasets_dir, Path.cwd())}",
+        "-p", DESELECT_CHECK_PLUGIN,
         "-rfEs",
     ]  # fmt: skip
+    cmd += [f"--expect-deselect={node}" for node in expected_deselect]
     if with_autozyme:
         # Must come after testing.scanpy._pytest (ini addopts), which asserts
         # that scanpy is not imported yet when it loads.
