@@ -483,6 +483,31 @@ def test_parallel_mode_writes_like_upstream(parallel_mode, flavor, use_weights):
     assert_connected(a, labels_of(ours, "cl"))
 
 
+def test_parallel_mode_restrict_to(parallel_mode):
+    """restrict_to: labels renamed as upstream does; on 1.12 the modularity is that
+    of the restricted graph (upstream's partition lives on it)."""
+    from scanpy._utils import get_igraph_from_adjacency
+    from scanpy.tools._utils_clustering import restrict_adjacency
+
+    sc = parallel_mode
+    a = overlapping_graph(1500, seed=23)
+    ad = make_adata(sp.csr_array(a))
+    ad.obs["part"] = pd.Categorical(np.where(np.arange(1500) % 5 == 0, "x", "y"))
+    ref = ad.copy()
+    sc.tl.leiden(ad, flavor="igraph", restrict_to=("part", ["y"]), random_state=2)
+    sc.tl.leiden.__autozyme_upstream__(ref, flavor="igraph", restrict_to=("part", ["y"]), random_state=2)
+    x, y = ad.obs["leiden_R"], ref.obs["leiden_R"]
+    assert x.dtype == y.dtype or (x.cat.categories.dtype == y.cat.categories.dtype)
+    assert (x[ad.obs["part"] == "x"] == "x").all()
+    assert x[ad.obs["part"] == "y"].str.startswith("y,").all()
+    assert ad.uns["leiden_R"]["params"] == ref.uns["leiden_R"]["params"]
+    if upstream_record().stores_modularity:
+        sub, keep = restrict_adjacency(ad, "part", restrict_categories=["y"], adjacency=sp.csr_matrix(a))
+        labels = x[keep].str.split(",").str[1].astype(int).tolist()
+        g = get_igraph_from_adjacency(sub, directed=False)
+        assert ad.uns["leiden_R"]["modularity"] == g.modularity(labels, weights="weight", resolution=1)
+
+
 @pytest.mark.parametrize("flavor", ["leidenalg", None])
 def test_parallel_mode_warnings_as_errors(parallel_mode, flavor):
     """scanpy's test config turns warnings into errors: a served leidenalg call then
