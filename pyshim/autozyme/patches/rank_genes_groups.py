@@ -21,7 +21,14 @@ How the means are summed is where the versions differ (``UPSTREAM`` below):
 each slice (CSR: numba's per-thread partials, ``numba.get_num_threads()`` of this
 process); 1.12.3 and later take every group's sums from one ``sc.get.aggregate``
 (f64, in cell order; the cells of no selected group form one more group) and
-derive the rest's means and ``pts_rest`` from them.
+derive the rest's means and ``pts_rest`` from them. 1.12 also takes scipy's
+sparse arrays (csr_array, csc_array), on which 1.11.5 raises.
+
+Threads: 1.12.2's limit of numba to ``settings.n_jobs`` is upstream's own context
+manager around ``compute_statistics``, so it holds, and numba's thread count is
+restored, with this patch too (1.12's statistics do not depend on it). The
+daemon's thread count is fixed when it starts (``settings.n_jobs`` when set, see
+``runtime.daemon_threads``); no result depends on it.
 
 Not reproduced: ``vars`` (upstream computes them but never uses them for the
 Wilcoxon test; they are left as zeros, on 1.12 as None, on the internal object).
@@ -160,7 +167,12 @@ def _as_float(values: np.ndarray) -> np.ndarray:
         return values
     if values.size and max(abs(int(values.min())), abs(int(values.max()))) > 2**53:
         raise Fallback("integers beyond 2^53")
-    return values.astype(np.float64)
+    as_float = values.astype(np.float64)
+    if np.abs(as_float).sum() > 2**53:
+        # 1.12's aggregate sums sparse integers exactly, in int64; f64 sums
+        # agree only while every partial sum is exact.
+        raise Fallback("integers whose sum exceeds 2^53")
+    return as_float
 
 
 def _install() -> None:
