@@ -208,8 +208,9 @@ def test_negative_values_and_all_zero(active):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_numba_thread_count_is_followed(active, threads):
-    """Upstream's sparse means add per-thread partials; the daemon follows the
-    client's numba thread count (float64 data: sums that depend on the order)."""
+    """1.11.5's sparse means add per-thread partials, so the daemon follows the
+    client's numba thread count (float64 data: sums that depend on the order);
+    1.12's aggregate sums do not depend on it."""
     import numba
 
     before = numba.get_num_threads()
