@@ -235,20 +235,29 @@ def get_client() -> Client:
 
 _client_pid = os.getpid()
 _background: Client | None = None
+_background_pid = os.getpid()
 
 
 def _set_client(c: Client) -> None:
+    """A new process-wide client; the background one follows it (to the same
+    daemon), its old connection closed here: a process's first call often
+    leases a segment (the background connection) before its first request, and
+    dropping that client unclosed left a ResourceWarning to the garbage
+    collector (an error under scanpy's test config)."""
     global _client, _client_pid, _background
+    old = _background if _background_pid == os.getpid() else None
     _client, _client_pid, _background = c, os.getpid(), None
+    if old is not None:
+        old.reset()
 
 
 def _background_client() -> Client:
     """A second connection for work off the caller's path (spares, leases,
     releases), so a foreground call never waits behind it."""
-    global _background
+    global _background, _background_pid
     with _client_lock:
-        if _background is None or _client_pid != os.getpid():
-            _background = Client()
+        if _background is None or _background_pid != os.getpid():
+            _background, _background_pid = Client(), os.getpid()
         return _background
 
 

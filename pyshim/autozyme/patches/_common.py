@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import warnings
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def warn_like_upstream(message: str, category, *, skip_packages: bool, stackleve
     own package (``skip_file_prefixes``; autozyme's frames are skipped too, so the
     user's call is named), 1.11.5 uses a fixed ``stacklevel`` (counted from the
     caller of this function)."""
-    if skip_packages:
+    if skip_packages and sys.version_info >= (3, 12):  # Python 3.12 added skip_file_prefixes
         warnings.warn(message, category, skip_file_prefixes=_caller_skip_prefixes())
     else:
         warnings.warn(message, category, stacklevel=stacklevel + 1)
