@@ -3,6 +3,7 @@ one request at a time per connection, timeouts, one reconnect."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import struct
@@ -140,6 +141,11 @@ class Client:
                     raise DaemonUnavailable(f"handshake failed: {e}") from e
                 time.sleep(0.05)
                 continue
+            except BaseException:
+                # Never leave a socket to the garbage collector: its ResourceWarning
+                # is an error under scanpy's own test config.
+                sock.close()
+                raise
             if hello.tag == "Hello" and hello.build_id == expected:
                 return Connection(sock, hello)
             # An incompatible daemon (older install, other protocol): replace it once.
@@ -155,14 +161,18 @@ class Client:
     def _stop_incompatible(path: str, hello: codec.Msg) -> None:
         if hello.tag == "Hello":  # speaks our protocol: ask it politely
             try:
-                sock = _connect_once(path)
-                conn = Connection(sock, None)
-                conn.call(msg("Hello", protocol_version=codec.PROTOCOL_VERSION,
-                              build_id="", client_pid=os.getpid()), CONNECT_TIMEOUT_S)
-                conn.call(msg("Shutdown"), CONNECT_TIMEOUT_S)
-                conn.close()
-            except (OSError, codec.CodecError):
-                pass
+                conn = Connection(_connect_once(path), None)
+            except OSError:
+                conn = None
+            if conn is not None:
+                try:
+                    conn.call(msg("Hello", protocol_version=codec.PROTOCOL_VERSION,
+                                  build_id="", client_pid=os.getpid()), CONNECT_TIMEOUT_S)
+                    conn.call(msg("Shutdown"), CONNECT_TIMEOUT_S)
+                except (OSError, codec.CodecError, DaemonUnavailable):
+                    pass
+                finally:
+                    conn.close()
             deadline = time.monotonic() + 12
             while os.path.exists(path) and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -245,10 +255,20 @@ def _set_client(c: Client) -> None:
     dropping that client unclosed left a ResourceWarning to the garbage
     collector (an error under scanpy's test config)."""
     global _client, _client_pid, _background
-    old = _background if _background_pid == os.getpid() else None
+    # Replaced clients close their sockets; in a forked child that closes only the
+    # child's copies of the descriptors, the parent's connections stay open.
+    old = [x for x in (_client, _background) if x is not None]
     _client, _client_pid, _background = c, os.getpid(), None
-    if old is not None:
-        old.reset()
+    for x in old:
+        x.reset()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Sockets still open at interpreter exit would each print a ResourceWarning."""
+    for c in (_client, _background):
+        if c is not None:
+            c.reset()
 
 
 def _background_client() -> Client:
@@ -257,6 +277,8 @@ def _background_client() -> Client:
     global _background, _background_pid
     with _client_lock:
         if _background is None or _background_pid != os.getpid():
+            if _background is not None:
+                _background.reset()  # a forked child's inherited copy
             _background, _background_pid = Client(), os.getpid()
         return _background
 
