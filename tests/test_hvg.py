@@ -301,6 +301,35 @@ def test_two_cell_batches(active):
     compare(*run_both(active, make, dict(flavor="seurat_v3_paper", batch_key="b", n_top_genes=20)))
 
 
+@pytest.mark.parametrize("fmt", ["csr", "csc", "dense"])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("batched", [False, True], ids=["one_batch", "batches"])
+def test_integer_counts(active, fmt, dtype, batched):
+    """Integer matrices (as scanpy's own tests use): served through an f64 copy,
+    whose every operation gives upstream's value."""
+    def make():
+        ad = matrix_counts(700, 300, fmt=fmt, seed=3, zero_genes=[0, 7], zero_cells=[5])
+        ad.X = ad.X.astype(dtype)
+        return with_batches(ad, [400, 200, 100]) if batched else ad
+
+    kwargs = dict(flavor="seurat_v3", n_top_genes=60, batch_key="b" if batched else None)
+    compare(*run_both(active, make, kwargs))
+    assert served() == 1
+
+
+def test_integer_counts_too_large_fall_back(active, monkeypatch):
+    monkeypatch.setenv("AUTOZYME_STRICT", "0")
+
+    def make():
+        ad = counts(300, 100, seed=3)
+        ad.X = ad.X.astype(np.int32)
+        ad.X.data[::7] = 50_000  # squares overflow int32 in numpy, as upstream computes them
+        return ad
+
+    compare(*run_both(active, make, dict(flavor="seurat_v3", n_top_genes=20)))
+    assert served() == 0
+
+
 @pytest.mark.parametrize(
     "batch_values",
     ["ints", "single", "strings", "strings_object", "categorical_unused", "categorical_numbers"],

@@ -199,6 +199,8 @@ def _in_scope(data, up: Upstream, batched: bool):
     import numba
 
     if isinstance(data, np.ndarray) and not isinstance(data, np.matrix):
+        if data.dtype in INTEGERS and data.ndim == 2 and data.flags.c_contiguous:
+            data = _integers_as_f64(data, data, data.shape[0])
         if data.dtype not in _common.FLOATS:
             raise Fallback(f"dtype {data.dtype}")
         if data.ndim != 2 or not data.flags.c_contiguous:
@@ -214,6 +216,8 @@ def _in_scope(data, up: Upstream, batched: bool):
     if _common.is_sparse_array(data) and not up.sparse_arrays:
         raise Fallback(f"{type(data).__name__} input")
     _common.check_csr_structure(data)
+    if data.dtype in INTEGERS:
+        data = _integers_as_f64(data, data.data, data.shape[0])
     if data.dtype not in _common.FLOATS:
         raise Fallback(f"dtype {data.dtype}")
     if data.indptr.dtype not in _common.INDEX or data.indices.dtype not in _common.INDEX:
@@ -230,6 +234,24 @@ def _in_scope(data, up: Upstream, batched: bool):
     if work.dtype != np.float64:
         work = work.astype(np.float64)
     return "csr", work, 1
+
+
+INTEGERS = (np.dtype(np.int32), np.dtype(np.int64))
+# Largest magnitude whose square upstream computes without overflow: numpy
+# squares int32 counts in int32.
+_SQUARE_BOUND = {np.dtype(np.int32): 46340, np.dtype(np.int64): 1 << 26}
+
+
+def _integers_as_f64(data, values, n_rows):
+    """Integer counts as an f64 copy, which gives upstream's results exactly:
+    upstream widens each value to f64 (sums, Welford, clipping) and squares in the
+    integer type, which equals the f64 square below the bound; and with
+    ``n_rows * largest^2 < 2^53`` every sum of values or squares is exact, so
+    its order (numpy's buffered casting reduction) cannot matter. Else Fallback."""
+    largest = max(abs(int(values.max())), abs(int(values.min()))) if values.size else 0
+    if largest > _SQUARE_BOUND[data.dtype] or n_rows * largest * largest >= 1 << 53:
+        raise Fallback(f"{data.dtype} counts up to {largest}: sums not exact in f64")
+    return data.astype(np.float64)
 
 
 def _check_numba_parallel(up: Upstream) -> None:
