@@ -34,7 +34,9 @@ names); the code branches on the picked record's fields only.
 CSC input (canonical: sorted indices, no duplicates) is served through a CSR
 copy: upstream's CSC kernels add each gene's values in row order with a single
 accumulator and f64 squares, which the CSR kernels reproduce with one partition
-on f64 values.
+on f64 values. int32/int64 counts are served through an f64 copy where every
+square fits the integer type and every sum stays below 2^53 (then each of
+upstream's operations gives the same value on the copy).
 
 A result is kept (the last ``KEPT_RESULTS``, in this process) under the daemon's
 fingerprint of the matrix's content plus every input that shapes it (batches,
