@@ -109,3 +109,21 @@ def test_status_lists_verified_versions_per_call():
     text = autozyme.format_status(st)
     for name in activation.TARGETS:
         assert f"  {name}: " in text
+
+
+def test_readme_table_states_each_calls_verified_versions():
+    """The README's table of supported releases says what the patches declare."""
+    from pathlib import Path
+
+    from autozyme import activation
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("<!-- verified-versions:", 1)[1].split("\n\n", 1)[0]
+    stated = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].startswith("`sc."):
+            name = cells[0].split("`")[1].rsplit(".", 1)[1]
+            stated[name] = tuple(v.strip() for v in cells[1].split(","))
+    declared = activation.verified_versions()
+    assert {k: sorted(v) for k, v in stated.items()} == {k: sorted(v) for k, v in declared.items()}
