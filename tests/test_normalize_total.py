@@ -329,3 +329,22 @@ def test_view_is_made_actual_and_parent_untouched(active):
         ref = pristine[10:60].copy()
         sc.pp.normalize_total.__autozyme_upstream__(ref)
         same(view, ref)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+def test_zero_counts_warning_as_error(active, fmt):
+    """Under a warnings-as-errors filter (scanpy's own test config) upstream
+    raises its UserWarning after dividing in place; autozyme raises the same,
+    with the data divided once, not run again by upstream."""
+    sc = active
+    a = counts(60, 30, fmt=fmt, seed=25, zero_cells=[4])
+    b = a.copy()
+    outcomes = []
+    for adata, fn in ((a, sc.pp.normalize_total.__autozyme_upstream__), (b, sc.pp.normalize_total)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(UserWarning, match="Some cells have zero counts") as e:
+                fn(adata, key_added="nf")
+        outcomes.append(type(e.value))
+    assert outcomes[0] is outcomes[1]
+    assert_same_anndata(a, b)

@@ -49,6 +49,17 @@ class Interrupted(RuntimeError):
     input, so this reaches the user instead of falling back."""
 
 
+class PassThrough(Exception):
+    """Carries an exception upstream raises at the same point of the same call
+    (a warning upstream issues, made an error by the user's warning filter, after
+    the data was already changed as upstream changes it): ``error`` reaches the
+    user as is; running upstream again would change the data twice."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
 _lock = threading.Lock()
 served: Counter = Counter()
 fallbacks: dict[str, Counter] = defaultdict(Counter)
@@ -119,6 +130,8 @@ def fast_or_upstream(name: str, fast, upstream, verified=()):
             return upstream(*args, **kwargs)
         except (BadInput, AutozymeFallbackError, Interrupted):
             raise
+        except PassThrough as e:
+            raise e.error from None
         except Exception as e:  # noqa: BLE001 - the user's call must not fail because of us
             return _upstream_after_unexpected(name, e, upstream, args, kwargs)
         with _lock:

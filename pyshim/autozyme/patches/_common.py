@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from .. import shm
 from ..codec import msg
-from ..fallback import BadInput, Delegate, Fallback
+from ..fallback import BadInput, Delegate, Fallback, PassThrough
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 INDEX = (np.dtype(np.int32), np.dtype(np.int64))
@@ -146,7 +146,12 @@ def warn_like_upstream(message: str, category, *, skip_packages: bool, stackleve
     own package (``skip_file_prefixes``; autozyme's frames are skipped too, so the
     user's call is named), 1.11.5 uses a fixed ``stacklevel`` (counted from the
     caller of this function)."""
-    if skip_packages and sys.version_info >= (3, 12):  # Python 3.12 added skip_file_prefixes
-        warnings.warn(message, category, skip_file_prefixes=_caller_skip_prefixes())
-    else:
-        warnings.warn(message, category, stacklevel=stacklevel + 1)
+    try:
+        if skip_packages and sys.version_info >= (3, 12):  # Python 3.12 added skip_file_prefixes
+            warnings.warn(message, category, skip_file_prefixes=_caller_skip_prefixes())
+        else:
+            warnings.warn(message, category, stacklevel=stacklevel + 1)
+    except Warning as e:
+        # The user's filter made it an error: upstream raises it here too, with
+        # the data changed as far as here, so it must not run again.
+        raise PassThrough(e) from None
