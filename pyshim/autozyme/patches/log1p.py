@@ -28,7 +28,6 @@ from ..fallback import Delegate, Fallback
 from . import _common
 
 
-
 @dataclass(frozen=True)
 class Upstream:
     sparse_arrays: bool  # upstream's own log1p takes csr_array/csc_array (1.12)

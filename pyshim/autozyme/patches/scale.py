@@ -39,7 +39,6 @@ from ..runtime import DaemonUnavailable
 from . import _common
 
 
-
 @dataclass(frozen=True)
 class Upstream:
     sparse_arrays: bool  # csr_array/csc_array input (1.11.5 raises NotImplementedError)
