@@ -42,6 +42,10 @@ def counts(n_cells, n_genes, *, density=0.07, dtype=np.float32, fmt="csr", seed=
         m = m.tocsc()
     elif fmt == "csr_array":
         m = sp.csr_array(m)
+    elif fmt == "csc_array":
+        m = sp.csc_array(m.tocsc())
+    elif fmt != "csr":
+        raise ValueError(f"unknown format {fmt!r}")
     ad = AnnData(m)
     ad.obs["cluster"] = [f"c{k}" for k in cluster]
     ad.obs["batch"] = [f"b{k}" for k in batch]

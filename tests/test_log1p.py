@@ -45,18 +45,29 @@ def served():
     return fallback.counts()["served"].get("log1p", 0)
 
 
+def upstream_takes(fmt: str) -> bool:
+    """Whether this scanpy's log1p computes on ``fmt`` (1.11.5 raises TypeError for sparse arrays)."""
+    from autozyme import versions
+    from autozyme.patches import log1p as patch
+
+    return not fmt.endswith("_array") or versions.pick(patch.UPSTREAM).sparse_arrays
+
+
 @pytest.mark.parametrize("fmt", ["csr", "csc", "dense", "csr_array", "csc_array"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64], ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("kwargs", [{}, {"base": 2}, {"base": 10.0}, {"copy": True}, {"base": np.e, "copy": True}], ids=repr)
 def test_matches_upstream(active, fmt, dtype, kwargs):
     run_both(active, lambda: counts(230, 150, dtype=dtype, fmt=fmt, seed=1, zero_cells=[2], zero_genes=[4]), kwargs)
-    assert served() >= 1
+    # Where upstream raises, the call is delegated and the user gets its error.
+    assert served() >= 1 if upstream_takes(fmt) else served() == 0
 
 
 @pytest.mark.parametrize("fmt", ["csr", "dense", "csr_array"])
 def test_copy_stays_independent(active, fmt):
     """anndata 0.13 copy-on-write: after ``b = a.copy()``, log1p on ``a`` (and on
     a copy of it) never changes ``b``; a view's log1p leaves its parent alone."""
+    if not upstream_takes(fmt):
+        pytest.skip(f"this scanpy's log1p raises TypeError for {fmt}")
     sc = active
     a = counts(160, 70, fmt=fmt, seed=9, zero_cells=[1])
     pristine = a.copy()
@@ -109,11 +120,7 @@ def test_layer_obsm_and_view(active):
 @pytest.mark.parametrize("kind", ["ndarray", "csr", "csc", "csr_array", "csc_array"])
 @pytest.mark.parametrize("copy", [False, True])
 def test_array_input(active, kind, copy):
-    from autozyme import versions
-    from autozyme.patches import log1p as patch
-
-    if kind.endswith("_array") and not versions.pick(patch.UPSTREAM).sparse_arrays:
-        pytest.skip("upstream 1.11.5 raises TypeError for a sparse array, autozyme serves it (kept)")
+    # On a scanpy whose log1p takes no sparse arrays (1.11.5), both raise upstream's TypeError.
     sc = active
     rng = np.random.default_rng(6)
     base = rng.poisson(2, (300, 4000)).astype(np.float32)

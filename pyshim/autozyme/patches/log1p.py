@@ -10,10 +10,10 @@ dtype rules, ``uns["log1p"]``, the warnings) is upstream's own code path.
 
 Upstream's log1p is the same code in all three versions (1.12 only renamed the
 helpers around it); the one difference, declared in ``UPSTREAM``, is that 1.12
-dispatches scipy's sparse arrays (csr_array, csc_array) to its sparse path. The
-fast path takes that path for them on every version: on 1.11.5, where upstream
-raises TypeError for a sparse array, it has served them so since before 1.12,
-and that is kept.
+dispatches scipy's sparse arrays (csr_array, csc_array) to its sparse path. On
+1.11.5, where upstream raises TypeError for a sparse array, such a call is
+delegated so that the user gets upstream's error, not a result upstream would
+not give.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from .. import parallel
+from .. import parallel, versions
 from ..fallback import Delegate, Fallback
 from . import _common
 
@@ -49,12 +49,18 @@ def fast(upstream, *args, **kwargs):
     data, p = _common.bind(upstream, _common.keyword_defaults(upstream), args, kwargs)
     if isinstance(data, AnnData):
         return _anndata(data, **p)
+    _check_sparse_array(data)
     if not _array_in_scope(data):
         raise Fallback(f"{type(data).__name__} input")
     if any(k in kwargs for k in _ARRAY_ONLY):
         # upstream's array implementations take no such arguments: TypeError.
         raise Delegate(f"{sorted(set(kwargs) & set(_ARRAY_ONLY))} given with an array")
     return log1p_values(data, base=p["base"], copy=p["copy"])
+
+
+def _check_sparse_array(x) -> None:
+    if _common.is_sparse_array(x) and not versions.pick(UPSTREAM).sparse_arrays:
+        raise Delegate(f"{type(x).__name__}: this scanpy's log1p raises TypeError for sparse arrays")
 
 
 def _array_in_scope(x) -> bool:
@@ -80,6 +86,7 @@ def _anndata(adata, *, base, copy, chunked, chunk_size, layer, obsm):
         raise Delegate(f"no layer {layer!r}")
     if obsm is not None and obsm not in adata.obsm:
         raise Delegate(f"no obsm {obsm!r}")
+    _check_sparse_array(_get_obs_rep(adata, layer=layer, obsm=obsm))
     if not _array_in_scope(_get_obs_rep(adata, layer=layer, obsm=obsm)):
         raise Fallback(f"{type(_get_obs_rep(adata, layer=layer, obsm=obsm)).__name__} input")
 
