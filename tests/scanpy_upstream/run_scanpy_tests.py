@@ -175,65 +175,23 @@ FUNCTION_TESTS: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_neighbors_key_added.py::test_neighbors_key_obsp",
         ),
     },
-    # Same tests as 1.11.5 under the same names, plus the ones 1.12 added; 1.12
-    # dropped zappy (test_preprocessing_distributed has no [direct]/[dask] ids any
-    # more) and louvain (test_clustering_* have only the leiden case).
-    "1.12.4": {
-        "normalize_total": (
-            "tests/test_normalization.py::test_normalize_matrix_types",
-            "tests/test_normalization.py::test_normalize_total",
-            "tests/test_normalization.py::test_normalize_total_rep",
-            "tests/test_normalization.py::test_normalize_total_view",
-            # new in 1.12.4: target_sum=None takes the median over non-empty cells
-            "tests/test_normalization.py::test_normalize_total_target_sum_ignores_zero_count_cells",
-            "tests/test_preprocessing_distributed.py::test_normalize_total",
-        ),
-        "log1p": (
-            "tests/test_preprocessing.py::test_log1p",
-            "tests/test_preprocessing.py::test_log1p_deprecated_arg",
-            "tests/test_preprocessing.py::test_log1p_rep",
-            "tests/test_backed.py::test_log1p_backed_errors",
-            "tests/test_preprocessing_distributed.py::test_log1p",
-        ),
-        "scale": (
-            "tests/test_scaling.py",
-            "tests/test_preprocessing.py::test_scale_matrix_types",
-            "tests/test_preprocessing.py::test_scale_zero_center_warns_dask_sparse",
-            "tests/test_preprocessing.py::test_scale",
-            "tests/test_preprocessing.py::test_scale_rep",
-            "tests/test_preprocessing.py::test_scale_array",
-            # backed_adata ids are swapped upstream: "sparse" is dense, "dense" is CSR
-            "tests/test_backed.py::test_backed_error[sparse-scale]",
-            "tests/test_backed.py::test_backed_error[dense-scale]",
-        ),
-        "highly_variable_genes": (
-            # also runs normalize_total + log1p as preprocessing in several tests
-            "tests/test_highly_variable_genes.py",
-        ),
-        "rank_genes_groups": (
-            "tests/test_rank_genes_groups.py",
-            "tests/test_filter_rank_genes_groups.py",
-            # t-test / logreg / default method: must fall back, not break
-            "tests/test_rank_genes_groups_logreg.py",
-            "tests/test_get.py::test_rank_genes_groups_df",
-            "tests/test_backed.py::test_backed_error[sparse-rank_genes_groups]",
-            "tests/test_backed.py::test_backed_error[dense-rank_genes_groups]",
-        ),
-        "leiden": (
-            "tests/test_clustering.py::test_leiden_basic",
-            "tests/test_clustering.py::test_leiden_random_state",
-            "tests/test_clustering.py::test_leiden_igraph_directed",
-            "tests/test_clustering.py::test_leiden_wrong_flavor",
-            "tests/test_clustering.py::test_leiden_igraph_partition_type",
-            "tests/test_clustering.py::test_leiden_equal_defaults_same_args",
-            "tests/test_clustering.py::test_leiden_equal_defaults",
-            "tests/test_clustering.py::test_leiden_objective_function",
-            "tests/test_clustering.py::test_clustering_subset",
-            "tests/test_clustering.py::test_clustering_custom_key",
-            # leiden with neighbors_key= / obsp= (also runs neighbors, draw_graph, umap, paga)
-            "tests/test_neighbors_key_added.py::test_neighbors_key_obsp",
-        ),
-    },
+}
+# 1.12.4 has the same tests under the same names, plus the ones 1.12 added; 1.12
+# dropped zappy (test_preprocessing_distributed has no [direct]/[dask] ids any
+# more) and louvain (test_clustering_* have only the leiden case, so they are
+# selected whole).
+_LEIDEN_1_12 = tuple(
+    node.split("[")[0] if node.startswith("tests/test_clustering.py::test_clustering_") else node
+    for node in FUNCTION_TESTS["1.11.5"]["leiden"]
+)
+FUNCTION_TESTS["1.12.4"] = {
+    **FUNCTION_TESTS["1.11.5"],
+    "normalize_total": (
+        *FUNCTION_TESTS["1.11.5"]["normalize_total"],
+        # new in 1.12.4: target_sum=None takes the median over non-empty cells
+        "tests/test_normalization.py::test_normalize_total_target_sum_ignores_zero_count_cells",
+    ),
+    "leiden": _LEIDEN_1_12,
 }
 if set(FUNCTION_TESTS) != set(SDIST_SHA256) or any(
     tuple(table) != FUNCTIONS for table in FUNCTION_TESTS.values()
