@@ -222,7 +222,8 @@ def test_segment_freed_while_placement_is_busy_does_not_deadlock():
         "import gc, numpy as np; from autozyme import shm\n"
         "a = shm.empty(1000, np.float64); cycle = [a]; cycle.append(cycle); del a, cycle\n"
         "with shm._lock:\n"
-        "    gc.collect()\n"
+        "    for _ in range(3):  # Python 3.13's collector may free the cycle on a later pass\n"
+        "        gc.collect()\n"
         "assert shm.stats()['segments'] == 0 and shm.stats()['pooled_segments'] == 1\n"
         "print('ok')\n"
     )
@@ -240,7 +241,13 @@ def test_new_segment_pages_are_populated_in_parallel_and_zero():
     a[:] = 1.5
     assert a.sum() == 1.5 * n
     del a
+    # The freed segment is pooled by the release worker, which may still hold it
+    # when the pool is first cleared (seen on Python 3.13): clear until it is gone.
+    deadline = time.monotonic() + 5
     shm.clear_pool()
+    while not set(os.listdir(shm.SHM_DIR)) <= before and time.monotonic() < deadline:
+        time.sleep(0.05)
+        shm.clear_pool()
     assert set(os.listdir(shm.SHM_DIR)) <= before
 
 
