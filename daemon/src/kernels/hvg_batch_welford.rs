@@ -72,7 +72,11 @@ pub fn csr_batch_welford<T: Float, P: SparseIndex, I: SparseIndex>(
         .iter()
         .enumerate()
         .flat_map(|(g, _)| {
-            let blocks = col_blocks.get(g).copied().unwrap_or(1).clamp(1, n_cols.max(1));
+            let blocks = col_blocks
+                .get(g)
+                .copied()
+                .unwrap_or(1)
+                .clamp(1, n_cols.max(1));
             let width = n_cols.div_ceil(blocks).max(1);
             (0..blocks).map(move |b| (g, (b * width).min(n_cols), ((b + 1) * width).min(n_cols)))
         })
