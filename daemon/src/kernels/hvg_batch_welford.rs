@@ -26,7 +26,7 @@
 //! task's, in the order above, so results are identical for any thread count.
 
 use super::hvg_mean_var::DENSE_BLOCK;
-use super::{row_range, Float, SparseIndex};
+use super::{place_group_blocks, row_range, Float, SparseIndex};
 use rayon::prelude::*;
 
 /// Means and biased variances, `groups × n_cols` row-major.
@@ -97,7 +97,9 @@ pub fn csr_batch_welford<T: Float, P: SparseIndex, I: SparseIndex>(
             merge_implicit_zeros(&acc, groups[g].len())
         })
         .collect();
-    assemble(groups.len(), n_cols, &tasks, results)
+    let starts = tasks.iter().map(|&(g, lo, _)| (g, lo));
+    let (means, variances) = place_group_blocks(groups.len(), n_cols, starts, results);
+    BatchMeanVar { means, variances }
 }
 
 /// Merges each gene's stored-value accumulator with the batch's implicit zeros
@@ -168,22 +170,8 @@ pub fn dense_batch_welford<T: Float>(
             (mean, m2)
         })
         .collect();
-    assemble(groups.len(), n_cols, &tasks, results)
-}
-
-fn assemble(
-    n_groups: usize,
-    n_cols: usize,
-    tasks: &[(usize, usize, usize)],
-    results: Vec<(Vec<f64>, Vec<f64>)>,
-) -> BatchMeanVar {
-    let mut means = vec![0.0f64; n_groups * n_cols];
-    let mut variances = vec![0.0f64; n_groups * n_cols];
-    for (&(g, lo, _), (m, v)) in tasks.iter().zip(results) {
-        let at = g * n_cols + lo;
-        means[at..at + m.len()].copy_from_slice(&m);
-        variances[at..at + v.len()].copy_from_slice(&v);
-    }
+    let starts = tasks.iter().map(|&(g, lo, _)| (g, lo));
+    let (means, variances) = place_group_blocks(groups.len(), n_cols, starts, results);
     BatchMeanVar { means, variances }
 }
 

@@ -20,7 +20,7 @@
 //! are identical for any thread count. The unbiased correction (`* n / (n - 1)`) is
 //! left to the caller, as upstream does it in numpy.
 
-use super::{row_range, Float, SparseIndex};
+use super::{place_group_blocks, row_range, Float, SparseIndex};
 use rayon::prelude::*;
 
 /// What a check of every stored value found (scanpy's `check_nonnegative_integers`
@@ -332,13 +332,8 @@ pub fn dense_group_sums<T: Float>(
             (s, q)
         })
         .collect();
-    let mut sums = vec![0.0f64; groups.len() * n_cols];
-    let mut squares = vec![0.0f64; groups.len() * n_cols];
-    for (&(g, b), (s, q)) in tasks.iter().zip(results) {
-        let at = g * n_cols + b * DENSE_BLOCK;
-        sums[at..at + s.len()].copy_from_slice(&s);
-        squares[at..at + q.len()].copy_from_slice(&q);
-    }
+    let starts = tasks.iter().map(|&(g, b)| (g, b * DENSE_BLOCK));
+    let (sums, squares) = place_group_blocks(groups.len(), n_cols, starts, results);
     GroupSums { sums, squares }
 }
 

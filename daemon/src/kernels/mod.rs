@@ -258,6 +258,26 @@ pub fn split_at_offsets_mut<T>(
     pieces
 }
 
+/// Two group-major `n_groups x n_cols` matrices assembled from per-task pairs of
+/// partial rows: task `k` covers group `starts[k].0` from column `starts[k].1` on.
+/// The per-group, per-column-block kernels (hvg's sums and Welford statistics)
+/// compute their blocks in parallel and place them here.
+pub fn place_group_blocks(
+    n_groups: usize,
+    n_cols: usize,
+    starts: impl IntoIterator<Item = (usize, usize)>,
+    parts: Vec<(Vec<f64>, Vec<f64>)>,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut first = vec![0.0f64; n_groups * n_cols];
+    let mut second = vec![0.0f64; n_groups * n_cols];
+    for ((g, lo), (a, b)) in starts.into_iter().zip(parts) {
+        let at = g * n_cols + lo;
+        first[at..at + a.len()].copy_from_slice(&a);
+        second[at..at + b.len()].copy_from_slice(&b);
+    }
+    (first, second)
+}
+
 #[cfg(test)]
 pub(crate) mod test_util {
     /// Runs `f` on a fresh local pool of `threads` threads.
