@@ -77,7 +77,12 @@ def set_strict_scope(on: bool) -> None:
     _strict_scope = on
 
 
-def _record_fallback(name: str, kind: str, reason: str) -> None:
+def lock() -> threading.Lock:
+    """The lock guarding ``served`` and ``fallbacks``."""
+    return _lock
+
+
+def record_fallback(name: str, kind: str, reason: str) -> None:
     with _lock:
         fallbacks[name][f"{kind}: {reason}"] += 1
     if strict() and (kind == "failure" or _strict_scope):
@@ -105,7 +110,7 @@ def fast_or_upstream(name: str, fast, upstream, verified=()):
 
         reason = versions.problem(verified)
         if reason is not None:
-            _record_fallback(name, "failure", reason)
+            record_fallback(name, "failure", reason)
             return upstream(*args, **kwargs)
         check = verify.enabled()
         if check:
@@ -117,7 +122,7 @@ def fast_or_upstream(name: str, fast, upstream, verified=()):
                 fallbacks[name][f"delegated: {e}"] += 1
             return upstream(*args, **kwargs)
         except Fallback as e:
-            _record_fallback(name, e.kind, str(e))
+            record_fallback(name, e.kind, str(e))
             return upstream(*args, **kwargs)
         except (DaemonUnavailable, DaemonError, PlacementError) as e:
             if isinstance(e, DaemonError) and e.kind == "BadMatrix":
@@ -126,7 +131,7 @@ def fast_or_upstream(name: str, fast, upstream, verified=()):
                 # bounds on it, so refuse it clearly, as scipy's format check would.
                 # The daemon checks before it writes, so nothing has changed.
                 raise BadInput(f"autozyme: malformed matrix: {e.message}") from None
-            _record_fallback(name, "failure", f"{type(e).__name__}: {e}")
+            record_fallback(name, "failure", f"{type(e).__name__}: {e}")
             return upstream(*args, **kwargs)
         except (BadInput, AutozymeFallbackError, Interrupted):
             raise
@@ -160,7 +165,7 @@ def _upstream_after_unexpected(name, error, upstream, args, kwargs):
         with _lock:
             fallbacks[name][f"delegated: upstream raises too ({type(error).__name__} in the fast path)"] += 1
         raise
-    _record_fallback(name, "failure", f"unexpected {type(error).__name__} in the fast path: {error}")
+    record_fallback(name, "failure", f"unexpected {type(error).__name__} in the fast path: {error}")
     return result
 
 
