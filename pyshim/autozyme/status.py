@@ -31,7 +31,22 @@ def status(*, start: bool = False) -> dict:
     except (runtime.DaemonUnavailable, DaemonError) as e:
         out["daemon"] = None
         out["daemon_problem"] = str(e)
+    out["workers"] = _workers()
     return out
+
+
+def _workers() -> dict | None:
+    """The dask.distributed workers' summed counts and daemons (None without a
+    client in this process; distributed is not imported for it)."""
+    import sys
+
+    if "distributed" not in sys.modules:
+        return None
+    try:
+        from .dask import cluster
+    except Exception:  # noqa: BLE001
+        return None
+    return cluster.workers_status()
 
 
 def _mib(n: int) -> str:
@@ -93,4 +108,8 @@ def format_status(st: dict | None = None) -> str:
         for name, reasons in sorted(st["fallbacks"].items()):
             for reason, n in sorted(reasons.items()):
                 lines.append(f"  {name}: {n} x {reason}")
+    if st.get("workers"):
+        from .dask.cluster import format_workers
+
+        lines += format_workers(st["workers"])
     return "\n".join(lines)
