@@ -310,6 +310,46 @@ def test_daemon_killed_under_a_worker(cluster):
         azm_cluster.register(client)
 
 
+def _set_daemon_binary(binary):
+    """Point this worker at another daemon binary, and drop its connection."""
+    from autozyme.client import get_client
+
+    os.environ["AUTOZYMED"] = binary
+    get_client().reset()
+
+
+def test_worker_that_cannot_reach_a_daemon(cluster):
+    client, _ = cluster
+    x = counts_matrix(seed=3)[:120]
+    a0 = sorted(client.scheduler_info()["workers"])[0]
+    binary = client.run(_worker_env, workers=[a0])[a0]["AUTOZYMED"]
+    strict = os.environ.get("AUTOZYME_STRICT")
+    # Not a daemon: the worker's shim cannot start or accept one.
+    client.run(_set_daemon_binary, "/bin/false", workers=[a0])
+    try:
+        client.run(_reset_counts)
+        # Strict on the client, hence on the worker: the chunk's fallback is an error.
+        with pytest.raises(fallback.AutozymeFallbackError, match="dask chunk"):
+            client.submit(row_sums_chunk, x, workers=[a0], pure=False).result()
+        os.environ["AUTOZYME_STRICT"] = "0"
+        azm_cluster.register(client)
+        client.run(_reset_counts)
+        got = client.submit(row_sums_chunk, x, workers=[a0], pure=False).result()
+        assert np.array_equal(got, expected_row_sums(x))
+        w = workers_status()
+        assert w["served"].get(CHUNK_COUNTER, 0) == 0
+        (reason, n), = w["fallbacks"][CHUNK_COUNTER].items()
+        assert n == 1 and reason.startswith("failure: DaemonUnavailable"), reason
+        assert "fell back: " + CHUNK_COUNTER in autozyme.format_status()
+    finally:
+        client.run(_set_daemon_binary, binary, workers=[a0])
+        if strict is None:
+            os.environ.pop("AUTOZYME_STRICT", None)
+        else:
+            os.environ["AUTOZYME_STRICT"] = strict
+        azm_cluster.register(client)
+
+
 def test_deactivate_removes_the_plugin(cluster):
     client, _ = cluster
     autozyme.deactivate()

@@ -178,7 +178,7 @@ def unregister_all() -> None:
 def _worker_report() -> dict:
     """Run on each worker by ``workers_status``: its counts and its daemon."""
     from .. import activation, fallback, runtime
-    from ..client import DaemonError, get_client
+    from ..client import Client, DaemonError
 
     out = {
         "active": activation.is_active(),
@@ -189,12 +189,17 @@ def _worker_report() -> dict:
         "daemon_pid": None,
         "daemon_requests_served": None,
     }
+    # A connection of its own: this runs on the worker's event loop, which must
+    # not wait behind a chunk task's long request on the process's shared client.
+    probe = Client()
     try:
-        st = get_client().status(autostart=False)
+        st = probe.status(autostart=False)
         out["daemon_pid"] = st.pid
         out["daemon_requests_served"] = st.requests_served
     except (runtime.DaemonUnavailable, DaemonError) as e:
         out["daemon_problem"] = str(e)
+    finally:
+        probe.reset()
     return out
 
 
