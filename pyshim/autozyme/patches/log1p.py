@@ -24,6 +24,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from .. import parallel, versions
+from ..dask import is_dask_array
+from ..dask import log1p as dask_log1p
 from ..fallback import Delegate, Fallback
 from . import _common
 
@@ -31,13 +33,14 @@ from . import _common
 @dataclass(frozen=True)
 class Upstream:
     sparse_arrays: bool  # upstream's own log1p takes csr_array/csc_array (1.12)
+    dask: bool  # a dask array served by autozyme.dask.log1p (its graph read from this release)
 
 
 UPSTREAM = {
-    "1.11.5": Upstream(sparse_arrays=False),
-    # 1.12.3's log1p is 1.12.4's, line for line.
-    "1.12.3": Upstream(sparse_arrays=True),
-    "1.12.4": Upstream(sparse_arrays=True),
+    "1.11.5": Upstream(sparse_arrays=False, dask=False),
+    # 1.12.3's log1p is 1.12.4's, line for line (dask path included).
+    "1.12.3": Upstream(sparse_arrays=True, dask=True),
+    "1.12.4": Upstream(sparse_arrays=True, dask=True),
 }
 VERIFIED = tuple(UPSTREAM)
 _ARRAY_ONLY = ("chunked", "chunk_size", "layer", "obsm")
@@ -49,6 +52,11 @@ def fast(upstream, *args, **kwargs):
     data, p = _common.bind(upstream, _common.keyword_defaults(upstream), args, kwargs)
     if isinstance(data, AnnData):
         return _anndata(data, **p)
+    if is_dask_array(data):
+        _check_dask(data, p["base"])
+        if any(k in kwargs for k in _ARRAY_ONLY):
+            raise Delegate(f"{sorted(set(kwargs) & set(_ARRAY_ONLY))} given with an array")
+        return dask_log1p.log1p_dask(data, base=p["base"], copy=p["copy"])
     _check_sparse_array(data)
     if not _array_in_scope(data):
         raise Fallback(f"{type(data).__name__} input")
@@ -61,6 +69,16 @@ def fast(upstream, *args, **kwargs):
 def _check_sparse_array(x) -> None:
     if _common.is_sparse_array(x) and not versions.pick(UPSTREAM).sparse_arrays:
         raise Delegate(f"{type(x).__name__}: this scanpy's log1p raises TypeError for sparse arrays")
+
+
+def _check_dask(x, base) -> None:
+    if not versions.pick(UPSTREAM).dask:
+        raise Fallback(f"dask array on scanpy {versions.scanpy_version()}")
+    dask_log1p.in_scope(x)
+    if base is not None and not (
+        isinstance(base, (int, float, np.integer, np.floating)) and not isinstance(base, bool)
+    ):
+        raise Fallback(f"base of type {type(base).__name__} on a dask array")
 
 
 def _array_in_scope(x) -> bool:
@@ -86,16 +104,23 @@ def _anndata(adata, *, base, copy, chunked, chunk_size, layer, obsm):
         raise Delegate(f"no layer {layer!r}")
     if obsm is not None and obsm not in adata.obsm:
         raise Delegate(f"no obsm {obsm!r}")
-    _check_sparse_array(_get_obs_rep(adata, layer=layer, obsm=obsm))
-    if not _array_in_scope(_get_obs_rep(adata, layer=layer, obsm=obsm)):
-        raise Fallback(f"{type(_get_obs_rep(adata, layer=layer, obsm=obsm)).__name__} input")
+    dask = is_dask_array(_get_obs_rep(adata, layer=layer, obsm=obsm))
+    if dask:
+        _check_dask(_get_obs_rep(adata, layer=layer, obsm=obsm), base)
+    else:
+        _check_sparse_array(_get_obs_rep(adata, layer=layer, obsm=obsm))
+        if not _array_in_scope(_get_obs_rep(adata, layer=layer, obsm=obsm)):
+            raise Fallback(f"{type(_get_obs_rep(adata, layer=layer, obsm=obsm)).__name__} input")
 
     if "log1p" in adata.uns:
         logg.warning("adata.X seems to be already log-transformed.")
     adata = adata.copy() if copy else adata
     view_to_actual(adata)
     x = _get_obs_rep(adata, layer=layer, obsm=obsm)
-    x = log1p_values(x, base=base, copy=False)
+    if dask:
+        x = dask_log1p.log1p_dask(x, base=base, copy=False)
+    else:
+        x = log1p_values(x, base=base, copy=False)
     _set_obs_rep(adata, x, layer=layer, obsm=obsm)
     adata.uns["log1p"] = {"base": base}
     if copy:
