@@ -92,6 +92,7 @@ REQUESTS = {
     "req_hvg_batch_welford": msg(
         "HvgBatchWelford", x=CSR, batches=np.array([1, 0, 1], dtype=np.uint64), n_batches=2,
     ),
+    "req_scale_chunk_stats": msg("ScaleChunkStats", x=CSR),
 }
 
 

@@ -214,6 +214,7 @@ fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, 
             batches,
             n_batches,
         } => hvg::batch_welford(daemon, peer, &x, &batches, n_batches)?,
+        Request::ScaleChunkStats { x } => scale::chunk_stats(daemon, peer, &x)?,
     };
     Ok((response, After::Continue))
 }

@@ -274,6 +274,16 @@ pub enum Request {
         batches: Vec<u64>,
         n_batches: u64,
     },
+    /// One chunk's share of sc.pp.scale on a dask array (scanpy 1.12): per
+    /// column, the f64 sum of the values and of their squares, all rows in
+    /// order from 0.0 (one part), each value widened to f64 before it is
+    /// squared, as fast-array-utils' dask `mean_var` sums a chunk (`x` and
+    /// `power(x, 2, dtype=float64)`). CSR (duplicates added one by one) or dense
+    /// (more than one column: numpy's row-by-row `sum(axis=0)`). Replies
+    /// `Response::ScaleStats`.
+    ScaleChunkStats {
+        x: Matrix,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -193,6 +193,10 @@ fn requests() -> Vec<(&'static str, Request)> {
                 n_batches: 2,
             },
         ),
+        (
+            "req_scale_chunk_stats",
+            Request::ScaleChunkStats { x: csr() },
+        ),
     ]
 }
 

@@ -304,6 +304,7 @@ REQUEST = Enum(
             ],
         ),
         ("HvgBatchWelford", [("x", MATRIX), ("batches", Vec(U64)), ("n_batches", U64)]),
+        ("ScaleChunkStats", [("x", MATRIX)]),
     ],
 )
 ERROR_KIND = _UnitEnum(

@@ -92,6 +92,7 @@ enum Kind {
         out_dtype: u8,
         out_offset: u16,
     },
+    ScaleChunkStats,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -223,6 +224,7 @@ fuzz_target!(|input: Input| {
                 },
             }
         }
+        Kind::ScaleChunkStats => Request::ScaleChunkStats { x },
     };
     let peer = Peer {
         uid: daemon().euid,

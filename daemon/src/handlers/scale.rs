@@ -4,7 +4,8 @@
 use crate::error::{Failure, Result};
 use crate::kernels::scale_apply::{csr_to_dense, dense_in_place, dense_to_dense, Transform};
 use crate::kernels::scale_stats::{
-    csr_column_sums, csr_row_sums_f64, dense_column_sums, rows_in_range, Selection, Sums,
+    csr_column_sums, csr_column_sums_wide, csr_row_sums_f64, dense_column_sums,
+    dense_column_sums_wide, rows_in_range, Selection, Sums,
 };
 use crate::kernels::{Float, SparseIndex};
 use crate::server::state::Daemon;
@@ -111,6 +112,71 @@ pub fn stats(
                 FloatSlice::F64(d) => dense_column_sums(d, n_cols, sel, parts),
             }))
         }
+    }
+}
+
+/// `ScaleChunkStats`: one dask chunk's per-column sums and sums of f64 squares
+/// (all rows in order, one part; see `csr_column_sums_wide`).
+pub fn chunk_stats(daemon: &Daemon, peer: Peer, x: &Matrix) -> Result<Response> {
+    let mut resolver = Resolver::new(&daemon.segments, peer);
+    match x {
+        Matrix::Csr {
+            n_rows,
+            n_cols,
+            data,
+            indices,
+            indptr,
+        } => {
+            let csr = CsrRegions::resolve(
+                &mut resolver,
+                *n_rows,
+                *n_cols,
+                data,
+                indices.as_ref(),
+                indptr,
+            )?;
+            csr.validate_indptr()?;
+            let indptr = csr.indptr.indices().expect("dtype checked");
+            let data = csr.data.floats().expect("dtype checked");
+            let cols = csr.validated_column_indices()?;
+            check_partials(1, csr.n_cols)?;
+            let job = WideColumnJob {
+                n_cols: csr.n_cols,
+                n_rows: csr.n_rows,
+            };
+            Ok(reply(visit_csr(job, indptr, cols, data)))
+        }
+        Matrix::Dense {
+            n_rows,
+            n_cols,
+            data,
+        } => {
+            let dense = DenseRegions::resolve(&mut resolver, *n_rows, *n_cols, data)?;
+            let (n_rows, n_cols) = (dense.n_rows, dense.n_cols);
+            check_partials(1, n_cols)?;
+            Ok(reply(match dense.data.floats().expect("dtype checked") {
+                FloatSlice::F32(d) => dense_column_sums_wide(d, n_cols, n_rows),
+                FloatSlice::F64(d) => dense_column_sums_wide(d, n_cols, n_rows),
+            }))
+        }
+    }
+}
+
+struct WideColumnJob {
+    n_cols: usize,
+    n_rows: usize,
+}
+
+impl CsrVisitor for WideColumnJob {
+    type Out = Sums;
+
+    fn visit<P: SparseIndex, I: SparseIndex, T: Float>(
+        self,
+        indptr: &[P],
+        indices: &[I],
+        data: &[T],
+    ) -> Sums {
+        csr_column_sums_wide(indptr, indices, data, self.n_cols, self.n_rows)
     }
 }
 

@@ -112,6 +112,51 @@ pub fn csr_column_sums<T: Float, P: SparseIndex, I: SparseIndex>(
     rows: Selection<'_>,
     parts: usize,
 ) -> Sums {
+    csr_column_sums_by(
+        indptr,
+        indices,
+        data,
+        n_cols,
+        rows,
+        parts,
+        T::square_widened,
+    )
+}
+
+/// CSR, per column, all rows in order (one part), each value widened to f64
+/// before it is squared: what fast-array-utils' dask `mean_var` leaf sums for
+/// one chunk (scipy's `ones @ chunk` of the values, then of
+/// `np.power(values, 2, dtype=float64)`).
+pub fn csr_column_sums_wide<T: Float, P: SparseIndex, I: SparseIndex>(
+    indptr: &[P],
+    indices: &[I],
+    data: &[T],
+    n_cols: usize,
+    n_rows: usize,
+) -> Sums {
+    csr_column_sums_by(
+        indptr,
+        indices,
+        data,
+        n_cols,
+        Selection::All(n_rows),
+        1,
+        |v: T| {
+            let w = v.to_f64();
+            w * w
+        },
+    )
+}
+
+fn csr_column_sums_by<T: Float, P: SparseIndex, I: SparseIndex>(
+    indptr: &[P],
+    indices: &[I],
+    data: &[T],
+    n_cols: usize,
+    rows: Selection<'_>,
+    parts: usize,
+    square: impl Fn(T) -> f64 + Sync,
+) -> Sums {
     let nnz = data.len().min(indices.len());
     // Parts beyond the row count would add only zeros, which leave a sum that
     // starts from +0.0 unchanged: bound them (and the memory they take).
@@ -137,7 +182,7 @@ pub fn csr_column_sums<T: Float, P: SparseIndex, I: SparseIndex>(
                 if let (Some(ps), Some(pq)) = (s.get_mut(at), q.get_mut(at)) {
                     let v = data[j];
                     *ps += v.to_f64();
-                    *pq += v.square_widened();
+                    *pq += square(v);
                 }
             }
             k += parts;
@@ -152,6 +197,27 @@ pub fn dense_column_sums<T: Float>(
     n_cols: usize,
     rows: Selection<'_>,
     parts: usize,
+) -> Sums {
+    dense_column_sums_by(data, n_cols, rows, parts, T::square_widened)
+}
+
+/// Dense, per column, all rows in order, each value widened to f64 before it
+/// is squared: the dask `mean_var` leaf on a dense chunk (numpy's
+/// `sum(axis=0, dtype=float64)` of the values and of
+/// `np.power(values, 2, dtype=float64)`, more than one column).
+pub fn dense_column_sums_wide<T: Float>(data: &[T], n_cols: usize, n_rows: usize) -> Sums {
+    dense_column_sums_by(data, n_cols, Selection::All(n_rows), 1, |v: T| {
+        let w = v.to_f64();
+        w * w
+    })
+}
+
+fn dense_column_sums_by<T: Float>(
+    data: &[T],
+    n_cols: usize,
+    rows: Selection<'_>,
+    parts: usize,
+    square: impl Fn(T) -> f64 + Sync,
 ) -> Sums {
     let parts = parts.clamp(1, rows.len().max(1));
     combine_parts(n_cols, parts, |part, cols| {
@@ -179,7 +245,7 @@ pub fn dense_column_sums<T: Float>(
                 let (mut x, mut y) = (*ps, *pq);
                 for v in [va, vb, vc, vd] {
                     x += v.to_f64();
-                    y += v.square_widened();
+                    y += square(v);
                 }
                 *ps = x;
                 *pq = y;
@@ -190,7 +256,7 @@ pub fn dense_column_sums<T: Float>(
             if let Some(values) = row(k) {
                 for ((ps, pq), &v) in s.iter_mut().zip(q.iter_mut()).zip(values) {
                     *ps += v.to_f64();
-                    *pq += v.square_widened();
+                    *pq += square(v);
                 }
             }
             k += parts;
@@ -342,6 +408,18 @@ mod tests {
             2,
         );
         assert_eq!(bits(&got.sums), bits(&[0.0, 0.0]));
+    }
+
+    #[test]
+    fn wide_column_sums_square_in_f64() {
+        // 3e20 squared overflows f32 but not f64; 1.1f32 squared rounds in f32.
+        let data = [3.0e20f32, 1.1, 1.1, 2.0];
+        let (a, b) = (3.0e20f32 as f64, 1.1f32 as f64);
+        let got = dense_column_sums_wide(&data, 2, 2);
+        assert_eq!(bits(&got.sq_sums), bits(&[a * a + b * b, b * b + 4.0]));
+        let got = csr_column_sums_wide(&[0i32, 2, 4], &[0i32, 1, 0, 1], &data, 2, 2);
+        assert_eq!(bits(&got.sq_sums), bits(&[a * a + b * b, b * b + 4.0]));
+        assert_eq!(bits(&got.sums), bits(&[a + b, b + 2.0]));
     }
 
     #[test]

@@ -238,5 +238,6 @@ pub(crate) fn variant_name(request: &Request) -> &'static str {
         Request::Fingerprint { .. } => "Fingerprint",
         Request::RankGenesGroupsGroupSums { .. } => "RankGenesGroupsGroupSums",
         Request::HvgBatchWelford { .. } => "HvgBatchWelford",
+        Request::ScaleChunkStats { .. } => "ScaleChunkStats",
     }
 }
