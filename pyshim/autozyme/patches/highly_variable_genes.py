@@ -73,6 +73,7 @@ import numpy as np
 from .. import parallel, shm, versions
 from ..client import get_client, prefault_in_background
 from ..codec import msg
+from ..dask import is_dask_array
 from ..fallback import BadInput, Delegate, Fallback
 from . import _common
 
@@ -104,6 +105,9 @@ class Upstream:
     # 1.12 builds AnnData objects of adata's obs and var names (for aggregate),
     # which warn when the names are not unique.
     anndata_of_names: bool
+    # A row-chunked dask array is served (autozyme.dask.highly_variable_genes
+    # rebuilds 1.12.4's dask graph); 1.11.5's dask path is not reproduced.
+    dask: bool
 
 
 UPSTREAM = {
@@ -115,6 +119,7 @@ UPSTREAM = {
         numba_for_dense_batches=False,
         warning_site="stacklevel",
         anndata_of_names=False,
+        dask=False,
     ),
     "1.12.4": Upstream(
         batch_stats="welford",
@@ -127,6 +132,7 @@ UPSTREAM = {
         numba_for_dense_batches=True,
         warning_site="skip_prefixes",
         anndata_of_names=True,
+        dask=True,
     ),
 }
 VERIFIED = tuple(UPSTREAM)
@@ -167,6 +173,18 @@ def fast(upstream, *args, **kwargs):
     from scanpy.get import _get_obs_rep
 
     data = _get_obs_rep(adata, layer=layer)
+    if is_dask_array(data):
+        if not up.dask:
+            raise Fallback(f"dask array on scanpy {versions.scanpy_version()}")
+        from ..dask import highly_variable_genes as dask_hvg
+
+        start = logg.info("extracting highly variable genes")  # noqa: F841 (as upstream)
+        result = dask_hvg.compute(
+            adata, data, loess, up=up, flavor=flavor, batch_key=batch_key,
+            n_top_genes=n_top_genes, check_values=p["check_values"], span=p["span"],
+        )
+        return _finish(adata, result, flavor=flavor, batch_key=batch_key, subset=p["subset"],
+                       inplace=p["inplace"])
     batched = batch_key is not None
     kind, work, partitions = _in_scope(data, up, batched)
     codes, n_batches, sizes, labels = _batches(adata, batch_key)
