@@ -44,10 +44,12 @@ import scipy.sparse as sp
 
 from .. import codec, shm
 from ..client import DaemonError, get_client
+from .. import versions
 from ..codec import msg
+from ..dask import is_dask_array
+from ..dask import rank_genes_groups as dask_path
 from ..fallback import Delegate, Fallback
 from . import _common
-from .. import versions
 
 
 @dataclass(frozen=True)
@@ -66,14 +68,19 @@ class Upstream:
     # ``check_nonnegative_integers`` has no case for them, so upstream raises
     # NotImplementedError: the call is delegated for the user to get that error.
     sparse_arrays: bool
+    # A dask X is served (by blocks of genes, ``autozyme.dask.rank_genes_groups``)
+    # with the in-memory result on the computed matrix. Upstream has no dask path
+    # (1.12.4 fails inside numba); served where its in-memory statistics come from
+    # one aggregate, whose per-gene sums a block of genes reproduces as they are.
+    dask: bool
 
 
 UPSTREAM = {
-    "1.11.5": Upstream(aggregate_stats=False, sparse_arrays=False),
+    "1.11.5": Upstream(aggregate_stats=False, sparse_arrays=False, dask=False),
     # 1.12.3's sources of this call (the module, get/_aggregated.py, _kernels.py,
     # _numba.py) are identical to 1.12.4's.
-    "1.12.3": Upstream(aggregate_stats=True, sparse_arrays=True),
-    "1.12.4": Upstream(aggregate_stats=True, sparse_arrays=True),
+    "1.12.3": Upstream(aggregate_stats=True, sparse_arrays=True, dask=True),
+    "1.12.4": Upstream(aggregate_stats=True, sparse_arrays=True, dask=True),
 }
 VERIFIED = tuple(UPSTREAM)
 NO_GROUP = np.uint64(2**64 - 1)
@@ -128,6 +135,12 @@ def fast(upstream, *args, **kwargs):
 
 def _check_matrix(x, up: Upstream) -> None:
     """Fallback for inputs the daemon does not rank."""
+    if is_dask_array(x):
+        if not up.dask:
+            raise Fallback("dask array on this scanpy")
+        dask_path.check(x)
+        _check_dtype(x.dtype)
+        return
     if sp.issparse(x):
         if _common.is_sparse_array(x) and not up.sparse_arrays:
             raise Delegate(f"{type(x).__name__} (upstream raises NotImplementedError)")
@@ -305,12 +318,17 @@ def _request_stats(self, tie_correct):
         import numba
 
         slots = int(numba.get_num_threads()) if sp.issparse(x) and x.format == "csr" else 1
-    if n_sent * x.shape[1] * 8 * 8 > codec.MAX_FRAME_BYTES:
-        raise Fallback(f"{n_groups} groups x {x.shape[1]} genes exceed one reply frame")
-    if sp.issparse(x) and x.format == "csc":
-        x = x.tocsr()
-
-    reply = _request(x, labels, n_sent, None if ref is None else int(ref), tie_correct, slots)
+    reference = None if ref is None else int(ref)
+    if is_dask_array(x):
+        # Blocks of genes, each ranked by its own machine's daemon (one reply
+        # frame a block).
+        reply = dask_path.group_stats(x, labels, n_sent, reference, tie_correct)
+    else:
+        if n_sent * x.shape[1] * 8 * 8 > codec.MAX_FRAME_BYTES:
+            raise Fallback(f"{n_groups} groups x {x.shape[1]} genes exceed one reply frame")
+        if sp.issparse(x) and x.format == "csc":
+            x = x.tocsr()
+        reply = _request(x, labels, n_sent, reference, tie_correct, slots)
     if int(reply.n_genes) != x.shape[1]:
         raise DaemonError("Internal", "gene count mismatch")
     reply.fields["tie_correct"] = bool(tie_correct)
