@@ -30,8 +30,8 @@ def to_dask(m, rows):
     return da.from_array(m, chunks=(rows, -1), asarray=False)
 
 
-def make(fmt, dtype, n_cells=230, n_genes=150, rows=64, seed=1, where="X"):
-    ad = counts(n_cells, n_genes, dtype=dtype, fmt=fmt, seed=seed, zero_cells=[2, 70], zero_genes=[4])
+def make(fmt, dtype, n_cells=230, n_genes=150, rows=64, seed=1, where="X", index_dtype=None):
+    ad = counts(n_cells, n_genes, dtype=dtype, fmt=fmt, seed=seed, index_dtype=index_dtype, zero_cells=[2, 70], zero_genes=[4])
     x = to_dask(ad.X, rows)
     if where == "X":
         ad.X = x
@@ -167,3 +167,11 @@ def test_dense_chunks_fall_back(active, monkeypatch):
     fast(b, base=2)
     assert_same_dask(a.X, b.X)
     assert any("ndarray chunks" in r for r in fallback.counts()["fallbacks"]["log1p"])
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csr_array"])
+def test_int64_structure(active, fmt):
+    """int64 indices/indptr: scipy's constructor decides the result's index dtype
+    (a csr_matrix narrows what fits, a csr_array keeps it) the same way for
+    autozyme's shared arrays as for upstream's copies."""
+    run_both(active, lambda: make(fmt, np.float32, index_dtype=np.int64), {"base": 2})

@@ -36,7 +36,6 @@ from ..fallback import Fallback
 from . import chunks
 
 CALL = "log1p"
-_INT32_MAX = np.iinfo(np.int32).max
 
 
 def in_scope(x) -> None:
@@ -121,18 +120,15 @@ def _divide_fast(chunk, log_base):
 
 
 def _check_chunk(chunk) -> None:
-    """Chunks whose rebuilt matrix would be the one scipy's constructor makes from
-    upstream's copies: int32 structure (the constructor keeps it) of the usual
-    shape (anything else, e.g. int64 indices scipy may narrow, or longer arrays it
-    prunes, goes to upstream's chunk function)."""
+    """A float CSR chunk whose arrays agree (the usual shape: no padding beyond
+    ``indptr[-1]``, which scipy's constructor would prune). Anything else goes to
+    upstream's chunk function."""
     from ..patches import _common
 
     if not _common.is_csr(chunk) or not hasattr(chunk, "_deduped_data"):
         raise Fallback(f"{type(chunk).__name__} chunk")
-    if chunk.indices.dtype != np.int32 or chunk.indptr.dtype != np.int32:
-        raise Fallback(f"index dtype {chunk.indices.dtype}/{chunk.indptr.dtype}")
-    if max(chunk.shape) > _INT32_MAX:
-        raise Fallback("shape beyond int32")
+    if chunk.data.dtype not in (np.float32, np.float64):
+        raise Fallback(f"chunk data dtype {chunk.data.dtype}")
     indptr = chunk.indptr
     if (
         chunk.data.ndim != 1
@@ -143,11 +139,11 @@ def _check_chunk(chunk) -> None:
         or not (len(chunk.data) == len(chunk.indices) == indptr[-1])
     ):
         raise Fallback("malformed or padded CSR chunk")
-    if chunk.data.dtype not in (np.float32, np.float64):
-        raise Fallback(f"chunk data dtype {chunk.data.dtype}")
 
 
 def _with_data(chunk, data):
-    """scipy's ``_with_data(data, copy=True)`` without the copies of the structure
-    (which ``_check_chunk`` made sure the constructor keeps as they are)."""
+    """scipy's ``_with_data(data, copy=True)`` without the copies of the structure:
+    the same constructor on the same values, so the same index dtypes (a
+    csr_matrix's int64 structure that fits is narrowed, into new arrays, as
+    upstream's copies are)."""
     return type(chunk)((data, chunk.indices, chunk.indptr), shape=chunk.shape, dtype=data.dtype)

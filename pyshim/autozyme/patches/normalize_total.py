@@ -27,6 +27,8 @@ import numpy as np
 from .. import parallel, shm, versions
 from ..client import DaemonError, get_client, prefault_in_background
 from ..codec import msg
+from ..dask import is_dask_array
+from ..dask import normalize_total as dask_normalize_total
 from ..fallback import Delegate, Fallback
 from . import _common
 
@@ -36,13 +38,15 @@ class Upstream:
     sparse_arrays: bool  # csr_array/csc_array input served (1.11.5 fails on them)
     csr_median_of_nonzero: bool  # target_sum=None, CSR: median over cells with counts > 0
     warn_skips_packages: bool  # warnings name the first frame outside scanpy
+    dask: bool  # a dask array served by autozyme.dask.normalize_total (graph read from this release)
 
 
 UPSTREAM = {
-    "1.11.5": Upstream(sparse_arrays=False, csr_median_of_nonzero=False, warn_skips_packages=False),
-    # 1.12.3 differs from 1.12.4 only in the CSR median (read from its source).
-    "1.12.3": Upstream(sparse_arrays=True, csr_median_of_nonzero=False, warn_skips_packages=True),
-    "1.12.4": Upstream(sparse_arrays=True, csr_median_of_nonzero=True, warn_skips_packages=True),
+    "1.11.5": Upstream(sparse_arrays=False, csr_median_of_nonzero=False, warn_skips_packages=False, dask=False),
+    # 1.12.3 differs from 1.12.4 only in the in-memory CSR median (read from its
+    # source); its dask path is 1.12.4's.
+    "1.12.3": Upstream(sparse_arrays=True, csr_median_of_nonzero=False, warn_skips_packages=True, dask=True),
+    "1.12.4": Upstream(sparse_arrays=True, csr_median_of_nonzero=True, warn_skips_packages=True, dask=True),
 }
 VERIFIED = tuple(UPSTREAM)
 
@@ -78,6 +82,14 @@ def fast(upstream, *args, **kwargs):
     x = _get_obs_rep(adata, layer=layer, obsm=obsm)
     if x is None:
         raise Delegate("no X (upstream raises)")
+    if is_dask_array(x):
+        if not up.dask:
+            raise Fallback(f"dask array on scanpy {versions.scanpy_version()}")
+        dask_normalize_total.in_scope(x, exclude_highly_expressed=exclude, target_sum=target_sum)
+        return dask_normalize_total.normalize_total(
+            adata, target_sum=target_sum, key_added=key_added, layer=layer, obsm=obsm,
+            inplace=inplace, copy=copy,
+        )
     if not (isinstance(x, np.ndarray) and not isinstance(x, np.matrix)) and not (
         _common.is_csr(x) or _common.is_csc(x)
     ):
