@@ -36,6 +36,8 @@ from ..client import DaemonError, get_client
 from ..codec import msg
 from ..fallback import Delegate, Fallback, Interrupted
 from ..runtime import DaemonUnavailable
+from ..dask import is_dask_array
+from ..dask import scale as dask_scale
 from . import _common
 
 
@@ -43,13 +45,18 @@ from . import _common
 class Upstream:
     sparse_arrays: bool  # csr_array/csc_array input (1.11.5 raises NotImplementedError)
     warn_skips_packages: bool  # warnings name the first frame outside scanpy
+    # dask arrays served (autozyme.dask.scale): the graph of scanpy's scale_array,
+    # fast-array-utils' dask mean_var and scanpy's axis_mul_or_truediv, as read
+    # on this release's stack.
+    dask: bool
 
 
 UPSTREAM = {
-    "1.11.5": Upstream(sparse_arrays=False, warn_skips_packages=False),
-    # 1.12.3's _scale.py is 1.12.4's, byte for byte.
-    "1.12.3": Upstream(sparse_arrays=True, warn_skips_packages=True),
-    "1.12.4": Upstream(sparse_arrays=True, warn_skips_packages=True),
+    "1.11.5": Upstream(sparse_arrays=False, warn_skips_packages=False, dask=False),
+    # 1.12.3's _scale.py is 1.12.4's, byte for byte; its stack's dask graph
+    # (fast-array-utils, scanpy._utils) has not been read: no dask there.
+    "1.12.3": Upstream(sparse_arrays=True, warn_skips_packages=True, dask=False),
+    "1.12.4": Upstream(sparse_arrays=True, warn_skips_packages=True, dask=True),
 }
 VERIFIED = tuple(UPSTREAM)
 _EXACT_INT = 2**53
@@ -145,6 +152,12 @@ def _array(x, *, zero_center, max_value, copy, layer, obsm, mask_obs):
 
     if layer is not None or obsm is not None:
         raise Delegate("layer or obsm given with an array (upstream raises)")
+    if is_dask_array(x):
+        zero_center, clip_at = _check_dask_scope(x, zero_center, max_value, mask_obs)
+        x, _, _ = dask_scale.scale_dask(x, zero_center=zero_center, clip_at=clip_at,
+                                        max_value=max_value, compute_stats=False,
+                                        warn=_warn_densifies)
+        return x
     dense, zero_center, clip_at = _check_scope(x, zero_center, max_value)
     mask = None
     if mask_obs is not None:
@@ -192,6 +205,9 @@ def _anndata(adata, *, zero_center, max_value, copy, layer, obsm, mask_obs):
     if obsm is not None and obsm not in adata.obsm:
         raise Delegate(f"no obsm {obsm!r}")
     x = _get_obs_rep(adata, layer=layer, obsm=obsm)
+    if is_dask_array(x):
+        return _dask_anndata(adata, x, zero_center=zero_center, max_value=max_value, copy=copy,
+                             layer=layer, obsm=obsm, mask_obs=mask_obs)
     dense, zero_center, clip_at = _check_scope(x, zero_center, max_value)
     if obsm is not None and x.shape[1] != adata.n_vars:
         raise Delegate("obsm width differs from n_vars (upstream raises writing var)")
@@ -217,6 +233,46 @@ def _anndata(adata, *, zero_center, max_value, copy, layer, obsm, mask_obs):
                                 mask=mask, rows=rows, in_place=True)
     adata.var[keys[0]] = mean
     adata.var[keys[1]] = std
+    _set_obs_rep(adata, x, layer=layer, obsm=obsm)
+    return adata if copy else None
+
+
+def _check_dask_scope(x, zero_center, max_value, mask_obs):
+    """A dask array autozyme serves; returns (zero_center, clip_at)."""
+    if not versions.pick(UPSTREAM).dask:
+        raise Fallback(f"dask array on scanpy {versions.scanpy_version()}")
+    if not isinstance(zero_center, (bool, np.bool_)):
+        raise Fallback(f"zero_center of type {type(zero_center).__name__}")
+    clip_at = _max_value(max_value)
+    dask_scale.in_scope(x, zero_center=zero_center, clip_at=clip_at, mask_obs=mask_obs)
+    return bool(zero_center), clip_at
+
+
+def _warn_densifies():
+    # stacklevel (1.11.5-style warnings only): the user's call -> autozyme's
+    # wrapper -> fast -> _anndata -> _dask_anndata -> scale_dask -> here.
+    _common.warn_like_upstream("zero-centering a sparse array/matrix densifies it.", UserWarning,
+                               skip_packages=versions.pick(UPSTREAM).warn_skips_packages,
+                               stacklevel=7)
+
+
+def _dask_anndata(adata, x, *, zero_center, max_value, copy, layer, obsm, mask_obs):
+    """upstream's ``scale_anndata`` on a dask array: ``X`` stays lazy; mean and std
+    are computed when assigned to ``adata.var`` (pandas computes upstream's)."""
+    from scanpy._utils import view_to_actual
+    from scanpy.get import _get_obs_rep, _set_obs_rep
+
+    zero_center, clip_at = _check_dask_scope(x, zero_center, max_value, mask_obs)
+    if obsm is not None and x.shape[1] != adata.n_vars:
+        raise Delegate("obsm width differs from n_vars (upstream raises writing var)")
+    adata = adata.copy() if copy else adata
+    view_to_actual(adata)
+    x = _get_obs_rep(adata, layer=layer, obsm=obsm)
+    x, mean, std = dask_scale.scale_dask(x, zero_center=zero_center, clip_at=clip_at,
+                                         max_value=max_value, compute_stats=True,
+                                         warn=_warn_densifies)
+    adata.var["mean"] = mean
+    adata.var["std"] = std
     _set_obs_rep(adata, x, layer=layer, obsm=obsm)
     return adata if copy else None
 
