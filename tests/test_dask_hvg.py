@@ -136,8 +136,9 @@ def check(sc, make, kwargs):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("flavor", ["seurat_v3", "seurat_v3_paper"])
+@pytest.mark.parametrize(("dtype", "flavor"), [(np.float32, "seurat_v3"),
+                                               (np.float64, "seurat_v3_paper")],
+                         ids=["float32", "float64"])
 @pytest.mark.parametrize("batches", [None, (250,), (80, 60, 45, 30, 20, 10, 5)],
                          ids=["no_key", "one_batch", "seven"])
 def test_matches_upstream_dask(active, fmt, dtype, flavor, batches):

@@ -265,84 +265,74 @@ def statistics(data, kind: str, codes, n_batches: int, batched: bool):
 # --- clipped sums (step 5) -----------------------------------------------------
 
 
-def _clipped_fast(block, clip, kind: str):
+def _clipped_fast(block, clip):
+    """A dense block's clipped sums by the daemon (``HvgClippedSums``, one batch),
+    reading the block from this process's memory."""
     from ..client import get_client
 
-    if kind == "csr":
-        if block.indices.dtype not in INDEX or block.indptr.dtype not in INDEX:
-            raise Fallback(f"index dtype {block.indices.dtype}/{block.indptr.dtype}")
-        arrays = [np.ascontiguousarray(a) for a in (block.data, block.indices, block.indptr)]
-        if arrays[0].dtype in INTEGERS:
-            arrays[0] = arrays[0].astype(np.float64)  # upstream widens each value
-        matrix = _refs_csr(block.shape, arrays)
-    else:
-        x = np.ascontiguousarray(block)
-        if x.dtype in INTEGERS:
-            x = x.astype(np.float64)
-        arrays = [x]
-        matrix = msg("Dense", n_rows=x.shape[0], n_cols=x.shape[1], data=_ref(x, arrays))
+    x = np.ascontiguousarray(block)
+    if x.dtype in INTEGERS:
+        x = x.astype(np.float64)  # upstream widens each value (astype(float64))
+    if _peer_refused:
+        x = shm.placed(x)
+    ref = shm.ref(x) if _peer_refused else shm.peer_ref(x)
+    matrix = msg("Dense", n_rows=x.shape[0], n_cols=x.shape[1], data=ref)
     got = get_client().call(msg("HvgClippedSums", x=matrix, batches=np.empty(0, np.uint64),
                                 n_batches=1, clip=clip, only=None))
-    del arrays
+    del x  # (kept alive until the daemon has read it)
     return np.vstack((np.asarray(got.squares), np.asarray(got.sums)))[None, ...]
 
 
 _peer_refused = False
 
 
-def _ref(a, keep):
-    if _peer_refused:
-        placed = shm.placed(a)
-        keep.append(placed)
-        return shm.ref(placed)
-    return shm.peer_ref(a)
-
-
-def _refs_csr(shape, arrays):
-    keep = arrays
-    data, indices, indptr = (_ref(a, keep) for a in list(arrays))
-    return msg("Csr", n_rows=shape[0], n_cols=shape[1], data=data, indices=indices,
-               indptr=indptr)
-
-
-def _clipped_upstream(block, clip, kind: str):
-    from scanpy.preprocessing._highly_variable_genes import clip_square_sum
-
-    return np.vstack(clip_square_sum(block, clip))[None, ...]
-
-
-def clipped_block(block, *, clip, kind: str):
-    """One block of ``data[batch_info == b]``: its clipped squares and sums (a
-    dask task)."""
-    return chunks.run(CALL, _clipped_with_retry, _clipped_upstream, block, clip, kind)
-
-
-def _clipped_with_retry(block, clip, kind):
+def _clipped_with_retry(block, clip):
     """Peer references first; a daemon that may not read this process's memory
     gets shared-memory copies (once refused, always)."""
     global _peer_refused
     from ..client import DaemonError
 
     try:
-        return _clipped_fast(block, clip, kind)
+        return _clipped_fast(block, clip)
     except DaemonError as e:
         if e.kind == "Unsupported" and not _peer_refused and "client's memory" in str(e):
             _peer_refused = True
-            return _clipped_fast(block, clip, kind)
+            return _clipped_fast(block, clip)
         raise
+
+
+def _clipped_upstream(block, clip):
+    from scanpy.preprocessing._highly_variable_genes import clip_square_sum
+
+    return np.vstack(clip_square_sum(block, clip))[None, ...]
+
+
+def clipped_block(block, *, clip):
+    """One dense block of ``data[batch_info == b]``: its clipped squares and sums
+    (a dask task)."""
+    return chunks.run(CALL, _clipped_with_retry, _clipped_upstream, block, clip)
 
 
 def clipped_sums(data, kind: str, masks, clips):
     """Per batch, (sums of squares, sums) of the clipped values, over upstream's
     graph: ``data[mask]``, one task per block of it, ``.sum(axis=0)``; all batches
-    computed together, as upstream computes them."""
+    computed together, as upstream computes them.
+
+    CSR blocks keep upstream's block function too: its numba loop is one pass at
+    memory speed (2.9 ms for a block of 1.1 M values, the daemon 4.7 ms with
+    reading the block in). Dense blocks get the daemon's one pass instead of
+    upstream's f64 copy, putmask and two numpy sums (4.5x faster)."""
     import dask.array as da
+    from scanpy.preprocessing._highly_variable_genes import clip_square_sum
 
     n_genes = data.shape[1]
     todo = []
     for mask, clip in zip(masks, clips):
         sub = data[mask]
-        fn = functools.partial(clipped_block, clip=np.asarray(clip, dtype=np.float64), kind=kind)
+        if kind == "csr":
+            todo += list(clip_square_sum(sub, clip))
+            continue
+        fn = functools.partial(clipped_block, clip=np.asarray(clip, dtype=np.float64))
         sq, s = sub.map_blocks(
             fn, new_axis=(1,), chunks=((1,) * sub.blocks.size, (2,), (n_genes,)),
             meta=np.array([]), dtype=np.float64,
