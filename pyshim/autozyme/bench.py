@@ -403,6 +403,10 @@ def run(args) -> int:
         from . import bench_report
 
         return bench_report.run(args)
+    if args.dask:
+        from . import bench_dask
+
+        return bench_dask.run(args)
     from .client import get_client
 
     args.repeat = args.repeat or 3
@@ -495,6 +499,15 @@ def add_parser(sub) -> None:
     b.add_argument("--scale-genes", type=int, default=3_000,
                    help="scale: genes of its matrix (the highly variable genes scale usually gets; "
                         "its result is dense)")
+    d = b.add_argument_group("dask (--dask)")
+    d.add_argument("--dask", action="store_true",
+                   help="upstream on Dask against autozyme on Dask, per call, on a zarr store read lazily "
+                        "(LocalCluster per side, fresh processes); wilcoxon on Dask against upstream in memory")
+    d.add_argument("--workers", type=int, default=2, help="worker processes of the LocalCluster (1 thread each)")
+    d.add_argument("--worker-memory", default="auto",
+                   help="memory limit of each worker, as dask.distributed takes it (e.g. 2GiB; auto: "
+                        "the machine's memory over the workers)")
+    d.add_argument("--dask-chunk-rows", type=int, default=10_000, help="cells per row chunk of the store")
     b.set_defaults(func=run)
 
 

@@ -443,6 +443,17 @@ def peer_ref(arr: np.ndarray) -> dict | None:
     return dict(location=location, len=arr.size, dtype=tag)
 
 
+def peer_ready(arr: np.ndarray) -> np.ndarray:
+    """``arr`` itself when the daemon can read it in place (C-contiguous, each item
+    at an address aligned to its size), else an aligned contiguous copy. Arrays a
+    process did not allocate itself (unpickled from a Dask transfer, read from a
+    buffer) may start at any byte."""
+    arr = np.ascontiguousarray(arr)
+    if arr.__array_interface__["data"][0] % max(1, arr.dtype.alignment):
+        arr = arr.copy()
+    return arr
+
+
 def private_empty(shape, dtype) -> np.ndarray:
     """A new array in this process's own memory, with its pages populated in one
     go (several times cheaper here than taking a fault per 4 KiB page on first

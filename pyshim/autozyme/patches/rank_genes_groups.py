@@ -241,7 +241,7 @@ def _matrix_ref(x):
             arrays = tuple(shm.placed(np.ascontiguousarray(a)) for a in arrays)
             to_ref = shm.ref
         else:
-            arrays = tuple(np.ascontiguousarray(a) for a in arrays)
+            arrays = tuple(shm.peer_ready(a) for a in arrays)
             to_ref = shm.peer_ref
         data, indices, indptr = arrays
         m = msg("Csr", n_rows=x.shape[0], n_cols=x.shape[1], data=to_ref(data),
@@ -252,7 +252,7 @@ def _matrix_ref(x):
         arr = shm.placed(x)
         ref = shm.ref(arr)
     else:
-        arr = x
+        arr = shm.peer_ready(x)
         ref = shm.peer_ref(arr)
     return msg("Dense", n_rows=x.shape[0], n_cols=x.shape[1], data=ref), (arr,)
 

@@ -1,0 +1,297 @@
+"""``autozyme bench --dask``: upstream on Dask against autozyme on Dask, per call, on a
+store read lazily, each side in a fresh process with its own ``LocalCluster``.
+
+The store (zarr, in the bench cache) holds the counts in row chunks spanning all
+genes, and their log-normalised values for rank_genes_groups. Each call is timed
+from the call until its result is computed: a lazy result (normalize_total, log1p,
+scale) is computed chunk by chunk into a digest of each chunk's bytes, so nothing
+is gathered in one process and the two sides' digests show the results are
+identical; hvg returns in-memory columns, compared as they are. Each call runs
+twice: "first" (new data for this cluster and daemon) and "rerun".
+
+Wilcoxon has no dask path upstream, so autozyme on Dask is compared with upstream
+in memory (the whole matrix read into one process), and checked field by field
+against it. Each worker's peak resident memory is reported beside the matrix's
+size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bench import batch_labels, dataset_path, make_counts, stack_versions  # noqa: F401
+
+DASK_CALLS = ("normalize_total", "log1p", "scale", "highly_variable_genes", "rank_genes_groups")
+GROUP_SIZES = [0.3, 0.2, 0.14, 0.1, 0.08, 0.07, 0.05, 0.04, 0.02]
+
+
+# --- the store ---------------------------------------------------------------------
+def store_path(cache: Path, cells: int, genes: int, density: float, chunk_rows: int) -> Path:
+    """A zarr store of the bench's counts (``X``) and log-normalised values
+    (``layers/lognorm``), with ``obs`` batches and groups; made once."""
+    path = cache / f"dask_{cells}x{genes}_{density:g}_rows{chunk_rows}.zarr"
+    if path.exists():
+        return path
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    counts = np.load(dataset_path(cache, cells, genes, density))
+    x = sp.csr_matrix((counts["data"], counts["indices"], counts["indptr"]), shape=tuple(counts["shape"]))
+    sums = np.asarray(x.sum(axis=1)).ravel()
+    sums[sums == 0] = 1
+    lognorm = x.copy()
+    lognorm.data = np.log1p(x.data / np.repeat(sums, np.diff(x.indptr)).astype(np.float32) * 1e4).astype(np.float32)
+    rng = np.random.default_rng(1)
+    groups = pd.Categorical([f"t{k}" for k in rng.choice(len(GROUP_SIZES), cells, p=GROUP_SIZES)])
+    obs = pd.DataFrame({"batch": batch_labels(cells), "cell_type": groups},
+                       index=pd.Index([f"c{i}" for i in range(cells)]))
+    a = ad.AnnData(X=x, obs=obs, layers={"lognorm": lognorm})
+    tmp = path.with_suffix(".tmp.zarr")
+    a.write_zarr(tmp, chunks=(chunk_rows, genes))
+    tmp.rename(path)
+    return path
+
+
+def open_lazy(path: Path, chunk_rows: int, layer: str | None = None):
+    """An AnnData whose X is read lazily from the store: a dask array of CSR row chunks."""
+    import anndata as ad
+    import zarr
+    from anndata.experimental import read_elem_lazy
+
+    g = zarr.open(str(path), mode="r")
+    elem = g["X"] if layer is None else g["layers"][layer]
+    x = read_elem_lazy(elem, chunks=(chunk_rows, -1))
+    return ad.AnnData(X=x, obs=ad.io.read_elem(g["obs"]), var=ad.io.read_elem(g["var"]))
+
+
+def open_in_memory(path: Path, layer: str | None = None):
+    """The whole store in this process, ``layer`` (if given) as X."""
+    import anndata as ad
+
+    a = ad.read_zarr(path)
+    x = a.X if layer is None else a.layers[layer]
+    return ad.AnnData(X=x, obs=a.obs, var=a.var)
+
+
+# --- one side, in a fresh process ----------------------------------------------------
+def chunk_digest(block) -> str:
+    """The bytes of one result chunk (values and, for CSR, its structure)."""
+    import scipy.sparse as sp
+
+    h = hashlib.blake2b(digest_size=16)
+    if sp.issparse(block):
+        block = block.tocsr() if block.format != "csr" else block
+        for a in (block.data, block.indices, block.indptr):
+            h.update(str(a.dtype).encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        h.update(type(block).__name__.encode())
+    else:
+        a = np.ascontiguousarray(np.asarray(block))
+        h.update(str(a.dtype).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def digest_of(x) -> list[str]:
+    import dask
+
+    return list(dask.compute(*[dask.delayed(chunk_digest)(b) for b in x.to_delayed().ravel()]))
+
+
+def _worker_peaks(client) -> list[int]:
+    from .bench import _peak_bytes
+
+    return sorted(client.run(lambda: _peak_bytes(os.getpid())).values())
+
+
+def _reset_worker_peaks(client) -> None:
+    from .bench import _reset_peak
+
+    client.run(lambda: _reset_peak(os.getpid()))
+
+
+def _timed_call(call: str, path: Path, chunk_rows: int) -> tuple[float, dict]:
+    """One call on freshly opened lazy data, until its result is computed."""
+    import scanpy as sc
+
+    if call == "rank_genes_groups":
+        a = open_lazy(path, chunk_rows, layer="lognorm")
+        t = time.perf_counter()
+        sc.tl.rank_genes_groups(a, "cell_type", method="wilcoxon", pts=True)
+        dt = time.perf_counter() - t
+        return dt, {"result": _rgg_digest(a.uns["rank_genes_groups"])}
+    a = open_lazy(path, chunk_rows)
+    t = time.perf_counter()
+    if call == "normalize_total":
+        sc.pp.normalize_total(a)
+    elif call == "log1p":
+        sc.pp.log1p(a)
+    elif call == "scale":
+        sc.pp.scale(a, zero_center=False)
+    elif call == "highly_variable_genes":
+        sc.pp.highly_variable_genes(a, flavor="seurat_v3", n_top_genes=2000, batch_key="batch")
+        dt = time.perf_counter() - t
+        cols = ["highly_variable", "highly_variable_rank", "means", "variances", "variances_norm"]
+        return dt, {"result": hashlib.blake2b(
+            a.var[cols].to_csv().encode(), digest_size=16).hexdigest()}
+    digests = digest_of(a.X)
+    dt = time.perf_counter() - t
+    return dt, {"result": hashlib.blake2b("".join(digests).encode(), digest_size=16).hexdigest()}
+
+
+def _rgg_digest(r: dict) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for k in ("names", "scores", "pvals", "pvals_adj", "logfoldchanges"):
+        # Records of names are objects: their text, not their addresses; float
+        # reprs round-trip, so equal text is equal bits.
+        h.update(repr(r[k].tolist()).encode())
+    for k in ("pts", "pts_rest"):
+        if k in r:
+            h.update(np.ascontiguousarray(r[k].to_numpy()).tobytes())
+    return h.hexdigest()
+
+
+def side(mode: str, path: Path, calls: list[str], workers: int, memory: str, chunk_rows: int) -> dict:
+    """Run in a fresh process: a LocalCluster, then each call twice on lazy data."""
+    import warnings
+
+    from distributed import Client, LocalCluster
+
+    warnings.simplefilter("ignore")
+    out = {}
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      memory_limit=memory, dashboard_address=None) as cluster, Client(cluster) as client:
+        if mode == "autozyme":
+            import autozyme
+
+            autozyme.activate("scanpy")
+            _activate_workers(client)
+        limit = next(iter(client.scheduler_info(n_workers=-1)["workers"].values()))["memory_limit"]
+        for call in calls:
+            if call == "rank_genes_groups" and mode == "upstream":
+                continue  # no dask path upstream: compared with upstream in memory instead
+            rows = []
+            for run in ("first", "rerun"):
+                _reset_worker_peaks(client)
+                dt, res = _timed_call(call, path, chunk_rows)
+                rows.append({"run": run, "seconds": dt, "worker_peak_bytes": _worker_peaks(client), **res})
+            out[call] = rows
+        if mode == "autozyme":
+            out["_served"] = {k: v for k, v in autozyme.status().get("served", {}).items()}
+            out["_fallbacks"] = autozyme.status().get("fallbacks", {})
+        out["_worker_memory_limit"] = limit
+    return out
+
+
+def _activate_workers(client) -> None:
+    """autozyme on every worker: the cluster module's registration when present."""
+    try:
+        from .dask import cluster as dask_cluster
+    except ImportError:
+        dask_cluster = None
+    if dask_cluster is not None and hasattr(dask_cluster, "register"):
+        dask_cluster.register(client)
+        return
+    client.run(lambda: __import__("autozyme").activate("scanpy"))
+
+
+def upstream_in_memory(path: Path) -> dict:
+    """Upstream's wilcoxon on the whole matrix in this process (it has no dask path)."""
+    import scanpy as sc
+
+    from .bench import _peak_bytes
+
+    a = open_in_memory(path, layer="lognorm")
+    t = time.perf_counter()
+    sc.tl.rank_genes_groups(a, "cell_type", method="wilcoxon", pts=True)
+    dt = time.perf_counter() - t
+    return {"seconds": dt, "peak_bytes": _peak_bytes(os.getpid()),
+            "result": _rgg_digest(a.uns["rank_genes_groups"])}
+
+
+def _in_fresh_process(*argv: str, env: dict | None = None) -> dict:
+    cmd = [sys.executable, "-m", "autozyme.bench_dask", *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:2])} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- the command -----------------------------------------------------------------------
+def run(args) -> int:
+    cache = Path(args.cache).expanduser()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = args.dask_chunk_rows
+    path = store_path(cache, args.cells, args.genes, args.density, rows)
+    calls = [c for c in (args.calls or ",".join(DASK_CALLS)).split(",") if c in DASK_CALLS]
+    matrix_bytes = _store_matrix_bytes(path)
+    print(f"\nautozyme bench --dask: {args.cells} cells x {args.genes} genes, density {args.density:g}, "
+          f"zarr store read lazily in row chunks of {rows} cells x all genes; LocalCluster of "
+          f"{args.workers} worker processes x 1 thread, memory limit {args.worker_memory} each; "
+          f"counts matrix {matrix_bytes / 2**20:.0f} MiB as CSR; {os.cpu_count()} cores; "
+          f"{stack_versions()}\n", flush=True)
+    common = (str(path), ",".join(calls), str(args.workers), args.worker_memory, str(rows))
+    res = {m: _in_fresh_process("--side", m, *common) for m in ("upstream", "autozyme")
+           if any(c != "rank_genes_groups" for c in calls) or m == "autozyme"}
+    ok = True
+    print(f"{'call':<24}{'run':<7}{'upstream on dask':>18}{'autozyme on dask':>18}{'speedup':>9}"
+          f"{'worker peak (up / az)':>26}  identical")
+    for call in calls:
+        if call == "rank_genes_groups":
+            continue
+        for u, z in zip(res["upstream"][call], res["autozyme"][call]):
+            same = u["result"] == z["result"]
+            ok &= same
+            print(f"{call:<24}{u['run']:<7}{u['seconds']:>17.2f}s{z['seconds']:>17.2f}s"
+                  f"{u['seconds'] / z['seconds']:>8.1f}x{_mib(max(u['worker_peak_bytes'])):>12} / "
+                  f"{_mib(max(z['worker_peak_bytes'])):<12} {'yes' if same else 'NO'}")
+    if "rank_genes_groups" in calls:
+        mem = _in_fresh_process("--in-memory", str(path))
+        print(f"\nrank_genes_groups (wilcoxon, 9 groups, pts): upstream in memory {mem['seconds']:.2f}s "
+              f"(peak {_mib(mem['peak_bytes'])}); autozyme on dask:")
+        for z in res["autozyme"]["rank_genes_groups"]:
+            same = z["result"] == mem["result"]
+            ok &= same
+            print(f"  {z['run']:<6} {z['seconds']:.2f}s, {mem['seconds'] / z['seconds']:.1f}x faster, "
+                  f"worker peaks {', '.join(_mib(b) for b in z['worker_peak_bytes'])} (matrix "
+                  f"{_mib(matrix_bytes)}, limit {_mib(res['autozyme']['_worker_memory_limit'])}); "
+                  f"identical to upstream in memory: {'yes' if same else 'NO'}")
+        res["upstream_in_memory"] = mem
+    served = res["autozyme"].get("_served", {})
+    print(f"\nautozyme served on the client: {served}; fallbacks: {res['autozyme'].get('_fallbacks', {})}")
+    (out / "bench_dask.json").write_text(json.dumps(res, indent=1))
+    if not ok:
+        print("NOT IDENTICAL: see above")
+    return 0 if ok else 1
+
+
+def _store_matrix_bytes(path: Path) -> int:
+    """The counts' CSR arrays as they are in memory (data, indices, indptr)."""
+    import zarr
+
+    g = zarr.open(str(path), mode="r")["X"]
+    return sum(int(np.prod(g[k].shape)) * g[k].dtype.itemsize for k in ("data", "indices", "indptr"))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--side":
+        mode, path, calls, workers, memory, rows = sys.argv[2:8]
+        print(json.dumps(side(mode, Path(path), calls.split(","), int(workers), memory, int(rows))))
+    elif sys.argv[1] == "--in-memory":
+        print(json.dumps(upstream_in_memory(Path(sys.argv[2]))))
+    else:
+        sys.exit("usage: python -m autozyme.bench_dask --side MODE STORE CALLS WORKERS MEMORY ROWS | --in-memory STORE")
