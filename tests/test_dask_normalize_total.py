@@ -228,3 +228,15 @@ def test_int64_structure(active, fmt):
     (a csr_matrix narrows what fits, a csr_array keeps it) the same way for
     autozyme's shared arrays as for upstream's copies."""
     run_both(active, lambda: make(fmt, np.float32, index_dtype=np.int64), {"key_added": "n"})
+
+
+@pytest.mark.parametrize("block", [1, 5, 64])
+def test_division_in_row_blocks(active, monkeypatch, block):
+    """The division runs over row blocks of about _BLOCK stored values (128k in
+    use); small blocks here, so that rows longer than a block, empty rows and
+    uneven ends are all crossed."""
+    from autozyme.dask import normalize_total as dnt
+
+    monkeypatch.setattr(dnt, "_BLOCK", block)
+    run_both(active, lambda: make("csr", np.float32, 90, 60, rows=40, zero_cells=(0, 5, 6, 89)), {"key_added": "n"})
+    run_both(active, lambda: make("csr_array", np.float64, 90, 60, rows=33, zero_cells=(1,)), {"target_sum": 3.0})

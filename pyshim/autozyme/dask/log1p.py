@@ -105,17 +105,17 @@ def _divide_fast(chunk, log_base):
     # scipy's ``chunk / s``: ``astype(float64, copy=False)._mul_scalar(1 / s)``.
     # The data times the reciprocal, in float64.
     recip = 1 / log_base
+    if np.result_type(np.float64, recip) != np.float64:  # a divisor numpy promotes further
+        raise Fallback(f"divisor of type {type(log_base).__name__}")
     if chunk.dtype != np.float64:
         # scipy sums duplicates after the cast (in float64, on its copy): only a
         # canonical chunk, where that is a no-op, is served.
         if not chunk.has_canonical_format:
             raise Fallback("non-canonical float32 chunk")
-        values = chunk.data.astype(np.float64, casting="unsafe", copy=True)
-        np.multiply(values, recip, out=values)
+        # cast and product in one pass (the cast to float64 is exact)
+        values = np.multiply(chunk.data, recip, dtype=np.float64)
     else:
         values = chunk.data * recip
-    if values.dtype != np.float64:  # a divisor type numpy promotes further
-        raise Fallback(f"product dtype {values.dtype}")
     return _with_data(chunk, values)
 
 
