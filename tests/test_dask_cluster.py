@@ -310,6 +310,45 @@ def test_daemon_killed_under_a_worker(cluster):
         azm_cluster.register(client)
 
 
+@pytest.mark.parametrize("chunk_type", ["csr_matrix", "csr_array"])
+def test_normalize_total_log1p_on_the_cluster(cluster, chunk_type):
+    """scanpy's own calls on a dask X, computed on the cluster: autozyme's result
+    (strict, served by the workers) equals upstream's on the same cluster."""
+    import anndata as ad
+    import scanpy as sc
+
+    client, _ = cluster
+    to_chunk = getattr(sp, chunk_type)
+    x = counts_matrix(seed=4)
+
+    def run():
+        dense = da.from_array(x.toarray(), chunks=(70, -1))
+        X = dense.map_blocks(to_chunk, dtype=x.dtype, meta=to_chunk((0, 0), dtype=x.dtype))
+        adata = ad.AnnData(X=X)
+        sc.pp.normalize_total(adata)
+        sc.pp.log1p(adata)
+        assert isinstance(adata.X, da.Array)  # lazy, as upstream's
+        return client.compute(adata.X).result(timeout=60)
+
+    autozyme.deactivate()  # upstream here and on the workers
+    try:
+        client.run(_reset_counts)
+        want = run()
+        assert workers_status()["served"] == {}
+    finally:
+        autozyme.activate("scanpy", prewarm=False)
+    client.run(_reset_counts)
+    got = run()
+    assert type(got) is type(want) and got.dtype == want.dtype
+    for part in ("data", "indices", "indptr"):
+        assert np.array_equal(getattr(got, part), getattr(want, part)), part
+    w = workers_status()
+    assert w["fallbacks"] == {}
+    # Every chunk of both calls' layers ran autozyme's chunk functions on a worker.
+    for call in ("normalize_total", "log1p"):
+        assert w["served"].get(chunks.counter_name(call), 0) >= 9, w["served"]
+
+
 def _set_daemon_binary(binary):
     """Point this worker at another daemon binary, and drop its connection."""
     from autozyme.client import get_client
