@@ -30,9 +30,12 @@ functions then combine those rows over the same tree as upstream's (the same
 block count, ``split_every`` and combine functions), so every sum is added in
 upstream's order. This computes once where upstream computes four times (and
 evaluates the input graph once instead of four times). Step 5 keeps upstream's
-graph (its ``take``, its ``map_blocks``, its ``.sum``) with the daemon's
-``HvgClippedSums`` as the block function: a block's sums cannot be split at
-chunk boundaries without changing their order of additions.
+graph (its ``take``, its ``map_blocks``, its ``.sum``): the blocks of
+``data[mask]`` gather each batch's rows across chunk boundaries, and a block's
+sums cannot be split there without changing their order of additions. Dense
+blocks get the daemon's ``HvgClippedSums`` as the block function; CSR blocks
+keep upstream's numba loop, which the daemon does not beat on one block (see
+``clipped_sums``).
 
 A block the daemon cannot serve is computed by upstream's own block code in the
 same task (``chunks.run``), giving the same row.
@@ -75,6 +78,8 @@ def _kind(data) -> str:
     if kind == "dense" and data.shape[1] < 2:
         # numpy sums a single column pairwise, not row by row.
         raise Fallback("dense blocks with fewer than two genes")
+    if any(np.isnan(c) for c in data.chunks[0]):
+        raise Fallback("row blocks of unknown size")
     if any(c == 0 for c in data.chunks[0]):
         raise Fallback("a row block of no rows")
     return kind
