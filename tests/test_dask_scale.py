@@ -161,6 +161,26 @@ def test_shapes_and_chunkings(active, fmt, shape, rows):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("max_value", [0, 0.0, 1, np.float32(0.75)], ids=repr)
+@pytest.mark.parametrize("zero_center", [False, True])
+def test_clip_bounds(active, fmt, max_value, zero_center, monkeypatch):
+    """A zero bound keeps each value's own signed zero (numba's ``x > a_max``),
+    integer and float32 bounds compare as upstream's. An integer 0 with centring
+    (numba's lower bound ``-0`` is +0) falls back."""
+    if zero_center and max_value == 0 and isinstance(max_value, int):
+        from autozyme import fallback
+
+        monkeypatch.setenv("AUTOZYME_STRICT", "0")
+        x = to_dask(matrix(80, 12, seed=11), fmt, 30)
+        a, b = upstream_scale(x, zero_center=True, max_value=0), active.pp.scale(x, zero_center=True, max_value=0)
+        assert_same_dask(a, b)
+        assert any("integer max_value 0" in r for r in fallback.counts()["fallbacks"][CALL])
+        return
+    run_both(active, lambda: to_dask(matrix(80, 12, seed=11), fmt, 30),
+             {"zero_center": zero_center, "max_value": max_value})
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_integer_input_and_copy(active, fmt):
     run_both(active, lambda: to_dask(matrix(120, 25, dtype=np.int64, seed=4), fmt, 50),
              {"zero_center": fmt == "dense", "max_value": 10, "copy": True})

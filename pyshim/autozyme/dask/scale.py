@@ -61,7 +61,7 @@ CALL = "scale"
 _BLOCK_BYTES = 1 << 18  # per block of a chunk's values: stays in L2 between passes
 
 
-def in_scope(x, *, zero_center, clip_at, mask_obs) -> None:
+def in_scope(x, *, zero_center, clip_at, max_value, mask_obs) -> None:
     """Raise Fallback unless autozyme serves ``scale`` on this dask array."""
     from ..patches import _common
 
@@ -88,6 +88,10 @@ def in_scope(x, *, zero_center, clip_at, mask_obs) -> None:
         raise Fallback("dense dask array with one column")
     if clip_at is not None and not clip_at >= 0:
         raise Fallback("negative or NaN max_value")
+    if zero_center and clip_at == 0 and isinstance(max_value, (int, np.integer)):
+        # numba negates an integer bound as an integer: the lower bound is +0,
+        # where autozyme's kernels clip to -0.0
+        raise Fallback("integer max_value 0 with zero_center")
 
 
 def scale_dask(x, *, zero_center: bool, clip_at, max_value, compute_stats: bool, warn):
@@ -275,7 +279,16 @@ def _apply_fast(chunk, std_row, mean_row, *, zero_center, clip_at, max_value):
 def _clip(values, clip_at, both: bool) -> None:
     """numba's ``clip_array`` in place: above ``clip_at`` becomes ``clip_at``,
     else (``both``) below ``-clip_at`` becomes ``-clip_at``; NaN stays. With
-    ``clip_at >= 0`` (``in_scope``) the two tests never both hold."""
+    ``clip_at >= 0`` (``in_scope``) the two tests never both hold.
+
+    For ``clip_at > 0``, numpy's ``minimum`` (``maximum``) gives the same: NaN
+    propagates, and a value equal to the bound is the bound (a nonzero bound has
+    one sign). At 0 they may pick either signed zero: the masked copy then."""
+    if clip_at > 0:
+        np.minimum(values, clip_at, out=values)
+        if both:
+            np.maximum(values, -clip_at, out=values)
+        return
     np.copyto(values, clip_at, where=values > clip_at)
     if both:
         np.copyto(values, -clip_at, where=values < -clip_at)
@@ -301,6 +314,8 @@ def _divide_csr(chunk, std, clip_at):
 
 def _divide_dense(chunk, mean, std, clip_at):
     """``(chunk [- mean]) / std`` (numpy's ufuncs, f64 result), clipped, in row blocks."""
+    if mean is None and clip_at is None:
+        return np.true_divide(chunk, std)  # upstream's one step: nothing to fuse
     out = np.empty(chunk.shape, dtype=np.result_type(chunk.dtype, std.dtype))
     rows = max(_BLOCK_BYTES // max(out.itemsize * chunk.shape[1], 1), 1)
     for a in range(0, chunk.shape[0], rows):
@@ -318,17 +333,19 @@ def _divide_dense(chunk, mean, std, clip_at):
 
 def _densify_csr(chunk, mean, std, clip_at):
     """``(chunk.todense() - mean) / std``, clipped both ways: the daemon's
-    ``ScaleApply`` (densified in the data's dtype, then f64), written into a new
-    array of this process."""
+    ``ScaleApply`` (densified in the data's dtype, then f64), written straight
+    into a shared-memory segment that becomes the chunk's result (pooled again
+    once dask drops it), as the in-memory path does for the whole matrix."""
     from ..client import get_client
     from ..codec import msg
     from ..patches import _common
+    from ..patches.scale import _segment
     from .. import shm
 
-    out = shm.private_empty(chunk.shape, np.float64)
+    out = _segment(chunk.shape, np.float64)
     matrix, *_ = _common.csr_refs(chunk, with_indices=True, peer=True)
     get_client().call(
         msg("ScaleApply", x=matrix, rows=None, mean=mean, std=std, per_row=False,
-            max_value=clip_at, out=shm.peer_ref(out))
+            max_value=clip_at, out=shm.ref(out))
     )
     return out

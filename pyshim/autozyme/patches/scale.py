@@ -244,7 +244,8 @@ def _check_dask_scope(x, zero_center, max_value, mask_obs):
     if not isinstance(zero_center, (bool, np.bool_)):
         raise Fallback(f"zero_center of type {type(zero_center).__name__}")
     clip_at = _max_value(max_value)
-    dask_scale.in_scope(x, zero_center=zero_center, clip_at=clip_at, mask_obs=mask_obs)
+    dask_scale.in_scope(x, zero_center=zero_center, clip_at=clip_at, max_value=max_value,
+                        mask_obs=mask_obs)
     return bool(zero_center), clip_at
 
 
