@@ -275,7 +275,7 @@ def _clipped_fast(block, clip):
     reading the block from this process's memory."""
     from ..client import get_client
 
-    x = np.ascontiguousarray(block)
+    x = shm.peer_ready(block)  # (a block unpickled from a Dask transfer may be unaligned)
     if x.dtype in INTEGERS:
         x = x.astype(np.float64)  # upstream widens each value (astype(float64))
     if _peer_refused:
