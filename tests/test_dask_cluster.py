@@ -267,6 +267,8 @@ def test_worker_killed_mid_computation(cluster):
     wait_until(lambda: workers_status()["active"] == N_WORKERS, what="the restarted worker's plugin")
     wait_until(lambda: not segments_of(victim), what=f"the killed worker's segments {segments_of(victim)}")
     assert victim not in client.run(os.getpid).values()
+    # The replacement joined after registration and still got the client's settings.
+    assert {e["AUTOZYME_STRICT"] for e in client.run(_worker_env).values()} == {"1"}
 
 
 def test_daemon_killed_under_a_worker(cluster):
