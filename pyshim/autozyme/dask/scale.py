@@ -196,31 +196,75 @@ def _stats_upstream(chunk):
 
 
 def _stats_fast(chunk):
-    from ..client import get_client
     from ..codec import msg
     from ..patches import _common
-    from .. import shm
 
+    request = lambda m: msg("ScaleChunkStats", x=m)  # noqa: E731
     if _common.is_csr(chunk):
         _check_csr(chunk)
-        matrix, *_ = _common.csr_refs(chunk, with_indices=True, peer=True)
+        reply = _call_csr(request, chunk)
     elif isinstance(chunk, np.ndarray) and not isinstance(chunk, np.matrix):
         if chunk.ndim != 2 or chunk.dtype not in _common.FLOATS:
             raise Fallback(f"dense chunk {chunk.dtype} {chunk.ndim}-d")
         if not chunk.flags.c_contiguous or chunk.shape[1] < 2:
             # numpy sums such chunks in another order
             raise Fallback("dense chunk not C-contiguous, or one column")
-        matrix = msg("Dense", n_rows=chunk.shape[0], n_cols=chunk.shape[1],
-                     data=shm.peer_ref(chunk))
+        reply = _call_dense(request, chunk)
     else:
         raise Fallback(f"{type(chunk).__name__} chunk")
-    reply = get_client().call(msg("ScaleChunkStats", x=matrix))
     out = np.empty((2, chunk.shape[1]), dtype=np.float64)
     out[0], out[1] = reply.sums, reply.sq_sums
     if not np.isfinite(out).all():
         # upstream's numpy warns (overflow, inf - inf) where the daemon cannot tell
         raise Fallback("non-finite sums (upstream's own warnings)")
     return out
+
+
+def _call_csr(make_request, chunk):
+    """A request over a CSR chunk's buffers, as ``_call_dense``. The shared-memory
+    copies stay referenced until the reply: a dropped copy's segment is pooled,
+    and another chunk's task (another thread) may take and overwrite it."""
+    from ..client import DaemonError, get_client
+    from ..patches import _common
+    from ..patches import scale as patch
+
+    if not patch._peer_refused:  # noqa: SLF001
+        matrix, *_ = _common.csr_refs(chunk, with_indices=True, peer=True)
+        try:
+            return get_client().call(make_request(matrix))
+        except DaemonError as e:
+            if e.kind != "Unsupported":
+                raise
+            patch._peer_refused = True  # noqa: SLF001
+    matrix, *buffers = _common.csr_refs(chunk, with_indices=True, peer=False)
+    reply = get_client().call(make_request(matrix))
+    del buffers
+    return reply
+
+
+def _call_dense(make_request, chunk):
+    """A request over a dense chunk, read by the daemon from this process's memory
+    (or from a shared-memory copy when the kernel refuses that, remembered as
+    the in-memory path remembers it)."""
+    from ..client import DaemonError, get_client
+    from ..codec import msg
+    from ..patches import scale as patch
+    from .. import shm
+
+    def matrix(data_ref):
+        return msg("Dense", n_rows=chunk.shape[0], n_cols=chunk.shape[1], data=data_ref)
+
+    if not shm.is_placed(chunk) and not patch._peer_refused:  # noqa: SLF001
+        try:
+            return get_client().call(make_request(matrix(shm.peer_ref(chunk))))
+        except DaemonError as e:
+            if e.kind != "Unsupported":
+                raise
+            patch._peer_refused = True  # noqa: SLF001
+    placed = shm.placed(chunk)
+    reply = get_client().call(make_request(matrix(shm.ref(placed))))
+    del placed  # referenced until the reply (see _call_csr)
+    return reply
 
 
 def _check_csr(chunk) -> None:
@@ -336,16 +380,14 @@ def _densify_csr(chunk, mean, std, clip_at):
     ``ScaleApply`` (densified in the data's dtype, then f64), written straight
     into a shared-memory segment that becomes the chunk's result (pooled again
     once dask drops it), as the in-memory path does for the whole matrix."""
-    from ..client import get_client
     from ..codec import msg
-    from ..patches import _common
     from ..patches.scale import _segment
     from .. import shm
 
     out = _segment(chunk.shape, np.float64)
-    matrix, *_ = _common.csr_refs(chunk, with_indices=True, peer=True)
-    get_client().call(
-        msg("ScaleApply", x=matrix, rows=None, mean=mean, std=std, per_row=False,
-            max_value=clip_at, out=shm.ref(out))
+    _call_csr(
+        lambda m: msg("ScaleApply", x=m, rows=None, mean=mean, std=std, per_row=False,
+                      max_value=clip_at, out=shm.ref(out)),
+        chunk,
     )
     return out
