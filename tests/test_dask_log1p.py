@@ -96,7 +96,7 @@ def run_both(sc, build, kwargs, where="X"):
 
 @pytest.mark.parametrize("fmt", ["csr", "csr_array"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64], ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("kwargs", [{}, {"base": 2}, {"base": 10.0}, {"copy": True}, {"base": np.e, "copy": True}], ids=repr)
+@pytest.mark.parametrize("kwargs", [{}, {"base": 2}, {"base": 10.0}, {"base": np.float32(3)}, {"copy": True}, {"base": np.e, "copy": True}], ids=repr)
 def test_anndata_matches_upstream(active, fmt, dtype, kwargs):
     run_both(active, lambda: make(fmt, dtype), kwargs)
 
@@ -175,3 +175,29 @@ def test_int64_structure(active, fmt):
     (a csr_matrix narrows what fits, a csr_array keeps it) the same way for
     autozyme's shared arrays as for upstream's copies."""
     run_both(active, lambda: make(fmt, np.float32, index_dtype=np.int64), {"base": 2})
+
+
+@pytest.mark.parametrize("cls", [sp.csr_matrix, sp.csr_array], ids=["csr_matrix", "csr_array"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("base", [2, 10.0, np.float32(3), np.e])
+def test_chunk_functions_equal_upstreams_leaves(active, cls, dtype, base):
+    """The leaves on one chunk (-0.0, negatives, NaN, an empty row, int64
+    structure): equal to ``np.log1p(chunk)`` and ``np.divide(chunk, np.log(base))``,
+    and sharing the chunk's structure instead of copying it."""
+    from autozyme.dask import log1p as dl
+
+    data = np.array([-0.0, 0.0, 3.0, -0.5, np.nan, 1e30, 7.0, 1e-8], dtype)
+    parts = (np.array([1, 1, 2, 0, 2, 3, 3, 3], np.int64), np.array([0, 1, 1, 3, 6, 7, 8], np.int64))
+
+    def chunk():
+        return cls((data.copy(), *(p.copy() for p in parts)), shape=(6, 4))
+
+    with np.errstate(invalid="ignore"):
+        ours, theirs = dl.log1p_chunk(chunk()), np.log1p(chunk())
+        assert_identical(ours, theirs, "log1p")
+        log_base = np.log(base)
+        c = chunk()
+        q = dl.divide_chunk(c, log_base)
+        assert_identical(q, np.divide(chunk(), log_base), "divide")
+    if c.indices.dtype == q.indices.dtype:  # csr_matrix narrows int64 (new arrays)
+        assert np.shares_memory(q.indices, c.indices) and np.shares_memory(q.indptr, c.indptr)

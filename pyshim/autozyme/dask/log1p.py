@@ -103,8 +103,11 @@ def _divide_fast(chunk, log_base):
     if not np.can_cast(chunk.dtype, np.float64):
         raise Fallback(f"chunk dtype {chunk.dtype}")
     # scipy's ``chunk / s``: ``astype(float64, copy=False)._mul_scalar(1 / s)``.
-    # The data times the reciprocal, in float64.
-    recip = 1 / log_base
+    # The data times the reciprocal, in float64. ``s`` is what numpy's object
+    # loop hands scipy: the divisor cast to object (an np.float32 becomes a
+    # Python float, so its reciprocal is taken in double precision).
+    other = np.array([log_base]).astype(object)[0]
+    recip = 1 / other
     if np.result_type(np.float64, recip) != np.float64:  # a divisor numpy promotes further
         raise Fallback(f"divisor of type {type(log_base).__name__}")
     if chunk.dtype != np.float64:
