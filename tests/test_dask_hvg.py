@@ -255,3 +255,35 @@ def test_stays_a_dask_array_and_chunks_served(active):
                     dict(flavor="seurat_v3", n_top_genes=10, batch_key="b", subset=True))
     assert isinstance(b.X, da.Array)
     assert np.array_equal(a.X.compute().toarray(), b.X.compute().toarray())
+
+
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+def test_block_the_daemon_cannot_serve_runs_upstreams_block_code(active, fmt, monkeypatch):
+    """The per-block fallback contract: a block whose daemon request fails is
+    computed by upstream's own block code in the same task; same result."""
+    from autozyme import fallback
+    from autozyme.dask import highly_variable_genes as m
+    from autozyme.runtime import DaemonUnavailable
+
+    monkeypatch.setenv("AUTOZYME_STRICT", "0")
+    calls = {"n": 0}
+    real_stats, real_clipped = m._stats_fast, m._clipped_fast
+
+    def flaky(real):
+        def fn(*args):
+            calls["n"] += 1
+            if calls["n"] % 2:
+                raise DaemonUnavailable("test: no daemon for this block")
+            return real(*args)
+        return fn
+
+    monkeypatch.setattr(m, "_stats_fast", flaky(real_stats))
+    monkeypatch.setattr(m, "_clipped_fast", flaky(real_clipped))
+    x = make_matrix(200, 60, values="fractional", seed=15)
+    a, b, outs = run_both(active, lambda: make_adata(x, fmt, 45, (90, 60, 50)),
+                          dict(flavor="seurat_v3", n_top_genes=15, batch_key="b"))
+    assert not isinstance(outs[0][0], tuple), outs[0][0]
+    compare(a, b, outs)
+    counts = fallback.counts()
+    assert counts["served"].get(CALL, 0) == 1
+    assert sum(counts["fallbacks"].get(f"{CALL} (dask chunk)", {}).values()) >= 1
