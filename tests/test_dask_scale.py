@@ -281,3 +281,24 @@ def test_chunks_through_shared_memory(active, fmt, monkeypatch):
     monkeypatch.setattr(patch, "_peer_refused", True)
     run_both(active, lambda: to_dask(matrix(100, 20, seed=12), fmt, 30),
              {"zero_center": True, "max_value": 2.0})
+
+
+def test_f_ordered_chunks_run_upstreams_chunk_functions(active, monkeypatch):
+    """F-ordered dense chunks: numpy sums them pairwise and returns F-ordered
+    results; each such chunk runs upstream's own chunk function."""
+    import anndata as ad
+
+    from autozyme import fallback
+
+    monkeypatch.setenv("AUTOZYME_STRICT", "0")
+    m = np.asfortranarray(matrix(90, 12, seed=13).toarray())
+    # (from_array would hand out C-ordered copies)
+    a, b = (ad.AnnData(da.from_delayed(dask.delayed(lambda: m)(), shape=m.shape, dtype=m.dtype))
+            for _ in range(2))
+    upstream_scale(a, max_value=2.0)
+    active.pp.scale(b, max_value=2.0)
+    assert a.var.equals(b.var)
+    ra, rb = dask.compute(a.X, b.X)
+    assert ra.flags.f_contiguous == rb.flags.f_contiguous
+    assert_same_value(ra, rb, "X")
+    assert any("C-contiguous" in r for r in fallback.counts()["fallbacks"][f"{CALL} (dask chunk)"])

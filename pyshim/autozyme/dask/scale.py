@@ -316,6 +316,9 @@ def _apply_fast(chunk, std_row, mean_row, *, zero_center, clip_at, max_value):
     if isinstance(chunk, np.ndarray) and not isinstance(chunk, np.matrix):
         if chunk.ndim != 2 or chunk.dtype not in _common.FLOATS:
             raise Fallback(f"dense chunk {chunk.dtype} {chunk.ndim}-d")
+        if not chunk.flags.c_contiguous:
+            # numpy's result follows the input's memory order
+            raise Fallback("dense chunk not C-contiguous")
         return _divide_dense(chunk, None if mean_row is None else mean_row[0], std, clip_at)
     raise Fallback(f"{type(chunk).__name__} chunk")
 
