@@ -201,3 +201,12 @@ def test_chunk_functions_equal_upstreams_leaves(active, cls, dtype, base):
         assert_identical(q, np.divide(chunk(), log_base), "divide")
     if c.indices.dtype == q.indices.dtype:  # csr_matrix narrows int64 (new arrays)
         assert np.shares_memory(q.indices, c.indices) and np.shares_memory(q.indptr, c.indptr)
+
+
+def test_column_chunks(active):
+    def build():
+        ad = counts(150, 90, dtype=np.float32, seed=5)
+        ad.X = da.from_array(ad.X, chunks=(40, 25), asarray=False)
+        return ad
+
+    run_both(active, build, {"base": 2})

@@ -240,3 +240,17 @@ def test_division_in_row_blocks(active, monkeypatch, block):
     monkeypatch.setattr(dnt, "_BLOCK", block)
     run_both(active, lambda: make("csr", np.float32, 90, 60, rows=40, zero_cells=(0, 5, 6, 89)), {"key_added": "n"})
     run_both(active, lambda: make("csr_array", np.float64, 90, 60, rows=33, zero_cells=(1,)), {"target_sum": 3.0})
+
+
+@pytest.mark.parametrize("target_sum", [None, 50.0])
+def test_column_chunks(active, target_sum):
+    """Chunks that split the genes too: the per-block sums are combined by
+    upstream's own aggregate step, the division's factors broadcast over the
+    column blocks, as upstream's."""
+
+    def build():
+        ad = counts(150, 90, dtype=np.float32, seed=5, zero_cells=[7])
+        ad.X = da.from_array(ad.X, chunks=(40, 25), asarray=False)
+        return ad
+
+    run_both(active, build, {"target_sum": target_sum, "key_added": "n"})
