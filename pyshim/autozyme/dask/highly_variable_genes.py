@@ -22,10 +22,11 @@ What upstream does with a dask array, and what happens here:
    sums of the clipped values and of their squares (numba, row order), stacked
    ``(1, 2, genes)`` and added over the blocks by ``.sum(axis=0)``.
 
-Steps 1-3 are one pass here: one task per row block runs the daemon's check,
-``ScaleStats`` (f64 sums; the block is placed once in shared memory as f64,
-which is the conversion upstream makes) and ``HvgBatchWelford`` (the Welford
-kernels' operations) and packs the results in one row; upstream's own reduction
+Steps 1-3 are one pass here: one task per row block places the block once in
+shared memory and runs the daemon's ``HvgMeanVar`` (only for its value check),
+``ScaleChunkStats`` (the f64 sums of the values and of their f64 squares in row
+order) and ``HvgBatchWelford`` (the Welford kernels' operations), and packs the
+results in one row; upstream's own reduction
 functions then combine those rows over the same tree as upstream's (the same
 block count, ``split_every`` and combine functions), so every sum is added in
 upstream's order. This computes once where upstream computes four times (and
@@ -88,19 +89,22 @@ def _kind(data) -> str:
 # --- per-block statistics (steps 1-3) ------------------------------------------
 
 
-def _placed_f64(block, kind: str):
-    """The block in one shared-memory segment with its values as f64 (upstream
-    widens every value to f64 before it adds), and its wire Matrix."""
+def _placed(block, kind: str):
+    """The block in one shared-memory segment (the daemon's three requests read
+    it there, instead of copying it in three times), and its wire Matrix. Float
+    values keep their dtype (every kernel widens each value to f64 as upstream
+    does); integer counts become f64, the conversion upstream makes."""
     if kind == "csr":
         if block.indices.dtype not in INDEX or block.indptr.dtype not in INDEX:
             raise Fallback(f"index dtype {block.indices.dtype}/{block.indptr.dtype}")
         if len(block.indices) != len(block.data) or len(block.indptr) != block.shape[0] + 1:
             raise Fallback("malformed CSR block")
+        dtype = block.data.dtype if block.data.dtype in FLOATS else np.dtype(np.float64)
         nnz = len(block.data)
-        sizes = [nnz * 8, block.indices.nbytes, block.indptr.nbytes]
+        sizes = [nnz * dtype.itemsize, block.indices.nbytes, block.indptr.nbytes]
         offsets = np.cumsum([0] + [-(-s // 64) * 64 for s in sizes])
         buf = shm.empty((max(int(offsets[-1]), 1),), np.uint8)
-        data = buf[offsets[0] : offsets[0] + sizes[0]].view(np.float64)
+        data = buf[offsets[0] : offsets[0] + sizes[0]].view(dtype)
         indices = buf[offsets[1] : offsets[1] + sizes[1]].view(block.indices.dtype)
         indptr = buf[offsets[2] : offsets[2] + sizes[2]].view(block.indptr.dtype)
         np.copyto(data, block.data, casting="safe")
@@ -111,7 +115,7 @@ def _placed_f64(block, kind: str):
                 indices=refs[1], indptr=refs[2])
         return m, buf
     x = np.asarray(block)
-    data = shm.empty(x.shape, np.float64)
+    data = shm.empty(x.shape, x.dtype if x.dtype in FLOATS else np.float64)
     np.copyto(data, x, casting="safe")
     return msg("Dense", n_rows=x.shape[0], n_cols=x.shape[1], data=shm.ref(data)), data
 
@@ -128,12 +132,14 @@ def _stats_fast(block, codes_sub, n_batches: int, batched: bool, kind: str):
     from ..client import get_client
 
     n_rows, n_genes = block.shape
-    matrix, keep = _placed_f64(block, kind)
+    matrix, keep = _placed(block, kind)
     client = get_client()
     one = np.empty(0, np.uint64)
     flags = client.call(msg("HvgMeanVar", x=matrix, batches=one, n_batches=1, partitions=1,
                             check=True, with_overall=False))
-    sums = client.call(msg("ScaleStats", x=matrix, rows=None, partitions=1, along_rows=False))
+    # fast-array-utils' dask mean_var block sums: rows in order from 0.0, values
+    # widened to f64 before squaring (ScaleChunkStats, sc.pp.scale's dask leaf).
+    sums = client.call(msg("ScaleChunkStats", x=matrix))
     out = np.zeros(_row_length(n_genes, n_batches, batched), dtype=np.float64)
     out[0] = not (flags.negative or flags.non_integer or flags.non_finite)
     out[1] = not flags.non_finite
