@@ -209,8 +209,8 @@ def _divide_rows_fast(x, scaling_array, axis, op, *, out, allow_divide_by_zero):
         raise Fallback("not a row division without zero divisors")
     if not isinstance(scaling_array, np.ndarray) or scaling_array.shape != (x.shape[0], 1):
         raise Fallback(f"factors of shape {getattr(scaling_array, 'shape', None)}")
-    if op is not truediv or not isinstance(x.data, np.ndarray):
-        raise Fallback("not a true division of an ndarray")
+    if not isinstance(x.data, np.ndarray):
+        raise Fallback(f"data of type {type(x.data).__name__}")
     # upstream's zero guard, then ``x.data / np.repeat(factors, row lengths)``.
     # Division is elementwise and correctly rounded, so the quotients do not
     # depend on how the values are grouped: the repeat and the division run
