@@ -51,6 +51,7 @@ import numpy as np
 from .. import shm
 from ..codec import msg
 from ..fallback import Delegate, Fallback
+from ..patches import _common
 from . import chunks
 
 CALL = "highly_variable_genes"
@@ -97,8 +98,9 @@ def _placed(block, kind: str):
     if kind == "csr":
         if block.indices.dtype not in INDEX or block.indptr.dtype not in INDEX:
             raise Fallback(f"index dtype {block.indices.dtype}/{block.indptr.dtype}")
-        if len(block.indices) != len(block.data) or len(block.indptr) != block.shape[0] + 1:
-            raise Fallback("malformed CSR block")
+        # A malformed structure is refused (BadInput) as for an in-memory matrix:
+        # upstream's compiled block code would read out of bounds on it.
+        _common.check_csr_structure(block)
         dtype = block.data.dtype if block.data.dtype in FLOATS else np.dtype(np.float64)
         nnz = len(block.data)
         sizes = [nnz * dtype.itemsize, block.indices.nbytes, block.indptr.nbytes]
