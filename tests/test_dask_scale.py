@@ -302,3 +302,34 @@ def test_f_ordered_chunks_run_upstreams_chunk_functions(active, monkeypatch):
     assert ra.flags.f_contiguous == rb.flags.f_contiguous
     assert_same_value(ra, rb, "X")
     assert any("C-contiguous" in r for r in fallback.counts()["fallbacks"][f"{CALL} (dask chunk)"])
+
+
+def _unaligned(a):
+    """A copy of ``a`` at an odd address, as Dask unpickles some transfers."""
+    buf = np.empty(a.nbytes + 1, np.uint8)[1:]
+    out = buf.view(a.dtype).reshape(a.shape)
+    out[...] = a
+    assert out.__array_interface__["data"][0] % a.dtype.alignment
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+def test_unaligned_chunks(active, fmt):
+    """Chunks at odd addresses (unpickled from a Dask transfer) are realigned
+    before the daemon reads them."""
+    m = matrix(80, 15, seed=14)
+
+    def chunk(lo, hi):
+        c = m[lo:hi]
+        if fmt == "dense":
+            return _unaligned(c.toarray())
+        return sp.csr_matrix((_unaligned(c.data), _unaligned(c.indices), _unaligned(c.indptr)), shape=c.shape)
+
+    def build():
+        meta = np.empty((0, 0), np.float32) if fmt == "dense" else sp.csr_matrix((0, 0), dtype=np.float32)
+        parts = [da.from_delayed(dask.delayed(chunk)(lo, min(lo + 30, 80)), shape=(min(lo + 30, 80) - lo, 15),
+                                 dtype=np.float32, meta=meta) for lo in range(0, 80, 30)]
+        return da.concatenate(parts)
+
+    for kwargs in CASES:
+        run_both(active, build, kwargs)

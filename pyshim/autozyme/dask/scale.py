@@ -225,11 +225,19 @@ def _call_csr(make_request, chunk):
     copies stay referenced until the reply: a dropped copy's segment is pooled,
     and another chunk's task (another thread) may take and overwrite it."""
     from ..client import DaemonError, get_client
+    from ..codec import msg
     from ..patches import _common
     from ..patches import scale as patch
+    from .. import shm
 
     if not patch._peer_refused:  # noqa: SLF001
-        matrix, *_ = _common.csr_refs(chunk, with_indices=True, peer=True)
+        if chunk.indices.dtype not in _common.INDEX or chunk.indptr.dtype not in _common.INDEX:
+            raise Fallback(f"index dtype {chunk.indices.dtype}/{chunk.indptr.dtype}")
+        # (a chunk unpickled from a Dask transfer may lie at any byte: realigned)
+        arrays = [shm.peer_ready(a) for a in (chunk.data, chunk.indices, chunk.indptr)]
+        data, indices, indptr = (shm.peer_ref(a) for a in arrays)
+        matrix = msg("Csr", n_rows=chunk.shape[0], n_cols=chunk.shape[1], data=data,
+                     indices=indices, indptr=indptr)
         try:
             return get_client().call(make_request(matrix))
         except DaemonError as e:
@@ -255,8 +263,10 @@ def _call_dense(make_request, chunk):
         return msg("Dense", n_rows=chunk.shape[0], n_cols=chunk.shape[1], data=data_ref)
 
     if not shm.is_placed(chunk) and not patch._peer_refused:  # noqa: SLF001
+        # (a chunk unpickled from a Dask transfer may lie at any byte: realigned)
+        ready = shm.peer_ready(chunk)
         try:
-            return get_client().call(make_request(matrix(shm.peer_ref(chunk))))
+            return get_client().call(make_request(matrix(shm.peer_ref(ready))))
         except DaemonError as e:
             if e.kind != "Unsupported":
                 raise
