@@ -93,6 +93,11 @@ REQUESTS = {
         "HvgBatchWelford", x=CSR, batches=np.array([1, 0, 1], dtype=np.uint64), n_batches=2,
     ),
     "req_scale_chunk_stats": msg("ScaleChunkStats", x=CSR),
+    "req_hvg_clipped_sums_from": msg(
+        "HvgClippedSumsFrom", x=CSR, batches=np.array([1, 0, 1], dtype=np.uint64), n_batches=2,
+        clip=np.array([2.5, 1e10, 3.0, 4.0]), sums=np.array([0.0, 1.5, 2.0, 0.25]),
+        squares=np.array([0.0, 2.25, 4.0, 0.0625]),
+    ),
 }
 
 

@@ -215,6 +215,16 @@ fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, 
             n_batches,
         } => hvg::batch_welford(daemon, peer, &x, &batches, n_batches)?,
         Request::ScaleChunkStats { x } => scale::chunk_stats(daemon, peer, &x)?,
+        Request::HvgClippedSumsFrom {
+            x,
+            batches,
+            n_batches,
+            clip,
+            sums,
+            squares,
+        } => hvg::clipped_sums_from(
+            daemon, peer, &x, &batches, n_batches, &clip, &sums, &squares,
+        )?,
     };
     Ok((response, After::Continue))
 }

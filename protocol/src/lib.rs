@@ -284,6 +284,21 @@ pub enum Request {
     ScaleChunkStats {
         x: Matrix,
     },
+    /// highly_variable_genes (seurat_v3) on a dask array (scanpy 1.12), one row
+    /// chunk's share of the clipped sums: as `HvgClippedSums` without `only`
+    /// (CSR only), but each batch's two sums start from `sums` and `squares`
+    /// (`n_batches × n_cols`, row-major) instead of 0.0. Upstream adds a block
+    /// of `data[batch == b]` whose rows dask gathered from several chunks in one
+    /// sequence; the client carries that sequence from chunk to chunk. Replies
+    /// `Response::HvgClippedSums`.
+    HvgClippedSumsFrom {
+        x: Matrix,
+        batches: Vec<u64>,
+        n_batches: u64,
+        clip: Vec<f64>,
+        sums: Vec<f64>,
+        squares: Vec<f64>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

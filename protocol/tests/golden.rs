@@ -197,6 +197,17 @@ fn requests() -> Vec<(&'static str, Request)> {
             "req_scale_chunk_stats",
             Request::ScaleChunkStats { x: csr() },
         ),
+        (
+            "req_hvg_clipped_sums_from",
+            Request::HvgClippedSumsFrom {
+                x: csr(),
+                batches: vec![1, 0, 1],
+                n_batches: 2,
+                clip: vec![2.5, 1e10, 3.0, 4.0],
+                sums: vec![0.0, 1.5, 2.0, 0.25],
+                squares: vec![0.0, 2.25, 4.0, 0.0625],
+            },
+        ),
     ]
 }
 

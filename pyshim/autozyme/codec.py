@@ -305,6 +305,17 @@ REQUEST = Enum(
         ),
         ("HvgBatchWelford", [("x", MATRIX), ("batches", Vec(U64)), ("n_batches", U64)]),
         ("ScaleChunkStats", [("x", MATRIX)]),
+        (
+            "HvgClippedSumsFrom",
+            [
+                ("x", MATRIX),
+                ("batches", Vec(U64)),
+                ("n_batches", U64),
+                ("clip", Vec(F64)),
+                ("sums", Vec(F64)),
+                ("squares", Vec(F64)),
+            ],
+        ),
     ],
 )
 ERROR_KIND = _UnitEnum(

@@ -211,7 +211,11 @@ pub(super) fn clipped_sums(
                 Some(_) => 1,
                 None => rayon::current_num_threads().div_ceil(groups.len().max(1)),
             };
-            let work = CsrWork::Clipped { clip, blocks };
+            let work = CsrWork::Clipped {
+                clip,
+                blocks,
+                from: None,
+            };
             match run_csr(csr, &groups, work) {
                 CsrOut::Clipped(sums) => sums,
                 _ => unreachable!("asked for clipped sums"),
@@ -226,6 +230,53 @@ pub(super) fn clipped_sums(
         }
     };
     let ClippedSums { sums, squares } = sums;
+    Ok(Response::HvgClippedSums { sums, squares })
+}
+
+/// `Request::HvgClippedSumsFrom`: a CSR chunk's clipped sums per batch, each
+/// continuing from the given sums.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn clipped_sums_from(
+    daemon: &Daemon,
+    peer: Peer,
+    x: &Matrix,
+    batches: &[u64],
+    n_batches: u64,
+    clip: &[f64],
+    sums: &[f64],
+    squares: &[f64],
+) -> Result<Response> {
+    let mut resolver = Resolver::new(&daemon.segments, peer);
+    let m = MatrixRegions::resolve(&mut resolver, x)?;
+    let (n_rows, n_cols) = m.shape();
+    let groups = batch_rows(batches, n_batches, n_rows)?;
+    check_reply_size(groups.len(), n_cols)?;
+    let want = (groups.len() as u128) * (n_cols as u128);
+    for (what, v) in [("clip", clip), ("sums", sums), ("squares", squares)] {
+        if v.len() as u128 != want {
+            return Err(Failure::bad_request(format!(
+                "{} {what} values for {} batches x {n_cols} genes",
+                v.len(),
+                groups.len()
+            )));
+        }
+    }
+    let MatrixRegions::Csr(csr) = &m else {
+        return Err(Failure::new(
+            ErrorKind::Unsupported,
+            "HvgClippedSumsFrom takes a CSR matrix",
+        ));
+    };
+    let blocks = rayon::current_num_threads().div_ceil(groups.len().max(1));
+    let work = CsrWork::Clipped {
+        clip,
+        blocks,
+        from: Some((sums, squares)),
+    };
+    let ClippedSums { sums, squares } = match run_csr(csr, &groups, work) {
+        CsrOut::Clipped(sums) => sums,
+        _ => unreachable!("asked for clipped sums"),
+    };
     Ok(Response::HvgClippedSums { sums, squares })
 }
 
@@ -310,9 +361,17 @@ fn dense_sums<T: Float>(
 /// What a CSR request computes.
 #[derive(Clone, Copy)]
 enum CsrWork<'a> {
-    MeanVar { job: &'a MeanVarJob },
-    Clipped { clip: &'a [f64], blocks: usize },
-    Welford { blocks: &'a [usize] },
+    MeanVar {
+        job: &'a MeanVarJob,
+    },
+    Clipped {
+        clip: &'a [f64],
+        blocks: usize,
+        from: Option<(&'a [f64], &'a [f64])>,
+    },
+    Welford {
+        blocks: &'a [usize],
+    },
 }
 
 enum CsrOut {
@@ -347,8 +406,8 @@ impl CsrVisitor for CsrJob<'_> {
                     (sums, ValueFlags::default(), 0)
                 }
             })),
-            CsrWork::Clipped { clip, blocks } => CsrOut::Clipped(csr_clipped_sums(
-                indptr, indices, data, n_cols, groups, clip, blocks,
+            CsrWork::Clipped { clip, blocks, from } => CsrOut::Clipped(csr_clipped_sums(
+                indptr, indices, data, n_cols, groups, clip, blocks, from,
             )),
             CsrWork::Welford { blocks } => CsrOut::Welford(csr_batch_welford(
                 indptr, indices, data, n_cols, groups, blocks,

@@ -41,7 +41,10 @@ pub struct ClippedSums {
 /// CSR: `groups[g]` lists batch g's rows in increasing order, `clip` holds
 /// `groups × n_cols` clip values. `col_blocks` splits each batch's columns among
 /// that many tasks (each scans the batch's rows; only speed depends on it).
-/// Column indices at or beyond `n_cols` are skipped.
+/// Column indices at or beyond `n_cols` are skipped. With `from` (sums,
+/// squares; `groups × n_cols` each), the sums continue from those values
+/// instead of 0.0: a sequence of additions split over several calls, each
+/// call's rows after the previous call's, is the one sequence.
 pub fn csr_clipped_sums<T: Float, P: SparseIndex, I: SparseIndex>(
     indptr: &[P],
     indices: &[I],
@@ -50,6 +53,7 @@ pub fn csr_clipped_sums<T: Float, P: SparseIndex, I: SparseIndex>(
     groups: &[Vec<usize>],
     clip: &[f64],
     col_blocks: usize,
+    from: Option<(&[f64], &[f64])>,
 ) -> ClippedSums {
     let nnz = data.len().min(indices.len());
     let (indices, data) = (&indices[..nnz], &data[..nnz]);
@@ -64,8 +68,16 @@ pub fn csr_clipped_sums<T: Float, P: SparseIndex, I: SparseIndex>(
             let lo = (b * width).min(n_cols);
             let hi = (lo + width).min(n_cols);
             let clip = clip.get(g * n_cols + lo..g * n_cols + hi).unwrap_or(&[]);
+            let start = |v: &[f64], k: usize| v.get(g * n_cols + lo + k).copied().unwrap_or(0.0);
             // Each gene's clip value next to its two sums: one cache line per value.
-            let mut acc: Vec<[f64; 4]> = clip.iter().map(|&c| [0.0, 0.0, c, 0.0]).collect();
+            let mut acc: Vec<[f64; 4]> = clip
+                .iter()
+                .enumerate()
+                .map(|(k, &c)| match from {
+                    Some((sums, squares)) => [start(squares, k), start(sums, k), c, 0.0],
+                    None => [0.0, 0.0, c, 0.0],
+                })
+                .collect();
             for &r in &groups[g] {
                 let span = row_range(indptr, r, nnz);
                 for (&c, &v) in indices[span.clone()].iter().zip(&data[span]) {
@@ -180,13 +192,45 @@ mod tests {
                 for threads in [1, 3] {
                     let got = with_threads(threads, || {
                         csr_clipped_sums(
-                            &m.indptr, &m.indices, &m.data, n_cols, &groups, &clip, blocks,
+                            &m.indptr, &m.indices, &m.data, n_cols, &groups, &clip, blocks, None,
                         )
                     });
                     assert_eq!(bits(&got.sums), bits(&want_s));
                     assert_eq!(bits(&got.squares), bits(&want_q));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn csr_continued_over_two_calls_is_one_sequence() {
+        for (seed, &(n_rows, n_cols, density)) in shapes().iter().enumerate() {
+            if n_rows < 2 {
+                continue;
+            }
+            let m = random_csr(seed as u64 + 70, n_rows, n_cols, density);
+            let clip: Vec<f64> = (0..n_cols).map(|k| 2.0 + (k % 13) as f64 * 0.7).collect();
+            let all = vec![(0..n_rows).collect::<Vec<_>>()];
+            let whole =
+                csr_clipped_sums(&m.indptr, &m.indices, &m.data, n_cols, &all, &clip, 2, None);
+            let cut = n_rows / 2;
+            let first = vec![(0..cut).collect::<Vec<_>>()];
+            let second = vec![(cut..n_rows).collect::<Vec<_>>()];
+            let a = csr_clipped_sums(
+                &m.indptr, &m.indices, &m.data, n_cols, &first, &clip, 3, None,
+            );
+            let b = csr_clipped_sums(
+                &m.indptr,
+                &m.indices,
+                &m.data,
+                n_cols,
+                &second,
+                &clip,
+                1,
+                Some((&a.sums, &a.squares)),
+            );
+            assert_eq!(bits(&b.sums), bits(&whole.sums));
+            assert_eq!(bits(&b.squares), bits(&whole.squares));
         }
     }
 

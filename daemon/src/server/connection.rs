@@ -239,5 +239,6 @@ pub(crate) fn variant_name(request: &Request) -> &'static str {
         Request::RankGenesGroupsGroupSums { .. } => "RankGenesGroupsGroupSums",
         Request::HvgBatchWelford { .. } => "HvgBatchWelford",
         Request::ScaleChunkStats { .. } => "ScaleChunkStats",
+        Request::HvgClippedSumsFrom { .. } => "HvgClippedSumsFrom",
     }
 }
