@@ -260,14 +260,16 @@ def test_stays_a_dask_array_and_chunks_served(active):
 @pytest.mark.parametrize("fmt", ["csr", "dense"])
 def test_block_the_daemon_cannot_serve_runs_upstreams_block_code(active, fmt, monkeypatch):
     """The per-block fallback contract: a block whose daemon request fails is
-    computed by upstream's own block code in the same task; same result."""
+    computed by upstream's own block code in the same task (for the CSR clipped
+    sums, which continue from chunk to chunk, by numpy in upstream's order);
+    same result."""
     from autozyme import fallback
     from autozyme.dask import highly_variable_genes as m
     from autozyme.runtime import DaemonUnavailable
 
     monkeypatch.setenv("AUTOZYME_STRICT", "0")
     calls = {"n": 0}
-    real_stats, real_clipped = m._stats_fast, m._clipped_fast
+    real_stats, real_clipped, real_chain = m._stats_fast, m._clipped_fast, m._clip_chain_fast
 
     def flaky(real):
         def fn(*args):
@@ -279,6 +281,7 @@ def test_block_the_daemon_cannot_serve_runs_upstreams_block_code(active, fmt, mo
 
     monkeypatch.setattr(m, "_stats_fast", flaky(real_stats))
     monkeypatch.setattr(m, "_clipped_fast", flaky(real_clipped))
+    monkeypatch.setattr(m, "_clip_chain_fast", flaky(real_chain))
     x = make_matrix(200, 60, values="fractional", seed=15)
     a, b, outs = run_both(active, lambda: make_adata(x, fmt, 45, (90, 60, 50)),
                           dict(flavor="seurat_v3", n_top_genes=15, batch_key="b"))
