@@ -30,13 +30,16 @@ results in one row; upstream's own reduction
 functions then combine those rows over the same tree as upstream's (the same
 block count, ``split_every`` and combine functions), so every sum is added in
 upstream's order. This computes once where upstream computes four times (and
-evaluates the input graph once instead of four times). Step 5 keeps upstream's
-graph (its ``take``, its ``map_blocks``, its ``.sum``): the blocks of
-``data[mask]`` gather each batch's rows across chunk boundaries, and a block's
-sums cannot be split there without changing their order of additions. Dense
-blocks get the daemon's ``HvgClippedSums`` as the block function; CSR blocks
-keep upstream's numba loop, which the daemon does not beat on one block (see
-``clipped_sums``).
+evaluates the input graph once instead of four times).
+
+Step 5, dense: upstream's graph (its ``take``, ``map_blocks`` and ``.sum``) with
+the daemon's ``HvgClippedSums`` as the block function. CSR: no ``take``. The
+blocks of ``data[mask]`` gather each batch's rows across chunk boundaries, and
+upstream adds a block's values in one sequence; so one task per chunk, chained
+in chunk order, labels every row with its (batch, block) and has
+``HvgClippedSumsFrom`` continue each block's sums from the previous chunk. The
+finished blocks' rows go into upstream's ``.sum(axis=0)`` over the same number
+of blocks, so the same tree.
 
 A block the daemon cannot serve is computed by upstream's own block code in the
 same task (``chunks.run``), giving the same row.
