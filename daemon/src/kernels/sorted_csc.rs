@@ -185,85 +185,139 @@ fn is_zero<T: Float>(v: T) -> bool {
     v.to_f64() == 0.0
 }
 
+/// Stored values per column group (see [`build`]): the group's entries, their
+/// column-sorted copy and one column's sort buffers stay within a core's L2 cache.
+const GROUP_TARGET: usize = 1 << 15;
+/// Columns per group at most, so a local column index always fits a u32.
+const GROUP_MAX_COLS: usize = 1 << 20;
+
+/// Builds the structure in three passes over the rows and one over column groups:
+///
+/// 1. Rows are cut into bands; each band counts its values per column (and checks
+///    them), so every band knows where its entries go and all bands fill in
+///    parallel. Positions depend only on row order, never on the banding.
+/// 2. Columns are cut into consecutive groups of about [`GROUP_TARGET`] values.
+///    Each band appends its entries, in row order, to its share of each group's
+///    final range of `rows`/`vals`, with the column within the group parked in
+///    `by_value`. Writing to a few hundred group streams instead of one stream per
+///    column keeps the writes in cache (a direct scatter into thousands of columns
+///    missed the cache on nearly every write and was most of the build).
+/// 3. Each group, on its own and in cache, is sorted by column with a stable
+///    counting sort (so rows stay ascending within a column) and written back in
+///    place; then each column is ordered by value (ties keep row order, which is
+///    the (value, row) order) into `by_value`.
 fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, BuildError> {
     let n_rows = src.n_rows();
     if n_rows > MAX_ROWS {
         return Err(BuildError::TooManyRows(n_rows));
     }
-    // Rows are cut into bands; each band counts its values per column, so every
-    // band knows where its entries go and all bands fill in parallel. Positions
-    // depend only on row order, never on the banding.
     let n_bands = n_rows.clamp(1, 32);
     let band = |b: usize| (b * n_rows / n_bands)..((b + 1) * n_rows / n_bands);
-    let counts: Vec<Result<(Vec<usize>, bool), BuildError>> = (0..n_bands)
+    // A band's count per column fits a u32: it is at most the band's row count.
+    let counts: Vec<Result<(Vec<u32>, bool), BuildError>> = (0..n_bands)
         .into_par_iter()
         .map(|b| {
-            let mut counts = vec![0usize; n_cols];
+            let mut counts = vec![0u32; n_cols];
             let mut integers = true;
             let mut bad = None;
             for r in band(b) {
                 src.for_row(r, |c, v| {
-                    let f = v.to_f64();
-                    integers &= f.is_finite() && !f.is_sign_negative() && f.fract() == 0.0;
-                    if f.is_nan() {
-                        bad.get_or_insert(BuildError::NotANumber { row: r });
-                    } else if c >= n_cols {
-                        bad.get_or_insert(BuildError::Malformed(format!(
-                            "column index out of range in row {r}"
-                        )));
-                    } else if !is_zero(v) {
-                        counts[c] += 1;
+                    integers &= v.is_finite() && !v.is_sign_negative() && !v.has_fraction();
+                    let nan = v.to_f64().is_nan();
+                    if nan || c >= n_cols {
+                        bad.get_or_insert(if nan {
+                            BuildError::NotANumber { row: r }
+                        } else {
+                            BuildError::Malformed(format!("column index out of range in row {r}"))
+                        });
+                    } else {
+                        counts[c] += !is_zero(v) as u32;
                     }
                 });
+                if bad.is_some() {
+                    break;
+                }
             }
             bad.map_or(Ok((counts, integers)), Err)
         })
         .collect();
-    let counts: Vec<(Vec<usize>, bool)> = counts.into_iter().collect::<Result<_, _>>()?;
+    let counts: Vec<(Vec<u32>, bool)> = counts.into_iter().collect::<Result<_, _>>()?;
     let nonneg_integers = counts.iter().all(|(_, i)| *i);
-    let counts: Vec<Vec<usize>> = counts.into_iter().map(|(c, _)| c).collect();
+    let counts: Vec<Vec<u32>> = counts.into_iter().map(|(c, _)| c).collect();
     let mut colptr = vec![0usize; n_cols + 1];
     for c in 0..n_cols {
-        colptr[c + 1] = colptr[c] + counts.iter().map(|k| k[c]).sum::<usize>();
+        colptr[c + 1] = colptr[c] + counts.iter().map(|k| k[c] as usize).sum::<usize>();
     }
     let nnz = colptr[n_cols];
-    // cursor[b][c] = (next, end): where band b's entries of column c go.
-    let mut cursors = vec![vec![(0usize, 0usize); n_cols]; n_bands];
+
+    // Column groups: group g is columns gstart[g]..gstart[g + 1].
+    let mut gstart = vec![0usize];
     for c in 0..n_cols {
-        let mut at = colptr[c];
-        for b in 0..n_bands {
-            cursors[b][c] = (at, at + counts[b][c]);
-            at += counts[b][c];
+        let g0 = *gstart.last().unwrap();
+        if colptr[c + 1] - colptr[g0] >= GROUP_TARGET || c + 1 - g0 >= GROUP_MAX_COLS {
+            gstart.push(c + 1);
         }
     }
+    if *gstart.last().unwrap() < n_cols {
+        gstart.push(n_cols);
+    }
+    let n_groups = gstart.len() - 1;
+    let mut group_of_col = vec![0u32; n_cols];
+    for g in 0..n_groups {
+        group_of_col[gstart[g]..gstart[g + 1]].fill(g as u32);
+    }
+    // cursors[b][g] = (next, end): where band b's entries of group g go.
+    let mut cursors = vec![vec![(0usize, 0usize); n_groups]; n_bands];
+    for g in 0..n_groups {
+        let mut at = colptr[gstart[g]];
+        for (b, k) in counts.iter().enumerate() {
+            let n: usize = k[gstart[g]..gstart[g + 1]]
+                .iter()
+                .map(|&n| n as usize)
+                .sum();
+            cursors[b][g] = (at, at + n);
+            at += n;
+        }
+    }
+    drop(counts);
+
     let mut rows = vec![0u32; nnz];
     let mut vals = vec![T::from_f64(0.0); nnz];
+    let mut by_value = vec![0u32; nnz];
     huge_pages(&mut rows);
     huge_pages(&mut vals);
-    let (rows_at, vals_at) = (SharedMut(rows.as_mut_ptr()), SharedMut(vals.as_mut_ptr()));
+    huge_pages(&mut by_value);
+    let (rows_at, vals_at, cols_at) = (
+        SharedMut(rows.as_mut_ptr()),
+        SharedMut(vals.as_mut_ptr()),
+        SharedMut(by_value.as_mut_ptr()),
+    );
+    let (gstart, group_of_col) = (&gstart, &group_of_col);
     let filled: Vec<bool> = cursors
         .into_par_iter()
         .enumerate()
         .map(|(b, mut cursor)| {
-            let (rows_at, vals_at) = (rows_at, vals_at);
+            let (rows_at, vals_at, cols_at) = (rows_at, vals_at, cols_at);
             let mut ok = true;
             for r in band(b) {
                 src.for_row(r, |c, v| {
                     if c >= n_cols || is_zero(v) || v.to_f64().is_nan() {
                         return;
                     }
-                    let (next, end) = &mut cursor[c];
-                    // The count pass bounds each band's share of each column; data
+                    let g = group_of_col[c] as usize;
+                    let (next, end) = &mut cursor[g];
+                    // The count pass bounds each band's share of each group; data
                     // rewritten meanwhile by the client must not write outside it.
                     if *next >= *end {
                         ok = false;
                         return;
                     }
-                    // SAFETY: `next` lies in band b's own range of column c (checked
-                    // above), which no other band writes; both vectors hold nnz items.
+                    // SAFETY: `next` lies in band b's own range of group g (checked
+                    // above), which no other band writes; all vectors hold nnz items.
                     unsafe {
                         *rows_at.0.add(*next) = r as u32;
                         *vals_at.0.add(*next) = v;
+                        *cols_at.0.add(*next) = (c - gstart[g]) as u32;
                     }
                     *next += 1;
                 });
@@ -272,71 +326,55 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
         })
         .collect();
     if filled.contains(&false) {
-        return Err(BuildError::Malformed(
-            "the matrix changed while it was read".into(),
-        ));
+        return Err(changed());
     }
 
-    let mut by_value = vec![0u32; nnz];
-    huge_pages(&mut by_value);
     let mut n_neg = vec![0u32; n_cols];
     let mut exact = vec![false; n_cols];
-    let per_col: Vec<(&mut [u32], (&mut u32, &mut bool))> = {
-        let pieces = super::split_at_offsets_mut(&mut by_value, colptr[1..].iter().copied());
-        pieces
-            .into_iter()
-            .zip(n_neg.iter_mut().zip(exact.iter_mut()))
-            .collect()
-    };
-    let dup: Vec<Option<BuildError>> = per_col
+    let group_ends = || gstart[1..].iter().map(|&c| colptr[c]);
+    let groups: Vec<_> = super::split_at_offsets_mut(&mut rows, group_ends())
+        .into_iter()
+        .zip(super::split_at_offsets_mut(&mut vals, group_ends()))
+        .zip(super::split_at_offsets_mut(&mut by_value, group_ends()))
+        .zip(super::split_at_offsets_mut(
+            &mut n_neg,
+            gstart[1..].iter().copied(),
+        ))
+        .zip(super::split_at_offsets_mut(
+            &mut exact,
+            gstart[1..].iter().copied(),
+        ))
+        .collect();
+    let colptr = &colptr;
+    let failed: Vec<Option<BuildError>> = groups
         .into_par_iter()
         .enumerate()
-        .with_min_len(64)
         .map_init(
-            Vec::new,
-            |scratch: &mut Vec<(u64, u32)>, (c, (out, (neg, ex)))| {
-                let range = colptr[c]..colptr[c + 1];
-                let (rs, vs) = (&rows[range.clone()], &vals[range]);
-                if let Some(w) = rs.windows(2).position(|w| w[0] >= w[1]) {
-                    return Some(BuildError::DuplicateEntry {
-                        row: rs[w + 1] as usize,
-                        col: c,
-                    });
-                }
-                // Sorting plain integers: an order-preserving map of the value's bits,
-                // then the row (for f32 both fit one u64).
-                scratch.clear();
-                if T::IS_F32 {
-                    let mut keys: Vec<u64> = vs
-                        .iter()
-                        .zip(rs)
-                        .map(|(&v, &r)| ((order_key32(v.to_f32()) as u64) << 32) | r as u64)
-                        .collect();
-                    keys.sort_unstable();
-                    scratch.extend(keys.iter().map(|&k| (k >> 32 << 32, k as u32)));
-                } else {
-                    scratch.extend(vs.iter().zip(rs).map(|(&v, &r)| (order_key(v.to_f64()), r)));
-                    scratch.sort_unstable();
-                }
-                let mut prev = None;
-                for (slot, &(key, r)) in out.iter_mut().zip(scratch.iter()) {
-                    *slot = if Some(key) == prev { r } else { r | TIE_START };
-                    prev = Some(key);
-                }
-                *neg = vs.iter().filter(|&&v| v.to_f64() < 0.0).count() as u32;
-                *ex = sums_are_exact::<T>(vs);
-                None
+            Scratch::default,
+            |scratch, (g, ((((rs, vs), out), neg), ex))| {
+                let cols = gstart[g]..gstart[g + 1];
+                sort_group(
+                    &colptr[cols.start..=cols.end],
+                    cols.start,
+                    rs,
+                    vs,
+                    out,
+                    neg,
+                    ex,
+                    scratch,
+                )
+                .err()
             },
         )
         .collect();
-    if let Some(e) = dup.into_iter().flatten().next() {
+    if let Some(e) = failed.into_iter().flatten().next() {
         return Err(e);
     }
 
     Ok(SortedCsc {
         n_rows,
         n_cols,
-        colptr,
+        colptr: colptr.clone(),
         rows,
         vals,
         by_value,
@@ -344,6 +382,280 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
         exact,
         nonneg_integers,
     })
+}
+
+fn changed() -> BuildError {
+    BuildError::Malformed("the matrix changed while it was read".into())
+}
+
+/// Per-thread buffers reused from group to group and column to column.
+struct Scratch<T> {
+    rows: Vec<u32>,
+    vals: Vec<T>,
+    next: Vec<usize>,
+    order: ValueOrder,
+}
+
+impl<T> Default for Scratch<T> {
+    fn default() -> Self {
+        Scratch {
+            rows: Vec::new(),
+            vals: Vec::new(),
+            next: Vec::new(),
+            order: ValueOrder::default(),
+        }
+    }
+}
+
+/// Sorts one column group in place: `rs`/`vs` hold its entries in row order with
+/// each entry's column (relative to `first_col`) in `out`; afterwards `rs`/`vs` are
+/// column-major with ascending rows and `out` holds each column's value order.
+/// `colptr` is the group's slice of the column pointers (one more than columns).
+#[allow(clippy::too_many_arguments)]
+fn sort_group<T: Float>(
+    colptr: &[usize],
+    first_col: usize,
+    rs: &mut [u32],
+    vs: &mut [T],
+    out: &mut [u32],
+    neg: &mut [u32],
+    ex: &mut [bool],
+    scratch: &mut Scratch<T>,
+) -> Result<(), BuildError> {
+    let base = colptr[0];
+    let len = rs.len();
+    let width = colptr.len() - 1;
+    scratch.next.clear();
+    scratch
+        .next
+        .extend(colptr[..width].iter().map(|&p| p - base));
+    scratch.rows.clear();
+    scratch.rows.resize(len, 0);
+    scratch.vals.clear();
+    scratch.vals.resize(len, T::from_f64(0.0));
+    // Stable counting sort by column. A column that overflows its count means the
+    // matrix changed between the passes; with none overflowing and `len` entries
+    // in all, every column is exactly full.
+    for k in 0..len {
+        let lc = out[k] as usize;
+        let (Some(&end), Some(next)) = (colptr.get(lc + 1), scratch.next.get_mut(lc)) else {
+            return Err(changed());
+        };
+        if *next >= end - base {
+            return Err(changed());
+        }
+        scratch.rows[*next] = rs[k];
+        scratch.vals[*next] = vs[k];
+        *next += 1;
+    }
+    rs.copy_from_slice(&scratch.rows);
+    vs.copy_from_slice(&scratch.vals);
+    for lc in 0..width {
+        let range = colptr[lc] - base..colptr[lc + 1] - base;
+        let (r, v) = (&rs[range.clone()], &vs[range.clone()]);
+        if let Some(w) = r.windows(2).position(|w| w[0] >= w[1]) {
+            return Err(BuildError::DuplicateEntry {
+                row: r[w + 1] as usize,
+                col: first_col + lc,
+            });
+        }
+        scratch.order.sort(r, v, &mut out[range]);
+        neg[lc] = v.iter().filter(|&&v| v.to_f64() < 0.0).count() as u32;
+        ex[lc] = sums_are_exact::<T>(v);
+    }
+    Ok(())
+}
+
+/// Buffers for ordering one column by value.
+struct ValueOrder {
+    /// Few-distinct path: open-addressing table of keys (0 = empty: no non-NaN
+    /// value has key 0) and the distinct value's number in each slot.
+    slot_key: Vec<u64>,
+    slot_id: Vec<u8>,
+    /// Per distinct value: its key, its slot, how many entries have it.
+    distinct: Vec<(u64, usize, u32)>,
+    /// Per entry: the number of its distinct value.
+    ids: Vec<u8>,
+    /// Radix and comparison sort items: key, then row.
+    a: Vec<u64>,
+    b: Vec<u64>,
+    pairs: Vec<(u64, u32)>,
+}
+
+impl Default for ValueOrder {
+    fn default() -> Self {
+        ValueOrder {
+            slot_key: vec![0; SLOTS],
+            slot_id: vec![0; SLOTS],
+            distinct: Vec::new(),
+            ids: Vec::new(),
+            a: Vec::new(),
+            b: Vec::new(),
+            pairs: Vec::new(),
+        }
+    }
+}
+
+/// Table size and distinct values at most for the few-distinct path.
+const SLOTS: usize = 512;
+const MAX_DISTINCT: usize = 255;
+/// Columns shorter than this are just sorted.
+const SMALL: usize = 64;
+
+fn key_of<T: Float>(v: T) -> u64 {
+    if T::IS_F32 {
+        order_key32(v.to_f32()) as u64
+    } else {
+        order_key(v.to_f64())
+    }
+}
+
+impl ValueOrder {
+    /// Writes the rows `rs` (ascending) in increasing order of their values `vs`,
+    /// ties in row order, into `out`, with [`TIE_START`] on each tie block's first.
+    fn sort<T: Float>(&mut self, rs: &[u32], vs: &[T], out: &mut [u32]) {
+        let n = rs.len();
+        if n >= SMALL && self.by_distinct(rs, vs, out) {
+            return;
+        }
+        if T::IS_F32 {
+            // Key in the high half, row in the low: sorting the u64s is sorting by
+            // (value, row).
+            self.a.clear();
+            self.a.extend(
+                vs.iter()
+                    .zip(rs)
+                    .map(|(&v, &r)| (key_of(v) << 32) | r as u64),
+            );
+            if n >= SMALL {
+                self.radix_high_half();
+            } else {
+                self.a.sort_unstable();
+            }
+            let mut prev = None;
+            for (slot, &k) in out.iter_mut().zip(&self.a) {
+                let key = k >> 32;
+                *slot = if Some(key) == prev {
+                    k as u32
+                } else {
+                    k as u32 | TIE_START
+                };
+                prev = Some(key);
+            }
+        } else {
+            self.pairs.clear();
+            self.pairs
+                .extend(vs.iter().zip(rs).map(|(&v, &r)| (key_of(v), r)));
+            self.pairs.sort_unstable();
+            let mut prev = None;
+            for (slot, &(key, r)) in out.iter_mut().zip(&self.pairs) {
+                *slot = if Some(key) == prev { r } else { r | TIE_START };
+                prev = Some(key);
+            }
+        }
+    }
+
+    /// A stable counting sort by distinct value, for columns with at most
+    /// [`MAX_DISTINCT`] distinct values (common: counts, log1p of counts). False,
+    /// with `out` untouched, for a column with more.
+    fn by_distinct<T: Float>(&mut self, rs: &[u32], vs: &[T], out: &mut [u32]) -> bool {
+        self.distinct.clear();
+        self.ids.clear();
+        let mut fits = true;
+        for &v in vs {
+            let key = key_of(v);
+            let mut s = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 55) as usize;
+            let id = loop {
+                let k = self.slot_key[s];
+                if k == key {
+                    break self.slot_id[s];
+                }
+                if k == 0 {
+                    if self.distinct.len() == MAX_DISTINCT {
+                        fits = false;
+                        break 0;
+                    }
+                    let id = self.distinct.len() as u8;
+                    self.slot_key[s] = key;
+                    self.slot_id[s] = id;
+                    self.distinct.push((key, s, 0));
+                    break id;
+                }
+                s = (s + 1) % SLOTS;
+            };
+            if !fits {
+                break;
+            }
+            self.distinct[id as usize].2 += 1;
+            self.ids.push(id);
+        }
+        for &(_, s, _) in &self.distinct {
+            self.slot_key[s] = 0;
+        }
+        if !fits {
+            return false;
+        }
+        // Start of each distinct value's block in value order, by id.
+        let mut by_key: Vec<(u64, u8)> = Vec::with_capacity(self.distinct.len());
+        by_key.extend(
+            self.distinct
+                .iter()
+                .enumerate()
+                .map(|(id, d)| (d.0, id as u8)),
+        );
+        by_key.sort_unstable();
+        let mut start = [0u32; MAX_DISTINCT];
+        let mut at = 0u32;
+        for &(_, id) in &by_key {
+            start[id as usize] = at;
+            at += self.distinct[id as usize].2;
+        }
+        let mut next = start;
+        for (&id, &r) in self.ids.iter().zip(rs) {
+            let p = &mut next[id as usize];
+            out[*p as usize] = r;
+            *p += 1;
+        }
+        for &(_, id) in &by_key {
+            out[start[id as usize] as usize] |= TIE_START;
+        }
+        true
+    }
+
+    /// Stable LSD radix sort of `a` by its high 32 bits (the low half, the row, is
+    /// ascending already, so this is the full u64 order), a byte at a time;
+    /// bytes all entries share are skipped.
+    fn radix_high_half(&mut self) {
+        let n = self.a.len();
+        let mut hist = [[0u32; 256]; 4];
+        for &k in &self.a {
+            let h = (k >> 32) as u32;
+            hist[0][(h & 255) as usize] += 1;
+            hist[1][((h >> 8) & 255) as usize] += 1;
+            hist[2][((h >> 16) & 255) as usize] += 1;
+            hist[3][(h >> 24) as usize] += 1;
+        }
+        self.b.clear();
+        self.b.resize(n, 0);
+        for (byte, counts) in hist.iter().enumerate() {
+            let shift = 32 + 8 * byte;
+            if counts[((self.a[0] >> shift) & 255) as usize] as usize == n {
+                continue;
+            }
+            let mut next = [0u32; 256];
+            let mut at = 0;
+            for (slot, &c) in next.iter_mut().zip(counts) {
+                *slot = at;
+                at += c;
+            }
+            for &k in &self.a {
+                let p = &mut next[((k >> shift) & 255) as usize];
+                self.b[*p as usize] = k;
+                *p += 1;
+            }
+            std::mem::swap(&mut self.a, &mut self.b);
+        }
+    }
 }
 
 /// A u32 whose unsigned order is the numeric order of non-NaN `v`.
@@ -522,6 +834,174 @@ mod tests {
         assert!(sorted.windows(2).all(|w| w[0] < w[1]));
         assert!(a.by_value.iter().all(|r| r & TIE_START != 0));
         assert_eq!(a.n_neg[0], 3);
+    }
+
+    /// The straightforward build: every column's entries collected in row order,
+    /// then sorted by (value, row).
+    fn reference<T: Float>(
+        indptr: &[i64],
+        indices: &[i32],
+        data: &[T],
+        n_rows: usize,
+        n_cols: usize,
+    ) -> SortedCsc<T> {
+        let mut cols: Vec<Vec<(u32, T)>> = vec![Vec::new(); n_cols];
+        for r in 0..n_rows {
+            for j in indptr[r] as usize..indptr[r + 1] as usize {
+                if data[j].to_f64() != 0.0 {
+                    cols[indices[j] as usize].push((r as u32, data[j]));
+                }
+            }
+        }
+        let mut m = SortedCsc {
+            n_rows,
+            n_cols,
+            colptr: vec![0],
+            rows: vec![],
+            vals: vec![],
+            by_value: vec![],
+            n_neg: vec![],
+            exact: vec![],
+            nonneg_integers: data
+                .iter()
+                .all(|v| v.to_f64() >= 0.0 && !v.is_sign_negative() && v.to_f64().fract() == 0.0),
+        };
+        for col in &cols {
+            let vs: Vec<T> = col.iter().map(|e| e.1).collect();
+            let mut order: Vec<(f64, u32)> = col.iter().map(|e| (e.1.to_f64(), e.0)).collect();
+            order.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            for (k, &(v, r)) in order.iter().enumerate() {
+                let starts = k == 0 || v != order[k - 1].0;
+                m.by_value.push(if starts { r | TIE_START } else { r });
+            }
+            m.rows.extend(col.iter().map(|e| e.0));
+            m.vals.extend_from_slice(&vs);
+            m.colptr.push(m.rows.len());
+            m.n_neg
+                .push(vs.iter().filter(|v| v.to_f64() < 0.0).count() as u32);
+            m.exact.push(sums_are_exact(&vs));
+        }
+        m
+    }
+
+    fn assert_same<T: Float + std::fmt::Debug>(a: &SortedCsc<T>, b: &SortedCsc<T>) {
+        assert_eq!((a.n_rows, a.n_cols), (b.n_rows, b.n_cols));
+        assert_eq!(a.colptr, b.colptr);
+        assert_eq!(a.rows, b.rows);
+        let bits = |m: &SortedCsc<T>| {
+            m.vals
+                .iter()
+                .map(|v| v.to_f64().to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(bits(a), bits(b));
+        assert_eq!(a.by_value, b.by_value);
+        assert_eq!(a.n_neg, b.n_neg);
+        assert_eq!(a.exact, b.exact);
+        assert_eq!(a.nonneg_integers, b.nonneg_integers);
+    }
+
+    /// Random matrices whose columns mix every sort path: few distinct values
+    /// (counting), many (radix / comparison sort), short columns, empty columns,
+    /// negatives, -0.0, explicit zeros, values equal up to the last bit.
+    #[test]
+    fn matches_the_straightforward_build() {
+        use crate::kernels::test_util::Lcg;
+        for (seed, &(n_rows, n_cols, density)) in [
+            (0usize, 0usize, 0.5f64),
+            (1, 0, 0.5),
+            (1, 1, 1.0),
+            (7, 3, 0.9),
+            (300, 40, 0.5),
+            (2000, 70, 0.3),
+            (5000, 9, 0.9),
+            (40000, 5, 0.05),
+            (20000, 30, 0.2),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut rng = Lcg(seed as u64 + 11);
+            let mut indptr = vec![0i64];
+            let mut indices = Vec::new();
+            let mut data = Vec::new();
+            for _ in 0..n_rows {
+                for c in 0..n_cols {
+                    // Column c % 5 == 4 stays empty.
+                    if c % 5 != 4 && rng.unit() < density {
+                        indices.push(c as i32);
+                        let v = match (c % 5, rng.below(12)) {
+                            (_, 0) => 0.0,
+                            (_, 1) => -0.0,
+                            (0, _) => (rng.below(3 + c as u64) as f64 + 1.0).ln_1p(),
+                            (1, _) => rng.below(400) as f64 - 100.0,
+                            (2, k) => 1.0 + k as f64 * f64::EPSILON - rng.below(2) as f64 * 2.0,
+                            _ => (rng.unit() - 0.3) * 10.0,
+                        };
+                        data.push(v);
+                    }
+                }
+                indptr.push(indices.len() as i64);
+            }
+            let d32: Vec<f32> = data.iter().map(|&v| v as f32).collect();
+            for threads in [1, 2] {
+                let a = with_threads(threads, || {
+                    from_csr(&indptr, &indices, &data, n_rows, n_cols).unwrap()
+                });
+                assert_same(&a, &reference(&indptr, &indices, &data, n_rows, n_cols));
+                let b = with_threads(threads, || {
+                    from_csr(&indptr, &indices, &d32, n_rows, n_cols).unwrap()
+                });
+                assert_same(&b, &reference(&indptr, &indices, &d32, n_rows, n_cols));
+            }
+            let pos: Vec<f32> = d32.iter().map(|v| v.abs().round()).collect();
+            let m = from_csr(&indptr, &indices, &pos, n_rows, n_cols).unwrap();
+            assert_same(&m, &reference(&indptr, &indices, &pos, n_rows, n_cols));
+        }
+    }
+
+    /// CPU time of the process (both threads), a steadier measure than wall time
+    /// on a busy machine.
+    fn cpu() -> std::time::Duration {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes only the timespec passed.
+        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+        std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+    }
+
+    /// `cargo test --release -p autozymed --lib bench_build -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench_build() {
+        use crate::kernels::test_util::Lcg;
+        let (n_rows, n_cols) = (20000usize, 10000usize);
+        let mut rng = Lcg(7);
+        let mut indptr = vec![0i32];
+        let mut indices = Vec::new();
+        let mut d10 = Vec::new();
+        let mut dd = Vec::new();
+        for _ in 0..n_rows {
+            for c in 0..n_cols {
+                if rng.below(1000) < 80 {
+                    indices.push(c as i32);
+                    d10.push(((rng.below(10) + 1) as f32).ln_1p());
+                    dd.push((rng.below(1 << 20) as f32) * 1e-3 + 0.01);
+                }
+            }
+            indptr.push(indices.len() as i32);
+        }
+        for (name, data) in [("ties", &d10), ("distinct", &dd)] {
+            for _ in 0..3 {
+                let t = std::time::Instant::now();
+                let c0 = cpu();
+                let m = from_csr(&indptr, &indices, data, n_rows, n_cols).unwrap();
+                eprintln!("{name}: build {:?} cpu {:?}", t.elapsed(), cpu() - c0);
+                drop(m);
+            }
+        }
     }
 
     #[test]
