@@ -395,18 +395,9 @@ def _clip_chain_fast(block, carry, piece_of_row, pieces, clips):
     from ..client import get_client
 
     n_genes = block.shape[1]
-    if block.indices.dtype not in INDEX or block.indptr.dtype not in INDEX:
-        raise Fallback(f"index dtype {block.indices.dtype}/{block.indptr.dtype}")
-    _common.check_csr_structure(block)
-    arrays = [shm.peer_ready(block.data), shm.peer_ready(block.indices),
-              shm.peer_ready(block.indptr)]
-    if arrays[0].dtype in INTEGERS:
-        arrays[0] = arrays[0].astype(np.float64)  # upstream widens each value
-    if _peer_refused:
-        arrays = [shm.placed(a) for a in arrays]
-    to_ref = shm.ref if _peer_refused else shm.peer_ref
-    matrix = msg("Csr", n_rows=block.shape[0], n_cols=n_genes, data=to_ref(arrays[0]),
-                 indices=to_ref(arrays[1]), indptr=to_ref(arrays[2]))
+    # Placed in shared memory: reading it there beats the daemon copying it in
+    # from this process (7.3 + 2.9 ms against 12.7 ms for a 2.5 M-value chunk).
+    matrix, keep = _placed(block, "csr")
     start_s = np.zeros((len(pieces), n_genes))
     start_q = np.zeros((len(pieces), n_genes))
     for p, (b, k, continues, _) in enumerate(pieces):
@@ -417,7 +408,7 @@ def _clip_chain_fast(block, carry, piece_of_row, pieces, clips):
         "HvgClippedSumsFrom", x=matrix, batches=piece_of_row.astype(np.uint64),
         n_batches=len(pieces), clip=clip.reshape(-1), sums=start_s.reshape(-1),
         squares=start_q.reshape(-1)))
-    del arrays
+    del keep
     sums = np.asarray(got.sums).reshape(len(pieces), n_genes)
     squares = np.asarray(got.squares).reshape(len(pieces), n_genes)
     return _chain_out(carry, pieces, sums, squares)
@@ -465,21 +456,8 @@ def _chain_out(carried, pieces, sums, squares):
 def clip_chain_step(block, previous, *, piece_of_row, pieces, clips):
     """One chunk's step of the CSR clipped sums (a dask task)."""
     carry = previous[1] if previous is not None else {}
-    return chunks.run(CALL, _clip_chain_fast_with_retry, _clip_chain_upstream, block, carry,
+    return chunks.run(CALL, _clip_chain_fast, _clip_chain_upstream, block, carry,
                       piece_of_row, pieces, clips)
-
-
-def _clip_chain_fast_with_retry(*args):
-    global _peer_refused
-    from ..client import DaemonError
-
-    try:
-        return _clip_chain_fast(*args)
-    except DaemonError as e:
-        if e.kind == "Unsupported" and not _peer_refused and "client's memory" in str(e):
-            _peer_refused = True
-            return _clip_chain_fast(*args)
-        raise
 
 
 def _finished(step, key):
