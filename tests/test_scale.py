@@ -219,6 +219,16 @@ def test_bad_values(active, monkeypatch, fmt):
     compare(*run_both(active, make, {"zero_center": False, "max_value": 2}))
 
 
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+def test_integer_max_value_zero_keeps_upstreams_positive_zeros(active, monkeypatch, fmt):
+    """max_value=0 (an int) with centring: upstream's lower bound is the integer -0,
+    so clipped values are +0.0, never -0.0 (handed to upstream)."""
+    monkeypatch.setenv("AUTOZYME_STRICT", "0")
+    a, b, outs = run_both(active, lambda: lognorm(60, 20, fmt=fmt, seed=4), {"max_value": 0})
+    compare(a, b, outs)
+    assert np.array_equal(np.signbit(np.asarray(a.X)), np.signbit(np.asarray(b.X)))
+
+
 def test_numba_thread_count_sets_the_order(active):
     """Upstream deals CSR rows to numba's threads; the shim asks for the same
     split, whatever numba's thread count is."""

@@ -96,6 +96,10 @@ def _check_scope(x, zero_center, max_value):
     if not isinstance(zero_center, (bool, np.bool_)):
         raise Fallback(f"zero_center of type {type(zero_center).__name__}")
     clip_at = _max_value(max_value)
+    if zero_center and isinstance(max_value, (int, np.integer)) and max_value == 0:
+        # Upstream's lower bound is the integer -0, so clipped values become +0.0;
+        # the fast path's bound is the float -0.0. Rare enough to hand to upstream.
+        raise Fallback("integer max_value=0 with zero_center (upstream clips to +0.0)")
     dense = isinstance(x, np.ndarray) and not isinstance(x, np.matrix)
     if not dense and not (_common.is_csr(x) or _common.is_csc(x)):
         raise Fallback(f"{type(x).__name__} input")
