@@ -435,23 +435,28 @@ def _sparse_refs(x):
     global _peer_refused
     placed = shm.is_placed(x.data) and shm.is_placed(x.indices) and shm.is_placed(x.indptr)
     peer = not placed and not _peer_refused
-    matrix, *_ = _common.csr_refs(x, with_indices=True, peer=peer)
-    return matrix, peer
+    # The arrays are the shared-memory copies when the matrix was placed here:
+    # the caller holds them until the reply, or their segments could be reused
+    # (and overwritten) before the daemon has read them.
+    matrix, *arrays = _common.csr_refs(x, with_indices=True, peer=peer)
+    return matrix, peer, arrays
 
 
 def _call_sparse(make_request, x):
     """Send a request over ``x``'s buffers, retrying through shared memory when
     the kernel refuses peer-memory access."""
     global _peer_refused
-    matrix, peer = _sparse_refs(x)
+    matrix, peer, keep = _sparse_refs(x)
     try:
         return get_client().call(make_request(matrix))
     except DaemonError as e:
         if not peer or e.kind != "Unsupported":
             raise
         _peer_refused = True
-        matrix, _ = _sparse_refs(x)
+        matrix, _, keep = _sparse_refs(x)
         return get_client().call(make_request(matrix))
+    finally:
+        del keep
 
 
 def _sparse_stats(x, rows=None):
