@@ -465,6 +465,10 @@ def _finished(step, key):
 
 
 def _clipped_sums_csr(data, masks, clips):
+    """The chained CSR clipped sums (see ``clipped_sums``). The steps run one
+    after another (each block's additions are one sequence through the chunks),
+    each using all threads of its machine's daemon; on a cluster of several
+    machines this step therefore does not spread over them as upstream's does."""
     import dask
     import dask.array as da
 
