@@ -503,8 +503,8 @@ struct ValueOrder {
     /// value has key 0) and the distinct value's number in each slot.
     slot_key: Vec<u64>,
     slot_id: Vec<u8>,
-    /// Per distinct value: its key, its slot, how many entries have it.
-    distinct: Vec<(u64, usize, u32)>,
+    /// Per distinct value: its key and its slot.
+    distinct: Vec<(u64, usize)>,
     /// Per entry: the number of its distinct value.
     ids: Vec<u8>,
     /// Radix and comparison sort items: key, then row.
@@ -592,10 +592,12 @@ impl ValueOrder {
     fn by_distinct<T: Float>(&mut self, rs: &[u32], vs: &[T], out: &mut [u32]) -> bool {
         self.distinct.clear();
         self.ids.clear();
+        self.ids.resize(vs.len(), 0);
+        let mut count = [0u32; MAX_DISTINCT];
         let mut fits = true;
-        for &v in vs {
+        for (&v, slot_of) in vs.iter().zip(self.ids.iter_mut()) {
             let key = key_of(v);
-            let mut s = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 55) as usize;
+            let mut s = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 55) as usize % SLOTS;
             let id = loop {
                 let k = self.slot_key[s];
                 if k == key {
@@ -609,7 +611,7 @@ impl ValueOrder {
                     let id = self.distinct.len() as u8;
                     self.slot_key[s] = key;
                     self.slot_id[s] = id;
-                    self.distinct.push((key, s, 0));
+                    self.distinct.push((key, s));
                     break id;
                 }
                 s = (s + 1) % SLOTS;
@@ -617,29 +619,28 @@ impl ValueOrder {
             if !fits {
                 break;
             }
-            self.distinct[id as usize].2 += 1;
-            self.ids.push(id);
+            count[id as usize] += 1;
+            *slot_of = id;
         }
-        for &(_, s, _) in &self.distinct {
+        for &(_, s) in &self.distinct {
             self.slot_key[s] = 0;
         }
         if !fits {
             return false;
         }
         // Start of each distinct value's block in value order, by id.
-        let mut by_key: Vec<(u64, u8)> = Vec::with_capacity(self.distinct.len());
-        by_key.extend(
-            self.distinct
-                .iter()
-                .enumerate()
-                .map(|(id, d)| (d.0, id as u8)),
-        );
+        let n_distinct = self.distinct.len();
+        let mut by_key = [(0u64, 0u8); MAX_DISTINCT];
+        for (id, (slot, d)) in by_key.iter_mut().zip(&self.distinct).enumerate() {
+            *slot = (d.0, id as u8);
+        }
+        let by_key = &mut by_key[..n_distinct];
         by_key.sort_unstable();
         let mut start = [0u32; MAX_DISTINCT];
         let mut at = 0u32;
-        for &(_, id) in &by_key {
+        for &(_, id) in by_key.iter() {
             start[id as usize] = at;
-            at += self.distinct[id as usize].2;
+            at += count[id as usize];
         }
         let mut next = start;
         for (&id, &r) in self.ids.iter().zip(rs) {
@@ -647,7 +648,7 @@ impl ValueOrder {
             out[*p as usize] = r;
             *p += 1;
         }
-        for &(_, id) in &by_key {
+        for &(_, id) in by_key.iter() {
             out[start[id as usize] as usize] |= TIE_START;
         }
         true
