@@ -121,6 +121,8 @@ def test_cluster_of_two_worker_processes(active):
         ad.X = as_dask(ad.X, 700)
         sc.tl.rank_genes_groups(ad, "grp", method="wilcoxon", pts=True)
         assert_same_result(up.uns["rank_genes_groups"], ad.uns["rank_genes_groups"])
-        # Both workers ranked blocks (each block is one task; blocks >= 2 a worker).
+        # The blocks were ranked in the workers (at least two blocks a worker),
+        # each counted there.
         ranked = client.run(lambda: __import__("autozyme").fallback.counts()["served"])
-        assert len(ranked) == 2
+        blocks = [c.get("rank_genes_groups (dask chunk)", 0) for c in ranked.values()]
+        assert len(blocks) == 2 and sum(blocks) >= 4, ranked

@@ -27,7 +27,8 @@ import math
 
 import numpy as np
 
-from .. import codec
+from .. import codec, fallback
+from . import chunks
 
 # A block's size, as dense float32 cells x genes, aimed at: large enough that each
 # task's fixed costs (a request, the labels, Dask's bookkeeping) are small, small
@@ -108,6 +109,8 @@ def _block_stats(block, group_of_row, n_groups: int, reference, tie_correct: boo
     g = int(reply.n_genes)
     if g != block.shape[1]:
         raise DaemonError("Internal", "gene count mismatch")
+    with fallback.lock():  # the worker's count of blocks served (status()["workers"])
+        fallback.served[chunks.counter_name("rank_genes_groups")] += 1
     return {
         "n_genes": g,
         "rank_sums": reply.rank_sums.reshape(-1, g),
