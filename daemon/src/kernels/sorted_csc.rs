@@ -992,6 +992,57 @@ mod tests {
         }
     }
 
+    /// Errors in a matrix spread over many row bands and column groups: the first
+    /// NaN or bad column in row order, else the lowest column with a duplicate row.
+    #[test]
+    fn errors_are_the_first_in_order() {
+        let m = random_csr(5, 5000, 40, 0.5);
+        // (Rows 7k + 3 of random_csr are empty; the rows used here are not.)
+        let row_start = |r: usize| m.indptr[r] as usize;
+        let build = |indices: &[i32], data: &[f64]| {
+            with_threads(2, || from_csr(&m.indptr, indices, data, 5000, 40))
+        };
+        let mut data = m.data.clone();
+        data[row_start(3000)] = f64::NAN;
+        data[row_start(1201) + 1] = f64::NAN;
+        let mut bad_col = m.indices.clone();
+        bad_col[row_start(2100)] = 40;
+        assert_eq!(
+            build(&m.indices, &data).unwrap_err(),
+            BuildError::NotANumber { row: 1201 }
+        );
+        assert!(matches!(
+            build(&bad_col, &m.data).unwrap_err(),
+            BuildError::Malformed(ref e) if e.contains("row 2100")
+        ));
+        assert!(matches!(
+            build(&bad_col, &data).unwrap_err(),
+            BuildError::NotANumber { row: 1201 }
+        ));
+        // Duplicates: a row storing a column twice (the second entry's column is
+        // rewritten to the first's).
+        let mut dup = m.indices.clone();
+        for r in [4001usize, 2500] {
+            let j = row_start(r);
+            assert!(row_start(r + 1) - j >= 2);
+            dup[j + 1] = dup[j];
+        }
+        let data: Vec<f64> = m.data.iter().map(|v| v + 1.0).collect();
+        let (c4001, c2500) = (m.indices[row_start(4001)], m.indices[row_start(2500)]);
+        let expect = if c4001 < c2500 {
+            (4001, c4001)
+        } else {
+            (2500, c2500)
+        };
+        assert_eq!(
+            build(&dup, &data).unwrap_err(),
+            BuildError::DuplicateEntry {
+                row: expect.0,
+                col: expect.1 as usize
+            }
+        );
+    }
+
     /// CPU time of the process (both threads), a steadier measure than wall time
     /// on a busy machine.
     fn cpu() -> std::time::Duration {
