@@ -7,7 +7,8 @@ from the call until its result is computed: a lazy result (normalize_total, log1
 scale) is computed chunk by chunk into a digest of each chunk's bytes, so nothing
 is gathered in one process and the two sides' digests show the results are
 identical; hvg returns in-memory columns, compared as they are. Each call runs
-twice: "first" (new data for this cluster and daemon) and "rerun".
+three times: "first" (new data for this cluster and daemon) and "rerun" (the
+faster of the other two).
 
 Wilcoxon has no dask path upstream, so autozyme on Dask is compared with upstream
 in memory (the whole matrix read into one process), and checked field by field
@@ -30,6 +31,7 @@ import numpy as np
 from .bench import batch_labels, dataset_path, make_counts, stack_versions  # noqa: F401
 
 DASK_CALLS = ("normalize_total", "log1p", "scale", "highly_variable_genes", "rank_genes_groups")
+RERUNS = 2  # after the first call on new data; the faster of them is reported
 GROUP_SIZES = [0.3, 0.2, 0.14, 0.1, 0.08, 0.07, 0.05, 0.04, 0.02]
 
 
@@ -161,7 +163,7 @@ def _rgg_digest(r: dict) -> str:
 
 
 def side(mode: str, path: Path, calls: list[str], workers: int, memory: str, chunk_rows: int) -> dict:
-    """Run in a fresh process: a LocalCluster, then each call twice on lazy data."""
+    """Run in a fresh process: a LocalCluster, then each call three times on lazy data."""
     import warnings
 
     from distributed import Client, LocalCluster
@@ -175,16 +177,20 @@ def side(mode: str, path: Path, calls: list[str], workers: int, memory: str, chu
 
             autozyme.activate("scanpy")
             _activate_workers(client)
+        # Both sides' workers have scanpy imported before anything is timed (the
+        # autozyme plugin imports it when it activates a worker).
+        client.run(lambda: __import__("scanpy"))
         limit = next(iter(client.scheduler_info(n_workers=-1)["workers"].values()))["memory_limit"]
         for call in calls:
             if call == "rank_genes_groups" and mode == "upstream":
                 continue  # no dask path upstream: compared with upstream in memory instead
-            rows = []
-            for run in ("first", "rerun"):
+            runs = []
+            for _ in range(1 + RERUNS):
                 _reset_worker_peaks(client)
                 dt, res = _timed_call(call, path, chunk_rows)
-                rows.append({"run": run, "seconds": dt, "worker_peak_bytes": _worker_peaks(client), **res})
-            out[call] = rows
+                runs.append({"seconds": dt, "worker_peak_bytes": _worker_peaks(client), **res})
+            rerun = min(runs[1:], key=lambda r: r["seconds"])
+            out[call] = [{"run": "first", **runs[0]}, {"run": "rerun", **rerun}]
         if mode == "autozyme":
             out["_served"] = {k: v for k, v in autozyme.status().get("served", {}).items()}
             out["_fallbacks"] = autozyme.status().get("fallbacks", {})
