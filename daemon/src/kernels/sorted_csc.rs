@@ -191,7 +191,7 @@ const GROUP_TARGET: usize = 1 << 15;
 /// Columns per group at most, so a local column index always fits a u32.
 const GROUP_MAX_COLS: usize = 1 << 20;
 
-/// Builds the structure in three passes over the rows and one over column groups:
+/// Builds the structure in three passes, two over the rows and one over column groups:
 ///
 /// 1. Rows are cut into bands; each band counts its values per column (and checks
 ///    them), so every band knows where its entries go and all bands fill in
@@ -201,7 +201,7 @@ const GROUP_MAX_COLS: usize = 1 << 20;
 ///    final range of `rows`/`vals`, with the column within the group parked in
 ///    `by_value`. Writing to a few hundred group streams instead of one stream per
 ///    column keeps the writes in cache (a direct scatter into thousands of columns
-///    missed the cache on nearly every write and was most of the build).
+///    missed the cache on most writes and was the largest part of the build).
 /// 3. Each group, on its own and in cache, is sorted by column with a stable
 ///    counting sort (so rows stay ascending within a column) and written back in
 ///    place; then each column is ordered by value (ties keep row order, which is
