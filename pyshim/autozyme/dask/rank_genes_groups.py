@@ -84,7 +84,9 @@ def group_stats(x, group_of_row, n_groups: int, reference, tie_correct: bool) ->
 
     n_cells, n_genes = x.shape
     width = genes_per_block(n_cells, n_genes, n_workers())
-    blocks = x.rechunk((n_cells, width)).to_delayed().ravel()
+    # Task-based rechunking: dask.distributed's default for large rechunks (P2P,
+    # a shuffle through pyarrow-style buffers) fails on scipy sparse chunks.
+    blocks = x.rechunk((n_cells, width), method="tasks").to_delayed().ravel()
     # One graph key for the labels: sent once to each worker, not once per block.
     labels = dask.delayed(np.ascontiguousarray(group_of_row, dtype=np.uint64), pure=True)
     tasks = [dask.delayed(_block_stats, pure=True)(b, labels, n_groups, reference, bool(tie_correct))
