@@ -508,6 +508,10 @@ def add_parser(sub) -> None:
                    help="memory limit of each worker, as dask.distributed takes it (e.g. 2GiB; auto: "
                         "the machine's memory over the workers)")
     d.add_argument("--dask-chunk-rows", type=int, default=10_000, help="cells per row chunk of the store")
+    d.add_argument("--dask-input", choices=("store", "persisted"), default="store",
+                   help="store: each call reads the zarr store lazily (as an atlas is read); persisted: "
+                        "the store is first read into the workers' memory (not timed), so the timings "
+                        "are the calls' own chunk work")
     b.set_defaults(func=run)
 
 
