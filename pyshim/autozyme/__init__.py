@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from .activation import activate, deactivate, is_active
 from .fallback import AutozymeFallbackError
+from .profile import profile
 from .settings import configure
 from .status import format_status, status
 
@@ -22,15 +23,20 @@ __all__ = [
     "status",
     "format_status",
     "AutozymeFallbackError",
+    "profile",
     "configure",
     "load_ipython_extension",
     "unload_ipython_extension",
 ]
 
 
-def load_ipython_extension(ipython) -> None:  # noqa: ARG001 - IPython's hook signature
-    """``%load_ext autozyme``."""
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext autozyme``: scanpy patched, and the magics ``%autozyme`` (status)
+    and ``%%autozyme.profile`` (where each call of the cell ran)."""
     activate("scanpy")
+    from .magics import register
+
+    register(ipython)
 
 
 def unload_ipython_extension(ipython) -> None:  # noqa: ARG001

@@ -14,10 +14,11 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 import warnings
 from collections import Counter, defaultdict
 
-from . import verify, versions
+from . import profile, verify, versions
 from .client import DaemonError
 from .runtime import DaemonUnavailable
 from .shm import PlacementError
@@ -107,50 +108,66 @@ def fast_or_upstream(name: str, fast, upstream, verified=()):
             # Inside verify mode's reference run: scanpy calling its own (patched)
             # functions must get upstream too.
             return upstream(*args, **kwargs)
-
-        reason = versions.problem(verified)
-        if reason is not None:
-            record_fallback(name, "failure", reason)
-            return upstream(*args, **kwargs)
-        check = verify.enabled()
-        if check:
-            up_args, up_kwargs = verify.snapshot_args(args, kwargs)
+        # Where the call ran and why, for an open ``autozyme.profile()`` (the body
+        # stays in this one frame: upstream's warnings name their caller by depth).
+        where = ["upstream", "raised before deciding"]
+        start = time.perf_counter() if profile.recording() else None
         try:
-            result = fast(upstream, *args, **kwargs)
-        except Delegate as e:
+            reason = versions.problem(verified)
+            if reason is not None:
+                where[:] = "upstream", f"failure: {reason}"
+                record_fallback(name, "failure", reason)
+                return upstream(*args, **kwargs)
+            check = verify.enabled()
+            if check:
+                up_args, up_kwargs = verify.snapshot_args(args, kwargs)
+            try:
+                result = fast(upstream, *args, **kwargs)
+            except Delegate as e:
+                where[:] = "upstream", f"delegated: {e}"
+                with _lock:
+                    fallbacks[name][f"delegated: {e}"] += 1
+                return upstream(*args, **kwargs)
+            except Fallback as e:
+                where[:] = "upstream", f"{e.kind}: {e}"
+                record_fallback(name, e.kind, str(e))
+                return upstream(*args, **kwargs)
+            except (DaemonUnavailable, DaemonError, PlacementError) as e:
+                if isinstance(e, DaemonError) and e.kind == "BadMatrix":
+                    # Malformed structure the shim's O(rows) checks cannot see (a column
+                    # index out of range): upstream's compiled code would read out of
+                    # bounds on it, so refuse it clearly, as scipy's format check would.
+                    # The daemon checks before it writes, so nothing has changed.
+                    where[:] = "autozyme", "refused a malformed matrix"
+                    raise BadInput(f"autozyme: malformed matrix: {e.message}") from None
+                where[:] = "upstream", f"failure: {type(e).__name__}: {e}"
+                record_fallback(name, "failure", f"{type(e).__name__}: {e}")
+                return upstream(*args, **kwargs)
+            except (BadInput, AutozymeFallbackError, Interrupted) as e:
+                where[:] = "autozyme", f"raised {type(e).__name__}"
+                raise
+            except PassThrough as e:
+                where[:] = "autozyme", f"raised {type(e.error).__name__}, as upstream does"
+                raise e.error from None
+            except Exception as e:  # noqa: BLE001 - the user's call must not fail because of us
+                where[:] = "upstream", f"failure: unexpected {type(e).__name__} in the fast path"
+                return _upstream_after_unexpected(name, e, upstream, args, kwargs)
+            where[:] = "autozyme", None
             with _lock:
-                fallbacks[name][f"delegated: {e}"] += 1
-            return upstream(*args, **kwargs)
-        except Fallback as e:
-            record_fallback(name, e.kind, str(e))
-            return upstream(*args, **kwargs)
-        except (DaemonUnavailable, DaemonError, PlacementError) as e:
-            if isinstance(e, DaemonError) and e.kind == "BadMatrix":
-                # Malformed structure the shim's O(rows) checks cannot see (a column
-                # index out of range): upstream's compiled code would read out of
-                # bounds on it, so refuse it clearly, as scipy's format check would.
-                # The daemon checks before it writes, so nothing has changed.
-                raise BadInput(f"autozyme: malformed matrix: {e.message}") from None
-            record_fallback(name, "failure", f"{type(e).__name__}: {e}")
-            return upstream(*args, **kwargs)
-        except (BadInput, AutozymeFallbackError, Interrupted):
-            raise
-        except PassThrough as e:
-            raise e.error from None
-        except Exception as e:  # noqa: BLE001 - the user's call must not fail because of us
-            return _upstream_after_unexpected(name, e, upstream, args, kwargs)
-        with _lock:
-            served[name] += 1
-        if check:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the user saw the call's warnings once
-                _pure.on = True
-                try:
-                    up_result = upstream(*up_args, **up_kwargs)
-                finally:
-                    _pure.on = False
-            verify.compare_calls(name, args, result, up_args, up_result)
-        return result
+                served[name] += 1
+            if check:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the user saw the call's warnings once
+                    _pure.on = True
+                    try:
+                        up_result = upstream(*up_args, **up_kwargs)
+                    finally:
+                        _pure.on = False
+                verify.compare_calls(name, args, result, up_args, up_result)
+            return result
+        finally:
+            if start is not None:
+                profile.record(name, where[0], where[1], time.perf_counter() - start)
 
     wrapper.__autozyme_upstream__ = upstream
     wrapper.__autozyme_verified__ = tuple(verified)
