@@ -28,6 +28,7 @@ import math
 import numpy as np
 
 from .. import codec, fallback
+from ..patches import wilcoxon_request
 from . import chunks
 
 # A block's size, as dense float32 cells x genes, aimed at: large enough that each
@@ -98,12 +99,11 @@ def group_stats(x, group_of_row, n_groups: int, reference, tie_correct: bool) ->
 def _block_stats(block, group_of_row, n_groups: int, reference, tie_correct: bool) -> dict:
     """One block's statistics, by the daemon of the machine this task runs on."""
     from ..client import DaemonError
-    from ..patches import rank_genes_groups as patch
     from ..runtime import DaemonUnavailable
 
     for attempt in (0, 1):
         try:
-            reply = patch._request(block, group_of_row, n_groups, reference, tie_correct, None)
+            reply = wilcoxon_request.request(block, group_of_row, n_groups, reference, tie_correct, None)
             break
         except (DaemonUnavailable, DaemonError) as e:
             if attempt or (isinstance(e, DaemonError) and e.kind in ("BadMatrix", "Unsupported")):

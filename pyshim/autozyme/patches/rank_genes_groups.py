@@ -42,14 +42,12 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from .. import codec, shm
-from ..client import DaemonError, get_client
-from .. import versions
-from ..codec import msg
+from .. import codec, versions
+from ..client import DaemonError
 from ..dask import is_dask_array
 from ..dask import rank_genes_groups as dask_path
 from ..fallback import Delegate, Fallback
-from . import _common
+from . import _common, wilcoxon_request
 
 
 @dataclass(frozen=True)
@@ -87,8 +85,6 @@ NO_GROUP = np.uint64(2**64 - 1)
 
 _serving = threading.local()
 _install_lock = threading.Lock()
-# Set when the kernel forbids reading this process's memory (Yama ptrace_scope).
-_peer_refused = False
 # Results of the last call in this thread (for tests and the benchmark).
 last = threading.local()
 
@@ -174,20 +170,6 @@ def _check_dtype(dtype) -> None:
         raise Fallback(f"dtype {dtype}")
 
 
-def _as_float(values: np.ndarray) -> np.ndarray:
-    """Float data as is; integers as float64, if every one converts exactly."""
-    if values.dtype in _common.FLOATS:
-        return values
-    if values.size and max(abs(int(values.min())), abs(int(values.max()))) > 2**53:
-        raise Fallback("integers beyond 2^53")
-    as_float = values.astype(np.float64)
-    if np.abs(as_float).sum() > 2**53:
-        # 1.12's aggregate sums sparse integers exactly, in int64; f64 sums
-        # agree only while every partial sum is exact.
-        raise Fallback("integers whose sum exceeds 2^53")
-    return as_float
-
-
 def _install() -> None:
     """Swap scanpy's ``_RankGenes`` for the subclass (once; it is inert unless serving)."""
     from scanpy.tools import _rank_genes_groups as mod
@@ -227,58 +209,6 @@ def _install() -> None:
             setattr(_RankGenes, cls_attr, getattr(base, cls_attr))
         mod._RankGenes = _RankGenes
         mod.check_nonnegative_integers = check_nonnegative_integers
-
-
-def _matrix_ref(x):
-    """The wire Matrix for the test matrix, and the arrays it refers to (kept alive
-    by the caller during the request)."""
-    global _peer_refused
-    if sp.issparse(x):
-        data, indices, indptr = _as_float(x.data), x.indices, x.indptr
-        arrays = (data, indices, indptr)
-        placed = all(shm.is_placed(a) for a in arrays)
-        if placed or _peer_refused:
-            arrays = tuple(shm.placed(np.ascontiguousarray(a)) for a in arrays)
-            to_ref = shm.ref
-        else:
-            arrays = tuple(shm.peer_ready(a) for a in arrays)
-            to_ref = shm.peer_ref
-        data, indices, indptr = arrays
-        m = msg("Csr", n_rows=x.shape[0], n_cols=x.shape[1], data=to_ref(data),
-                indices=to_ref(indices), indptr=to_ref(indptr))
-        return m, arrays
-    x = np.ascontiguousarray(_as_float(x))
-    if shm.is_placed(x) or _peer_refused:
-        arr = shm.placed(x)
-        ref = shm.ref(arr)
-    else:
-        arr = shm.peer_ready(x)
-        ref = shm.peer_ref(arr)
-    return msg("Dense", n_rows=x.shape[0], n_cols=x.shape[1], data=ref), (arr,)
-
-
-def _request(x, labels, n_groups, reference, tie_correct, slots):
-    """The daemon's statistics; ``slots`` None asks for 1.12's group sums (in cell
-    order, no rest statistics), else 1.11.5's, with that many partial sums."""
-    global _peer_refused
-    matrix, keep = _matrix_ref(x)
-    if slots is None:
-        request = msg("RankGenesGroupsGroupSums", x=matrix, group_of_row=labels, n_groups=n_groups,
-                      reference=reference, tie_correct=bool(tie_correct))
-    else:
-        request = msg("RankGenesGroups", x=matrix, group_of_row=labels, n_groups=n_groups,
-                      reference=reference, tie_correct=bool(tie_correct), mean_slots=slots)
-    try:
-        reply = get_client().call(request)
-    except DaemonError as e:
-        if e.kind == "Unsupported" and not _peer_refused and "client's memory" in str(e):
-            _peer_refused = True
-            return _request(x, labels, n_groups, reference, tie_correct, slots)
-        if e.kind == "Unsupported":
-            raise Fallback(str(e)) from e
-        raise
-    del keep
-    return reply
 
 
 def _request_stats(self, tie_correct):
@@ -328,7 +258,7 @@ def _request_stats(self, tie_correct):
             raise Fallback(f"{n_groups} groups x {x.shape[1]} genes exceed one reply frame")
         if sp.issparse(x) and x.format == "csc":
             x = x.tocsr()
-        reply = _request(x, labels, n_sent, reference, tie_correct, slots)
+        reply = wilcoxon_request.request(x, labels, n_sent, reference, tie_correct, slots)
     if int(reply.n_genes) != x.shape[1]:
         raise DaemonError("Internal", "gene count mismatch")
     reply.fields["tie_correct"] = bool(tie_correct)
