@@ -35,13 +35,15 @@ stack_python() {
   command -v "python$want"
 }
 
-# The pinned requirements of a stack, then the extras its copy of scanpy's own tests needs.
+# The pinned requirements of a stack, then the extras its copy of scanpy's own tests needs,
+# then the notebook test's (Jupyter kernel and client).
 stack_requirements() {
   local scanpy=${1%-py*}
   echo "requirements-test-scanpy-$scanpy.txt"
   if [ -f "tests/requirements-upstream-tests-$scanpy.txt" ]; then
     echo "tests/requirements-upstream-tests-$scanpy.txt"
   fi
+  echo "tests/requirements-notebook.txt"
 }
 
 # Whether a stack runs every test stage ("all") or the integration tests only ("integration").
