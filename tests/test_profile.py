@@ -43,3 +43,27 @@ def test_magics_in_an_ipython_shell(active, capsys):
     assert "normalize_total" in out and "log1p" in out and "2 by autozyme" in out
     status = ip.run_line_magic("autozyme", "")
     assert "normalize_total" in repr(status) and "<pre>" in status._repr_html_()
+
+
+def test_where_each_call_ran_is_logged_at_scanpys_verbosity(active, monkeypatch):
+    import io
+    import sys
+
+    sc = active
+    ad = counts(200, 40, seed=3)
+    old = sc.settings.verbosity, sc.settings.logfile
+    log = io.StringIO()
+    try:
+        sc.settings.logfile = log
+        sc.settings.verbosity = "warning"  # scanpy's default: nothing from autozyme
+        sc.pp.normalize_total(ad.copy())
+        assert "autozyme" not in log.getvalue()
+        sc.settings.verbosity = "hint"
+        sc.pp.normalize_total(ad.copy())
+        monkeypatch.setenv("AUTOZYME_STRICT", "0")
+        sc.pp.normalize_total(ad.copy(), target_sum=np.array([1.0]))
+    finally:
+        sc.settings.verbosity, sc.settings.logfile = old[0], old[1] if old[1] is not None else sys.stderr
+    text = log.getvalue()
+    assert "autozyme served normalize_total" in text
+    assert "autozyme: normalize_total ran in upstream: scope: target_sum" in text

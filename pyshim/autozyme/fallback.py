@@ -111,7 +111,7 @@ def fast_or_upstream(name: str, fast, upstream, verified=()):
         # Where the call ran and why, for an open ``autozyme.profile()`` (the body
         # stays in this one frame: upstream's warnings name their caller by depth).
         where = ["upstream", "raised before deciding"]
-        start = time.perf_counter() if profile.recording() else None
+        start = time.perf_counter()
         try:
             reason = versions.problem(verified)
             if reason is not None:
@@ -166,12 +166,34 @@ def fast_or_upstream(name: str, fast, upstream, verified=()):
                 verify.compare_calls(name, args, result, up_args, up_result)
             return result
         finally:
-            if start is not None:
-                profile.record(name, where[0], where[1], time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            if profile.recording():
+                profile.record(name, where[0], where[1], seconds)
+            _log(name, where[0], where[1], seconds)
 
     wrapper.__autozyme_upstream__ = upstream
     wrapper.__autozyme_verified__ = tuple(verified)
     return wrapper
+
+
+def _log(name: str, ran: str, reason: str | None, seconds: float) -> None:
+    """Where the call ran, through scanpy's logging at the user's verbosity: a hint
+    when autozyme served it, info when upstream did (and why)."""
+    import sys
+
+    sc_logging = sys.modules.get("scanpy.logging")
+    settings = sys.modules.get("scanpy._settings")
+    if sc_logging is None or settings is None:
+        return
+    try:
+        verbosity = int(settings.settings.verbosity)
+        if ran == "autozyme" and reason is None:
+            if verbosity >= 3:
+                sc_logging.hint(f"autozyme served {name} ({seconds:.3f} s)")
+        elif verbosity >= 2:
+            sc_logging.info(f"autozyme: {name} ran in {ran}: {reason}")
+    except Exception:  # noqa: BLE001 - a log line never changes a call's outcome
+        pass
 
 
 def _upstream_after_unexpected(name, error, upstream, args, kwargs):
