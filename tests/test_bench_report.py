@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from autozyme.bench_report import LEIDEN_NAMES
+from autozyme.bench.labels import LEIDEN_NAMES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ARGS = ["--tiers", "3000x2000", "--threads", "1,2", "--calls", "normalize_total,rank_genes_groups,leiden",
@@ -152,7 +152,7 @@ def test_markdown_numbers_match_json(report):
 
 
 def test_tier_and_thread_planning():
-    from autozyme.bench_report import default_threads, plan_tiers
+    from autozyme.bench.report import default_threads, plan_tiers
 
     tiers, skipped = plan_tiers("small,medium,large", 32 * 2**30)
     assert [(t.name, t.cells, t.genes, t.leiden_nodes) for t in tiers] == [

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_status)
 
-    from . import bench
+    from .bench import cli as bench
 
     bench.add_parser(sub)
 

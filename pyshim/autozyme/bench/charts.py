@@ -1,4 +1,4 @@
-"""PNG charts of a ``autozyme bench --report`` run (matplotlib, Agg backend).
+"""PNG charts of a ``autozyme bench --report`` run (autozyme.bench.charts; matplotlib, Agg backend).
 
 Every chart is drawn from report.json's rows and labels its bars or points
 with the same formatted ratios the tables show, so a chart and its table
@@ -16,7 +16,8 @@ matplotlib.use("Agg")  # no display; set before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from .bench_report import CALL_TITLES, LEIDEN_NAMES, PP_CALLS, fmt_x  # noqa: E402
+from .calls import PP_CALLS  # noqa: E402
+from .labels import CALL_TITLES, LEIDEN_NAMES, fmt_x  # noqa: E402
 
 PHASE_COLORS = {"first": "#9ecae1", "warm": "#2171b5", "rerun": "#6baed6"}
 REFERENCE_COLORS = {"first": "#d9d9d9", "warm": "#737373", "rerun": "#bdbdbd"}

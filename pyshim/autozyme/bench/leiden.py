@@ -1,4 +1,4 @@
-"""``autozyme bench --calls leiden``: sc.tl.leiden on a kNN graph, in fresh processes.
+"""``autozyme bench --calls leiden`` (autozyme.bench.leiden): sc.tl.leiden on a kNN graph, in fresh processes.
 
 The graph: a symmetric 12-nearest-neighbour graph (Gaussian kernel weights, the
 larger of the two directions) on overlapping Gaussian clusters in 30 dimensions,
@@ -18,13 +18,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .measure import daemon_cli, fresh_json
+
+MODULE = "autozyme.bench.leiden"  # the worker: python -m autozyme.bench.leiden MODE GRAPH OUT
 
 SEEDS = (0, 1, 2)
 RESOLUTION = 0.8
@@ -117,11 +120,7 @@ def piaso_installed() -> bool:
 
 
 def _run(mode: str, graph: Path, out: Path, env: dict | None = None) -> dict:
-    cmd = [sys.executable, "-m", "autozyme.bench_leiden", mode, str(graph), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if proc.returncode != 0:
-        raise RuntimeError(f"leiden {mode} worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return fresh_json(MODULE, mode, str(graph), str(out), what=f"leiden {mode} worker", env=env)
 
 
 def run_mode(mode: str, graph: Path, out: Path, env: dict | None = None, progress=None) -> dict:
@@ -194,8 +193,6 @@ def evaluate(graph: Path, out: Path, results: dict) -> list[dict]:
 def run(cache: Path, out: Path, cells: int, with_leidenalg: bool = False) -> bool:
     """Prints the rows; True when exact mode matched upstream for every seed and
     parallel mode gave the same labels at 1 thread and at the daemon's count."""
-    from .bench import daemon_cli
-
     graph = graph_path(cache, cells)
     one_thread = {"AUTOZYME_THREADS": "1", "AUTOZYME_RUNTIME_DIR": tempfile.mkdtemp(prefix="azm-bench-1t-")}
     modes = [("upstream", None), ("exact", None), ("parallel-1", one_thread), ("parallel-2", None)]

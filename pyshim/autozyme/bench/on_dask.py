@@ -1,5 +1,6 @@
-"""``autozyme bench --dask``: upstream on Dask against autozyme on Dask, per call, on a
-store read lazily, each side in a fresh process with its own ``LocalCluster``.
+"""``autozyme bench --dask`` (autozyme.bench.on_dask): upstream on Dask against autozyme
+on Dask, per call, on a store read lazily, each side in a fresh process with its own
+``LocalCluster``.
 
 The store (zarr, in the bench cache) holds the counts in row chunks spanning all
 genes, and their log-normalised values for rank_genes_groups. Each call is timed
@@ -21,14 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .bench import batch_labels, dataset_path, make_counts, stack_versions  # noqa: F401
+from .measure import batch_labels, dataset_path, fresh_json, peak_bytes, reset_peak, stack_versions
+
+MODULE = "autozyme.bench.on_dask"  # each side: python -m autozyme.bench.on_dask --side ... | --in-memory STORE
 
 DASK_CALLS = ("normalize_total", "log1p", "scale", "highly_variable_genes", "rank_genes_groups")
 RERUNS = 2  # after the first call on new data; the faster of them is reported
@@ -110,15 +112,11 @@ def digest_of(x) -> list[str]:
 
 
 def _worker_peaks(client) -> list[int]:
-    from .bench import _peak_bytes
-
-    return sorted(client.run(lambda: _peak_bytes(os.getpid())).values())
+    return sorted(client.run(lambda: peak_bytes(os.getpid())).values())
 
 
 def _reset_worker_peaks(client) -> None:
-    from .bench import _reset_peak
-
-    client.run(lambda: _reset_peak(os.getpid()))
+    client.run(lambda: reset_peak(os.getpid()))
 
 
 def _open(path: Path, chunk_rows: int, persisted: bool, layer: str | None = None):
@@ -220,7 +218,7 @@ def side(mode: str, path: Path, calls: list[str], workers: int, memory: str, chu
 def _activate_workers(client) -> None:
     """autozyme on every worker: the cluster module's registration when present."""
     try:
-        from .dask import cluster as dask_cluster
+        from ..dask import cluster as dask_cluster
     except ImportError:
         dask_cluster = None
     if dask_cluster is not None and hasattr(dask_cluster, "register"):
@@ -233,22 +231,16 @@ def upstream_in_memory(path: Path) -> dict:
     """Upstream's wilcoxon on the whole matrix in this process (it has no dask path)."""
     import scanpy as sc
 
-    from .bench import _peak_bytes
-
     a = open_in_memory(path, layer="lognorm")
     t = time.perf_counter()
     sc.tl.rank_genes_groups(a, "cell_type", method="wilcoxon", pts=True)
     dt = time.perf_counter() - t
-    return {"seconds": dt, "peak_bytes": _peak_bytes(os.getpid()),
+    return {"seconds": dt, "peak_bytes": peak_bytes(os.getpid()),
             "result": _rgg_digest(a.uns["rank_genes_groups"])}
 
 
 def _in_fresh_process(*argv: str, env: dict | None = None) -> dict:
-    cmd = [sys.executable, "-m", "autozyme.bench_dask", *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:2])} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return fresh_json(MODULE, *argv, what=" ".join(argv[:2]), env=env)
 
 
 # --- the command -----------------------------------------------------------------------
@@ -322,4 +314,4 @@ if __name__ == "__main__":
     elif sys.argv[1] == "--in-memory":
         print(json.dumps(upstream_in_memory(Path(sys.argv[2]))))
     else:
-        sys.exit("usage: python -m autozyme.bench_dask --side MODE STORE CALLS WORKERS MEMORY ROWS INPUT | --in-memory STORE")
+        sys.exit("usage: python -m autozyme.bench.on_dask --side MODE STORE CALLS WORKERS MEMORY ROWS INPUT | --in-memory STORE")

@@ -1,4 +1,4 @@
-"""``autozyme bench`` rows for ``sc.tl.rank_genes_groups(method="wilcoxon")``.
+"""``autozyme bench`` rows for ``sc.tl.rank_genes_groups(method="wilcoxon")`` (autozyme.bench.rank).
 
 Each side runs in fresh processes on the same log-normalised matrix (the first
 ``--rgg-cells`` x ``--rgg-genes`` of the benchmark's counts, normalised to 1e4
@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .measure import fmt_t, fresh_json, load_anndata, max_ulp, peak_bytes, reset_peak
+
+MODULE = "autozyme.bench.rank"  # the worker: python -m autozyme.bench.rank MODE DATA OUT PAUSE CELLS GENES THREADS
 
 PHASES = ("first", "warm", "rerun", "regroup")
 KWARGS = dict(method="wilcoxon", pts=True, tie_correct=True)
@@ -69,8 +72,6 @@ def _records(res: dict) -> dict:
 
 
 def worker(mode: str, data: Path, out: Path, pause: float, cells: int, genes: int, threads: int) -> dict:
-    from .bench import _peak_bytes, _reset_peak, load_anndata
-
     import scanpy as sc
 
     daemon_pid = None
@@ -106,14 +107,14 @@ def worker(mode: str, data: Path, out: Path, pause: float, cells: int, genes: in
                                    ("rerun", b, "grp"), ("regroup", b, "other")):
         if phase != "first":
             time.sleep(pause)
-        _reset_peak("self")
+        reset_peak("self")
         if daemon_pid:
-            _reset_peak(daemon_pid)
+            reset_peak(daemon_pid)
         t = time.perf_counter()
         res = call(target, groupby)
         result[phase] = time.perf_counter() - t
-        result[f"{phase}_client_peak"] = _peak_bytes("self")
-        result[f"{phase}_daemon_peak"] = _peak_bytes(daemon_pid) if daemon_pid else 0
+        result[f"{phase}_client_peak"] = peak_bytes("self")
+        result[f"{phase}_daemon_peak"] = peak_bytes(daemon_pid) if daemon_pid else 0
         if phase == "first":
             np.savez(out / f"rank_genes_groups_{mode}.npz", **_records(res))
     if mode == "autozyme":
@@ -124,12 +125,8 @@ def worker(mode: str, data: Path, out: Path, pause: float, cells: int, genes: in
 
 
 def _run(mode, data, out, pause, cells, genes, threads, env=None) -> dict:
-    cmd = [sys.executable, "-m", "autozyme.bench_rank", mode, str(data), str(out), str(pause),
-           str(cells), str(genes), str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if proc.returncode != 0:
-        raise RuntimeError(f"{mode} rank_genes_groups worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return fresh_json(MODULE, mode, str(data), str(out), str(pause), str(cells), str(genes), str(threads),
+                      what=f"{mode} rank_genes_groups worker", env=env)
 
 
 def _median(runs) -> dict:
@@ -168,8 +165,6 @@ def load_result(out: Path, mode: str) -> dict:
 def compare(up: dict, other: dict) -> dict:
     """Which fields are bit-identical; max float32 ulp of the fold changes; for
     others, the largest absolute differences."""
-    from .bench import max_ulp
-
     report = {}
     for field in ("names", "scores", "pvals", "pvals_adj", "pts", "pts_rest", "logfoldchanges"):
         if field not in up or field not in other:
@@ -230,8 +225,6 @@ def illico_installed() -> bool:
 
 def run_call(args, data: Path, out: Path, threads: int) -> bool:
     """Prints the rows; returns whether autozyme was bit-identical and served."""
-    from .bench import _fmt_t
-
     cells, genes = args.rgg_cells, args.rgg_genes
     res = measure(data, out, args.pause, cells, genes, threads, args.repeat, illico_installed())
     up, fast, il, az = res["upstream"], res["autozyme"], res["illico"], res["autozyme_vs_upstream"]
@@ -246,9 +239,9 @@ def run_call(args, data: Path, out: Path, threads: int) -> bool:
     print(head + f"   {'peak client+daemon (az)':>24}")
     for phase in PHASES:
         mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
-        line = f"  {phase:<8} {_fmt_t(up[phase]):>12} {_fmt_t(fast[phase]):>12} {up[phase] / fast[phase]:7.1f}x"
+        line = f"  {phase:<8} {fmt_t(up[phase]):>12} {fmt_t(fast[phase]):>12} {up[phase] / fast[phase]:7.1f}x"
         if il:
-            line += f" {_fmt_t(il[phase]):>12} {il[phase] / fast[phase]:8.1f}x"
+            line += f" {fmt_t(il[phase]):>12} {il[phase] / fast[phase]:8.1f}x"
         line += f"   {mib(fast[f'{phase}_client_peak']) + ' + ' + mib(fast[f'{phase}_daemon_peak']):>24}"
         print(line)
     print(flush=True)

@@ -1,11 +1,11 @@
-"""``autozyme bench --report DIR``: every call on dataset tiers and thread counts.
+"""``autozyme bench --report DIR`` (autozyme.bench.report): every call on dataset tiers and thread counts.
 
 For each tier (a generated count matrix), each thread count and each call, the
 upstream and autozyme sides run in fresh worker processes exactly as
-``autozyme bench`` runs them (bench.py, bench_rank.py, bench_leiden.py); illico
+``autozyme bench`` runs them (calls.py, rank.py, leiden.py); illico
 (wilcoxon) and PIASO (leiden) join when installed. The rows go to
 ``DIR/report.json``; ``DIR/report.md`` gets the tables and the charts
-(bench_charts.py). Every choice that shapes the numbers (subsets, tiers, thread
+(charts.py). Every choice that shapes the numbers (subsets, tiers, thread
 counts, repeats) is written into report.md by ``method_notes``.
 """
 
@@ -26,9 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import bench, bench_leiden, bench_rank
+from . import leiden, rank
+from .calls import PHASES as PP_PHASES
+from .calls import PP_CALLS, measure_call, warm_numba_cache
+from .labels import CALL_TITLES, LEIDEN_NAMES, fmt_x
+from .measure import daemon_cli, dataset_path, touch_memory
 
-PP_CALLS = ("normalize_total", "log1p", "scale", "highly_variable_genes")
 ALL_CALLS = (*PP_CALLS, "rank_genes_groups", "leiden")
 # name: (cells, genes, leiden graph nodes)
 NAMED_TIERS = {"small": (20_000, 20_000, 20_000), "medium": (100_000, 25_000, 100_000)}
@@ -162,7 +165,7 @@ def machine_info() -> dict:
     except (OSError, StopIteration):
         pass
     try:
-        from .runtime import expected_build_id
+        from ..runtime import expected_build_id
 
         build = expected_build_id()
     except Exception:  # noqa: BLE001 - only a label
@@ -225,7 +228,7 @@ def thread_envs(threads: int, runtime_base: Path) -> tuple[dict, dict]:
 
 
 def run(args) -> int:
-    from .bench_charts import make_charts
+    from .charts import make_charts
 
     progress = Progress()
     out = Path(args.report)
@@ -239,8 +242,8 @@ def run(args) -> int:
     unknown = set(calls) - set(ALL_CALLS)
     if unknown:
         raise SystemExit(f"autozyme bench: unknown calls {', '.join(sorted(unknown))}")
-    have_illico = "rank_genes_groups" in calls and bench_rank.illico_installed()
-    have_piaso = "leiden" in calls and bench_leiden.piaso_installed()
+    have_illico = "rank_genes_groups" in calls and rank.illico_installed()
+    have_piaso = "leiden" in calls and leiden.piaso_installed()
     for note in skipped:
         print(f"skipping tier {note}", flush=True)
     settings = dict(tiers=[asdict(t) for t in tiers], threads=threads, calls=calls, repeat=repeat,
@@ -264,7 +267,7 @@ def run(args) -> int:
             progress.at("setup")
             progress("warming numba's cache (a throwaway upstream process on small data)")
             try:
-                bench.warm_numba_cache(bench.dataset_path(cache, 3_000, 2_000, args.density), warm)
+                warm_numba_cache(dataset_path(cache, 3_000, 2_000, args.density), warm)
             except RuntimeError as e:  # only a warm-up: upstream's first phase would compile instead
                 progress(f"warm-up failed, continuing: {str(e).splitlines()[-1]}")
         for tier in tiers:
@@ -275,7 +278,7 @@ def run(args) -> int:
                                                              rows=rows), indent=1, default=str))
     finally:
         for t in threads:
-            bench.daemon_cli("stop", thread_envs(t, runtime_base)[1])
+            daemon_cli("stop", thread_envs(t, runtime_base)[1])
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(runtime_base, ignore_errors=True)
 
@@ -308,25 +311,25 @@ def run_tier(tier, threads, calls, args, cache, work, runtime_base, repeat, have
     density = args.density
     progress.at(f"tier {tier.label}")
     pp = [c for c in calls if c in PP_CALLS]
-    data = bench.dataset_path(cache, tier.cells, tier.genes, density) if pp else None
+    data = dataset_path(cache, tier.cells, tier.genes, density) if pp else None
     scale_genes = min(tier.genes, args.scale_genes)
-    scale_data = bench.dataset_path(cache, tier.cells, scale_genes, density) if "scale" in calls else None
+    scale_data = dataset_path(cache, tier.cells, scale_genes, density) if "scale" in calls else None
     # wilcoxon: a subset (upstream takes ~30 s a call at 20k x 10k); the same
     # subset in a later tier is not measured again.
     rgg = (min(tier.cells, args.rgg_cells), min(tier.genes, args.rgg_genes))
     rgg_data = None
     if "rank_genes_groups" in calls and ("rgg", rgg) not in measured:
         measured[("rgg", rgg)] = tier.name
-        rgg_data = bench.dataset_path(cache, *rgg, density)
+        rgg_data = dataset_path(cache, *rgg, density)
     graph = None
     if "leiden" in calls and ("leiden", tier.leiden_nodes) not in measured:
         measured[("leiden", tier.leiden_nodes)] = tier.name
         progress(f"leiden graph of {tier.leiden_nodes:,} nodes")
-        graph = bench_leiden.graph_path(cache, tier.leiden_nodes)
+        graph = leiden.graph_path(cache, tier.leiden_nodes)
     if data is not None:
         # Fresh guest memory is slow to touch on VMs; whichever side ran first
-        # would pay it (see bench.touch_memory).
-        bench.touch_memory(min(8 * data.stat().st_size, mem_available() // 2))
+        # would pay it (see measure.touch_memory).
+        touch_memory(min(8 * data.stat().st_size, mem_available() // 2))
     leiden_dir = work / f"leiden-{tier.name}"
     leiden_dir.mkdir(exist_ok=True)
     leiden_results: dict[str, dict] = {}
@@ -334,7 +337,7 @@ def run_tier(tier, threads, calls, args, cache, work, runtime_base, repeat, have
         up_env, az_env = thread_envs(t, runtime_base)
         # One daemon per tier and thread count, started before its calls (as
         # after login) and stopped after, so no pool of an earlier tier lingers.
-        failed = bench.daemon_cli("start", az_env)
+        failed = daemon_cli("start", az_env)
         if failed:  # the autozyme workers will fail and be marked; upstream's rows still count
             progress.at(f"tier {tier.label}", f"threads {t}")
             progress(f"daemon start failed: {failed.splitlines()[-1] if failed else ''}")
@@ -343,9 +346,9 @@ def run_tier(tier, threads, calls, args, cache, work, runtime_base, repeat, have
                 progress.at(f"tier {tier.label}", f"threads {t}", call)
                 src = scale_data if call == "scale" else data
                 try:
-                    res = bench.measure_call(call, src, work, repeat, args.pause, up_env, az_env, progress)
+                    res = measure_call(call, src, work, repeat, args.pause, up_env, az_env, progress)
                     rows.append(call_row(tier, t, call, "autozyme", res["upstream"], res["autozyme"],
-                                         bench.PHASES, res["equivalent"], pp_equivalence(res), res["served"]))
+                                         PP_PHASES, res["equivalent"], pp_equivalence(res), res["served"]))
                     rows[-1]["max_ulp"] = res["max_ulp"]
                 except Exception as e:  # noqa: BLE001 - a long report records the failure and goes on
                     progress(f"FAILED: {str(e).splitlines()[0] if str(e) else repr(e)}")
@@ -363,17 +366,17 @@ def run_tier(tier, threads, calls, args, cache, work, runtime_base, repeat, have
                 modes += [(f"piaso-{t}", up_env)] if have_piaso else []
                 for mode, env in modes:
                     try:
-                        leiden_results[mode] = bench_leiden.run_mode(mode, graph, leiden_dir, env, progress)
+                        leiden_results[mode] = leiden.run_mode(mode, graph, leiden_dir, env, progress)
                     except Exception as e:  # noqa: BLE001 - recorded, the report goes on
                         progress(f"FAILED: {str(e).splitlines()[0] if str(e) else repr(e)}")
                         rows.append(failed_row(tier, t if mode not in ("upstream", "exact") else None,
                                                "leiden", mode.split("-")[0], e))
         finally:
-            bench.daemon_cli("stop", az_env)
+            daemon_cli("stop", az_env)
     if graph is not None and "upstream" in leiden_results:
         progress.at(f"tier {tier.label}", "leiden")
         progress("modularity and agreement")
-        for r in bench_leiden.evaluate(graph, leiden_dir, leiden_results):
+        for r in leiden.evaluate(graph, leiden_dir, leiden_results):
             rows.append(dict(kind="leiden", tier=tier.name, call="leiden", **r))
     return rows
 
@@ -381,30 +384,30 @@ def run_tier(tier, threads, calls, args, cache, work, runtime_base, repeat, have
 def measure_rank(tier, t, data, rgg, work, pause, repeat, up_env, az_env, have_illico, progress) -> list[dict]:
     """upstream, autozyme and illico wilcoxon rows at one thread count."""
     rows = []
-    phases = bench_rank.PHASES
+    phases = rank.PHASES
     sides = [("upstream", up_env), ("autozyme", az_env)] + ([("illico", up_env)] if have_illico else [])
     results = {}
     for mode, env in sides:
         try:
-            results[mode] = bench_rank.run_side(mode, data, work, pause, *rgg, t, repeat, env, progress)
+            results[mode] = rank.run_side(mode, data, work, pause, *rgg, t, repeat, env, progress)
         except Exception as e:  # noqa: BLE001 - recorded, the report goes on
             progress(f"FAILED: {str(e).splitlines()[0] if str(e) else repr(e)}")
             rows.append(failed_row(tier, t, "rank_genes_groups", mode, e))
     if "upstream" not in results:
         return rows
     up = results["upstream"]
-    up_res = bench_rank.load_result(work, "upstream")
+    up_res = rank.load_result(work, "upstream")
     for mode in ("autozyme", "illico"):
         if mode not in results:
             continue
-        cmp = bench_rank.compare(up_res, bench_rank.load_result(work, mode))
+        cmp = rank.compare(up_res, rank.load_result(work, mode))
         side = results[mode]
         if mode == "autozyme":
             served = side.get("served", 0)
-            ok = bench_rank.equivalent(cmp, served)
-            text = bench_rank.summary(cmp)
+            ok = rank.equivalent(cmp, served)
+            text = rank.summary(cmp)
         else:  # illico is a reference: its agreement is shown, not judged
-            served, ok, text = None, None, "reference: " + bench_rank.summary(cmp)
+            served, ok, text = None, None, "reference: " + rank.summary(cmp)
         rows.append(call_row(tier, t, "rank_genes_groups", mode, up, side, phases, ok, text, served))
         rows[-1]["comparison"] = cmp
     for mode in results:
@@ -414,10 +417,6 @@ def measure_rank(tier, t, data, rgg, work, pause, repeat, up_env, az_env, have_i
 
 # --- markdown -------------------------------------------------------------------
 NOT_EQUIVALENT = "**NOT EQUIVALENT**"
-CALL_TITLES = {"normalize_total": "normalize_total", "log1p": "log1p", "scale": "scale",
-               "highly_variable_genes": "hvg seurat_v3", "rank_genes_groups": "wilcoxon", "leiden": "leiden"}
-
-
 def fmt_ms(seconds: float) -> str:
     ms = seconds * 1000
     if ms >= 1000:
@@ -425,12 +424,6 @@ def fmt_ms(seconds: float) -> str:
     if ms >= 100:
         return f"{ms:.0f}"
     return f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
-
-
-def fmt_x(ratio: float) -> str:
-    if ratio >= 100:
-        return f"{ratio:.0f}×"
-    return f"{ratio:.1f}×" if ratio >= 1 else f"{ratio:.2f}×"
 
 
 def fmt_mib(n: int) -> str:
@@ -475,10 +468,6 @@ def calls_table(rows: list[dict]) -> list[str]:
                      f"| {fmt_mib(r['upstream_peak'])} | {fmt_mib(r['peak_client'])}{daemon} "
                      f"| {fmt_equivalence(r)} | {_served(r)} |")
     return lines
-
-
-LEIDEN_NAMES = {"upstream": "upstream igraph", "exact": "exact mode", "parallel": "parallel mode",
-                "piaso": "PIASO (rust)", "leidenalg": "upstream leidenalg"}
 
 
 def leiden_table(rows: list[dict]) -> list[str]:
