@@ -31,11 +31,12 @@ def test_profile_rows_for_served_and_fallen_back_calls(active, monkeypatch):
 
 def test_magics_in_an_ipython_shell(active, capsys):
     pytest.importorskip("IPython")
-    from IPython.testing.globalipapp import get_ipython
+    from IPython.core.interactiveshell import InteractiveShell
 
     import autozyme
 
-    ip = get_ipython()
+    # The process's one shell (another test may have made it already).
+    ip = InteractiveShell.instance()
     autozyme.load_ipython_extension(ip)
     ip.user_ns["ad"] = counts(200, 40, seed=2)
     ip.run_cell_magic("autozyme.profile", "", "import scanpy as sc\nsc.pp.normalize_total(ad)\nsc.pp.log1p(ad)")
