@@ -10,7 +10,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .activation import activate, deactivate, is_active
+import sys
+
+from . import activation
+from .activation import is_active
 from .fallback import AutozymeFallbackError
 from .profile import profile
 from .settings import configure
@@ -28,6 +31,34 @@ __all__ = [
     "load_ipython_extension",
     "unload_ipython_extension",
 ]
+
+
+def activate(library: str = "scanpy", *, prewarm: bool = True) -> None:
+    """Patch scanpy in this process (``autozyme.activation``) and, with a
+    ``dask.distributed`` client here, on its workers too, now and later
+    (``autozyme.dask.cluster``). Calling it again after creating a client
+    registers the workers' plugin with that client."""
+    activation.activate(library, prewarm=prewarm)
+    _on_cluster("register_default")
+
+
+def deactivate() -> None:
+    """scanpy is upstream again, here and on the workers of a distributed client."""
+    activation.deactivate()
+    if "autozyme.dask.cluster" in sys.modules:
+        _on_cluster("unregister_all")
+
+
+def _on_cluster(step: str) -> None:
+    """A step of ``autozyme.dask.cluster``, only when the user has imported
+    distributed (it is never imported here); never an error."""
+    if "distributed" not in sys.modules:
+        return
+    try:
+        from .dask import cluster
+    except Exception:  # noqa: BLE001 - e.g. a distributed without the plugin API
+        return
+    getattr(cluster, step)()
 
 
 def load_ipython_extension(ipython) -> None:

@@ -65,13 +65,6 @@ def activate(library: str = "scanpy", *, prewarm: bool = True) -> None:
     import scanpy  # noqa: F401  (imports every module that binds a target)
 
     with _lock:
-        already = bool(_patched)
-    if already:
-        # Outside the lock: in an in-process cluster a worker's plugin runs in
-        # another thread of this process while registration waits for it.
-        _activate_on_cluster()  # a client created since the first activation
-        return
-    with _lock:
         if _patched:
             return
         for name, (modname, attr, patch_name) in TARGETS.items():
@@ -94,26 +87,6 @@ def activate(library: str = "scanpy", *, prewarm: bool = True) -> None:
     shm.set_lender(lease_segment, release_segments)
     if prewarm:
         threading.Thread(target=_prewarm, name="autozyme-prewarm", daemon=True).start()
-    _activate_on_cluster()
-
-
-def _activate_on_cluster() -> None:
-    """With a ``dask.distributed`` client in this process, activate autozyme on its
-    workers too (``autozyme.dask.cluster``). distributed is never imported here
-    when the user has not imported it; a failure is a warning, never an error."""
-    if "distributed" not in sys.modules:
-        return
-    try:
-        from .dask import cluster
-    except Exception:  # noqa: BLE001 - e.g. a distributed without the plugin API
-        return
-    cluster.register_default()
-
-
-def _deactivate_on_cluster() -> None:
-    cluster = sys.modules.get("autozyme.dask.cluster")
-    if cluster is not None:
-        cluster.unregister_all()
 
 
 def _prewarm() -> None:
@@ -173,7 +146,6 @@ def deactivate() -> None:
                     setattr(mod, key, upstream)
         _patched.clear()
         _attribute_upstream_warnings_past_autozyme(False)
-    _deactivate_on_cluster()
 
 
 def patched_targets() -> list[str]:
