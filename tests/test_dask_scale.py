@@ -276,9 +276,9 @@ def test_chunk_without_daemon_runs_upstreams_chunk(active, monkeypatch):
 def test_chunks_through_shared_memory(active, fmt, monkeypatch):
     """Where the kernel refuses the daemon this process's memory, chunks are
     copied into shared memory instead (as for in-memory data)."""
-    from autozyme.patches import scale as patch
+    from autozyme import shm
 
-    monkeypatch.setattr(patch, "_peer_refused", True)
+    monkeypatch.setattr(shm, "_peer_reads_refused", True)
     run_both(active, lambda: to_dask(matrix(100, 20, seed=12), fmt, 30),
              {"zero_center": True, "max_value": 2.0})
 

@@ -443,6 +443,32 @@ def peer_ref(arr: np.ndarray) -> dict | None:
     return dict(location=location, len=arr.size, dtype=tag)
 
 
+# Set when the kernel forbids the daemon to read this process's memory (Yama
+# ptrace_scope): requests then place their inputs in shared memory. (scale's
+# in-memory and dask paths share it; the other calls keep a flag of their own.)
+_peer_reads_refused = False
+
+
+def peer_reads_refused() -> bool:
+    return _peer_reads_refused
+
+
+def refuse_peer_reads() -> None:
+    global _peer_reads_refused
+    _peer_reads_refused = True
+
+
+def leased_empty(shape, dtype) -> np.ndarray:
+    """A new segment-backed array for a result: a pooled segment when one is at
+    hand (ours, or lent by the daemon's pool), else one the daemon creates and
+    lends, so that it returns to the daemon's pool when this process is done
+    with it (also at exit) and the next process's first call finds it ready."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if not reserve(nbytes):
+        _lease(max(nbytes, 1), create=True)
+    return empty(shape, dtype)
+
+
 def peer_ready(arr: np.ndarray) -> np.ndarray:
     """``arr`` itself when the daemon can read it in place (C-contiguous, each item
     at an address aligned to its size), else an aligned contiguous copy. Arrays a

@@ -227,10 +227,9 @@ def _call_csr(make_request, chunk):
     from ..client import DaemonError, get_client
     from ..codec import msg
     from ..patches import _common
-    from ..patches import scale as patch
     from .. import shm
 
-    if not patch._peer_refused:  # noqa: SLF001
+    if not shm.peer_reads_refused():
         if chunk.indices.dtype not in _common.INDEX or chunk.indptr.dtype not in _common.INDEX:
             raise Fallback(f"index dtype {chunk.indices.dtype}/{chunk.indptr.dtype}")
         # (a chunk unpickled from a Dask transfer may lie at any byte: realigned)
@@ -243,7 +242,7 @@ def _call_csr(make_request, chunk):
         except DaemonError as e:
             if e.kind != "Unsupported":
                 raise
-            patch._peer_refused = True  # noqa: SLF001
+            shm.refuse_peer_reads()
     matrix, *buffers = _common.csr_refs(chunk, with_indices=True, peer=False)
     reply = get_client().call(make_request(matrix))
     del buffers
@@ -256,13 +255,12 @@ def _call_dense(make_request, chunk):
     the in-memory path remembers it)."""
     from ..client import DaemonError, get_client
     from ..codec import msg
-    from ..patches import scale as patch
     from .. import shm
 
     def matrix(data_ref):
         return msg("Dense", n_rows=chunk.shape[0], n_cols=chunk.shape[1], data=data_ref)
 
-    if not shm.is_placed(chunk) and not patch._peer_refused:  # noqa: SLF001
+    if not shm.is_placed(chunk) and not shm.peer_reads_refused():
         # (a chunk unpickled from a Dask transfer may lie at any byte: realigned)
         ready = shm.peer_ready(chunk)
         try:
@@ -270,7 +268,7 @@ def _call_dense(make_request, chunk):
         except DaemonError as e:
             if e.kind != "Unsupported":
                 raise
-            patch._peer_refused = True  # noqa: SLF001
+            shm.refuse_peer_reads()
     placed = shm.placed(chunk)
     reply = get_client().call(make_request(matrix(shm.ref(placed))))
     del placed  # referenced until the reply (see _call_csr)
@@ -394,10 +392,9 @@ def _densify_csr(chunk, mean, std, clip_at):
     into a shared-memory segment that becomes the chunk's result (pooled again
     once dask drops it), as the in-memory path does for the whole matrix."""
     from ..codec import msg
-    from ..patches.scale import _segment
     from .. import shm
 
-    out = _segment(chunk.shape, np.float64)
+    out = shm.leased_empty(chunk.shape, np.float64)
     _call_csr(
         lambda m: msg("ScaleApply", x=m, rows=None, mean=mean, std=std, per_row=False,
                       max_value=clip_at, out=shm.ref(out)),

@@ -183,7 +183,7 @@ def _copy(x):
     if not (x.flags.c_contiguous or f_order):
         return x.copy()
     c = x.T if f_order else x
-    placed = _segment(c.shape, c.dtype)
+    placed = shm.leased_empty(c.shape, c.dtype)
     _copy_into(placed, c)
     return placed.T if f_order else placed
 
@@ -286,7 +286,7 @@ def _as_float64(x):
     if isinstance(x, np.ndarray):
         f_order = not x.flags.c_contiguous and x.flags.f_contiguous
         c = x.T if f_order else x
-        out = _segment(c.shape, np.float64)
+        out = shm.leased_empty(c.shape, np.float64)
         if c.flags.c_contiguous:
             _copy_into(out, c)
         else:
@@ -329,20 +329,6 @@ def _numpy_mean_var(x):
     if n != 1:
         var *= n / (n - 1)
     return mean, var
-
-
-def _segment(shape, dtype):
-    """A new segment-backed array for a result: a pooled segment when one is at
-    hand (ours, or lent by the daemon's pool), else one the daemon creates and
-    lends, so that it returns to the daemon's pool when this process is done
-    with it (also at exit) and the next process's first call finds it ready.
-
-    No spare is prepared for the next call: scale's dense results are large and
-    usually computed once per dataset, so a spare would mostly hold memory."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    if not shm.reserve(nbytes):
-        shm._lease(max(nbytes, 1), create=True)  # noqa: SLF001 - same package
-    return shm.empty(shape, dtype)
 
 
 def _dense_stats(matrix, n, rows=None):
@@ -425,16 +411,11 @@ def _dense(x, rows, mask, zero_center, clip_at, *, in_place):
     return x, mean, std
 
 
-# Set when the kernel forbids reading this process's memory (Yama ptrace_scope).
-_peer_refused = False
-
-
 def _sparse_refs(x):
     """The CSR's wire matrix: from shared memory when already placed, else read
     by the daemon straight from this process's memory."""
-    global _peer_refused
     placed = shm.is_placed(x.data) and shm.is_placed(x.indices) and shm.is_placed(x.indptr)
-    peer = not placed and not _peer_refused
+    peer = not placed and not shm.peer_reads_refused()
     # The arrays are the shared-memory copies when the matrix was placed here:
     # the caller holds them until the reply, or their segments could be reused
     # (and overwritten) before the daemon has read them.
@@ -445,14 +426,13 @@ def _sparse_refs(x):
 def _call_sparse(make_request, x):
     """Send a request over ``x``'s buffers, retrying through shared memory when
     the kernel refuses peer-memory access."""
-    global _peer_refused
     matrix, peer, keep = _sparse_refs(x)
     try:
         return get_client().call(make_request(matrix))
     except DaemonError as e:
         if not peer or e.kind != "Unsupported":
             raise
-        _peer_refused = True
+        shm.refuse_peer_reads()
         matrix, _, keep = _sparse_refs(x)
         return get_client().call(make_request(matrix))
     finally:
@@ -492,7 +472,7 @@ def _sparse_centred(x, clip_at):
     csc = _common.is_csc(x)
     c = x.T if csc else x  # a CSC matrix's transpose is CSR, genes as rows
     # The output segment is leased and mapped while the daemon sums.
-    pending = parallel.submit(_segment, c.shape, np.float64)
+    pending = parallel.submit(shm.leased_empty, c.shape, np.float64)
     try:
         mean, std = _sparse_stats(x)
     finally:
