@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
 from test_rank_genes_groups import assert_same_result, make, upstream_record
 

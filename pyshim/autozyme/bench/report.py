@@ -24,7 +24,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 
 from . import leiden, rank
 from .calls import PHASES as PP_PHASES

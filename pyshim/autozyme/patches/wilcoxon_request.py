@@ -35,7 +35,6 @@ _peer_refused = False
 def matrix_ref(x):
     """The wire Matrix for the test matrix, and the arrays it refers to (kept alive
     by the caller during the request)."""
-    global _peer_refused
     if sp.issparse(x):
         data, indices, indptr = as_float(x.data), x.indices, x.indptr
         arrays = (data, indices, indptr)
