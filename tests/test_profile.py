@@ -43,7 +43,9 @@ def test_magics_in_an_ipython_shell(active, capsys):
     out = capsys.readouterr().out
     assert "normalize_total" in out and "log1p" in out and "2 by autozyme" in out
     status = ip.run_line_magic("autozyme", "")
-    assert "normalize_total" in repr(status) and "<pre>" in status._repr_html_()
+    page = status._repr_html_()
+    assert "normalize_total" in repr(status) and "<table>" in page
+    assert "<td>normalize_total</td>" in page and "<td>leiden</td>" in page
 
 
 def test_where_each_call_ran_is_logged_at_scanpys_verbosity(active, monkeypatch):
