@@ -352,10 +352,14 @@ def test_normalize_total_log1p_on_the_cluster(cluster, chunk_type):
 
 
 def _set_daemon_binary(binary):
-    """Point this worker at another daemon binary, and drop its connection."""
+    """Point this worker at another daemon binary (None: the one installed beside
+    its interpreter, as where AUTOZYMED is unset), and drop its connection."""
     from autozyme.client import get_client
 
-    os.environ["AUTOZYMED"] = binary
+    if binary is None:
+        os.environ.pop("AUTOZYMED", None)
+    else:
+        os.environ["AUTOZYMED"] = binary
     get_client().reset()
 
 
@@ -383,11 +387,11 @@ def test_worker_that_cannot_reach_a_daemon(cluster):
         assert n == 1 and reason.startswith("failure: DaemonUnavailable"), reason
         assert "fell back: " + CHUNK_COUNTER in autozyme.format_status()
     finally:
-        client.run(_set_daemon_binary, binary, workers=[a0])
         if strict is None:
             os.environ.pop("AUTOZYME_STRICT", None)
         else:
             os.environ["AUTOZYME_STRICT"] = strict
+        client.run(_set_daemon_binary, binary, workers=[a0])
         azm_cluster.register(client)
 
 
