@@ -62,6 +62,12 @@ def run_side(side: str, call: str, env: dict) -> dict[str, dict]:
     return results
 
 
+# Inputs autozyme serves where upstream raises: Wilcoxon on a dask X (scanpy 1.12.4
+# fails inside numba; autozyme gives upstream's in-memory result on the computed
+# matrix, checked in tests/test_dask_rank_genes_groups.py).
+BEYOND_UPSTREAM = {("rank_genes_groups", "dask array")}
+
+
 @pytest.mark.parametrize("call", list(CALLS))
 def test_bad_input_corpus(call):
     runtime_dir = tempfile.mkdtemp(prefix="azm-bad-")
@@ -77,6 +83,8 @@ def test_bad_input_corpus(call):
             continue  # refused clearly, before upstream's code could run out of bounds
         if (u.startswith("crash") or u == "hang") and not (a.startswith("crash") or a == "hang"):
             continue  # upstream's compiled code died or looped; ours must not, and did not
+        if (call, case) in BEYOND_UPSTREAM and u.startswith("raise") and a.startswith("ok"):
+            continue  # served where upstream has no path (its equality: tests/test_dask_*.py)
         if u != a:
             mismatches.append(case)
     # The daemon logged no panic and still answers.
