@@ -38,3 +38,18 @@ def run(call: str, fast, upstream, *args, **kwargs):
     with fallback.lock():
         fallback.served[name] += 1
     return result
+
+
+def check_csr_arrays(chunk) -> None:
+    """A CSR chunk's arrays agree with its shape (no padding, no truncation);
+    else the chunk is upstream's (``Fallback``)."""
+    indptr = chunk.indptr
+    if (
+        chunk.data.ndim != 1
+        or chunk.indices.ndim != 1
+        or indptr.ndim != 1
+        or len(indptr) != chunk.shape[0] + 1
+        or indptr[0] != 0
+        or not (len(chunk.data) == len(chunk.indices) == indptr[-1])
+    ):
+        raise fallback.Fallback("malformed or padded CSR chunk")

@@ -132,16 +132,7 @@ def _check_chunk(chunk) -> None:
         raise Fallback(f"{type(chunk).__name__} chunk")
     if chunk.data.dtype not in (np.float32, np.float64):
         raise Fallback(f"chunk data dtype {chunk.data.dtype}")
-    indptr = chunk.indptr
-    if (
-        chunk.data.ndim != 1
-        or chunk.indices.ndim != 1
-        or indptr.ndim != 1
-        or len(indptr) != chunk.shape[0] + 1
-        or indptr[0] != 0
-        or not (len(chunk.data) == len(chunk.indices) == indptr[-1])
-    ):
-        raise Fallback("malformed or padded CSR chunk")
+    chunks.check_csr_arrays(chunk)
 
 
 def _with_data(chunk, data):

@@ -278,18 +278,9 @@ def _call_dense(make_request, chunk):
 def _check_csr(chunk) -> None:
     from ..patches import _common
 
-    indptr = chunk.indptr
     if chunk.data.dtype not in _common.FLOATS:
         raise Fallback(f"chunk data dtype {chunk.data.dtype}")
-    if (
-        chunk.data.ndim != 1
-        or chunk.indices.ndim != 1
-        or indptr.ndim != 1
-        or len(indptr) != chunk.shape[0] + 1
-        or indptr[0] != 0
-        or not (len(chunk.data) == len(chunk.indices) == indptr[-1])
-    ):
-        raise Fallback("malformed or padded CSR chunk")
+    chunks.check_csr_arrays(chunk)
 
 
 def _apply_upstream(chunk, std_row, mean_row, *, zero_center, clip_at, max_value):
