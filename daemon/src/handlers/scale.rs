@@ -10,8 +10,8 @@ use crate::kernels::scale_stats::{
 use crate::kernels::{Float, SparseIndex};
 use crate::server::state::Daemon;
 use crate::shm::{
-    visit_csr, CsrRegions, CsrVisitor, DenseRegions, FloatSlice, FloatSliceMut, IndexSlice, Peer,
-    Resolver,
+    visit_csr, CsrRegions, CsrVisitor, DenseRegions, FloatSlice, FloatSliceMut, IndexSlice,
+    MatrixRegions, Peer, Resolver,
 };
 use autozyme_protocol::{ArrayRef, DType, ErrorKind, Matrix, Response};
 
@@ -119,23 +119,8 @@ pub fn stats(
 /// (all rows in order, one part; see `csr_column_sums_wide`).
 pub fn chunk_stats(daemon: &Daemon, peer: Peer, x: &Matrix) -> Result<Response> {
     let mut resolver = Resolver::new(&daemon.segments, peer);
-    match x {
-        Matrix::Csr {
-            n_rows,
-            n_cols,
-            data,
-            indices,
-            indptr,
-        } => {
-            let csr = CsrRegions::resolve(
-                &mut resolver,
-                *n_rows,
-                *n_cols,
-                data,
-                indices.as_ref(),
-                indptr,
-            )?;
-            csr.validate_indptr()?;
+    match MatrixRegions::resolve(&mut resolver, x)? {
+        MatrixRegions::Csr(csr) => {
             let indptr = csr.indptr.indices().expect("dtype checked");
             let data = csr.data.floats().expect("dtype checked");
             let cols = csr.validated_column_indices()?;
@@ -146,12 +131,7 @@ pub fn chunk_stats(daemon: &Daemon, peer: Peer, x: &Matrix) -> Result<Response> 
             };
             Ok(reply(visit_csr(job, indptr, cols, data)))
         }
-        Matrix::Dense {
-            n_rows,
-            n_cols,
-            data,
-        } => {
-            let dense = DenseRegions::resolve(&mut resolver, *n_rows, *n_cols, data)?;
+        MatrixRegions::Dense(dense) => {
             let (n_rows, n_cols) = (dense.n_rows, dense.n_cols);
             check_partials(1, n_cols)?;
             Ok(reply(match dense.data.floats().expect("dtype checked") {
