@@ -4,7 +4,10 @@ numpy's float32/float64 ``log1p`` is a SIMD routine whose last bits differ from 
 correctly rounded log1p (and from one CPU to another), so no other implementation
 can be bit-identical to it. The fast path applies numpy's own ufunc to aligned
 blocks of the values in parallel threads (numpy releases the GIL inside the loop);
-each element goes through the same SIMD lanes as in one whole-array call.
+each element goes through the same SIMD lanes as in one whole-array call. Where
+the values make one block only (one thread: ``AUTOZYME_THREADS=1`` or
+``sc.settings.n_jobs``; or under 2 MiB of values), threads cannot help and the
+call is upstream's own function, nothing added.
 Everything else (scanpy's dispatch, sklearn's ``check_array`` validation and
 dtype rules, ``uns["log1p"]``, the warnings) is upstream's own code path.
 
@@ -51,7 +54,7 @@ def fast(upstream, *args, **kwargs):
 
     data, p = _common.bind(upstream, _common.keyword_defaults(upstream), args, kwargs)
     if isinstance(data, AnnData):
-        return _anndata(data, **p)
+        return _anndata(data, lambda: upstream(*args, **kwargs), **p)
     if is_dask_array(data):
         _check_dask(data, p["base"])
         if any(k in kwargs for k in _ARRAY_ONLY):
@@ -63,7 +66,22 @@ def fast(upstream, *args, **kwargs):
     if any(k in kwargs for k in _ARRAY_ONLY):
         # upstream's array implementations take no such arguments: TypeError.
         raise Delegate(f"{sorted(set(kwargs) & set(_ARRAY_ONLY))} given with an array")
+    if not threads_help(data):
+        return upstream(*args, **kwargs)
     return log1p_values(data, base=p["base"], copy=p["copy"])
+
+
+def threads_help(x) -> bool:
+    """Whether the values split into more than one block (more than one thread,
+    and enough values: ``parallel.blocks``). Where they do not, the call is
+    upstream's own code, as is: the same passes over the data, nothing added."""
+    if sp.issparse(x):
+        n, itemsize = x.nnz, max(x.dtype.itemsize, 4)
+    elif x.flags.c_contiguous or x.flags.f_contiguous:
+        n, itemsize = x.size, x.dtype.itemsize
+    else:
+        return False  # _elementwise would make one whole-array call anyway
+    return len(parallel.blocks(n, itemsize, align=parallel.ALIGN)) > 1
 
 
 def _check_sparse_array(x) -> None:
@@ -89,7 +107,7 @@ def _array_in_scope(x) -> bool:
     return False
 
 
-def _anndata(adata, *, base, copy, chunked, chunk_size, layer, obsm):
+def _anndata(adata, upstream_call, *, base, copy, chunked, chunk_size, layer, obsm):
     from scanpy import logging as logg
     from scanpy._utils import view_to_actual
     from scanpy.get import _get_obs_rep, _set_obs_rep
@@ -112,6 +130,8 @@ def _anndata(adata, *, base, copy, chunked, chunk_size, layer, obsm):
         if not _array_in_scope(_get_obs_rep(adata, layer=layer, obsm=obsm)):
             raise Fallback(f"{type(_get_obs_rep(adata, layer=layer, obsm=obsm)).__name__} input")
 
+    if not dask and not threads_help(_get_obs_rep(adata, layer=layer, obsm=obsm)):
+        return upstream_call()
     if "log1p" in adata.uns:
         logg.warning("adata.X seems to be already log-transformed.")
     adata = adata.copy() if copy else adata
