@@ -138,6 +138,8 @@ def add_parser(sub) -> None:
     p.add_argument("--crest-python", default=None,
                    help="an interpreter that has crest-sc (default: this one, if it has it)")
     p.add_argument("--no-crest", action="store_true", help="leave crest-sc out")
+    p.add_argument("--no-prime", action="store_true",
+                   help="no priming process before each side (tests: numba's caches exist already)")
     b.set_defaults(func=run)
 
 

@@ -263,35 +263,36 @@ def compare(up: Path, az: Path) -> dict:
     return steps
 
 
-def _prime(side: str, tiny: Path, pause: float) -> None:
-    _side(side, tiny, None, 0.0)
-
-
 def run(args) -> int:
     cache = Path(args.cache).expanduser()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cells, genes = args.pipeline_cells, args.pipeline_genes
     data = h5ad_path(cache, cells, genes, args.density)
-    tiny = h5ad_path(cache, min(cells, PRIMING_SHAPE[0]), min(genes, PRIMING_SHAPE[1]), args.density)
+    tiny = None if args.no_prime else \
+        h5ad_path(cache, min(cells, PRIMING_SHAPE[0]), min(genes, PRIMING_SHAPE[1]), args.density)
     touch_memory(12 * data.stat().st_size)
+    primed = "no priming process" if args.no_prime else \
+        f"after a priming process on {min(cells, PRIMING_SHAPE[0])} x {min(genes, PRIMING_SHAPE[1])}"
     print(f"\nautozyme bench --pipeline: the tutorial notebook on {cells} x {genes} counts "
-          f"(7 batches), each side in a fresh process after a priming process on "
-          f"{min(cells, PRIMING_SHAPE[0])} x {min(genes, PRIMING_SHAPE[1])}; {os.cpu_count()} cores; "
+          f"(7 batches), each side in a fresh process {primed}; {os.cpu_count()} cores; "
           f"{args.pause:g} s between cells (not timed); {stack_versions()}\n", flush=True)
     sides = {}
-    _prime("upstream", tiny, args.pause)
+    if not args.no_prime:
+        _side("upstream", tiny, None, 0.0)
     sides["upstream"] = _side("upstream", data, out / "pipeline_upstream.npz", args.pause)
-    _prime("autozyme", tiny, args.pause)
+    if not args.no_prime:
+        _side("autozyme", tiny, None, 0.0)
     warm = warm_worker()
     sides["autozyme"] = _side("autozyme", data, out / "pipeline_autozyme.npz", args.pause)
     equal = compare(out / "pipeline_upstream.npz", out / "pipeline_autozyme.npz")
     crest_py = None if args.no_crest else crest_python(args.crest_python)
     if crest_py:
-        _side("crest", tiny, None, 0.0, python=crest_py)  # its priming run
+        if tiny is not None:
+            _side("crest", tiny, None, 0.0, python=crest_py)  # its priming run
         sides["crest"] = _side("crest", data, None, args.pause, python=crest_py)
     report = {"cells": cells, "genes": genes, "density": args.density, "stack": stack_versions(),
-              "pause": args.pause, "warm_worker": warm, "sides": sides, "equal_max_ulp": equal,
+              "pause": args.pause, "primed": not args.no_prime, "warm_worker": warm, "sides": sides, "equal_max_ulp": equal,
               "crest_python": crest_py}
     print(format_table(report))
     (out / "pipeline.json").write_text(json.dumps(report, indent=1))
