@@ -176,7 +176,7 @@ def test_non_finite_in_a_late_block_gives_upstreams_outcome(active, bad):
 
 def test_one_thread_or_small_data_is_upstreams_own_call(active, monkeypatch):
     """Where threads cannot help (one thread, or under two blocks of values),
-    the call is upstream's own code; with two threads a large matrix is split.
+    each pass is upstream's own whole-array call; with two threads a large matrix is split.
     Either way the result is upstream's and the call counts as served."""
     from autozyme.patches.log1p import threads_help
 

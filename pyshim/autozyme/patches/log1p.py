@@ -6,8 +6,8 @@ can be bit-identical to it. The fast path applies numpy's own ufunc to aligned
 blocks of the values in parallel threads (numpy releases the GIL inside the loop);
 each element goes through the same SIMD lanes as in one whole-array call. Where
 the values make one block only (one thread: ``AUTOZYME_THREADS=1`` or
-``sc.settings.n_jobs``; or under 2 MiB of values), threads cannot help and the
-call is upstream's own function, nothing added.
+``sc.settings.n_jobs``; or under 2 MiB of values), threads cannot help and each
+pass is upstream's own whole-array call (``threads_help``), nothing added.
 Everything else (scanpy's dispatch, sklearn's ``check_array`` validation and
 dtype rules, ``uns["log1p"]``, the warnings) is upstream's own code path.
 
@@ -54,7 +54,7 @@ def fast(upstream, *args, **kwargs):
 
     data, p = _common.bind(upstream, _common.keyword_defaults(upstream), args, kwargs)
     if isinstance(data, AnnData):
-        return _anndata(data, lambda: upstream(*args, **kwargs), **p)
+        return _anndata(data, **p)
     if is_dask_array(data):
         _check_dask(data, p["base"])
         if any(k in kwargs for k in _ARRAY_ONLY):
@@ -66,15 +66,14 @@ def fast(upstream, *args, **kwargs):
     if any(k in kwargs for k in _ARRAY_ONLY):
         # upstream's array implementations take no such arguments: TypeError.
         raise Delegate(f"{sorted(set(kwargs) & set(_ARRAY_ONLY))} given with an array")
-    if not threads_help(data):
-        return upstream(*args, **kwargs)
     return log1p_values(data, base=p["base"], copy=p["copy"])
 
 
 def threads_help(x) -> bool:
     """Whether the values split into more than one block (more than one thread,
-    and enough values: ``parallel.blocks``). Where they do not, the call is
-    upstream's own code, as is: the same passes over the data, nothing added."""
+    and enough values: ``parallel.blocks``). Where they do not, every pass is
+    upstream's own call on the whole array (sklearn's ``check_array`` with its
+    finiteness check, one ``np.log1p``), nothing added."""
     if sp.issparse(x):
         n, itemsize = x.nnz, max(x.dtype.itemsize, 4)
     elif x.flags.c_contiguous or x.flags.f_contiguous:
@@ -107,7 +106,7 @@ def _array_in_scope(x) -> bool:
     return False
 
 
-def _anndata(adata, upstream_call, *, base, copy, chunked, chunk_size, layer, obsm):
+def _anndata(adata, *, base, copy, chunked, chunk_size, layer, obsm):
     from scanpy import logging as logg
     from scanpy._utils import view_to_actual
     from scanpy.get import _get_obs_rep, _set_obs_rep
@@ -130,8 +129,6 @@ def _anndata(adata, upstream_call, *, base, copy, chunked, chunk_size, layer, ob
         if not _array_in_scope(_get_obs_rep(adata, layer=layer, obsm=obsm)):
             raise Fallback(f"{type(_get_obs_rep(adata, layer=layer, obsm=obsm)).__name__} input")
 
-    if not dask and not threads_help(_get_obs_rep(adata, layer=layer, obsm=obsm)):
-        return upstream_call()
     if "log1p" in adata.uns:
         logg.warning("adata.X seems to be already log-transformed.")
     adata = adata.copy() if copy else adata
@@ -174,6 +171,8 @@ def _check_sparse(x, copy: bool):
     from sklearn.utils import check_array
 
     kwargs = dict(accept_sparse=("csr", "csc"), dtype=(np.float64, np.float32), copy=copy)
+    if not threads_help(x):
+        return check_array(x, **kwargs)  # upstream's call, as is
     try:
         checked = check_array(x, ensure_all_finite=False, **kwargs)
     except TypeError:  # an sklearn without ensure_all_finite: its own check, as is
