@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -227,7 +228,7 @@ def warm_worker() -> str:
     neighbors/umap); what happened, for the report."""
     cli = [sys.executable, "-m", "autozyme.cli"]
     helps = subprocess.run([*cli, "--help"], capture_output=True, text=True).stdout
-    if " warm" not in helps and "warm," not in helps and "{warm" not in helps and ",warm" not in helps:
+    if not re.search(r"\bwarm\b", helps):
         return "no `autozyme warm` in this autozyme"
     proc = subprocess.run([*cli, "warm", "--wait"], capture_output=True, text=True)
     return "autozyme warm --wait: ok" if proc.returncode == 0 else \
