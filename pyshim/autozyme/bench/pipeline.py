@@ -279,22 +279,23 @@ def run(args) -> int:
           f"(7 batches), each side in a fresh process {primed}; {os.cpu_count()} cores; "
           f"{args.pause:g} s between cells (not timed); {stack_versions()}\n", flush=True)
     sides = {}
-    if not args.no_prime:
-        _side("upstream", tiny, None, 0.0)
-    sides["upstream"] = _side("upstream", data, out / "pipeline_upstream.npz", args.pause)
-    if not args.no_prime:
-        _side("autozyme", tiny, None, 0.0)
-    warm = warm_worker()
-    sides["autozyme"] = _side("autozyme", data, out / "pipeline_autozyme.npz", args.pause)
+    for side in ("upstream", "autozyme"):
+        if tiny is not None:
+            _side(side, tiny, None, 0.0)
+        if side == "autozyme":
+            warm = warm_worker()
+        sides[side] = _side(side, data, out / f"pipeline_{side}.npz", args.pause)
+        print(f"{side}: {sum(sides[side]['times'].values()):.1f} s", flush=True)
     equal = compare(out / "pipeline_upstream.npz", out / "pipeline_autozyme.npz")
     crest_py = None if args.no_crest else crest_python(args.crest_python)
     if crest_py:
         if tiny is not None:
             _side("crest", tiny, None, 0.0, python=crest_py)  # its priming run
         sides["crest"] = _side("crest", data, None, args.pause, python=crest_py)
+        print(f"crest-sc: {sum(sides['crest']['times'].values()):.1f} s\n", flush=True)
     report = {"cells": cells, "genes": genes, "density": args.density, "stack": stack_versions(),
-              "pause": args.pause, "primed": not args.no_prime, "warm_worker": warm, "sides": sides, "equal_max_ulp": equal,
-              "crest_python": crest_py}
+              "pause": args.pause, "primed": not args.no_prime, "warm_worker": warm, "sides": sides,
+              "equal_max_ulp": equal, "crest_python": crest_py}
     print(format_table(report))
     (out / "pipeline.json").write_text(json.dumps(report, indent=1))
     bad = [step for step, u in equal.items() if u != 0]
