@@ -383,20 +383,9 @@ def ensure_spare(nbytes: int, on_ready=None) -> None:
             return
 
         def allocate():
-            # Background work at nice +10. A segment is created and populated
-            # here, in this process, not by the daemon: the kernel's autogroups
-            # weigh each session equally whatever its threads' nice values, so
-            # the daemon (a session of its own) populating a spare took half
-            # the cores from the call running meanwhile (log1p right after
-            # normalize_total ran at 0.6-0.8x of upstream); in this process the
-            # nice value holds.
             try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only
-            except OSError:
-                pass
-            try:
-                # An idle segment of the daemon's pool first (nothing to populate).
-                if _lease(want, create=False):
+                # The daemon's pool first: it creates and maps the segment itself.
+                if _lease(want, create=True):
                     return
                 name = _new_name()
                 mm = _create(name, want)
