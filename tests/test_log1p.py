@@ -172,3 +172,23 @@ def test_non_finite_in_a_late_block_gives_upstreams_outcome(active, bad):
         return ad
 
     run_both(active, make, {})
+
+
+def test_one_thread_or_small_data_is_upstreams_own_call(active, monkeypatch):
+    """Where threads cannot help (one thread, or under two blocks of values),
+    each pass is upstream's own whole-array call; with two threads a large matrix is split.
+    Either way the result is upstream's and the call counts as served."""
+    from autozyme.patches.log1p import threads_help
+
+    big = counts(3000, 1200, density=0.2, seed=21)
+    small = counts(200, 100, seed=21)
+    monkeypatch.setenv("AUTOZYME_THREADS", "2")
+    assert threads_help(big.X) and threads_help(big.X.toarray())
+    assert not threads_help(small.X) and not threads_help(small.X.toarray())
+    assert not threads_help(big.X.toarray()[:, ::2])  # neither C nor F contiguous
+    monkeypatch.setenv("AUTOZYME_THREADS", "1")
+    assert not threads_help(big.X) and not threads_help(big.X.toarray())
+    before = served()
+    run_both(active, lambda: counts(3000, 1200, density=0.2, seed=22), {})
+    run_both(active, lambda: counts(3000, 1200, density=0.2, seed=22, fmt="dense"), {"copy": True})
+    assert served() > before

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from . import leiden, on_dask, rank, report
+from . import leiden, on_dask, pipeline, rank, report
 from .calls import CALLS, measure_call, print_call, run_workers
 from .measure import copy_bandwidth, dataset_path, stack_versions, touch_memory
 
@@ -24,6 +24,8 @@ def run(args) -> int:
         return report.run(args)
     if args.dask:
         return on_dask.run(args)
+    if args.pipeline:
+        return pipeline.run(args)
     from ..client import get_client
 
     args.repeat = args.repeat or 3
@@ -125,6 +127,19 @@ def add_parser(sub) -> None:
                    help="store: each call reads the zarr store lazily (as an atlas is read); persisted: "
                         "the store is first read into the workers' memory (not timed), so the timings "
                         "are the calls' own chunk work")
+    p = b.add_argument_group("pipeline (--pipeline)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="the scanpy tutorial notebook step by step (read, hvg seurat_v3 with 7 batches, "
+                        "normalize_total, log1p, raw + subset to the hvg, scale, pca, neighbors, leiden, umap, "
+                        "rank_genes_groups wilcoxon), upstream and autozyme each in a fresh process; "
+                        "results compared; crest-sc's times added when it is installed")
+    p.add_argument("--pipeline-cells", type=int, default=50_000)
+    p.add_argument("--pipeline-genes", type=int, default=20_000)
+    p.add_argument("--crest-python", default=None,
+                   help="an interpreter that has crest-sc (default: this one, if it has it)")
+    p.add_argument("--no-crest", action="store_true", help="leave crest-sc out")
+    p.add_argument("--no-prime", action="store_true",
+                   help="no priming process before each side (tests: numba's caches exist already)")
     b.set_defaults(func=run)
 
 

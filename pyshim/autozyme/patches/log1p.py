@@ -4,7 +4,10 @@ numpy's float32/float64 ``log1p`` is a SIMD routine whose last bits differ from 
 correctly rounded log1p (and from one CPU to another), so no other implementation
 can be bit-identical to it. The fast path applies numpy's own ufunc to aligned
 blocks of the values in parallel threads (numpy releases the GIL inside the loop);
-each element goes through the same SIMD lanes as in one whole-array call.
+each element goes through the same SIMD lanes as in one whole-array call. Where
+the values make one block only (one thread: ``AUTOZYME_THREADS=1`` or
+``sc.settings.n_jobs``; or under 2 MiB of values), threads cannot help and each
+pass is upstream's own whole-array call (``threads_help``), nothing added.
 Everything else (scanpy's dispatch, sklearn's ``check_array`` validation and
 dtype rules, ``uns["log1p"]``, the warnings) is upstream's own code path.
 
@@ -64,6 +67,20 @@ def fast(upstream, *args, **kwargs):
         # upstream's array implementations take no such arguments: TypeError.
         raise Delegate(f"{sorted(set(kwargs) & set(_ARRAY_ONLY))} given with an array")
     return log1p_values(data, base=p["base"], copy=p["copy"])
+
+
+def threads_help(x) -> bool:
+    """Whether the values split into more than one block (more than one thread,
+    and enough values: ``parallel.blocks``). Where they do not, every pass is
+    upstream's own call on the whole array (sklearn's ``check_array`` with its
+    finiteness check, one ``np.log1p``), nothing added."""
+    if sp.issparse(x):
+        n, itemsize = x.nnz, max(x.dtype.itemsize, 4)
+    elif x.flags.c_contiguous or x.flags.f_contiguous:
+        n, itemsize = x.size, x.dtype.itemsize
+    else:
+        return False  # _elementwise would make one whole-array call anyway
+    return len(parallel.blocks(n, itemsize, align=parallel.ALIGN)) > 1
 
 
 def _check_sparse_array(x) -> None:
@@ -154,6 +171,8 @@ def _check_sparse(x, copy: bool):
     from sklearn.utils import check_array
 
     kwargs = dict(accept_sparse=("csr", "csc"), dtype=(np.float64, np.float32), copy=copy)
+    if not threads_help(x):
+        return check_array(x, **kwargs)  # upstream's call, as is
     try:
         checked = check_array(x, ensure_all_finite=False, **kwargs)
     except TypeError:  # an sklearn without ensure_all_finite: its own check, as is
