@@ -145,15 +145,7 @@ def _create(name: str, size: int) -> mmap.mmap:
     fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
         os.ftruncate(fd, size)
-        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
-        err = _populate_for_writing(mm)
-        if err == errno.EINVAL:  # the kernel predates MADV_POPULATE_WRITE
-            mm.close()
-            os.posix_fallocate(fd, 0, size)
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-        elif err:
-            mm.close()
-            raise OSError(errno.ENOSPC if err == errno.EFAULT else err, "cannot allocate the pages")
+        mm = _allocate_pages(fd, size)
     except OSError as e:
         _unlink(name)
         raise PlacementError(f"cannot allocate {size} bytes in {SHM_DIR}: {e}") from e
@@ -213,6 +205,33 @@ def _map(fd: int, size: int) -> mmap.mmap:
     cheaper than faulting 4 KiB pages in one by one)."""
     try:
         return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    finally:
+        os.close(fd)
+
+
+def _allocate_pages(fd: int, size: int) -> mmap.mmap:
+    """Map the sized, empty segment ``fd`` and allocate every page of it
+    (``_populate_for_writing``; posix_fallocate on kernels before 5.14)."""
+    mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+    err = _populate_for_writing(mm)
+    if err == errno.EINVAL:  # the kernel predates MADV_POPULATE_WRITE
+        mm.close()
+        os.posix_fallocate(fd, 0, size)
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    elif err:
+        mm.close()
+        raise OSError(errno.ENOSPC if err == errno.EFAULT else err, "cannot allocate the pages")
+    return mm
+
+
+def _map_new(fd: int, size: int) -> mmap.mmap:
+    """Map a segment the daemon has just created for us, its pages not yet
+    allocated, and allocate them here, in low-priority threads of this process.
+    Done in the daemon, that work would take CPU from this process's next call
+    whatever its threads' nice value: the kernel's autogroups share the CPU
+    equally between the two processes' sessions (docs/bench/pipeline.md)."""
+    try:
+        return _allocate_pages(fd, size)
     finally:
         os.close(fd)
 
@@ -305,23 +324,23 @@ def _pop_free(want: int) -> tuple[str, mmap.mmap, bool] | None:
         return name, mm, lent
 
 
-def _lease(want: int, create: bool) -> bool:
-    """Lease a segment from the daemon's pool into ours; whether one came."""
+def _lease(want: int, create: bool) -> str | None:
+    """Lease a segment from the daemon's pool into ours; its name, if one came."""
     if _lender is None:
-        return False
+        return None
     got = _lender[0](want, create)
     if got is None:
-        return False
+        return None
     name, size = got
     try:
         fd = _posixshmem.shm_open("/" + name, os.O_RDWR, 0o600)
-        mm = _map(fd, size)
+        mm = _map_new(fd, size) if create else _map(fd, size)
     except OSError:
         _lender[1]([name])
-        return False
+        return None
     with _lock:
         _free[name] = (mm, time.monotonic(), True)
-    return True
+    return name
 
 
 def reserve(nbytes: int) -> bool:
@@ -334,7 +353,7 @@ def reserve(nbytes: int) -> bool:
             _fits(want, len(m)) and (not lent or _still_linked(n)) for n, (m, _, lent) in _free.items()
         ) or any(_fits(want, size) for size in _spares_pending):
             return True
-    return _lease(want, create=False)
+    return _lease(want, create=False) is not None
 
 
 def _wait_for_spare(want: int) -> bool:
@@ -384,8 +403,16 @@ def ensure_spare(nbytes: int, on_ready=None) -> None:
 
         def allocate():
             try:
-                # The daemon's pool first: it creates and maps the segment itself.
-                if _lease(want, create=True):
+                try:  # this thread only: the spare is prepared while the next call runs
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+                except OSError:
+                    pass
+                # The daemon's pool first: it creates the segment (we allocate
+                # its pages), then maps it ahead of use.
+                leased = _lease(want, create=True)
+                if leased is not None:
+                    if on_ready is not None:
+                        on_ready(leased)
                     return
                 name = _new_name()
                 mm = _create(name, want)

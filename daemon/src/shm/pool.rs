@@ -18,8 +18,6 @@ use crate::error::{Failure, Result};
 use autozyme_protocol::ErrorKind;
 use std::collections::HashMap;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -99,14 +97,15 @@ impl SegmentPool {
             format!("azm_{uid}_{daemon_pid}_{}", inner.next_seq)
         };
         let size = bytes.max(1);
-        let (file, map) = allocate(&name, size)?;
-        // Keep the mapping whose pages were just faulted in, so the client's first
-        // use costs nothing here (mapping the segment again would fill a second
-        // page table: about 60 ms a GB).
-        if let Err(e) = cache.insert_created(&name, uid, &file, map) {
-            let _ = std::fs::remove_file(path_of(&name));
-            return Err(e);
-        }
+        // Sized, not populated, and not mapped here: the client allocates the
+        // pages with its own low-priority threads (the spare is prepared while its
+        // next call runs). Zeroing them here would take CPU from that call
+        // whatever this thread's nice value: the kernel's autogroups share the
+        // CPU equally between the daemon's session and the client's
+        // (docs/bench/pipeline.md). The daemon maps it when a request uses it.
+        let file = create_sized(&name, size)?;
+        drop(file);
+        let _ = cache;
         self.lock().lent.insert(name.clone(), (size, pid));
         Ok(Some((name, size)))
     }
@@ -188,11 +187,9 @@ impl SegmentPool {
     }
 }
 
-/// Creates `/dev/shm/<name>` (mode 0600, never an existing file) with `size` bytes
-/// of pages reserved, so a full /dev/shm is an error here, not a SIGBUS later.
-/// Returns the file and, where its pages were populated through a mapping, that
-/// mapping.
-fn allocate(name: &str, size: u64) -> Result<(std::fs::File, Option<memmap2::MmapRaw>)> {
+/// Creates `/dev/shm/<name>` (mode 0600, never an existing file) of `size` bytes
+/// with no page allocated yet (a lent spare: the client allocates them).
+fn create_sized(name: &str, size: u64) -> Result<std::fs::File> {
     let path = path_of(name);
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -202,116 +199,15 @@ fn allocate(name: &str, size: u64) -> Result<(std::fs::File, Option<memmap2::Mma
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&path)
         .map_err(|e| Failure::segment(format!("cannot create segment {name}: {e}")))?;
-    match reserve_pages(&file, size) {
-        Ok(map) => Ok((file, map)),
-        Err(e) => {
-            drop(file);
-            let _ = std::fs::remove_file(&path);
-            Err(Failure::new(
-                ErrorKind::TooLarge,
-                format!("cannot reserve {size} bytes of shared memory: {e}"),
-            ))
-        }
+    if let Err(e) = file.set_len(size) {
+        drop(file);
+        let _ = std::fs::remove_file(&path);
+        return Err(Failure::new(
+            ErrorKind::TooLarge,
+            format!("cannot size a segment of {size} bytes: {e}"),
+        ));
     }
-}
-
-/// Pieces of a new segment whose pages are allocated as separate parallel jobs.
-const RESERVE_PIECE: usize = 64 << 20;
-
-/// Allocates and zeroes every page of the new, empty segment `file`.
-///
-/// Fresh memory is the dominant cost of a large result (4.3 GB for scale's
-/// 180,000 x 3,000), and one thread allocating tmpfs pages (posix_fallocate,
-/// then MAP_POPULATE zeroing them) leaves the other cores idle. Here the pieces
-/// are populated for writing (`MADV_POPULATE_WRITE`, Linux 5.14) by one thread a
-/// core, which also turns a full /dev/shm into an error rather than a later
-/// SIGBUS. Older kernels get posix_fallocate.
-///
-/// The threads run at a lower priority (nice +10), not on the rayon pool: a
-/// spare segment is often populated in the background while the client's next
-/// call runs its kernels, which must not wait behind it; when nothing else runs,
-/// the low priority costs nothing.
-///
-/// Returns the shared mapping the pages were populated through (None on old
-/// kernels and for an empty file).
-fn reserve_pages(file: &std::fs::File, size: u64) -> std::io::Result<Option<memmap2::MmapRaw>> {
-    file.set_len(size)?;
-    let Ok(len) = usize::try_from(size) else {
-        return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
-    };
-    if len == 0 {
-        return Ok(None);
-    }
-    let map = memmap2::MmapOptions::new().len(len).map_raw(file)?;
-    let base = map.as_mut_ptr() as usize;
-    let populate = |start: usize| -> std::io::Result<()> {
-        let piece = RESERVE_PIECE.min(len - start);
-        // SAFETY: the range lies inside `map`, which outlives this call; the
-        // advice only faults pages in, it does not change their contents.
-        let rc = unsafe {
-            libc::madvise(
-                (base + start) as *mut libc::c_void,
-                piece,
-                libc::MADV_POPULATE_WRITE,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    };
-    // EFAULT: a page could not be allocated (/dev/shm is full).
-    let full = |e: std::io::Error| match e.raw_os_error() {
-        Some(libc::EFAULT) => std::io::Error::from_raw_os_error(libc::ENOSPC),
-        _ => e,
-    };
-    match populate(0) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            // The kernel predates MADV_POPULATE_WRITE.
-            drop(map);
-            let off = libc::off_t::try_from(size)
-                .map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
-            // SAFETY: a plain system call on a file descriptor we own.
-            let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, off) };
-            return if rc == 0 {
-                Ok(None)
-            } else {
-                Err(std::io::Error::from_raw_os_error(rc))
-            };
-        }
-        other => other.map_err(full)?,
-    }
-    let next = AtomicUsize::new(RESERVE_PIECE);
-    let failed: Mutex<Option<std::io::Error>> = Mutex::new(None);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = threads.min(len.div_ceil(RESERVE_PIECE) - 1);
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| {
-                // SAFETY: plain system calls about this thread itself.
-                unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
-                loop {
-                    let start = next.fetch_add(RESERVE_PIECE, Ordering::Relaxed);
-                    if start >= len {
-                        return;
-                    }
-                    if let Err(e) = populate(start) {
-                        failed
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get_or_insert(e);
-                        next.store(len, Ordering::Relaxed);
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        Some(e) => Err(full(e)),
-        None => Ok(Some(map)),
-    }
+    Ok(file)
 }
 
 #[cfg(test)]
@@ -343,98 +239,29 @@ mod tests {
         assert!(!path_of(&name).exists());
     }
 
-    /// A new segment is cached with the mapping its pages were populated through,
-    /// which a later lookup by name returns.
+    /// A new segment is created at its size with no page allocated, and not
+    /// mapped here: the client allocates its pages (see `SegmentPool::lease`).
     #[test]
-    fn a_created_segment_is_mapped_once_and_cached() {
+    fn a_created_segment_is_sized_and_left_to_the_client() {
         let cache = SegmentCache::new();
         let pool = SegmentPool::default();
         let uid = crate::config::euid();
         let me = std::process::id();
         // Another "daemon pid" than the other tests' pools, whose names would clash.
         let creator = u32::MAX - me;
-        let size = RESERVE_PIECE as u64 + 4096;
+        let size = (64 << 20) + 4096;
         let (name, got) = pool
             .lease(&cache, uid, creator, me as i32, size, true)
             .unwrap()
             .unwrap();
         assert_eq!(got, size);
-        assert_eq!(cache.stats(), (1, size));
+        assert_eq!(cache.stats(), (0, 0));
+        let meta = std::fs::metadata(path_of(&name)).unwrap();
+        assert_eq!(meta.len(), size);
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(meta.blocks(), 0, "no page allocated by the daemon");
         let m = cache.get(&name, uid).unwrap();
         assert_eq!(m.len() as u64, size);
-        // SAFETY: the mapping is `size` bytes long and nothing else writes it.
-        let bytes = unsafe { std::slice::from_raw_parts(m.base(), m.len()) };
-        assert!(bytes.iter().all(|&b| b == 0));
-        assert_eq!(cache.stats(), (1, size));
         pool.unlink_all();
-    }
-
-    /// A new segment's pages are all there, zeroed, across several pieces.
-    #[test]
-    fn reserved_pages_are_allocated_and_zero() {
-        let dir = std::env::temp_dir().join(format!("azm-reserve-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("seg");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        let size = 2 * RESERVE_PIECE + 12_288;
-        reserve_pages(&file, size as u64).unwrap();
-        assert_eq!(file.metadata().unwrap().len(), size as u64);
-        let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
-        assert!(map.iter().all(|&b| b == 0));
-        drop(map);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    /// A full tmpfs is an error (ENOSPC) when the segment is created, never a
-    /// SIGBUS at first write. Needs a tmpfs of its own: skipped without the
-    /// privilege to mount one.
-    #[test]
-    fn full_tmpfs_is_an_error_not_a_sigbus() {
-        use std::ffi::CString;
-        let dir = std::env::temp_dir().join(format!("azm-full-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let c_dir = CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
-        let fstype = CString::new("tmpfs").unwrap();
-        let opts = CString::new("size=1m").unwrap();
-        // SAFETY: plain system call with valid C strings.
-        let rc = unsafe {
-            libc::mount(
-                fstype.as_ptr(),
-                c_dir.as_ptr(),
-                fstype.as_ptr(),
-                0,
-                opts.as_ptr().cast(),
-            )
-        };
-        if rc != 0 {
-            eprintln!(
-                "skipped: cannot mount a tmpfs ({})",
-                std::io::Error::last_os_error()
-            );
-            let _ = std::fs::remove_dir(&dir);
-            return;
-        }
-        let open = |name: &str| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(dir.join(name))
-                .unwrap()
-        };
-        let small = reserve_pages(&open("small"), 256 << 10).map(drop);
-        let big = reserve_pages(&open("big"), 4 << 20).map(drop);
-        // SAFETY: unmounting the tmpfs mounted above.
-        unsafe { libc::umount2(c_dir.as_ptr(), libc::MNT_DETACH) };
-        let _ = std::fs::remove_dir(&dir);
-        small.unwrap();
-        assert_eq!(big.unwrap_err().raw_os_error(), Some(libc::ENOSPC));
     }
 }
