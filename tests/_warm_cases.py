@@ -21,7 +21,7 @@ CASES = [
     ("small-X-gauss", 400, 30, np.float64, "X", 1, {"method": "gauss", "key_added": "g"}, None),
     ("large-f32", 8500, 50, np.float32, "X_pca", 1, {}, {"maxiter": 20, "init_pos": "random"}),
     ("large-f32-2threads", 8500, 50, np.float32, "X_pca", 2, {"n_neighbors": 12}, {"maxiter": 20}),
-    ("large-f64-npcs", 8500, 50, np.float64, "X_pca", 2, {"n_pcs": 30, "random_state": 3}, None),
+    ("large-f32-npcs", 8500, 50, np.float32, "X_pca", 2, {"n_pcs": 30, "random_state": 3}, None),
 ]
 
 

@@ -89,6 +89,11 @@ def test_writes_back_into_the_users_objects(warm):
     assert set(a.uns["neighbors"]) >= {"params", "connectivities_key", "distances_key"}
     assert "old" not in a.uns["neighbors"]
     assert a.obsp["distances"].shape == (600, 600)
+    import autozyme
+
+    st = autozyme.status()
+    assert st["warm_worker"]["state"] == "warm" and st["warm_worker"]["served"] >= 1, st["warm_worker"]
+    assert "warm worker (neighbors, umap): pid" in autozyme.format_status(st)
 
 
 def test_out_of_scope_falls_back_and_strict_raises(warm, monkeypatch):

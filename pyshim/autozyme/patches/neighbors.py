@@ -70,4 +70,6 @@ def fast(upstream, *args, **kwargs):
     if not isinstance(p["random_state"], int):
         raise Fallback("random_state is not an int (its state after the call is the user's)")
     spec = standin.representation(adata, p["use_rep"], p["n_pcs"])
-    standin.serve("neighbors", adata, spec, args[1:], kwargs)
+    # Upstream's switch to pynndescent (whose compile the worker's warm-up does first).
+    pynndescent = adata.n_obs >= (8192 if metric in (None, "euclidean") else 4096)
+    standin.serve("neighbors", adata, spec, args[1:], kwargs, worth_waiting=pynndescent)

@@ -77,4 +77,4 @@ def fast(upstream, *args, **kwargs):
         raise Fallback(f"init_pos={init_pos!r}")
     spec["obsp"] = {conns: adata.obsp[conns]}
     spec["uns"] = {key: neighbors}
-    standin.serve("umap", adata, spec, args[1:], kwargs)
+    standin.serve("umap", adata, spec, args[1:], kwargs, worth_waiting=False)

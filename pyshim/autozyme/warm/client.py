@@ -16,6 +16,8 @@ from . import wire
 
 STATUS_TIMEOUT_S = 2.0
 _start_lock = threading.Lock()
+STARTING_S = 20.0  # a worker this process spawned this recently may not listen yet
+_spawned_at = [float("-inf")]
 _starting: list[threading.Thread] = []  # start_in_background's threads, joined by stop()
 
 
@@ -71,7 +73,27 @@ def start() -> bool:
                 start_new_session=True, close_fds=True,
             )
         proc.wait()  # the first process forks the worker and exits at once
+        _spawned_at[0] = time.monotonic()
         return True
+
+
+def starting() -> bool:
+    """A worker for this key is starting (not listening yet): one holds the key's
+    lock, or this process spawned one moments ago, or is spawning one now."""
+    import fcntl
+
+    if any(t.is_alive() for t in _starting) or time.monotonic() - _spawned_at[0] < STARTING_S:
+        return True
+    try:
+        with open(wire.lock_path(), "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True  # held: a worker runs (and will listen shortly)
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:
+        pass
+    return False
 
 
 def start_in_background() -> None:

@@ -63,11 +63,27 @@ def representation(adata, use_rep, n_pcs) -> dict:
     return part
 
 
-def serve(func: str, adata, spec: dict, args: tuple, kwargs: dict) -> None:
+def serve(func: str, adata, spec: dict, args: tuple, kwargs: dict, *, worth_waiting: bool) -> None:
     """Run upstream's ``func`` in the worker on the stand-in ``spec`` and write
-    back what it wrote."""
+    back what it wrote.
+
+    While the worker warms up, a call waits for it only when ``worth_waiting``:
+    when the warm-up stage under way compiles what the call would compile here
+    (pynndescent's kernels, for a search on pynndescent's path); a call that
+    compiles little here (exact kNN on small data, umap) runs here at once.
+    Upstream runs here then by design, not by failure: counted, never a strict
+    violation (like the worker switched off)."""
     if not client.enabled():
-        raise Fallback("the warm worker is off (AUTOZYME_WARM=0)")
+        raise Delegate("the warm worker is off (AUTOZYME_WARM=0)")
+    st = client.status()
+    if st is None:
+        if client.starting():
+            raise Delegate("the warm worker is starting; this call runs here")
+        client.start_in_background()  # recovered for the next call
+        raise WorkerFallback("warm worker not reachable")
+    if st["state"] != "warm" and not worth_waiting:
+        raise Delegate(f"the warm worker is still warming up ({st.get('stage')}); "
+                       "this call compiles less here than it would wait there")
     spec = {"n_obs": adata.n_obs, "n_vars": adata.n_vars, **spec}
     try:
         reply = client.run(func, spec, args, kwargs)

@@ -39,6 +39,10 @@ WARM_STAGES = (("float32", 8500, True), ("float32", 1000, False), ("float64", 85
                ("float64", 1000, False))
 
 _compute = threading.Lock()
+# Requests waiting for _compute: the warm-up lets them in between its stages
+# (a Lock is not fair; without this the warm-up could take it again at once).
+_waiting = [0]
+_waiting_lock = threading.Lock()
 _state = {"state": "starting", "stage": None, "served": 0, "failed": 0, "warm_seconds": None,
           "started": time.time(), "last_request": time.monotonic()}
 
@@ -133,6 +137,8 @@ def _warm() -> None:
     start = time.perf_counter()
     try:
         for dtype, n, with_umap in WARM_STAGES:
+            while _waiting[0]:
+                time.sleep(0.05)
             with _compute:
                 _state["stage"] = f"neighbors{' and umap' if with_umap else ''} {dtype} {n} cells"
                 _warm_stage(dtype, n, with_umap)
@@ -162,13 +168,24 @@ def _handle(conn: socket.socket, key: str) -> None:
                 wire.send(conn, _status(key))
                 return
             if req.get("op") == "stop":
+                try:
+                    wire.socket_path(key).unlink()
+                except OSError:
+                    pass
                 wire.send(conn, {"ok": True})
                 os._exit(0)
             if req.get("key") != key:
                 wire.send(conn, {"ok": False, "kind": "failure",
                                  "error": "the worker runs other package versions"})
                 return
-            with _compute:
+            with _waiting_lock:
+                _waiting[0] += 1
+            try:
+                _compute.acquire()
+            finally:
+                with _waiting_lock:
+                    _waiting[0] -= 1
+            try:
                 _state["last_request"] = time.monotonic()
                 try:
                     reply = _run(req)
@@ -177,6 +194,8 @@ def _handle(conn: socket.socket, key: str) -> None:
                              "error": f"worker error {type(e).__name__}: {e}"}
                 _state["served" if reply["ok"] else "failed"] += 1
                 _state["last_request"] = time.monotonic()
+            finally:
+                _compute.release()
             wire.send(conn, reply)
         except (OSError, wire.WireError, EOFError):
             pass  # the caller went away; it falls back on its side
