@@ -39,6 +39,9 @@ def warm_worker(upstream_results):
     from autozyme.warm import client
 
     os.environ["AUTOZYME_WARM"] = "1"
+    # The float64 cases are on the exact (sklearn) path: the worker compiles their
+    # few kernels on request; its float64 pynndescent stage would only cost time here.
+    os.environ["AUTOZYME_WARM_DTYPES"] = "float32"
     st = client.wait_warm(timeout=900)
     assert st is not None and st["state"] == "warm", st
     yield st

@@ -82,7 +82,8 @@ def starting() -> bool:
     lock, or this process spawned one moments ago, or is spawning one now."""
     import fcntl
 
-    if any(t.is_alive() for t in _starting) or time.monotonic() - _spawned_at[0] < STARTING_S:
+    if (_start_lock.locked() or any(t.is_alive() for t in _starting)
+            or time.monotonic() - _spawned_at[0] < STARTING_S):
         return True
     try:
         with open(wire.lock_path(), "a") as f:
@@ -121,6 +122,18 @@ def wait_warm(timeout: float = 600.0) -> dict | None:
             return st
         time.sleep(0.2)
     return st
+
+
+def status_when_listening(timeout: float = STARTING_S) -> dict | None:
+    """The status of a worker that is starting, once it listens (None if it does
+    not within ``timeout`` or stops starting)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = status()
+        if st is not None or not starting():
+            return st
+        time.sleep(0.1)
+    return None
 
 
 def run(func: str, spec: dict, args: tuple, kwargs: dict) -> dict:

@@ -76,6 +76,8 @@ def serve(func: str, adata, spec: dict, args: tuple, kwargs: dict, *, worth_wait
     if not client.enabled():
         raise Delegate("the warm worker is off (AUTOZYME_WARM=0)")
     st = client.status()
+    if st is None and worth_waiting and client.starting():
+        st = client.status_when_listening()  # its import takes seconds, its warm-up much more
     if st is None:
         if client.starting():
             raise Delegate("the warm worker is starting; this call runs here")

@@ -35,8 +35,17 @@ NICE = 19  # CFS weight 15 against 1024: the user's own calls keep ~98% of a cor
 # exactly (sklearn) below 8192 cells and with pynndescent from there (other
 # metrics from 4096); both feed umap's fuzzy simplicial set. float32 is what
 # sc.pp.pca returns for float32 data, the common case, so it comes first.
-WARM_STAGES = (("float32", 8500, True), ("float32", 1000, False), ("float64", 8500, False),
-               ("float64", 1000, False))
+# umap has its own stage (neighbors on 1,000 cells, compiled by then, then umap),
+# so a waiting neighbors call is let in before it.
+WARM_STAGES = (("float32", 1000, False), ("float32", 8500, False), ("float32", 1000, True),
+               ("float64", 1000, False), ("float64", 8500, False))
+
+
+def _stages():
+    """WARM_STAGES, limited to the dtypes in ``AUTOZYME_WARM_DTYPES`` (comma-separated;
+    default both): a float32-only pipeline need not compile float64 kernels up front."""
+    wanted = os.environ.get("AUTOZYME_WARM_DTYPES", "float32,float64").replace(" ", "").split(",")
+    return [stage for stage in WARM_STAGES if stage[0] in wanted]
 
 _compute = threading.Lock()
 # Requests waiting for _compute: the warm-up lets them in between its stages
@@ -136,7 +145,7 @@ def _warm_stage(dtype: str, n: int, with_umap: bool) -> None:
 def _warm() -> None:
     start = time.perf_counter()
     try:
-        for dtype, n, with_umap in WARM_STAGES:
+        for dtype, n, with_umap in _stages():
             while _waiting[0]:
                 time.sleep(0.05)
             with _compute:
