@@ -20,7 +20,10 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "tutorial.ipynb"
 CALLS = ("highly_variable_genes", "normalize_total", "log1p", "scale", "leiden", "rank_genes_groups")
 
 
-def test_tutorial_notebook_in_a_real_kernel(runtime_dir):
+def test_tutorial_notebook_in_a_real_kernel(runtime_dir, monkeypatch):
+    # The six calls above; neighbors/umap's warm worker is tested in test_warm.py
+    # (off here: counted as delegated, the notebook's neighbors runs upstream).
+    monkeypatch.setenv("AUTOZYME_WARM", "0")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # The kernel inherits this process's environment: the test daemon's runtime
     # dir, AUTOZYME_STRICT=1 (a fallback in the notebook is an error) and, when

@@ -24,6 +24,8 @@ TARGETS = {
     ),
     "rank_genes_groups": ("scanpy.tools._rank_genes_groups", "rank_genes_groups", "rank_genes_groups"),
     "leiden": ("scanpy.tools._leiden", "leiden", "leiden"),
+    "neighbors": ("scanpy.neighbors", "neighbors", "neighbors"),
+    "umap": ("scanpy.tools._umap", "umap", "umap"),
 }
 
 _lock = threading.RLock()
@@ -96,6 +98,10 @@ def _prewarm() -> None:
     from .client import get_client
 
     try:
+        if "neighbors" in _patched and "neighbors" not in version_problems():
+            from .warm import client as warm_client
+
+            warm_client.start()  # detached, niced; returns at once
         parallel.warm()
         get_client().connection()
     except Exception:  # noqa: BLE001 - activation never fails because of the daemon

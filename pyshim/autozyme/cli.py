@@ -45,6 +45,24 @@ def _status(args) -> int:
     return 0
 
 
+def _warm(args) -> int:
+    from .warm import client
+
+    if not client.enabled():
+        print("autozyme: the warm worker is off (AUTOZYME_WARM=0)", file=sys.stderr)
+        return 1
+    if args.stop:
+        print("warm worker stopped" if client.stop() else "warm worker is not running")
+        return 0
+    st = client.wait_warm(timeout=args.timeout) if args.wait else (client.start(), client.status())[1]
+    if st is None:
+        print("autozyme: the warm worker did not answer", file=sys.stderr)
+        return 1
+    print(f"warm worker: pid {st['pid']}, {st['state']}"
+          + (f" ({st['warm_seconds']}s)" if st.get("warm_seconds") is not None else ""))
+    return 0 if (st["state"] == "warm" or not args.wait) else 1
+
+
 UNIT = """[Unit]
 Description=autozyme daemon (scanpy accelerator)
 
@@ -112,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("status", help="daemon, shared memory and served/fallen-back calls")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_status)
+
+    w = sub.add_parser("warm", help="start the warm worker (compiled neighbors/umap kernels) in the background")
+    w.add_argument("--wait", action="store_true", help="block until it has compiled its kernels")
+    w.add_argument("--timeout", type=float, default=900.0, help="with --wait: give up after this many seconds")
+    w.add_argument("--stop", action="store_true", help="stop it instead")
+    w.set_defaults(func=_warm)
 
     from .bench import cli as bench
 

@@ -32,7 +32,19 @@ def status(*, start: bool = False) -> dict:
         out["daemon"] = None
         out["daemon_problem"] = str(e)
     out["workers"] = _workers()
+    out["warm_worker"] = _warm_worker()
     return out
+
+
+def _warm_worker() -> dict | None:
+    """The warm worker of this interpreter (``autozyme.warm``): its own report, or
+    None when none runs."""
+    try:
+        from .warm import client
+
+        return client.status()
+    except Exception:  # noqa: BLE001 - a status never fails because of the worker
+        return None
 
 
 def _workers() -> dict | None:
@@ -92,6 +104,16 @@ def format_status(st: dict | None = None) -> str:
         lines.append(f"  idle exit after {d['idle_timeout_s']}s; runtime dir {d['runtime_dir']}")
     else:
         lines.append(f"daemon: not running ({st.get('daemon_problem', 'unknown')})")
+    w = st.get("warm_worker")
+    if w:
+        stage = f", compiling {w['stage']}" if w.get("stage") else ""
+        took = f" in {w['warm_seconds']}s" if w.get("warm_seconds") is not None else ""
+        lines.append(
+            f"warm worker (neighbors, umap): pid {w['pid']}, {w['state']}{took}{stage}; "
+            f"{w['served']} served, {w['failed']} failed; idle exit after {w['idle_timeout_s']:.0f}s"
+        )
+    else:
+        lines.append("warm worker (neighbors, umap): not running")
     m = st["shared_memory"]
     lines.append(
         f"shim shared memory: {m['segments']} segments ({_mib(m['bytes'])}), "
