@@ -601,6 +601,7 @@ fn refine(
 }
 
 /// Refined labels (0.., by first occurrence) of one community's members.
+#[allow(clippy::too_many_arguments)] // the community's view of the graph, then the knobs
 fn refine_one(
     g: &Graph,
     comm: &[u32],
