@@ -8,7 +8,7 @@ Two graphs, cached next to the count matrices:
   0.96), run with scanpy's default ``n_iterations=-1``;
 - the hard one (``weak_counts``): scanpy's own normalize_total, log1p, PCA and
   neighbors of 30,000 simulated cells in 9 clusters with few, weak markers and 7
-  batches (modularity about 0.66, igraph's seed-to-seed ARI about 0.8), run with
+  batches (modularity about 0.64, igraph's seed-to-seed ARI about 0.63), run with
   ``n_iterations=2`` as scanpy recommends for ``flavor="igraph"``. On such graphs a
   Leiden that stops early loses modularity (docs/leiden.md).
 
