@@ -485,15 +485,16 @@ fn sort_group<T: Float>(
     for lc in 0..width {
         let range = colptr[lc] - base..colptr[lc + 1] - base;
         let col = &es[range.clone()];
-        if let Some(w) = col.windows(2).position(|w| w[0].row >= w[1].row) {
+        let facts = column_facts(col);
+        if let Some(row) = facts.duplicate_row {
             return Err(BuildError::DuplicateEntry {
-                row: col[w + 1].row as usize,
+                row,
                 col: first_col + lc,
             });
         }
         scratch.order.sort(col, &mut out[range]);
-        neg[lc] = col.iter().filter(|e| e.val.to_f64() < 0.0).count() as u32;
-        ex[lc] = sums_are_exact(col);
+        neg[lc] = facts.n_neg;
+        ex[lc] = facts.exact;
     }
     Ok(())
 }
@@ -533,6 +534,8 @@ const SLOTS: usize = 512;
 const MAX_DISTINCT: usize = 255;
 /// Columns shorter than this are just sorted.
 const SMALL: usize = 64;
+/// Columns at least this long are radix sorted 11 bits at a time.
+const WIDE_DIGITS: usize = 3072;
 
 fn key_of<T: Float>(v: T) -> u64 {
     if T::IS_F32 {
@@ -556,7 +559,9 @@ impl ValueOrder {
             self.a.clear();
             self.a
                 .extend(col.iter().map(|e| (key_of(e.val) << 32) | e.row as u64));
-            if n >= SMALL {
+            if n >= WIDE_DIGITS {
+                self.radix_high_half_wide();
+            } else if n >= SMALL {
                 self.radix_high_half();
             } else {
                 self.a.sort_unstable();
@@ -688,6 +693,43 @@ impl ValueOrder {
     }
 }
 
+impl ValueOrder {
+    /// [`ValueOrder::radix_high_half`] with 11-bit digits (three passes instead of
+    /// four), for columns long enough to amortize the larger histograms.
+    fn radix_high_half_wide(&mut self) {
+        const BITS: usize = 11;
+        const MASK: u64 = (1 << BITS) - 1;
+        let n = self.a.len();
+        let mut hist = [[0u32; 1 << BITS]; 3];
+        for &k in &self.a {
+            let h = k >> 32;
+            hist[0][(h & MASK) as usize] += 1;
+            hist[1][((h >> BITS) & MASK) as usize] += 1;
+            hist[2][(h >> (2 * BITS)) as usize] += 1;
+        }
+        self.b.clear();
+        self.b.resize(n, 0);
+        for (digit, counts) in hist.iter_mut().enumerate() {
+            let shift = 32 + BITS * digit;
+            if counts[((self.a[0] >> shift) & MASK) as usize] as usize == n {
+                continue;
+            }
+            let mut at = 0;
+            for slot in counts.iter_mut() {
+                let c = *slot;
+                *slot = at;
+                at += c;
+            }
+            for &k in &self.a {
+                let p = &mut counts[((k >> shift) & MASK) as usize];
+                self.b[*p as usize] = k;
+                *p += 1;
+            }
+            std::mem::swap(&mut self.a, &mut self.b);
+        }
+    }
+}
+
 /// A u32 whose unsigned order is the numeric order of non-NaN `v`.
 fn order_key32(v: f32) -> u32 {
     let bits = v.to_bits();
@@ -742,26 +784,57 @@ fn lowest_bit_exponent(v: f64) -> i32 {
     e + sig.trailing_zeros() as i32
 }
 
-/// Whether any sum of a subset of `values` (and any difference of two such sums)
-/// is exact in f64: all are multiples of 2^q (q the lowest set bit over all
-/// values) and their magnitudes add up to less than 2^(53 + q).
-fn sums_are_exact<T: Float>(values: &[Entry<T>]) -> bool {
-    let mut q = i32::MAX;
-    let mut total = 0.0f64;
-    for e in values {
-        let v = e.val.to_f64();
-        if !v.is_finite() {
-            return false;
+/// What one pass over a column (rows ascending unless duplicated) tells.
+struct ColumnFacts {
+    /// The first row stored again (its second entry), if any.
+    duplicate_row: Option<usize>,
+    n_neg: u32,
+    /// Any sum of a subset of the values (and any difference of two such sums)
+    /// is exact in f64: all are multiples of 2^q (q the lowest set bit over all
+    /// values) and their magnitudes add up to less than 2^(53 + q).
+    exact: bool,
+}
+
+fn column_facts<T: Float>(col: &[Entry<T>]) -> ColumnFacts {
+    let mut duplicate_row = None;
+    let mut prev = None;
+    let mut n_neg = 0u32;
+    let (mut q, mut total, mut finite) = (i32::MAX, 0.0f64, true);
+    for e in col {
+        if duplicate_row.is_none() && prev.is_some_and(|p| p >= e.row) {
+            duplicate_row = Some(e.row as usize);
         }
-        q = q.min(lowest_bit_exponent(v));
+        prev = Some(e.row);
+        let v = e.val.to_f64();
+        n_neg += (v < 0.0) as u32;
+        finite &= v.is_finite();
+        if v.is_finite() {
+            q = q.min(lowest_bit_exponent(v));
+        }
         total += v.abs();
     }
-    if values.is_empty() {
+    ColumnFacts {
+        duplicate_row,
+        n_neg,
+        exact: finite && exact_bound(col.is_empty(), q, total),
+    }
+}
+
+fn exact_bound(empty: bool, q: i32, total: f64) -> bool {
+    if empty {
         return true;
     }
     // `total` itself carries a relative rounding error below len * 2^-53.
     let bound = total * (1.0 + 1e-6);
     q + 53 <= 1023 && bound < 2f64.powi(q + 53)
+}
+
+/// Whether any sum of a subset of `values` (and any difference of two such sums)
+/// is exact in f64: all are multiples of 2^q (q the lowest set bit over all
+/// values) and their magnitudes add up to less than 2^(53 + q).
+#[cfg(test)]
+fn sums_are_exact<T: Float>(values: &[Entry<T>]) -> bool {
+    column_facts(values).exact
 }
 
 #[cfg(test)]
