@@ -305,6 +305,8 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
         .into_par_iter()
         .enumerate()
         .map(|(b, mut cursor)| {
+            // Captured whole: the raw pointer field alone is not Send.
+            #[allow(clippy::redundant_locals)]
             let entries_at = entries_at;
             let mut ok = true;
             for r in band(b) {
