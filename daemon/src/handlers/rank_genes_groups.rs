@@ -64,10 +64,10 @@ pub fn rank_genes_groups(
         });
     }
 
-    let t0 = std::time::Instant::now();
+    debug_lap("start");
     let mut resolver = Resolver::new(&daemon.segments, peer);
     let key = fingerprint(&mut resolver, peer, x)?;
-    let t_hash = t0.elapsed();
+    debug_lap("hash");
     let mut params = ContentHash::new(0x5041_5241);
     params.update_u64(key as u64);
     params.update_u64((key >> 64) as u64);
@@ -101,19 +101,12 @@ pub fn rank_genes_groups(
         slots: mean_slots as usize,
         rest_stats,
     };
-    let t_build = t0.elapsed();
+    debug_lap("build");
     let (stats, nonneg_integers) = match &*sorted {
         Sorted::F32(m) => (run(m, &query)?, m.nonneg_integers),
         Sorted::F64(m) => (run(m, &query)?, m.nonneg_integers),
     };
-    if std::env::var_os("AUTOZYME_DEBUG_TIMING").is_some() {
-        eprintln!(
-            "rank_genes_groups: hash {:?}, build {:?}, query {:?}",
-            t_hash,
-            t_build - t_hash,
-            t0.elapsed() - t_build
-        );
-    }
+    debug_lap("query");
     daemon
         .cache
         .keep_result(result_key, Arc::new((stats.clone(), nonneg_integers)));
@@ -171,9 +164,12 @@ fn build_failure(e: BuildError) -> Failure {
 }
 
 fn build(resolver: &mut Resolver<'_>, x: &Matrix) -> Result<Sorted> {
-    match MatrixRegions::resolve(resolver, x)? {
+    let regions = MatrixRegions::resolve(resolver, x)?;
+    debug_lap("resolve");
+    match regions {
         MatrixRegions::Csr(csr) => {
             let indices = csr.validated_column_indices()?;
+            debug_lap("validate");
             let indptr = csr.indptr.indices().expect("dtype checked");
             let data = csr.data.floats().expect("dtype checked");
             let (n, m) = (csr.n_rows, csr.n_cols);
@@ -222,4 +218,31 @@ fn csr_with_data<P: SparseIndex, I: SparseIndex>(
         }
     }
     .map_err(build_failure)
+}
+
+/// With `AUTOZYME_DEBUG_TIMING` set: the wall and process CPU time (user, and
+/// system, where fresh memory shows) since the previous step, on the daemon's
+/// stderr (`daemon.log`). Concurrent requests mix their steps; it is a
+/// measuring aid, not a report.
+fn debug_lap(what: &str) {
+    use std::sync::Mutex;
+    static LAST: Mutex<(f64, f64, Option<std::time::Instant>)> = Mutex::new((0.0, 0.0, None));
+    if std::env::var_os("AUTOZYME_DEBUG_TIMING").is_none() {
+        return;
+    }
+    // SAFETY: rusage is plain data; getrusage writes only the struct passed.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let user = u.ru_utime.tv_sec as f64 + u.ru_utime.tv_usec as f64 * 1e-6;
+    let sys = u.ru_stime.tv_sec as f64 + u.ru_stime.tv_usec as f64 * 1e-6;
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let now = std::time::Instant::now();
+    let wall = last.2.map_or(0.0, |t| (now - t).as_secs_f64());
+    eprintln!(
+        "  {what:<10} wall {:6.0} ms user {:6.0} sys {:6.0}",
+        wall * 1e3,
+        (user - last.0) * 1e3,
+        (sys - last.1) * 1e3
+    );
+    *last = (user, sys, Some(now));
 }

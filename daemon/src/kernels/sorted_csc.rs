@@ -24,10 +24,8 @@ pub struct SortedCsc<T> {
     pub n_cols: usize,
     /// Column `c`'s entries are `colptr[c]..colptr[c + 1]` in every array below.
     pub colptr: Vec<usize>,
-    /// Row ids in increasing order within each column.
-    pub rows: Vec<u32>,
-    /// Values, in the order of `rows`.
-    pub vals: Vec<T>,
+    /// Each column's (row, value) entries, rows increasing.
+    pub entries: Vec<Entry<T>>,
     /// Row ids in increasing order of value, `TIE_START` on each tie block's first.
     pub by_value: Vec<u32>,
     /// Negative values per column (they come first in value order, before the zeros).
@@ -41,6 +39,16 @@ pub struct SortedCsc<T> {
     /// one) is a finite integer without a sign bit: upstream's
     /// `check_nonnegative_integers` on the same matrix.
     pub nonneg_integers: bool,
+}
+
+/// A stored value and its row. One array of pairs rather than two arrays: the
+/// build scatters one stream per column group instead of two, and the Wilcoxon
+/// pass reads a column's rows and values from the same cache lines.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct Entry<T> {
+    pub row: u32,
+    pub val: T,
 }
 
 /// Why a build failed.
@@ -75,15 +83,14 @@ impl<T: Float> SortedCsc<T> {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.colptr.len() * 8
-            + self.rows.len() * 4
-            + self.vals.len() * std::mem::size_of::<T>()
+            + self.entries.len() * std::mem::size_of::<Entry<T>>()
             + self.by_value.len() * 4
             + self.n_neg.len() * 4
             + self.exact.len()
     }
 
     pub fn nnz(&self) -> usize {
-        self.rows.len()
+        self.entries.len()
     }
 }
 
@@ -198,8 +205,9 @@ const GROUP_MAX_COLS: usize = 1 << 20;
 ///    parallel. Positions depend only on row order, never on the banding.
 /// 2. Columns are cut into consecutive groups of about [`GROUP_TARGET`] values.
 ///    Each band appends its entries, in row order, to its share of each group's
-///    final range of `rows`/`vals`, with the column within the group parked in
-///    `by_value`. Writing to a few hundred group streams instead of one stream per
+///    final range of `entries`, with the column within the group packed above the
+///    row id (a group is at most `2^(32 - row bits)` columns wide), so one store
+///    per value. Writing to a few hundred group streams instead of one stream per
 ///    column keeps the writes in cache (a direct scatter into thousands of columns
 ///    missed the cache on most writes and was the largest part of the build).
 /// 3. Each group, on its own and in cache, is sorted by column with a stable
@@ -250,11 +258,15 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
     }
     let nnz = colptr[n_cols];
 
-    // Column groups: group g is columns gstart[g]..gstart[g + 1].
+    // Column groups: group g is columns gstart[g]..gstart[g + 1]. Row ids take
+    // `row_bits` bits of an entry's row field during the scatter, the column
+    // within the group the bits above (n_rows <= MAX_ROWS leaves at least one).
+    let row_bits = usize::BITS - n_rows.leading_zeros();
+    let max_width = GROUP_MAX_COLS.min(1usize << (32 - row_bits));
     let mut gstart = vec![0usize];
     for c in 0..n_cols {
         let g0 = *gstart.last().unwrap();
-        if colptr[c + 1] - colptr[g0] >= GROUP_TARGET || c + 1 - g0 >= GROUP_MAX_COLS {
+        if colptr[c + 1] - colptr[g0] >= GROUP_TARGET || c + 1 - g0 >= max_width {
             gstart.push(c + 1);
         }
     }
@@ -281,23 +293,21 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
     }
     drop(counts);
 
-    let mut rows = vec![0u32; nnz];
-    let mut vals = vec![T::from_f64(0.0); nnz];
+    // Every entry is written by the scatter below (checked: each band's share of
+    // each group is exactly full) before the length is set.
+    let mut entries: Vec<Entry<T>> = Vec::with_capacity(nnz);
     let mut by_value = vec![0u32; nnz];
-    huge_pages(&mut rows);
-    huge_pages(&mut vals);
+    huge_pages(entries.spare_capacity_mut());
     huge_pages(&mut by_value);
-    let (rows_at, vals_at, cols_at) = (
-        SharedMut(rows.as_mut_ptr()),
-        SharedMut(vals.as_mut_ptr()),
-        SharedMut(by_value.as_mut_ptr()),
-    );
+    let entries_at = SharedMut(entries.as_mut_ptr());
     let (gstart, group_of_col) = (&gstart, &group_of_col);
     let filled: Vec<bool> = cursors
         .into_par_iter()
         .enumerate()
         .map(|(b, mut cursor)| {
-            let (rows_at, vals_at, cols_at) = (rows_at, vals_at, cols_at);
+            // Captured whole: the raw pointer field alone is not Send.
+            #[allow(clippy::redundant_locals)]
+            let entries_at = entries_at;
             let mut ok = true;
             for r in band(b) {
                 src.for_row(r, |c, v| {
@@ -316,15 +326,15 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
                     *next = at + 1;
                     // Hundreds of streams are more than the hardware prefetcher
                     // follows, so each new cache line would stall the stores.
-                    prefetch(rows_at.0.wrapping_add(at + PREFETCH_AHEAD));
-                    prefetch(vals_at.0.wrapping_add(at + PREFETCH_AHEAD));
-                    prefetch(cols_at.0.wrapping_add(at + PREFETCH_AHEAD));
+                    prefetch(entries_at.0.wrapping_add(at + PREFETCH_AHEAD));
                     // SAFETY: `at` lies in band b's own range of group g (checked
-                    // above), which no other band writes; all vectors hold nnz items.
+                    // above), which no other band writes; the vector has room for
+                    // nnz entries.
                     unsafe {
-                        *rows_at.0.add(at) = r as u32;
-                        *vals_at.0.add(at) = v;
-                        *cols_at.0.add(at) = (c - gstart[g]) as u32;
+                        entries_at.0.add(at).write(Entry {
+                            row: (((c - gstart[g]) << row_bits) | r) as u32,
+                            val: v,
+                        });
                     }
                 });
             }
@@ -334,13 +344,15 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
     if filled.contains(&false) {
         return Err(changed());
     }
+    // SAFETY: every band filled its share of every group exactly, and the shares
+    // tile 0..nnz, so all nnz entries are initialized.
+    unsafe { entries.set_len(nnz) };
 
     let mut n_neg = vec![0u32; n_cols];
     let mut exact = vec![false; n_cols];
     let group_ends = || gstart[1..].iter().map(|&c| colptr[c]);
-    let groups: Vec<_> = super::split_at_offsets_mut(&mut rows, group_ends())
+    let groups: Vec<_> = super::split_at_offsets_mut(&mut entries, group_ends())
         .into_iter()
-        .zip(super::split_at_offsets_mut(&mut vals, group_ends()))
         .zip(super::split_at_offsets_mut(&mut by_value, group_ends()))
         .zip(super::split_at_offsets_mut(
             &mut n_neg,
@@ -355,23 +367,20 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
     let failed: Vec<Option<BuildError>> = groups
         .into_par_iter()
         .enumerate()
-        .map_init(
-            Scratch::default,
-            |scratch, (g, ((((rs, vs), out), neg), ex))| {
-                let cols = gstart[g]..gstart[g + 1];
-                sort_group(
-                    &colptr[cols.start..=cols.end],
-                    cols.start,
-                    rs,
-                    vs,
-                    out,
-                    neg,
-                    ex,
-                    scratch,
-                )
-                .err()
-            },
-        )
+        .map_init(Scratch::default, |scratch, (g, (((es, out), neg), ex))| {
+            let cols = gstart[g]..gstart[g + 1];
+            sort_group(
+                &colptr[cols.start..=cols.end],
+                cols.start,
+                row_bits,
+                es,
+                out,
+                neg,
+                ex,
+                scratch,
+            )
+            .err()
+        })
         .collect();
     if let Some(e) = failed.into_iter().flatten().next() {
         return Err(e);
@@ -381,8 +390,7 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
         n_rows,
         n_cols,
         colptr: colptr.clone(),
-        rows,
-        vals,
+        entries,
         by_value,
         n_neg,
         exact,
@@ -415,8 +423,7 @@ fn changed() -> BuildError {
 
 /// Per-thread buffers reused from group to group and column to column.
 struct Scratch<T> {
-    rows: Vec<u32>,
-    vals: Vec<T>,
+    entries: Vec<Entry<T>>,
     /// Per column of the group: next free and end position in the group.
     next: Vec<(usize, usize)>,
     order: ValueOrder,
@@ -425,50 +432,46 @@ struct Scratch<T> {
 impl<T> Default for Scratch<T> {
     fn default() -> Self {
         Scratch {
-            rows: Vec::new(),
-            vals: Vec::new(),
+            entries: Vec::new(),
             next: Vec::new(),
             order: ValueOrder::default(),
         }
     }
 }
 
-/// Sorts one column group in place: `rs`/`vs` hold its entries in row order with
-/// each entry's column (relative to `first_col`) in `out`; afterwards `rs`/`vs` are
-/// column-major with ascending rows and `out` holds each column's value order.
-/// `colptr` is the group's slice of the column pointers (one more than columns).
+/// Sorts one column group in place: `es` holds its entries in row order, each
+/// entry's column (relative to `first_col`) above the low `row_bits` bits of its
+/// row field; afterwards `es` is column-major with plain, ascending rows and
+/// `out` holds each column's value order. `colptr` is the group's slice of the
+/// column pointers (one more than columns).
 #[allow(clippy::too_many_arguments)]
 fn sort_group<T: Float>(
     colptr: &[usize],
     first_col: usize,
-    rs: &mut [u32],
-    vs: &mut [T],
+    row_bits: u32,
+    es: &mut [Entry<T>],
     out: &mut [u32],
     neg: &mut [u32],
     ex: &mut [bool],
     scratch: &mut Scratch<T>,
 ) -> Result<(), BuildError> {
     let base = colptr[0];
-    let len = rs.len();
     let width = colptr.len() - 1;
+    let row_mask = ((1u64 << row_bits) - 1) as u32;
     scratch.next.clear();
     scratch
         .next
         .extend(colptr.windows(2).map(|w| (w[0] - base, w[1] - base)));
-    scratch.rows.clear();
-    scratch.rows.resize(len, 0);
-    scratch.vals.clear();
-    scratch.vals.resize(len, T::from_f64(0.0));
+    scratch.entries.clear();
+    scratch.entries.extend_from_slice(es);
     // Stable counting sort by column. A column that overflows its count means the
     // matrix changed between the passes; with none overflowing and `len` entries
     // in all, every column is exactly full.
-    let (srows, svals) = (&mut scratch.rows[..], &mut scratch.vals[..]);
-    for (k, ((&lc, &r), &v)) in out.iter().zip(rs.iter()).zip(vs.iter()).enumerate() {
+    for (k, e) in scratch.entries.iter().enumerate() {
         // The group was written long ago, by both threads: it is read from memory.
-        prefetch(out.as_ptr().wrapping_add(k + READ_AHEAD));
-        prefetch(rs.as_ptr().wrapping_add(k + READ_AHEAD));
-        prefetch(vs.as_ptr().wrapping_add(k + READ_AHEAD));
-        let Some((next, end)) = scratch.next.get_mut(lc as usize) else {
+        prefetch(es.as_ptr().wrapping_add(k + READ_AHEAD));
+        let lc = (e.row as u64 >> row_bits) as usize;
+        let Some((next, end)) = scratch.next.get_mut(lc) else {
             return Err(changed());
         };
         let at = *next;
@@ -476,23 +479,24 @@ fn sort_group<T: Float>(
             return Err(changed());
         }
         *next = at + 1;
-        srows[at] = r;
-        svals[at] = v;
+        es[at] = Entry {
+            row: e.row & row_mask,
+            val: e.val,
+        };
     }
-    rs.copy_from_slice(&scratch.rows);
-    vs.copy_from_slice(&scratch.vals);
     for lc in 0..width {
         let range = colptr[lc] - base..colptr[lc + 1] - base;
-        let (r, v) = (&rs[range.clone()], &vs[range.clone()]);
-        if let Some(w) = r.windows(2).position(|w| w[0] >= w[1]) {
+        let col = &es[range.clone()];
+        let facts = column_facts(col);
+        if let Some(row) = facts.duplicate_row {
             return Err(BuildError::DuplicateEntry {
-                row: r[w + 1] as usize,
+                row,
                 col: first_col + lc,
             });
         }
-        scratch.order.sort(r, v, &mut out[range]);
-        neg[lc] = v.iter().filter(|&&v| v.to_f64() < 0.0).count() as u32;
-        ex[lc] = sums_are_exact::<T>(v);
+        scratch.order.sort(col, &mut out[range]);
+        neg[lc] = facts.n_neg;
+        ex[lc] = facts.exact;
     }
     Ok(())
 }
@@ -532,6 +536,8 @@ const SLOTS: usize = 512;
 const MAX_DISTINCT: usize = 255;
 /// Columns shorter than this are just sorted.
 const SMALL: usize = 64;
+/// Columns at least this long are radix sorted 11 bits at a time.
+const WIDE_DIGITS: usize = 3072;
 
 fn key_of<T: Float>(v: T) -> u64 {
     if T::IS_F32 {
@@ -542,23 +548,22 @@ fn key_of<T: Float>(v: T) -> u64 {
 }
 
 impl ValueOrder {
-    /// Writes the rows `rs` (ascending) in increasing order of their values `vs`,
+    /// Writes the rows of `col` (ascending) in increasing order of their values,
     /// ties in row order, into `out`, with [`TIE_START`] on each tie block's first.
-    fn sort<T: Float>(&mut self, rs: &[u32], vs: &[T], out: &mut [u32]) {
-        let n = rs.len();
-        if n >= SMALL && self.by_distinct(rs, vs, out) {
+    fn sort<T: Float>(&mut self, col: &[Entry<T>], out: &mut [u32]) {
+        let n = col.len();
+        if n >= SMALL && self.by_distinct(col, out) {
             return;
         }
         if T::IS_F32 {
             // Key in the high half, row in the low: sorting the u64s is sorting by
             // (value, row).
             self.a.clear();
-            self.a.extend(
-                vs.iter()
-                    .zip(rs)
-                    .map(|(&v, &r)| (key_of(v) << 32) | r as u64),
-            );
-            if n >= SMALL {
+            self.a
+                .extend(col.iter().map(|e| (key_of(e.val) << 32) | e.row as u64));
+            if n >= WIDE_DIGITS {
+                self.radix_high_half_wide();
+            } else if n >= SMALL {
                 self.radix_high_half();
             } else {
                 self.a.sort_unstable();
@@ -576,7 +581,7 @@ impl ValueOrder {
         } else {
             self.pairs.clear();
             self.pairs
-                .extend(vs.iter().zip(rs).map(|(&v, &r)| (key_of(v), r)));
+                .extend(col.iter().map(|e| (key_of(e.val), e.row)));
             self.pairs.sort_unstable();
             let mut prev = None;
             for (slot, &(key, r)) in out.iter_mut().zip(&self.pairs) {
@@ -589,14 +594,14 @@ impl ValueOrder {
     /// A stable counting sort by distinct value, for columns with at most
     /// [`MAX_DISTINCT`] distinct values (common: counts, log1p of counts). False,
     /// with `out` untouched, for a column with more.
-    fn by_distinct<T: Float>(&mut self, rs: &[u32], vs: &[T], out: &mut [u32]) -> bool {
+    fn by_distinct<T: Float>(&mut self, col: &[Entry<T>], out: &mut [u32]) -> bool {
         self.distinct.clear();
         self.ids.clear();
-        self.ids.resize(vs.len(), 0);
+        self.ids.resize(col.len(), 0);
         let mut count = [0u32; MAX_DISTINCT];
         let mut fits = true;
-        for (&v, slot_of) in vs.iter().zip(self.ids.iter_mut()) {
-            let key = key_of(v);
+        for (e, slot_of) in col.iter().zip(self.ids.iter_mut()) {
+            let key = key_of(e.val);
             let mut s = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 55) as usize % SLOTS;
             let id = loop {
                 let k = self.slot_key[s];
@@ -643,9 +648,9 @@ impl ValueOrder {
             at += count[id as usize];
         }
         let mut next = start;
-        for (&id, &r) in self.ids.iter().zip(rs) {
+        for (&id, e) in self.ids.iter().zip(col) {
             let p = &mut next[id as usize];
-            out[*p as usize] = r;
+            out[*p as usize] = e.row;
             *p += 1;
         }
         for &(_, id) in by_key.iter() {
@@ -682,6 +687,43 @@ impl ValueOrder {
             }
             for &k in &self.a {
                 let p = &mut next[((k >> shift) & 255) as usize];
+                self.b[*p as usize] = k;
+                *p += 1;
+            }
+            std::mem::swap(&mut self.a, &mut self.b);
+        }
+    }
+}
+
+impl ValueOrder {
+    /// [`ValueOrder::radix_high_half`] with 11-bit digits (three passes instead of
+    /// four), for columns long enough to amortize the larger histograms.
+    fn radix_high_half_wide(&mut self) {
+        const BITS: usize = 11;
+        const MASK: u64 = (1 << BITS) - 1;
+        let n = self.a.len();
+        let mut hist = [[0u32; 1 << BITS]; 3];
+        for &k in &self.a {
+            let h = k >> 32;
+            hist[0][(h & MASK) as usize] += 1;
+            hist[1][((h >> BITS) & MASK) as usize] += 1;
+            hist[2][(h >> (2 * BITS)) as usize] += 1;
+        }
+        self.b.clear();
+        self.b.resize(n, 0);
+        for (digit, counts) in hist.iter_mut().enumerate() {
+            let shift = 32 + BITS * digit;
+            if counts[((self.a[0] >> shift) & MASK) as usize] as usize == n {
+                continue;
+            }
+            let mut at = 0;
+            for slot in counts.iter_mut() {
+                let c = *slot;
+                *slot = at;
+                at += c;
+            }
+            for &k in &self.a {
+                let p = &mut counts[((k >> shift) & MASK) as usize];
                 self.b[*p as usize] = k;
                 *p += 1;
             }
@@ -744,26 +786,57 @@ fn lowest_bit_exponent(v: f64) -> i32 {
     e + sig.trailing_zeros() as i32
 }
 
-/// Whether any sum of a subset of `values` (and any difference of two such sums)
-/// is exact in f64: all are multiples of 2^q (q the lowest set bit over all
-/// values) and their magnitudes add up to less than 2^(53 + q).
-fn sums_are_exact<T: Float>(values: &[T]) -> bool {
-    let mut q = i32::MAX;
-    let mut total = 0.0f64;
-    for &v in values {
-        let v = v.to_f64();
-        if !v.is_finite() {
-            return false;
+/// What one pass over a column (rows ascending unless duplicated) tells.
+struct ColumnFacts {
+    /// The first row stored again (its second entry), if any.
+    duplicate_row: Option<usize>,
+    n_neg: u32,
+    /// Any sum of a subset of the values (and any difference of two such sums)
+    /// is exact in f64: all are multiples of 2^q (q the lowest set bit over all
+    /// values) and their magnitudes add up to less than 2^(53 + q).
+    exact: bool,
+}
+
+fn column_facts<T: Float>(col: &[Entry<T>]) -> ColumnFacts {
+    let mut duplicate_row = None;
+    let mut prev = None;
+    let mut n_neg = 0u32;
+    let (mut q, mut total, mut finite) = (i32::MAX, 0.0f64, true);
+    for e in col {
+        if duplicate_row.is_none() && prev.is_some_and(|p| p >= e.row) {
+            duplicate_row = Some(e.row as usize);
         }
-        q = q.min(lowest_bit_exponent(v));
+        prev = Some(e.row);
+        let v = e.val.to_f64();
+        n_neg += (v < 0.0) as u32;
+        finite &= v.is_finite();
+        if v.is_finite() {
+            q = q.min(lowest_bit_exponent(v));
+        }
         total += v.abs();
     }
-    if values.is_empty() {
+    ColumnFacts {
+        duplicate_row,
+        n_neg,
+        exact: finite && exact_bound(col.is_empty(), q, total),
+    }
+}
+
+fn exact_bound(empty: bool, q: i32, total: f64) -> bool {
+    if empty {
         return true;
     }
     // `total` itself carries a relative rounding error below len * 2^-53.
     let bound = total * (1.0 + 1e-6);
     q + 53 <= 1023 && bound < 2f64.powi(q + 53)
+}
+
+/// Whether any sum of a subset of `values` (and any difference of two such sums)
+/// is exact in f64: all are multiples of 2^q (q the lowest set bit over all
+/// values) and their magnitudes add up to less than 2^(53 + q).
+#[cfg(test)]
+fn sums_are_exact<T: Float>(values: &[Entry<T>]) -> bool {
+    column_facts(values).exact
 }
 
 #[cfg(test)]
@@ -790,14 +863,15 @@ mod tests {
         let d = from_dense(&dense, 200, 30).unwrap();
         for s in [&b, &d] {
             assert_eq!(a.colptr, s.colptr);
-            assert_eq!(a.rows, s.rows);
-            assert_eq!(a.vals, s.vals);
+            assert_eq!(a.entries, s.entries);
             assert_eq!(a.n_neg, s.n_neg);
         }
         for c in 0..30 {
             let col = a.colptr[c]..a.colptr[c + 1];
-            assert!(a.rows[col.clone()].windows(2).all(|w| w[0] < w[1]));
-            assert!(a.vals[col.clone()].iter().all(|&v| v != 0.0));
+            assert!(a.entries[col.clone()]
+                .windows(2)
+                .all(|w| w[0].row < w[1].row));
+            assert!(a.entries[col.clone()].iter().all(|e| e.val != 0.0));
             let value_of = |r: u32| dense[(r & !TIE_START) as usize * 30 + c];
             let sorted: Vec<f32> = a.by_value[col.clone()]
                 .iter()
@@ -889,8 +963,7 @@ mod tests {
             n_rows,
             n_cols,
             colptr: vec![0],
-            rows: vec![],
-            vals: vec![],
+            entries: vec![],
             by_value: vec![],
             n_neg: vec![],
             exact: vec![],
@@ -906,12 +979,12 @@ mod tests {
                 let starts = k == 0 || v != order[k - 1].0;
                 m.by_value.push(if starts { r | TIE_START } else { r });
             }
-            m.rows.extend(col.iter().map(|e| e.0));
-            m.vals.extend_from_slice(&vs);
-            m.colptr.push(m.rows.len());
+            let es: Vec<Entry<T>> = col.iter().map(|e| Entry { row: e.0, val: e.1 }).collect();
+            m.entries.extend_from_slice(&es);
+            m.colptr.push(m.entries.len());
             m.n_neg
                 .push(vs.iter().filter(|v| v.to_f64() < 0.0).count() as u32);
-            m.exact.push(sums_are_exact(&vs));
+            m.exact.push(sums_are_exact(&es));
         }
         m
     }
@@ -919,11 +992,12 @@ mod tests {
     fn assert_same<T: Float + std::fmt::Debug>(a: &SortedCsc<T>, b: &SortedCsc<T>) {
         assert_eq!((a.n_rows, a.n_cols), (b.n_rows, b.n_cols));
         assert_eq!(a.colptr, b.colptr);
-        assert_eq!(a.rows, b.rows);
+        let rows = |m: &SortedCsc<T>| m.entries.iter().map(|e| e.row).collect::<Vec<_>>();
+        assert_eq!(rows(a), rows(b));
         let bits = |m: &SortedCsc<T>| {
-            m.vals
+            m.entries
                 .iter()
-                .map(|v| v.to_f64().to_bits())
+                .map(|e| e.val.to_f64().to_bits())
                 .collect::<Vec<_>>()
         };
         assert_eq!(bits(a), bits(b));
@@ -1089,10 +1163,14 @@ mod tests {
 
     #[test]
     fn exactness_flag() {
-        assert!(sums_are_exact(&[0.5f64, 0.25, 3.0]));
-        assert!(!sums_are_exact(&[1e-30f64, 1.0]));
-        assert!(!sums_are_exact(&[0.1f64, 0.2]));
-        assert!(sums_are_exact(&[1.0f32 / 3.0, 2.0]));
-        assert!(!sums_are_exact(&[f64::INFINITY]));
+        fn exact<T: Float>(vs: &[T]) -> bool {
+            let es: Vec<Entry<T>> = vs.iter().map(|&val| Entry { row: 0, val }).collect();
+            sums_are_exact(&es)
+        }
+        assert!(exact(&[0.5f64, 0.25, 3.0]));
+        assert!(!exact(&[1e-30f64, 1.0]));
+        assert!(!exact(&[0.1f64, 0.2]));
+        assert!(exact(&[1.0f32 / 3.0, 2.0]));
+        assert!(!exact(&[f64::INFINITY]));
     }
 }

@@ -216,7 +216,7 @@ fn gene<T: Float>(
     let (sums, tail) = tail.split_at_mut(g_count);
     let (nnz, tail) = tail.split_at_mut(g_count);
     let (lo, hi) = (m.colptr[c], m.colptr[c + 1]);
-    let (rows, vals) = (&m.rows[lo..hi], &m.vals[lo..hi]);
+    let entries = &m.entries[lo..hi];
     let group = |r: u32| q.group_of_row.get(r as usize).copied().unwrap_or(NO_GROUP);
 
     // Sums and non-zero counts, in row order.
@@ -224,8 +224,8 @@ fn gene<T: Float>(
     if m.exact[c] {
         let mut total = 0.0f64;
         sums.iter_mut().for_each(|x| *x = 0.0);
-        for (&r, &v) in rows.iter().zip(vals) {
-            let v = v.to_f64();
+        for e in entries {
+            let (r, v) = (e.row, e.val.to_f64());
             total += v;
             let g = group(r);
             if let Some(x) = sums.get_mut(g as usize) {
@@ -242,8 +242,8 @@ fn gene<T: Float>(
     } else {
         s.partial.iter_mut().for_each(|x| *x = 0.0);
         s.rest_partial.iter_mut().for_each(|x| *x = 0.0);
-        for (&r, &v) in rows.iter().zip(vals) {
-            let v = v.to_f64();
+        for e in entries {
+            let (r, v) = (e.row, e.val.to_f64());
             let g = group(r);
             let r = r as usize;
             if (g as usize) < g_count {

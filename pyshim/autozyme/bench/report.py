@@ -542,7 +542,7 @@ def method_notes(report: dict) -> list[str]:
         f"n_top_genes=2000`) run on the tier's counts. scale (`max_value=8`) runs on the tier's cells × "
         f"{s['scale_genes']:,} genes (the highly variable genes it usually gets; its result is dense "
         f"float64), scaled to 1e4 per cell and log1p'd first.",
-        f"- rank_genes_groups (`method='wilcoxon', pts=True, tie_correct=True`, 9 groups of unequal size; "
+        f"- rank_genes_groups (`method='wilcoxon'`, scanpy's defaults otherwise, 9 groups of unequal size; "
         f"regroup: 5 groups) runs on min(cells, {s['rgg_cells']:,}) × min(genes, {s['rgg_genes']:,}), "
         f"log-normalised, because upstream takes ~30 s a call at 20,000 × 10,000; a later tier with the "
         f"same subset is not measured again. autozyme's fold changes may differ from upstream's by a few "
