@@ -38,11 +38,13 @@ for stack in ${*:-$STACKS}; do
   fi
   venvs="$venvs $venv"
   py="$venv/bin/python"
-  # The Dask tests (a real LocalCluster each) run on the main stack of a release;
-  # an integration-only stack (the same release on another Python) skips them.
+  # The Dask tests (a real LocalCluster each), the warm worker's (a worker's warm-up
+  # beside a fresh upstream process), the pipeline benchmark's and the Leiden quality
+  # tests (upstream's neighbors over several seeds) run on the main stack of a
+  # release; an integration-only stack (the same release on another Python) skips them.
   skip="$HARDENING"
   if [ "$(stack_stages "$stack")" != all ]; then
-    skip="$skip $(ls tests/test_dask_*.py)"
+    skip="$skip $(ls tests/test_dask_*.py) tests/test_warm.py tests/test_bench_pipeline.py tests/test_leiden_quality.py"
   fi
   stage "scanpy $stack ($("$py" --version)): integration tests"
   bounded 900 "$py" -m pytest -q tests --ignore=tests/scanpy_upstream -p no:cacheprovider \
