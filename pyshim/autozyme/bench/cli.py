@@ -1,11 +1,12 @@
 """``autozyme bench``: the command line (its options) and what each form runs.
 
 ``autozyme bench`` prints upstream and autozyme side by side per call
-(calls.py, rank.py, leiden.py); ``--report DIR`` writes the report of every
+(calls.py, rank.py, leiden.py, neighbors.py); ``--pipeline`` the tutorial
+notebook step by step (pipeline.py); ``--report DIR`` writes the report of every
 call on dataset tiers and thread counts (report.py); ``--dask`` compares both
 on Dask (on_dask.py). The package's modules import one way: this one ->
 report.py (-> charts.py) -> the per-call runners (calls.py, rank.py,
-leiden.py, on_dask.py) -> measure.py.
+leiden.py, neighbors.py, on_dask.py, pipeline.py) -> measure.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from . import leiden, on_dask, pipeline, rank, report
+from . import leiden, neighbors, on_dask, pipeline, rank, report
 from .calls import CALLS, measure_call, print_call, run_workers
 from .measure import copy_bandwidth, dataset_path, stack_versions, touch_memory
 
@@ -38,8 +39,11 @@ def run(args) -> int:
     if "leiden" in calls:  # a graph, not a count matrix: its own rows (leiden.py)
         calls.remove("leiden")
         leiden_ok = leiden.run(cache, out, args.leiden_cells, args.leidenalg)
-        if not calls:
-            return 0 if leiden_ok else 1
+    if "neighbors" in calls:  # a PCA, not a count matrix: its own rows (neighbors.py)
+        calls.remove("neighbors")
+        leiden_ok = neighbors.run(cache, out, args.neighbors_cells) and leiden_ok
+    if not calls:
+        return 0 if leiden_ok else 1
     hello = get_client().connection().hello  # a running daemon, as after login
     touch_memory(8 * data.stat().st_size)
     bw = copy_bandwidth()
@@ -85,9 +89,11 @@ def add_parser(sub) -> None:
     b.add_argument("--genes", type=int, default=25_000)
     b.add_argument("--density", type=float, default=0.07)
     b.add_argument("--calls", default=None,
-                   help=f"comma-separated, from {', '.join([*CALLS, 'leiden'])} "
-                        f"(default: all but leiden; with --report: all)")
+                   help=f"comma-separated, from {', '.join([*CALLS, 'leiden', 'neighbors'])} "
+                        f"(default: all but leiden and neighbors; with --report: all)")
     b.add_argument("--leiden-cells", type=int, default=20_000, help="nodes of the kNN graph for leiden")
+    b.add_argument("--neighbors-cells", type=int, default=50_000,
+                   help="neighbors: cells of the PCA (neighbors and umap, first call in a fresh process)")
     b.add_argument("--leidenalg", action="store_true",
                    help="leiden: also upstream's default flavor='leidenalg' (slow) and parallel mode on it")
     b.add_argument("--rgg-cells", type=int, default=20_000,
