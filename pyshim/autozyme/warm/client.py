@@ -45,14 +45,25 @@ def _connect(timeout: float | None) -> socket.socket:
     return sock
 
 
+_seen = [False]  # this process has had an answer from a worker
+
+
 def status() -> dict | None:
     """The worker's own report, or None when none runs for this interpreter."""
     try:
         with _connect(STATUS_TIMEOUT_S) as sock:
             wire.send(sock, {"op": "status"})
-            return wire.recv(sock)
+            st = wire.recv(sock)
     except (WorkerUnavailable, OSError, wire.WireError, EOFError):
         return None
+    _seen[0] = True
+    return st
+
+
+def seen() -> bool:
+    """Whether a worker has answered this process (so one that no longer answers
+    has gone away, rather than never having been started)."""
+    return _seen[0]
 
 
 def start() -> bool:

@@ -81,7 +81,9 @@ def serve(func: str, adata, spec: dict, args: tuple, kwargs: dict, *, worth_wait
     if st is None:
         if client.starting():
             raise Delegate("the warm worker is starting; this call runs here")
-        client.start_in_background()  # recovered for the next call
+        client.start_in_background()  # for the next call
+        if not client.seen():  # none was started yet (activate(prewarm=False), a new machine)
+            raise Delegate("no warm worker was running; one is starting for the next call")
         raise WorkerFallback("warm worker not reachable")
     if st["state"] != "warm" and not worth_waiting:
         raise Delegate(f"the warm worker is still warming up ({st.get('stage')}); "
