@@ -20,11 +20,10 @@ What differs between the verified versions is declared in ``UPSTREAM``.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 from .. import versions
-from ..fallback import Delegate, Fallback
+from ..fallback import Fallback
 from ..warm import standin
 
 
@@ -48,18 +47,10 @@ VERIFIED = tuple(UPSTREAM)
 
 def fast(upstream, *args, **kwargs):
     up = versions.pick(UPSTREAM)
-    try:
-        bound = inspect.signature(inspect.unwrap(upstream)).bind(*args, **kwargs)
-    except TypeError as e:
-        raise Delegate(f"arguments upstream refuses ({e})") from None
-    bound.apply_defaults()
-    p = bound.arguments
+    p = standin.bind_call(upstream, args, kwargs)
     adata = p["adata"]
-    standin.check_anndata(adata)
     if up.takes_distances and p["distances"] is not None:
         raise Fallback("precomputed distances")
-    if p["copy"]:
-        raise Fallback("copy=True")
     if p["transformer"] is not None:
         raise Fallback("a transformer")
     if p["knn"] is not True:
@@ -67,8 +58,6 @@ def fast(upstream, *args, **kwargs):
     metric = p["metric"]
     if not (isinstance(metric, str) or (metric is None and up.metric_default_none)):
         raise Fallback("a callable metric")
-    if not isinstance(p["random_state"], int):
-        raise Fallback("random_state is not an int (its state after the call is the user's)")
     spec = standin.representation(adata, p["use_rep"], p["n_pcs"])
     # Upstream's switch to pynndescent (whose compile the worker's warm-up does first).
     pynndescent = adata.n_obs >= (8192 if metric in (None, "euclidean") else 4096)

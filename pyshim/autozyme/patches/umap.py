@@ -18,7 +18,6 @@ runs upstream here.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 from .. import versions
@@ -46,20 +45,10 @@ VERIFIED = tuple(UPSTREAM)
 
 def fast(upstream, *args, **kwargs):
     versions.pick(UPSTREAM)
-    try:
-        bound = inspect.signature(inspect.unwrap(upstream)).bind(*args, **kwargs)
-    except TypeError as e:
-        raise Delegate(f"arguments upstream refuses ({e})") from None
-    bound.apply_defaults()
-    p = bound.arguments
+    p = standin.bind_call(upstream, args, kwargs)
     adata = p["adata"]
-    standin.check_anndata(adata)
-    if p["copy"]:
-        raise Fallback("copy=True")
     if p["method"] != "umap":
         raise Fallback(f"method={p['method']!r}")
-    if not isinstance(p["random_state"], int):
-        raise Fallback("random_state is not an int (its state after the call is the user's)")
     key = p["neighbors_key"]
     neighbors = adata.uns.get(key) if isinstance(key, str) else None
     if not isinstance(neighbors, dict) or not isinstance(neighbors.get("params"), dict):

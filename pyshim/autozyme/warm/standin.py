@@ -36,6 +36,26 @@ def check_anndata(adata) -> None:
         raise Fallback("a view (upstream makes it an actual AnnData)")
 
 
+def bind_call(upstream, args: tuple, kwargs: dict) -> dict:
+    """The call's arguments by name, defaults applied, when the worker can stand in
+    for it: an actual in-memory AnnData, no ``copy``, an integer ``random_state``
+    (upstream's TypeError for arguments it refuses is upstream's to raise)."""
+    import inspect
+
+    try:
+        bound = inspect.signature(inspect.unwrap(upstream)).bind(*args, **kwargs)
+    except TypeError as e:
+        raise Delegate(f"arguments upstream refuses ({e})") from None
+    bound.apply_defaults()
+    p = bound.arguments
+    check_anndata(p["adata"])
+    if p["copy"]:
+        raise Fallback("copy=True")
+    if not isinstance(p["random_state"], int):
+        raise Fallback("random_state is not an int (its state after the call is the user's)")
+    return p
+
+
 def representation(adata, use_rep, n_pcs) -> dict:
     """The stand-in's part for ``_choose_representation(adata, use_rep, n_pcs)``:
     the same entry upstream reads, whole (upstream slices it in the worker)."""
