@@ -13,6 +13,10 @@ _RUNTIME = tempfile.mkdtemp(prefix="azm-test-")
 os.environ["AUTOZYME_RUNTIME_DIR"] = _RUNTIME
 os.environ.setdefault("AUTOZYME_STRICT", "1")
 os.environ.setdefault("AUTOZYME_IDLE_TIMEOUT", "300")
+# activate() starts the warm worker for neighbors and umap in the background: only
+# the tests about it want one (test_warm.py turns it on), not every activating test
+# and subprocess, each a warm-up of a minute of CPU beside the tests.
+os.environ.setdefault("AUTOZYME_WARM", "0")
 
 
 @pytest.fixture(scope="session", autouse=True)
