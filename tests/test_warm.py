@@ -121,14 +121,27 @@ def test_killed_worker_falls_back_then_a_new_one_starts(warm, monkeypatch):
     from autozyme import AutozymeFallbackError, fallback
     from autozyme.warm import client
 
+    # activate() (the `warm` fixture) starts the worker in a background thread when
+    # none answers; on a loaded machine that thread may run only after the kill
+    # below and start a new worker, which makes the call "starting", not a failure.
+    for t in list(client._starting):
+        t.join()
+    monkeypatch.setenv("AUTOZYME_STRICT", "1")
     pid = client.status()["pid"]
     os.kill(pid, 9)
     deadline = time.monotonic() + 10
     while client.status() is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     a = _warm_cases.make_adata(300, 10, np.float32, "X_pca", 1)
-    with pytest.raises(AutozymeFallbackError, match="warm worker"):
+    # Strict mode: a failure naming the worker, or, when a new worker is already
+    # being started (by this process's background start, or a spawn moments ago),
+    # the call runs here as delegated ("starting"). Never a wrong or missing result.
+    try:
         warm.pp.neighbors(a)
+    except AutozymeFallbackError as e:
+        assert "warm worker" in str(e)
+    else:
+        assert any("warm worker is starting" in r for r in fallback.counts()["fallbacks"]["neighbors"])
     monkeypatch.setenv("AUTOZYME_STRICT", "0")
     warm.pp.neighbors(a)  # upstream, here
     assert "distances" in a.obsp
