@@ -229,5 +229,14 @@ def daemon_cli(action: str, env: dict) -> str | None:
 
 
 
+def warm_worker_ready() -> str:
+    """``autozyme warm --wait`` (the warm worker of neighbors/umap, compiled, as on
+    any machine where autozyme ran before); what happened, for the report."""
+    proc = subprocess.run([sys.executable, "-m", "autozyme.cli", "warm", "--wait"],
+                          capture_output=True, text=True)
+    return "autozyme warm --wait: ok" if proc.returncode == 0 else \
+        f"autozyme warm --wait failed: {(proc.stderr or proc.stdout).strip()[-300:]}"
+
+
 def fmt_t(s: float) -> str:
     return f"{s * 1000:8.1f} ms" if s < 10 else f"{s:8.2f} s "

@@ -16,13 +16,12 @@ Both sides' graphs and embeddings are compared bit for bit.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from .measure import fmt_t, fresh_json
+from .measure import fmt_t, fresh_json, warm_worker_ready
 
 MODULE = "autozyme.bench.neighbors"  # the worker: python -m autozyme.bench.neighbors MODE REP OUT
 N_PCS = 50
@@ -86,10 +85,9 @@ def run(cache: Path, out: Path, cells: int) -> bool:
     call served."""
     out.mkdir(parents=True, exist_ok=True)
     rep = rep_path(cache, cells)
-    warm = subprocess.run([sys.executable, "-m", "autozyme.cli", "warm", "--wait"],
-                          capture_output=True, text=True)
-    if warm.returncode != 0:
-        print(f"neighbors: the warm worker did not start: {(warm.stderr or warm.stdout).strip()}")
+    warm = warm_worker_ready()
+    if not warm.endswith(": ok"):
+        print(f"neighbors: {warm}")
     up = fresh_json(MODULE, "upstream", str(rep), str(out), what="upstream neighbors worker")
     fast = fresh_json(MODULE, "autozyme", str(rep), str(out), what="autozyme neighbors worker")
     with np.load(out / "neighbors_upstream.npz") as u, np.load(out / "neighbors_autozyme.npz") as z:

@@ -12,7 +12,7 @@ on ``.raw``). The autozyme side is the same notebook with
 Before each side, a short priming process runs the same notebook on a tiny
 dataset, so that neither side is the first process ever on the machine
 (numba's on-disk caches exist for upstream; autozyme's daemon, and its warm
-worker where ``autozyme warm --wait`` exists, are up). Each side then saves
+worker, made warm with ``autozyme warm --wait``, are up). Each side then saves
 what it computed; the parent compares both sides bit for bit (max ulp per
 array) and prints the per-step table and ratios. crest-sc, when an
 interpreter that has it is given or found, runs its own API's version of the
@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -36,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .measure import dataset_path, fresh_json, load_anndata, max_ulp, stack_versions, touch_memory
+from .measure import (dataset_path, fresh_json, load_anndata, max_ulp, stack_versions, touch_memory,
+                      warm_worker_ready)
 
 MODULE = "autozyme.bench.pipeline"
 STEPS = ("import", "read", "hvg", "normalize_total", "log1p", "raw_and_subset", "scale", "pca",
@@ -223,18 +223,6 @@ def _side(side: str, data: Path, save: Path | None, pause: float, python: str | 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def warm_worker() -> str:
-    """``autozyme warm --wait`` where this autozyme has it (the warm worker of
-    neighbors/umap); what happened, for the report."""
-    cli = [sys.executable, "-m", "autozyme.cli"]
-    helps = subprocess.run([*cli, "--help"], capture_output=True, text=True).stdout
-    if not re.search(r"\bwarm\b", helps):
-        return "no `autozyme warm` in this autozyme"
-    proc = subprocess.run([*cli, "warm", "--wait"], capture_output=True, text=True)
-    return "autozyme warm --wait: ok" if proc.returncode == 0 else \
-        f"autozyme warm --wait failed: {(proc.stderr or proc.stdout).strip()[-300:]}"
-
-
 def crest_python(explicit: str | None) -> str | None:
     """An interpreter that has crest-sc: the one given, else this one if it has it."""
     for py in ([explicit] if explicit else [sys.executable]):
@@ -283,7 +271,7 @@ def run(args) -> int:
         if tiny is not None:
             _side(side, tiny, None, 0.0)
         if side == "autozyme":
-            warm = warm_worker()
+            warm = warm_worker_ready()
         sides[side] = _side(side, data, out / f"pipeline_{side}.npz", args.pause)
         print(f"{side}: {sum(sides[side]['times'].values()):.1f} s", flush=True)
     equal = compare(out / "pipeline_upstream.npz", out / "pipeline_autozyme.npz")
