@@ -105,6 +105,18 @@ impl Cache {
         }
     }
 
+    /// Whether an entry of this shape is kept (neither a hit nor a miss): if not,
+    /// a matrix of this shape is certainly new.
+    pub fn may_hold(&self, n_rows: usize, n_cols: usize) -> bool {
+        self.lock().0.iter().any(|s| {
+            let shape = match &*s.value {
+                Sorted::F32(m) => (m.n_rows, m.n_cols),
+                Sorted::F64(m) => (m.n_rows, m.n_cols),
+            };
+            shape == (n_rows, n_cols)
+        })
+    }
+
     /// Keeps `value` under `key`, evicting least recently used entries to fit.
     pub fn insert(&self, key: u128, value: Arc<Sorted>) {
         let bytes = value.bytes() as u64;

@@ -5,7 +5,7 @@ use crate::error::{Failure, Result};
 use crate::kernels::content_hash::{bytes_of, ContentHash, PIECE};
 use crate::server::state::Daemon;
 use crate::shm::peer::PeerBuffer;
-use crate::shm::{FloatSlice, IndexSlice, Peer, Resolver};
+use crate::shm::{FloatSlice, IndexSlice, MatrixRegions, Peer, Region, Resolver};
 use autozyme_protocol::{ArrayRef, DType, Location, Matrix, Response};
 
 pub fn handle(daemon: &Daemon, peer: Peer, x: &Matrix) -> Result<Response> {
@@ -28,6 +28,31 @@ fn dtype_tag(d: DType) -> u64 {
 
 /// The fingerprint of a matrix: kind, shape, dtypes and every array's bytes.
 pub fn fingerprint(resolver: &mut Resolver<'_>, peer: Peer, x: &Matrix) -> Result<u128> {
+    fingerprint_by(x, |array, what, h| {
+        hash_array(resolver, peer, array, what, h)
+    })
+}
+
+/// [`fingerprint`] of a matrix whose arrays are resolved already: for a matrix
+/// in the client's own memory that is about to be copied anyway, each array is
+/// read across once and hashed from the copy.
+pub fn fingerprint_resolved(x: &Matrix, regions: &MatrixRegions) -> Result<u128> {
+    // In the order `fingerprint_by` hashes them.
+    let resolved: Vec<Option<&Region>> = match regions {
+        MatrixRegions::Csr(c) => vec![Some(&c.data), c.indices.as_ref(), Some(&c.indptr)],
+        MatrixRegions::Dense(d) => vec![Some(&d.data)],
+    };
+    let mut next = resolved.into_iter();
+    fingerprint_by(x, |_, what, h| match next.next().flatten() {
+        Some(region) => hash_region(region, what, h),
+        None => Err(Failure::bad_request(format!("{what}: not resolved"))),
+    })
+}
+
+fn fingerprint_by(
+    x: &Matrix,
+    mut hash: impl FnMut(&ArrayRef, &str, &mut ContentHash) -> Result<()>,
+) -> Result<u128> {
     let mut h = ContentHash::new(0x5753_4353);
     let arrays: Vec<(&ArrayRef, &str)> = match x {
         Matrix::Csr {
@@ -64,7 +89,7 @@ pub fn fingerprint(resolver: &mut Resolver<'_>, peer: Peer, x: &Matrix) -> Resul
         h.update_u64(dtype_tag(array.dtype));
         h.update_u64(array.len);
         let mut part = ContentHash::new(dtype_tag(array.dtype));
-        hash_array(resolver, peer, array, what, &mut part)?;
+        hash(array, what, &mut part)?;
         let p = part.finish();
         h.update_u64(p as u64);
         h.update_u64((p >> 64) as u64);
@@ -99,16 +124,18 @@ fn hash_array(
                 at += n;
             }
         }
-        Location::Segment { .. } => {
-            let region = resolver.region(array, what)?;
-            match (region.floats(), region.indices()) {
-                (Some(FloatSlice::F32(v)), _) => h.update(bytes_of(v)),
-                (Some(FloatSlice::F64(v)), _) => h.update(bytes_of(v)),
-                (_, Some(IndexSlice::I32(v))) => h.update(bytes_of(v)),
-                (_, Some(IndexSlice::I64(v))) => h.update(bytes_of(v)),
-                _ => return Err(Failure::bad_request(format!("{what}: unexpected dtype"))),
-            }
-        }
+        Location::Segment { .. } => hash_region(&resolver.region(array, what)?, what, h)?,
+    }
+    Ok(())
+}
+
+fn hash_region(region: &Region, what: &str, h: &mut ContentHash) -> Result<()> {
+    match (region.floats(), region.indices()) {
+        (Some(FloatSlice::F32(v)), _) => h.update(bytes_of(v)),
+        (Some(FloatSlice::F64(v)), _) => h.update(bytes_of(v)),
+        (_, Some(IndexSlice::I32(v))) => h.update(bytes_of(v)),
+        (_, Some(IndexSlice::I64(v))) => h.update(bytes_of(v)),
+        _ => return Err(Failure::bad_request(format!("{what}: unexpected dtype"))),
     }
     Ok(())
 }

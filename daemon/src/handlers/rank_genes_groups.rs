@@ -2,7 +2,7 @@
 //! statistics): fingerprint the matrix, get (or build and cache) its
 //! value-sorted per-gene structure, run the Wilcoxon kernel for this grouping.
 
-use super::fingerprint::fingerprint;
+use super::fingerprint::{fingerprint, fingerprint_resolved};
 use crate::cache::Sorted;
 use crate::error::{Failure, Result};
 use crate::kernels::content_hash::{bytes_of, ContentHash};
@@ -11,7 +11,7 @@ use crate::kernels::wilcoxon::{wilcoxon_stats, Query, Stats, NO_GROUP};
 use crate::kernels::{Float, SparseIndex};
 use crate::server::state::Daemon;
 use crate::shm::{FloatSlice, IndexSlice, MatrixRegions, Peer, Resolver};
-use autozyme_protocol::{ErrorKind, Matrix, Response};
+use autozyme_protocol::{ArrayRef, ErrorKind, Location, Matrix, Response};
 use std::sync::Arc;
 
 /// Largest `cells x groups` table the rest statistics may need.
@@ -66,7 +66,22 @@ pub fn rank_genes_groups(
 
     debug_lap("start");
     let mut resolver = Resolver::new(&daemon.segments, peer);
-    let key = fingerprint(&mut resolver, peer, x)?;
+    // A matrix in the client's memory is copied across for a build. When no
+    // cached structure has its shape, it is certainly new: copy it first and
+    // hash the copy, rather than read it across once to hash and again to copy.
+    let in_client_memory = matrix_arrays(x)
+        .iter()
+        .all(|a| matches!(a.location, Location::Peer { .. }));
+    let mut regions = None;
+    let key = if in_client_memory && !daemon.cache.may_hold(n_rows as usize, n_cols as usize) {
+        check_room(x)?;
+        let resolved = MatrixRegions::resolve(&mut resolver, x)?;
+        let key = fingerprint_resolved(x, &resolved)?;
+        regions = Some(resolved);
+        key
+    } else {
+        fingerprint(&mut resolver, peer, x)?
+    };
     debug_lap("hash");
     let mut params = ContentHash::new(0x5041_5241);
     params.update_u64(key as u64);
@@ -88,7 +103,12 @@ pub fn rank_genes_groups(
         Some(s) => (s, true),
         None => {
             check_room(x)?;
-            let built = Arc::new(build(&mut resolver, x)?);
+            let regions = match regions.take() {
+                Some(r) => r,
+                None => MatrixRegions::resolve(&mut resolver, x)?,
+            };
+            debug_lap("resolve");
+            let built = Arc::new(build(regions)?);
             daemon.cache.insert(key, Arc::clone(&built));
             (built, false)
         }
@@ -163,9 +183,23 @@ fn build_failure(e: BuildError) -> Failure {
     Failure::new(kind, format!("cannot rank this matrix: {e}"))
 }
 
-fn build(resolver: &mut Resolver<'_>, x: &Matrix) -> Result<Sorted> {
-    let regions = MatrixRegions::resolve(resolver, x)?;
-    debug_lap("resolve");
+/// The matrix's arrays, in any order.
+fn matrix_arrays(x: &Matrix) -> Vec<&ArrayRef> {
+    match x {
+        Matrix::Csr {
+            data,
+            indices,
+            indptr,
+            ..
+        } => [Some(data), indices.as_ref(), Some(indptr)]
+            .into_iter()
+            .flatten()
+            .collect(),
+        Matrix::Dense { data, .. } => vec![data],
+    }
+}
+
+fn build(regions: MatrixRegions) -> Result<Sorted> {
     match regions {
         MatrixRegions::Csr(csr) => {
             let indices = csr.validated_column_indices()?;

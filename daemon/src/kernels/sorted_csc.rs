@@ -515,6 +515,11 @@ struct ValueOrder {
     a: Vec<u64>,
     b: Vec<u64>,
     pairs: Vec<(u64, u32)>,
+    /// Radix histograms, one per pass.
+    hist: Vec<u32>,
+    /// Columns in a row the few-distinct path gave up on, and columns it skipped.
+    distinct_misses: u32,
+    distinct_skipped: u32,
 }
 
 impl Default for ValueOrder {
@@ -527,6 +532,9 @@ impl Default for ValueOrder {
             a: Vec::new(),
             b: Vec::new(),
             pairs: Vec::new(),
+            hist: Vec::new(),
+            distinct_misses: 0,
+            distinct_skipped: 0,
         }
     }
 }
@@ -536,8 +544,15 @@ const SLOTS: usize = 512;
 const MAX_DISTINCT: usize = 255;
 /// Columns shorter than this are just sorted.
 const SMALL: usize = 64;
-/// Columns at least this long are radix sorted 11 bits at a time.
+/// Columns at least this long take radix digits of up to 11 bits (larger
+/// histograms, fewer passes); shorter ones up to 8 bits.
 const WIDE_DIGITS: usize = 3072;
+/// After this many columns in a row with too many distinct values for the
+/// few-distinct path, a thread stops trying it (the attempt reads up to
+/// `MAX_DISTINCT` values before giving up), except on every
+/// [`DISTINCT_RETRY`]th column, in case later columns are different.
+const DISTINCT_GIVE_UP: u32 = 4;
+const DISTINCT_RETRY: u32 = 64;
 
 fn key_of<T: Float>(v: T) -> u64 {
     if T::IS_F32 {
@@ -552,19 +567,38 @@ impl ValueOrder {
     /// ties in row order, into `out`, with [`TIE_START`] on each tie block's first.
     fn sort<T: Float>(&mut self, col: &[Entry<T>], out: &mut [u32]) {
         let n = col.len();
-        if n >= SMALL && self.by_distinct(col, out) {
-            return;
+        if n >= SMALL && self.try_distinct() {
+            if self.by_distinct(col, out) {
+                self.distinct_misses = 0;
+                return;
+            }
+            self.distinct_misses += 1;
         }
         if T::IS_F32 {
             // Key in the high half, row in the low: sorting the u64s is sorting by
-            // (value, row).
+            // (value, row). The radix passes look only at the key's bits above
+            // the column's smallest key.
+            let (mut lo, mut hi) = (u64::MAX, 0u64);
             self.a.clear();
-            self.a
-                .extend(col.iter().map(|e| (key_of(e.val) << 32) | e.row as u64));
-            if n >= WIDE_DIGITS {
-                self.radix_high_half_wide();
-            } else if n >= SMALL {
-                self.radix_high_half();
+            self.a.extend(col.iter().map(|e| {
+                let k = key_of(e.val);
+                lo = lo.min(k);
+                hi = hi.max(k);
+                (k << 32) | e.row as u64
+            }));
+            if n >= SMALL {
+                let bits = u64::BITS - (hi - lo).leading_zeros();
+                if bits == 0 {
+                    // One value: row order is the order.
+                } else if bits <= 18 {
+                    self.radix::<9, 2>(lo);
+                } else if bits <= 27 {
+                    self.radix::<9, 3>(lo);
+                } else if n >= WIDE_DIGITS {
+                    self.radix::<11, 3>(lo);
+                } else {
+                    self.radix::<8, 4>(lo);
+                }
             } else {
                 self.a.sort_unstable();
             }
@@ -589,6 +623,15 @@ impl ValueOrder {
                 prev = Some(key);
             }
         }
+    }
+
+    /// Whether to try the few-distinct path on this column (see [`DISTINCT_GIVE_UP`]).
+    fn try_distinct(&mut self) -> bool {
+        if self.distinct_misses < DISTINCT_GIVE_UP {
+            return true;
+        }
+        self.distinct_skipped += 1;
+        self.distinct_skipped.is_multiple_of(DISTINCT_RETRY)
     }
 
     /// A stable counting sort by distinct value, for columns with at most
@@ -659,61 +702,29 @@ impl ValueOrder {
         true
     }
 
-    /// Stable LSD radix sort of `a` by its high 32 bits (the low half, the row, is
-    /// ascending already, so this is the full u64 order), a byte at a time;
-    /// bytes all entries share are skipped.
-    fn radix_high_half(&mut self) {
+    /// Stable LSD radix sort of `a` by its high 32 bits less `lo` (the column's
+    /// smallest key, so the difference is below `2^(DIGIT * PASSES)`), `DIGIT`
+    /// bits per pass. The low half, the row, is ascending already, so this is the
+    /// full u64 order. A pass whose digit all entries share is skipped.
+    fn radix<const DIGIT: u32, const PASSES: usize>(&mut self, lo: u64) {
+        let buckets = 1usize << DIGIT;
+        let mask = (buckets - 1) as u64;
         let n = self.a.len();
-        let mut hist = [[0u32; 256]; 4];
+        self.hist.clear();
+        self.hist.resize(buckets * PASSES, 0);
         for &k in &self.a {
-            let h = (k >> 32) as u32;
-            hist[0][(h & 255) as usize] += 1;
-            hist[1][((h >> 8) & 255) as usize] += 1;
-            hist[2][((h >> 16) & 255) as usize] += 1;
-            hist[3][(h >> 24) as usize] += 1;
+            let h = (k >> 32) - lo;
+            for p in 0..PASSES {
+                self.hist[p * buckets + ((h >> (DIGIT as usize * p)) & mask) as usize] += 1;
+            }
         }
         self.b.clear();
         self.b.resize(n, 0);
-        for (byte, counts) in hist.iter().enumerate() {
-            let shift = 32 + 8 * byte;
-            if counts[((self.a[0] >> shift) & 255) as usize] as usize == n {
-                continue;
-            }
-            let mut next = [0u32; 256];
-            let mut at = 0;
-            for (slot, &c) in next.iter_mut().zip(counts) {
-                *slot = at;
-                at += c;
-            }
-            for &k in &self.a {
-                let p = &mut next[((k >> shift) & 255) as usize];
-                self.b[*p as usize] = k;
-                *p += 1;
-            }
-            std::mem::swap(&mut self.a, &mut self.b);
-        }
-    }
-}
-
-impl ValueOrder {
-    /// [`ValueOrder::radix_high_half`] with 11-bit digits (three passes instead of
-    /// four), for columns long enough to amortize the larger histograms.
-    fn radix_high_half_wide(&mut self) {
-        const BITS: usize = 11;
-        const MASK: u64 = (1 << BITS) - 1;
-        let n = self.a.len();
-        let mut hist = [[0u32; 1 << BITS]; 3];
-        for &k in &self.a {
-            let h = k >> 32;
-            hist[0][(h & MASK) as usize] += 1;
-            hist[1][((h >> BITS) & MASK) as usize] += 1;
-            hist[2][(h >> (2 * BITS)) as usize] += 1;
-        }
-        self.b.clear();
-        self.b.resize(n, 0);
-        for (digit, counts) in hist.iter_mut().enumerate() {
-            let shift = 32 + BITS * digit;
-            if counts[((self.a[0] >> shift) & MASK) as usize] as usize == n {
+        for p in 0..PASSES {
+            let shift = DIGIT as usize * p;
+            let digit = |k: u64| ((((k >> 32) - lo) >> shift) & mask) as usize;
+            let counts = &mut self.hist[p * buckets..(p + 1) * buckets];
+            if counts[digit(self.a[0])] as usize == n {
                 continue;
             }
             let mut at = 0;
@@ -723,7 +734,7 @@ impl ValueOrder {
                 at += c;
             }
             for &k in &self.a {
-                let p = &mut counts[((k >> shift) & MASK) as usize];
+                let p = &mut counts[digit(k)];
                 self.b[*p as usize] = k;
                 *p += 1;
             }

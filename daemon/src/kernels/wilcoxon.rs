@@ -222,11 +222,9 @@ fn gene<T: Float>(
     // Sums and non-zero counts, in row order.
     s.count.iter_mut().for_each(|x| *x = 0);
     if m.exact[c] {
-        let mut total = 0.0f64;
         sums.iter_mut().for_each(|x| *x = 0.0);
         for e in entries {
             let (r, v) = (e.row, e.val.to_f64());
-            total += v;
             let g = group(r);
             if let Some(x) = sums.get_mut(g as usize) {
                 *x += v;
@@ -234,6 +232,8 @@ fn gene<T: Float>(
             }
         }
         if rest {
+            // Exact in any order, so summed apart from the groups' sums.
+            let total = entries.iter().fold(0.0f64, |a, e| a + e.val.to_f64());
             let (rest_sums, _) = tail.split_at_mut(g_count);
             for (rs, &gs) in rest_sums.iter_mut().zip(sums.iter()) {
                 *rs = total - gs;
@@ -306,23 +306,40 @@ fn gene<T: Float>(
             let zeros = n - col_nnz;
             let mut before = 0u64;
             let mut tie_total = 0.0f64;
-            let add_block =
-                |entries: &[u32], rank: &mut [f64], before: &mut u64, tie_total: &mut f64| {
-                    let cnt = entries.len() as u64;
-                    let avg = average_rank(*before, cnt);
-                    for &e in entries {
-                        if let Some(x) = rank.get_mut(group_of(e)) {
-                            *x += avg;
+            // Blocks of `sorted[range]` in order. Most blocks of continuous data
+            // are one cell, whose average rank is `before + 1` exactly; those are
+            // added here without the general block code.
+            let add_blocks = |range: std::ops::Range<usize>,
+                              rank: &mut [f64],
+                              before: &mut u64,
+                              tie_total: &mut f64| {
+                let mut i = range.start;
+                while i < range.end {
+                    let mut j = i + 1;
+                    while j < range.end && sorted[j] & TIE_START == 0 {
+                        j += 1;
+                    }
+                    let cnt = (j - i) as u64;
+                    if cnt == 1 {
+                        if let Some(x) = rank.get_mut(group_of(sorted[i])) {
+                            *x += (*before + 1) as f64;
+                        }
+                    } else {
+                        let avg = average_rank(*before, cnt);
+                        for &e in &sorted[i..j] {
+                            if let Some(x) = rank.get_mut(group_of(e)) {
+                                *x += avg;
+                            }
+                        }
+                        if q.tie_correct {
+                            *tie_total += tie_term(cnt);
                         }
                     }
-                    if q.tie_correct && cnt > 1 {
-                        *tie_total += tie_term(cnt);
-                    }
                     *before += cnt;
-                };
-            for_blocks(0..n_neg, &mut |entries| {
-                add_block(entries, rank, &mut before, &mut tie_total)
-            });
+                    i = j;
+                }
+            };
+            add_blocks(0..n_neg, rank, &mut before, &mut tie_total);
             if zeros > 0 {
                 let avg = average_rank(before, zeros);
                 for (g, x) in rank.iter_mut().enumerate() {
@@ -333,9 +350,7 @@ fn gene<T: Float>(
                 }
                 before += zeros;
             }
-            for_blocks(n_neg..sorted.len(), &mut |entries| {
-                add_block(entries, rank, &mut before, &mut tie_total)
-            });
+            add_blocks(n_neg..sorted.len(), rank, &mut before, &mut tie_total);
             tie[0] = if q.tie_correct {
                 tie_factor(tie_total, n)
             } else {
