@@ -236,7 +236,6 @@ _client_lock = threading.Lock()
 
 
 def get_client() -> Client:
-    global _client
     with _client_lock:
         if _client is None or _client_pid != os.getpid():
             _set_client(Client())
