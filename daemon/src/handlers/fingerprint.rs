@@ -54,37 +54,14 @@ fn fingerprint_by(
     mut hash: impl FnMut(&ArrayRef, &str, &mut ContentHash) -> Result<()>,
 ) -> Result<u128> {
     let mut h = ContentHash::new(0x5753_4353);
-    let arrays: Vec<(&ArrayRef, &str)> = match x {
-        Matrix::Csr {
-            n_rows,
-            n_cols,
-            data,
-            indices,
-            indptr,
-        } => {
-            let indices = indices
-                .as_ref()
-                .ok_or_else(|| Failure::bad_request("a fingerprint needs the CSR indices"))?;
-            h.update_u64(1);
-            h.update_u64(*n_rows);
-            h.update_u64(*n_cols);
-            vec![
-                (data, "CSR data"),
-                (indices, "CSR indices"),
-                (indptr, "CSR indptr"),
-            ]
-        }
-        Matrix::Dense {
-            n_rows,
-            n_cols,
-            data,
-        } => {
-            h.update_u64(2);
-            h.update_u64(*n_rows);
-            h.update_u64(*n_cols);
-            vec![(data, "dense data")]
-        }
+    let (kind, n_rows, n_cols) = match x {
+        Matrix::Csr { n_rows, n_cols, .. } => (1, *n_rows, *n_cols),
+        Matrix::Dense { n_rows, n_cols, .. } => (2, *n_rows, *n_cols),
     };
+    let arrays = matrix_arrays(x)?;
+    h.update_u64(kind);
+    h.update_u64(n_rows);
+    h.update_u64(n_cols);
     for (array, what) in arrays {
         h.update_u64(dtype_tag(array.dtype));
         h.update_u64(array.len);
@@ -95,6 +72,28 @@ fn fingerprint_by(
         h.update_u64((p >> 64) as u64);
     }
     Ok(h.finish())
+}
+
+/// The arrays a fingerprint covers, in the order it hashes them.
+pub fn matrix_arrays(x: &Matrix) -> Result<Vec<(&ArrayRef, &'static str)>> {
+    Ok(match x {
+        Matrix::Csr {
+            data,
+            indices,
+            indptr,
+            ..
+        } => {
+            let indices = indices
+                .as_ref()
+                .ok_or_else(|| Failure::bad_request("a fingerprint needs the CSR indices"))?;
+            vec![
+                (data, "CSR data"),
+                (indices, "CSR indices"),
+                (indptr, "CSR indptr"),
+            ]
+        }
+        Matrix::Dense { data, .. } => vec![(data, "dense data")],
+    })
 }
 
 fn hash_array(

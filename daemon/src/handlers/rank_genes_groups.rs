@@ -2,7 +2,7 @@
 //! statistics): fingerprint the matrix, get (or build and cache) its
 //! value-sorted per-gene structure, run the Wilcoxon kernel for this grouping.
 
-use super::fingerprint::{fingerprint, fingerprint_resolved};
+use super::fingerprint::{fingerprint, fingerprint_resolved, matrix_arrays};
 use crate::cache::Sorted;
 use crate::error::{Failure, Result};
 use crate::kernels::content_hash::{bytes_of, ContentHash};
@@ -11,7 +11,7 @@ use crate::kernels::wilcoxon::{wilcoxon_stats, Query, Stats, NO_GROUP};
 use crate::kernels::{Float, SparseIndex};
 use crate::server::state::Daemon;
 use crate::shm::{FloatSlice, IndexSlice, MatrixRegions, Peer, Resolver};
-use autozyme_protocol::{ArrayRef, ErrorKind, Location, Matrix, Response};
+use autozyme_protocol::{ErrorKind, Location, Matrix, Response};
 use std::sync::Arc;
 
 /// Largest `cells x groups` table the rest statistics may need.
@@ -69,9 +69,9 @@ pub fn rank_genes_groups(
     // A matrix in the client's memory is copied across for a build. When no
     // cached structure has its shape, it is certainly new: copy it first and
     // hash the copy, rather than read it across once to hash and again to copy.
-    let in_client_memory = matrix_arrays(x)
+    let in_client_memory = matrix_arrays(x)?
         .iter()
-        .all(|a| matches!(a.location, Location::Peer { .. }));
+        .all(|(a, _)| matches!(a.location, Location::Peer { .. }));
     let mut regions = None;
     let key = if in_client_memory && !daemon.cache.may_hold(n_rows as usize, n_cols as usize) {
         check_room(x)?;
@@ -102,10 +102,12 @@ pub fn rank_genes_groups(
     let (sorted, cache_hit) = match daemon.cache.get(key) {
         Some(s) => (s, true),
         None => {
-            check_room(x)?;
             let regions = match regions.take() {
-                Some(r) => r,
-                None => MatrixRegions::resolve(&mut resolver, x)?,
+                Some(r) => r, // room checked before the copy
+                None => {
+                    check_room(x)?;
+                    MatrixRegions::resolve(&mut resolver, x)?
+                }
             };
             debug_lap("resolve");
             let built = Arc::new(build(regions)?);
@@ -181,22 +183,6 @@ fn build_failure(e: BuildError) -> Failure {
         _ => ErrorKind::Unsupported,
     };
     Failure::new(kind, format!("cannot rank this matrix: {e}"))
-}
-
-/// The matrix's arrays, in any order.
-fn matrix_arrays(x: &Matrix) -> Vec<&ArrayRef> {
-    match x {
-        Matrix::Csr {
-            data,
-            indices,
-            indptr,
-            ..
-        } => [Some(data), indices.as_ref(), Some(indptr)]
-            .into_iter()
-            .flatten()
-            .collect(),
-        Matrix::Dense { data, .. } => vec![data],
-    }
 }
 
 fn build(regions: MatrixRegions) -> Result<Sorted> {

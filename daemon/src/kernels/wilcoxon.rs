@@ -288,45 +288,24 @@ fn gene<T: Float>(
     rank.iter_mut().for_each(|x| *x = 0.0);
     tie.iter_mut().for_each(|x| *x = 0.0);
     let group_of = |e: u32| group(e & !TIE_START) as usize;
-    // Tie blocks of `sorted[range]`, in order: each block's first entry is flagged.
-    let for_blocks = |range: std::ops::Range<usize>, f: &mut dyn FnMut(&[u32])| {
-        let mut i = range.start;
-        while i < range.end {
-            let mut j = i + 1;
-            while j < range.end && sorted[j] & TIE_START == 0 {
-                j += 1;
-            }
-            f(&sorted[i..j]);
-            i = j;
-        }
-    };
     match q.reference {
         None => {
             let n = m.n_rows as u64;
             let zeros = n - col_nnz;
             let mut before = 0u64;
             let mut tie_total = 0.0f64;
-            // Blocks of `sorted[range]` in order. Most blocks of continuous data
-            // are one cell, whose average rank is `before + 1` exactly; those are
-            // added here without the general block code.
-            let add_blocks = |range: std::ops::Range<usize>,
-                              rank: &mut [f64],
-                              before: &mut u64,
-                              tie_total: &mut f64| {
-                let mut i = range.start;
-                while i < range.end {
-                    let mut j = i + 1;
-                    while j < range.end && sorted[j] & TIE_START == 0 {
-                        j += 1;
-                    }
-                    let cnt = (j - i) as u64;
+            let add_block =
+                |entries: &[u32], rank: &mut [f64], before: &mut u64, tie_total: &mut f64| {
+                    let cnt = entries.len() as u64;
                     if cnt == 1 {
-                        if let Some(x) = rank.get_mut(group_of(sorted[i])) {
+                        // Most blocks of continuous data: one cell, whose average
+                        // rank is `before + 1` exactly.
+                        if let Some(x) = rank.get_mut(group_of(entries[0])) {
                             *x += (*before + 1) as f64;
                         }
                     } else {
                         let avg = average_rank(*before, cnt);
-                        for &e in &sorted[i..j] {
+                        for &e in entries {
                             if let Some(x) = rank.get_mut(group_of(e)) {
                                 *x += avg;
                             }
@@ -336,10 +315,10 @@ fn gene<T: Float>(
                         }
                     }
                     *before += cnt;
-                    i = j;
-                }
-            };
-            add_blocks(0..n_neg, rank, &mut before, &mut tie_total);
+                };
+            tie_blocks(sorted, 0..n_neg, |entries| {
+                add_block(entries, rank, &mut before, &mut tie_total)
+            });
             if zeros > 0 {
                 let avg = average_rank(before, zeros);
                 for (g, x) in rank.iter_mut().enumerate() {
@@ -350,7 +329,9 @@ fn gene<T: Float>(
                 }
                 before += zeros;
             }
-            add_blocks(n_neg..sorted.len(), rank, &mut before, &mut tie_total);
+            tie_blocks(sorted, n_neg..sorted.len(), |entries| {
+                add_block(entries, rank, &mut before, &mut tie_total)
+            });
             tie[0] = if q.tie_correct {
                 tie_factor(tie_total, n)
             } else {
@@ -373,7 +354,7 @@ fn gene<T: Float>(
                     }
                 }
             };
-            for_blocks(0..n_neg, &mut |entries| {
+            tie_blocks(sorted, 0..n_neg, |entries| {
                 tally(entries, s);
                 pair_block(q, reference, s, rank, tie);
             });
@@ -387,7 +368,7 @@ fn gene<T: Float>(
                 }
             }
             pair_block(q, reference, s, rank, tie);
-            for_blocks(n_neg..sorted.len(), &mut |entries| {
+            tie_blocks(sorted, n_neg..sorted.len(), |entries| {
                 tally(entries, s);
                 pair_block(q, reference, s, rank, tie);
             });
@@ -400,6 +381,23 @@ fn gene<T: Float>(
             }
             rank[reference] = 0.0;
         }
+    }
+}
+
+/// Calls `f` on each tie block of `sorted[range]`, in order (each block's first
+/// entry is flagged). Generic rather than `dyn`, and inlined (measured: without
+/// it the query took ~20% more CPU): `f` runs once per block, and for continuous
+/// data nearly every block is one cell.
+#[inline(always)]
+fn tie_blocks(sorted: &[u32], range: std::ops::Range<usize>, mut f: impl FnMut(&[u32])) {
+    let mut i = range.start;
+    while i < range.end {
+        let mut j = i + 1;
+        while j < range.end && sorted[j] & TIE_START == 0 {
+            j += 1;
+        }
+        f(&sorted[i..j]);
+        i = j;
     }
 }
 
