@@ -1,6 +1,7 @@
 //! A per-gene structure for rank statistics: the matrix's stored non-zeros by
-//! column, in row order (values and row ids) and, separately, the row ids in
-//! value order with every tie block's first entry flagged.
+//! column, in value order (row ids and values), every tie block's first entry
+//! flagged; and, for the rare columns whose sums depend on the order of the
+//! additions, a second copy in row order.
 //!
 //! Built once per matrix (the daemon caches it by content) and shared by every
 //! Wilcoxon request on that matrix, whatever the grouping.
@@ -22,12 +23,18 @@ pub const MAX_ROWS: usize = (TIE_START - 1) as usize;
 pub struct SortedCsc<T> {
     pub n_rows: usize,
     pub n_cols: usize,
-    /// Column `c`'s entries are `colptr[c]..colptr[c + 1]` in every array below.
+    /// Column `c`'s entries are `colptr[c]..colptr[c + 1]` of `by_value`.
     pub colptr: Vec<usize>,
-    /// Each column's (row, value) entries, rows increasing.
-    pub entries: Vec<Entry<T>>,
-    /// Row ids in increasing order of value, `TIE_START` on each tie block's first.
-    pub by_value: Vec<u32>,
+    /// Each column's (row, value) entries in increasing order of value, ties in
+    /// row order, [`TIE_START`] set in the row of each tie block's first entry.
+    pub by_value: Vec<Entry<T>>,
+    /// Row-ordered copies of the columns whose sums are not exact (`!exact[c]`),
+    /// for sums that must add in upstream's order: column `c`'s are
+    /// `row_order[row_ptr[c]..row_ptr[c + 1]]`, none for an exact column. One
+    /// value-ordered array serves every other column (a third less memory than
+    /// keeping both orders for all, and fresh memory is most of the build).
+    pub row_ptr: Vec<usize>,
+    pub row_order: Vec<Entry<T>>,
     /// Negative values per column (they come first in value order, before the zeros).
     pub n_neg: Vec<u32>,
     /// Per column: every sum of a subset of its values, and every difference of
@@ -43,7 +50,7 @@ pub struct SortedCsc<T> {
 
 /// A stored value and its row. One array of pairs rather than two arrays: the
 /// build scatters one stream per column group instead of two, and the Wilcoxon
-/// pass reads a column's rows and values from the same cache lines.
+/// passes read a column's rows and values from the same cache lines.
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[repr(C)]
 pub struct Entry<T> {
@@ -82,15 +89,14 @@ impl std::fmt::Display for BuildError {
 impl<T: Float> SortedCsc<T> {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.colptr.len() * 8
-            + self.entries.len() * std::mem::size_of::<Entry<T>>()
-            + self.by_value.len() * 4
+        (self.colptr.len() + self.row_ptr.len()) * 8
+            + (self.by_value.len() + self.row_order.len()) * std::mem::size_of::<Entry<T>>()
             + self.n_neg.len() * 4
             + self.exact.len()
     }
 
     pub fn nnz(&self) -> usize {
-        self.entries.len()
+        self.by_value.len()
     }
 }
 
@@ -205,7 +211,7 @@ const GROUP_MAX_COLS: usize = 1 << 20;
 ///    parallel. Positions depend only on row order, never on the banding.
 /// 2. Columns are cut into consecutive groups of about [`GROUP_TARGET`] values.
 ///    Each band appends its entries, in row order, to its share of each group's
-///    final range of `entries`, with the column within the group packed above the
+///    final range of `by_value`, with the column within the group packed above the
 ///    row id (a group is at most `2^(32 - row bits)` columns wide), so one store
 ///    per value. Writing to a few hundred group streams instead of one stream per
 ///    column keeps the writes in cache (a direct scatter into thousands of columns
@@ -213,7 +219,8 @@ const GROUP_MAX_COLS: usize = 1 << 20;
 /// 3. Each group, on its own and in cache, is sorted by column with a stable
 ///    counting sort (so rows stay ascending within a column) and written back in
 ///    place; then each column is ordered by value (ties keep row order, which is
-///    the (value, row) order) into `by_value`.
+///    the (value, row) order), in place, after a row-order copy of the column
+///    goes to `row_order` if its sums are not exact.
 fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, BuildError> {
     let n_rows = src.n_rows();
     if n_rows > MAX_ROWS {
@@ -295,11 +302,9 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
 
     // Every entry is written by the scatter below (checked: each band's share of
     // each group is exactly full) before the length is set.
-    let mut entries: Vec<Entry<T>> = Vec::with_capacity(nnz);
-    let mut by_value = vec![0u32; nnz];
-    huge_pages(entries.spare_capacity_mut());
-    huge_pages(&mut by_value);
-    let entries_at = SharedMut(entries.as_mut_ptr());
+    let mut by_value: Vec<Entry<T>> = Vec::with_capacity(nnz);
+    huge_pages(by_value.spare_capacity_mut());
+    let entries_at = SharedMut(by_value.as_mut_ptr());
     let (gstart, group_of_col) = (&gstart, &group_of_col);
     let filled: Vec<bool> = cursors
         .into_par_iter()
@@ -346,14 +351,13 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
     }
     // SAFETY: every band filled its share of every group exactly, and the shares
     // tile 0..nnz, so all nnz entries are initialized.
-    unsafe { entries.set_len(nnz) };
+    unsafe { by_value.set_len(nnz) };
 
     let mut n_neg = vec![0u32; n_cols];
     let mut exact = vec![false; n_cols];
     let group_ends = || gstart[1..].iter().map(|&c| colptr[c]);
-    let groups: Vec<_> = super::split_at_offsets_mut(&mut entries, group_ends())
+    let groups: Vec<_> = super::split_at_offsets_mut(&mut by_value, group_ends())
         .into_iter()
-        .zip(super::split_at_offsets_mut(&mut by_value, group_ends()))
         .zip(super::split_at_offsets_mut(
             &mut n_neg,
             gstart[1..].iter().copied(),
@@ -364,34 +368,45 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
         ))
         .collect();
     let colptr = &colptr;
-    let failed: Vec<Option<BuildError>> = groups
+    // Each group's row-order copies of its columns that are not exact.
+    let row_copies: Vec<Result<Vec<Entry<T>>, BuildError>> = groups
         .into_par_iter()
         .enumerate()
-        .map_init(Scratch::default, |scratch, (g, (((es, out), neg), ex))| {
+        .map_init(Scratch::default, |scratch, (g, ((es, neg), ex))| {
             let cols = gstart[g]..gstart[g + 1];
             sort_group(
                 &colptr[cols.start..=cols.end],
                 cols.start,
                 row_bits,
                 es,
-                out,
                 neg,
                 ex,
                 scratch,
             )
-            .err()
         })
         .collect();
-    if let Some(e) = failed.into_iter().flatten().next() {
-        return Err(e);
+    let mut row_order = Vec::new();
+    for copies in row_copies {
+        row_order.extend_from_slice(&copies?);
     }
+    let mut row_ptr = vec![0usize; n_cols + 1];
+    for c in 0..n_cols {
+        let own = if exact[c] {
+            0
+        } else {
+            colptr[c + 1] - colptr[c]
+        };
+        row_ptr[c + 1] = row_ptr[c] + own;
+    }
+    debug_assert_eq!(row_ptr[n_cols], row_order.len());
 
     Ok(SortedCsc {
         n_rows,
         n_cols,
         colptr: colptr.clone(),
-        entries,
         by_value,
+        row_ptr,
+        row_order,
         n_neg,
         exact,
         nonneg_integers,
@@ -427,6 +442,8 @@ struct Scratch<T> {
     /// Per column of the group: next free and end position in the group.
     next: Vec<(usize, usize)>,
     order: ValueOrder,
+    /// One column in value order, before it is copied back.
+    sorted: Vec<Entry<T>>,
 }
 
 impl<T> Default for Scratch<T> {
@@ -435,26 +452,26 @@ impl<T> Default for Scratch<T> {
             entries: Vec::new(),
             next: Vec::new(),
             order: ValueOrder::default(),
+            sorted: Vec::new(),
         }
     }
 }
 
 /// Sorts one column group in place: `es` holds its entries in row order, each
 /// entry's column (relative to `first_col`) above the low `row_bits` bits of its
-/// row field; afterwards `es` is column-major with plain, ascending rows and
-/// `out` holds each column's value order. `colptr` is the group's slice of the
-/// column pointers (one more than columns).
-#[allow(clippy::too_many_arguments)]
+/// row field; afterwards `es` is column-major, each column in value order with
+/// its tie blocks flagged. Returns the row-order copies (plain, ascending rows)
+/// of the group's columns whose sums are not exact, in column order. `colptr`
+/// is the group's slice of the column pointers (one more than columns).
 fn sort_group<T: Float>(
     colptr: &[usize],
     first_col: usize,
     row_bits: u32,
     es: &mut [Entry<T>],
-    out: &mut [u32],
     neg: &mut [u32],
     ex: &mut [bool],
     scratch: &mut Scratch<T>,
-) -> Result<(), BuildError> {
+) -> Result<Vec<Entry<T>>, BuildError> {
     let base = colptr[0];
     let width = colptr.len() - 1;
     let row_mask = ((1u64 << row_bits) - 1) as u32;
@@ -484,6 +501,7 @@ fn sort_group<T: Float>(
             val: e.val,
         };
     }
+    let mut row_copies = Vec::new();
     for lc in 0..width {
         let range = colptr[lc] - base..colptr[lc + 1] - base;
         let col = &es[range.clone()];
@@ -494,11 +512,24 @@ fn sort_group<T: Float>(
                 col: first_col + lc,
             });
         }
-        scratch.order.sort(col, &mut out[range]);
+        if !facts.exact {
+            row_copies.extend_from_slice(col);
+        }
+        let sorted = &mut scratch.sorted;
+        sorted.clear();
+        sorted.resize(
+            col.len(),
+            Entry {
+                row: 0,
+                val: T::from_f64(0.0),
+            },
+        );
+        scratch.order.sort(col, sorted);
+        es[range].copy_from_slice(sorted);
         neg[lc] = facts.n_neg;
         ex[lc] = facts.exact;
     }
-    Ok(())
+    Ok(row_copies)
 }
 
 /// Buffers for ordering one column by value.
@@ -563,9 +594,10 @@ fn key_of<T: Float>(v: T) -> u64 {
 }
 
 impl ValueOrder {
-    /// Writes the rows of `col` (ascending) in increasing order of their values,
-    /// ties in row order, into `out`, with [`TIE_START`] on each tie block's first.
-    fn sort<T: Float>(&mut self, col: &[Entry<T>], out: &mut [u32]) {
+    /// Writes the entries of `col` (rows ascending) in increasing order of their
+    /// values, ties in row order, into `out`, with [`TIE_START`] on each tie
+    /// block's first row.
+    fn sort<T: Float>(&mut self, col: &[Entry<T>], out: &mut [Entry<T>]) {
         let n = col.len();
         if n >= SMALL && self.try_distinct() {
             if self.by_distinct(col, out) {
@@ -602,13 +634,18 @@ impl ValueOrder {
             } else {
                 self.a.sort_unstable();
             }
+            // The key gives back the value: no lookup of the entry it came from.
             let mut prev = None;
             for (slot, &k) in out.iter_mut().zip(&self.a) {
                 let key = k >> 32;
-                *slot = if Some(key) == prev {
+                let row = if Some(key) == prev {
                     k as u32
                 } else {
                     k as u32 | TIE_START
+                };
+                *slot = Entry {
+                    row,
+                    val: T::from_f32(value_of_key32(key as u32)),
                 };
                 prev = Some(key);
             }
@@ -619,7 +656,10 @@ impl ValueOrder {
             self.pairs.sort_unstable();
             let mut prev = None;
             for (slot, &(key, r)) in out.iter_mut().zip(&self.pairs) {
-                *slot = if Some(key) == prev { r } else { r | TIE_START };
+                *slot = Entry {
+                    row: if Some(key) == prev { r } else { r | TIE_START },
+                    val: T::from_f64(value_of_key(key)),
+                };
                 prev = Some(key);
             }
         }
@@ -637,7 +677,7 @@ impl ValueOrder {
     /// A stable counting sort by distinct value, for columns with at most
     /// [`MAX_DISTINCT`] distinct values (common: counts, log1p of counts). False,
     /// with `out` untouched, for a column with more.
-    fn by_distinct<T: Float>(&mut self, col: &[Entry<T>], out: &mut [u32]) -> bool {
+    fn by_distinct<T: Float>(&mut self, col: &[Entry<T>], out: &mut [Entry<T>]) -> bool {
         self.distinct.clear();
         self.ids.clear();
         self.ids.resize(col.len(), 0);
@@ -693,11 +733,11 @@ impl ValueOrder {
         let mut next = start;
         for (&id, e) in self.ids.iter().zip(col) {
             let p = &mut next[id as usize];
-            out[*p as usize] = e.row;
+            out[*p as usize] = *e;
             *p += 1;
         }
         for &(_, id) in by_key.iter() {
-            out[start[id as usize] as usize] |= TIE_START;
+            out[start[id as usize] as usize].row |= TIE_START;
         }
         true
     }
@@ -761,6 +801,16 @@ fn order_key(v: f64) -> u64 {
     } else {
         bits | (1 << 63)
     }
+}
+
+/// The value whose [`order_key32`] is `k`.
+fn value_of_key32(k: u32) -> f32 {
+    f32::from_bits(if k >> 31 == 1 { k & !(1 << 31) } else { !k })
+}
+
+/// The value whose [`order_key`] is `k`.
+fn value_of_key(k: u64) -> f64 {
+    f64::from_bits(if k >> 63 == 1 { k & !(1 << 63) } else { !k })
 }
 
 /// Asks for transparent huge pages behind a large, not yet touched vector: its
@@ -874,24 +924,24 @@ mod tests {
         let d = from_dense(&dense, 200, 30).unwrap();
         for s in [&b, &d] {
             assert_eq!(a.colptr, s.colptr);
-            assert_eq!(a.entries, s.entries);
+            assert_eq!(a.by_value, s.by_value);
             assert_eq!(a.n_neg, s.n_neg);
         }
         for c in 0..30 {
             let col = a.colptr[c]..a.colptr[c + 1];
-            assert!(a.entries[col.clone()]
-                .windows(2)
-                .all(|w| w[0].row < w[1].row));
-            assert!(a.entries[col.clone()].iter().all(|e| e.val != 0.0));
-            let value_of = |r: u32| dense[(r & !TIE_START) as usize * 30 + c];
-            let sorted: Vec<f32> = a.by_value[col.clone()]
-                .iter()
-                .map(|&r| value_of(r))
-                .collect();
+            let es = &a.by_value[col];
+            assert!(es.iter().all(|e| e.val != 0.0));
+            for e in es {
+                assert_eq!(e.val, dense[(e.row & !TIE_START) as usize * 30 + c]);
+            }
+            let sorted: Vec<f32> = es.iter().map(|e| e.val).collect();
             assert!(sorted.windows(2).all(|w| w[0] <= w[1]));
-            for (k, &r) in a.by_value[col.clone()].iter().enumerate() {
+            for (k, e) in es.iter().enumerate() {
                 let starts = k == 0 || sorted[k] != sorted[k - 1];
-                assert_eq!(starts, r & TIE_START != 0);
+                assert_eq!(starts, e.row & TIE_START != 0);
+                if !starts {
+                    assert!(es[k - 1].row & !TIE_START < e.row, "ties in row order");
+                }
             }
             assert_eq!(
                 a.n_neg[c] as usize,
@@ -941,15 +991,20 @@ mod tests {
         let dense64: Vec<f64> = data.iter().map(|&v| v as f64).collect();
         let a = from_dense(&dense32, n, 1).unwrap();
         let b = from_dense(&dense64, n, 1).unwrap();
-        let order = |m: &[u32]| {
-            m.iter()
+        let order = |rows: Vec<u32>| {
+            rows.iter()
                 .map(|r| (r & !TIE_START) as usize)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(order(&a.by_value), order(&b.by_value));
-        let sorted: Vec<f32> = order(&a.by_value).iter().map(|&r| data[r]).collect();
+        let rows32 = order(a.by_value.iter().map(|e| e.row).collect());
+        assert_eq!(rows32, order(b.by_value.iter().map(|e| e.row).collect()));
+        let sorted: Vec<f32> = rows32.iter().map(|&r| data[r]).collect();
         assert!(sorted.windows(2).all(|w| w[0] < w[1]));
-        assert!(a.by_value.iter().all(|r| r & TIE_START != 0));
+        let vals32: Vec<f32> = a.by_value.iter().map(|e| e.val).collect();
+        assert_eq!(vals32, sorted, "every bit of each value comes back");
+        let vals64: Vec<f64> = b.by_value.iter().map(|e| e.val).collect();
+        assert_eq!(vals64, sorted.iter().map(|&v| v as f64).collect::<Vec<_>>());
+        assert!(a.by_value.iter().all(|e| e.row & TIE_START != 0));
         assert_eq!(a.n_neg[0], 3);
     }
 
@@ -974,8 +1029,9 @@ mod tests {
             n_rows,
             n_cols,
             colptr: vec![0],
-            entries: vec![],
             by_value: vec![],
+            row_ptr: vec![0],
+            row_order: vec![],
             n_neg: vec![],
             exact: vec![],
             nonneg_integers: data
@@ -988,14 +1044,21 @@ mod tests {
             order.sort_by(|a, b| a.partial_cmp(b).unwrap());
             for (k, &(v, r)) in order.iter().enumerate() {
                 let starts = k == 0 || v != order[k - 1].0;
-                m.by_value.push(if starts { r | TIE_START } else { r });
+                m.by_value.push(Entry {
+                    row: if starts { r | TIE_START } else { r },
+                    val: T::from_f64(v),
+                });
             }
+            m.colptr.push(m.by_value.len());
             let es: Vec<Entry<T>> = col.iter().map(|e| Entry { row: e.0, val: e.1 }).collect();
-            m.entries.extend_from_slice(&es);
-            m.colptr.push(m.entries.len());
+            let exact = sums_are_exact(&es);
+            if !exact {
+                m.row_order.extend_from_slice(&es);
+            }
+            m.row_ptr.push(m.row_order.len());
             m.n_neg
                 .push(vs.iter().filter(|v| v.to_f64() < 0.0).count() as u32);
-            m.exact.push(sums_are_exact(&es));
+            m.exact.push(exact);
         }
         m
     }
@@ -1003,16 +1066,17 @@ mod tests {
     fn assert_same<T: Float + std::fmt::Debug>(a: &SortedCsc<T>, b: &SortedCsc<T>) {
         assert_eq!((a.n_rows, a.n_cols), (b.n_rows, b.n_cols));
         assert_eq!(a.colptr, b.colptr);
-        let rows = |m: &SortedCsc<T>| m.entries.iter().map(|e| e.row).collect::<Vec<_>>();
-        assert_eq!(rows(a), rows(b));
-        let bits = |m: &SortedCsc<T>| {
-            m.entries
-                .iter()
+        let rows = |es: &[Entry<T>]| es.iter().map(|e| e.row).collect::<Vec<_>>();
+        let bits = |es: &[Entry<T>]| {
+            es.iter()
                 .map(|e| e.val.to_f64().to_bits())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(bits(a), bits(b));
-        assert_eq!(a.by_value, b.by_value);
+        for (x, y) in [(&a.by_value, &b.by_value), (&a.row_order, &b.row_order)] {
+            assert_eq!(rows(x), rows(y));
+            assert_eq!(bits(x), bits(y));
+        }
+        assert_eq!(a.row_ptr, b.row_ptr);
         assert_eq!(a.n_neg, b.n_neg);
         assert_eq!(a.exact, b.exact);
         assert_eq!(a.nonneg_integers, b.nonneg_integers);

@@ -29,7 +29,7 @@
 //! each group's values added in f64 in cell order (one partial), the rest derived
 //! from the groups' sums by the shim; `rest_stats: false` skips the rest here.
 
-use super::sorted_csc::{SortedCsc, TIE_START};
+use super::sorted_csc::{Entry, SortedCsc, TIE_START};
 use super::Float;
 use rayon::prelude::*;
 
@@ -216,33 +216,21 @@ fn gene<T: Float>(
     let (sums, tail) = tail.split_at_mut(g_count);
     let (nnz, tail) = tail.split_at_mut(g_count);
     let (lo, hi) = (m.colptr[c], m.colptr[c + 1]);
-    let entries = &m.entries[lo..hi];
+    let sorted = &m.by_value[lo..hi];
     let group = |r: u32| q.group_of_row.get(r as usize).copied().unwrap_or(NO_GROUP);
 
-    // Sums and non-zero counts, in row order.
+    // Sums and non-zero counts. Where the column's sums are exact they may add in
+    // any order: without a reference they are taken in the rank pass below (one
+    // pass over the column), with one in a value-order pass before it (the zero
+    // block there needs each group's count). Otherwise in row order, from the
+    // column's row-order copy, as upstream adds them.
+    let fused = m.exact[c] && q.reference.is_none();
     s.count.iter_mut().for_each(|x| *x = 0);
-    if m.exact[c] {
-        sums.iter_mut().for_each(|x| *x = 0.0);
-        for e in entries {
-            let (r, v) = (e.row, e.val.to_f64());
-            let g = group(r);
-            if let Some(x) = sums.get_mut(g as usize) {
-                *x += v;
-                s.count[g as usize] += 1;
-            }
-        }
-        if rest {
-            // Exact in any order, so summed apart from the groups' sums.
-            let total = entries.iter().fold(0.0f64, |a, e| a + e.val.to_f64());
-            let (rest_sums, _) = tail.split_at_mut(g_count);
-            for (rs, &gs) in rest_sums.iter_mut().zip(sums.iter()) {
-                *rs = total - gs;
-            }
-        }
-    } else {
+    sums.iter_mut().for_each(|x| *x = 0.0);
+    if !m.exact[c] {
         s.partial.iter_mut().for_each(|x| *x = 0.0);
         s.rest_partial.iter_mut().for_each(|x| *x = 0.0);
-        for e in entries {
+        for e in &m.row_order[m.row_ptr[c]..m.row_ptr[c + 1]] {
             let (r, v) = (e.row, e.val.to_f64());
             let g = group(r);
             let r = r as usize;
@@ -269,69 +257,90 @@ fn gene<T: Float>(
                 *x = p.iter().fold(0.0, |a, &p| a + p);
             }
         }
-    }
-    let col_nnz = (hi - lo) as u64;
-    for (x, &k) in nnz.iter_mut().zip(&s.count) {
-        *x = k as f64;
-    }
-    if rest {
-        let (_, rest_nnz) = tail.split_at_mut(g_count);
-        for (x, &k) in rest_nnz.iter_mut().zip(&s.count) {
-            *x = (col_nnz - k) as f64;
+    } else if !fused {
+        for e in sorted {
+            let g = group(e.row & !TIE_START) as usize;
+            if let Some(x) = sums.get_mut(g) {
+                *x += e.val.to_f64();
+                s.count[g] += 1;
+            }
         }
     }
+    let col_nnz = (hi - lo) as u64;
     s.nnz.copy_from_slice(&s.count);
 
     // Rank sums and tie terms, in value order.
-    let sorted = &m.by_value[lo..hi];
     let n_neg = (m.n_neg[c] as usize).min(sorted.len());
     rank.iter_mut().for_each(|x| *x = 0.0);
     tie.iter_mut().for_each(|x| *x = 0.0);
-    let group_of = |e: u32| group(e & !TIE_START) as usize;
+    let group_of = |e: &Entry<T>| group(e.row & !TIE_START) as usize;
     match q.reference {
         None => {
             let n = m.n_rows as u64;
             let zeros = n - col_nnz;
             let mut before = 0u64;
             let mut tie_total = 0.0f64;
-            let add_block =
-                |entries: &[u32], rank: &mut [f64], before: &mut u64, tie_total: &mut f64| {
-                    let cnt = entries.len() as u64;
-                    if cnt == 1 {
-                        // Most blocks of continuous data: one cell, whose average
-                        // rank is `before + 1` exactly.
-                        if let Some(x) = rank.get_mut(group_of(entries[0])) {
-                            *x += (*before + 1) as f64;
-                        }
-                    } else {
-                        let avg = average_rank(*before, cnt);
-                        for &e in entries {
-                            if let Some(x) = rank.get_mut(group_of(e)) {
-                                *x += avg;
-                            }
-                        }
-                        if q.tie_correct {
-                            *tie_total += tie_term(cnt);
+            // Column total (for the rest's sums), exact in any order.
+            let mut total = 0.0f64;
+            let mut add_block = |entries: &[Entry<T>],
+                                 rank: &mut [f64],
+                                 sums: &mut [f64],
+                                 before: &mut u64,
+                                 tie_total: &mut f64| {
+                let cnt = entries.len() as u64;
+                let avg = if cnt == 1 {
+                    // Most blocks of continuous data: one cell, whose average
+                    // rank is `before + 1` exactly.
+                    (*before + 1) as f64
+                } else {
+                    if q.tie_correct {
+                        *tie_total += tie_term(cnt);
+                    }
+                    average_rank(*before, cnt)
+                };
+                for e in entries {
+                    let g = group_of(e);
+                    if let Some(x) = rank.get_mut(g) {
+                        *x += avg;
+                        if fused {
+                            sums[g] += e.val.to_f64();
+                            s.count[g] += 1;
                         }
                     }
-                    *before += cnt;
-                };
+                    if fused {
+                        total += e.val.to_f64();
+                    }
+                }
+                *before += cnt;
+            };
             tie_blocks(sorted, 0..n_neg, |entries| {
-                add_block(entries, rank, &mut before, &mut tie_total)
+                add_block(entries, rank, sums, &mut before, &mut tie_total)
             });
-            if zeros > 0 {
-                let avg = average_rank(before, zeros);
-                for (g, x) in rank.iter_mut().enumerate() {
-                    *x += (t.sizes[g] - s.nnz[g]) as f64 * avg;
-                }
-                if q.tie_correct && zeros > 1 {
-                    tie_total += tie_term(zeros);
-                }
-                before += zeros;
+            // The zero block: its tie term here, in value order; its rank sums
+            // below, once each group's count is known (rank sums are exact in
+            // any order).
+            let zero_rank = average_rank(before, zeros);
+            if q.tie_correct && zeros > 1 {
+                tie_total += tie_term(zeros);
             }
+            before += zeros;
             tie_blocks(sorted, n_neg..sorted.len(), |entries| {
-                add_block(entries, rank, &mut before, &mut tie_total)
+                add_block(entries, rank, sums, &mut before, &mut tie_total)
             });
+            if fused {
+                s.nnz.copy_from_slice(&s.count);
+            }
+            if zeros > 0 {
+                for (g, x) in rank.iter_mut().enumerate() {
+                    *x += (t.sizes[g] - s.nnz[g]) as f64 * zero_rank;
+                }
+            }
+            if rest && m.exact[c] {
+                let (rest_sums, _) = tail.split_at_mut(g_count);
+                for (rs, &gs) in rest_sums.iter_mut().zip(sums.iter()) {
+                    *rs = total - gs;
+                }
+            }
             tie[0] = if q.tie_correct {
                 tie_factor(tie_total, n)
             } else {
@@ -342,9 +351,9 @@ fn gene<T: Float>(
             s.before.iter_mut().for_each(|x| *x = 0);
             s.count.iter_mut().for_each(|x| *x = 0);
             let sizes = &t.sizes;
-            let tally = |entries: &[u32], s: &mut Scratch| {
+            let tally = |entries: &[Entry<T>], s: &mut Scratch| {
                 s.touched.clear();
-                for &e in entries {
+                for e in entries {
                     let g = group_of(e);
                     if g < g_count {
                         if s.count[g] == 0 {
@@ -382,6 +391,15 @@ fn gene<T: Float>(
             rank[reference] = 0.0;
         }
     }
+    for (x, &k) in nnz.iter_mut().zip(&s.nnz) {
+        *x = k as f64;
+    }
+    if rest {
+        let (_, rest_nnz) = tail.split_at_mut(g_count);
+        for (x, &k) in rest_nnz.iter_mut().zip(&s.nnz) {
+            *x = (col_nnz - k) as f64;
+        }
+    }
 }
 
 /// Calls `f` on each tie block of `sorted[range]`, in order (each block's first
@@ -389,11 +407,15 @@ fn gene<T: Float>(
 /// it the query took ~20% more CPU): `f` runs once per block, and for continuous
 /// data nearly every block is one cell.
 #[inline(always)]
-fn tie_blocks(sorted: &[u32], range: std::ops::Range<usize>, mut f: impl FnMut(&[u32])) {
+fn tie_blocks<T>(
+    sorted: &[Entry<T>],
+    range: std::ops::Range<usize>,
+    mut f: impl FnMut(&[Entry<T>]),
+) {
     let mut i = range.start;
     while i < range.end {
         let mut j = i + 1;
-        while j < range.end && sorted[j] & TIE_START == 0 {
+        while j < range.end && sorted[j].row & TIE_START == 0 {
             j += 1;
         }
         f(&sorted[i..j]);
