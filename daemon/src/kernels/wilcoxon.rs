@@ -280,8 +280,11 @@ fn gene<T: Float>(
             let zeros = n - col_nnz;
             let mut before = 0u64;
             let mut tie_total = 0.0f64;
-            // Column total (for the rest's sums), exact in any order.
-            let mut total = 0.0f64;
+            // The values of cells in no selected group: with the groups' sums,
+            // the column total for the rest's sums (exact in any order). Only
+            // these are added here, so no f64 add chains from one value to
+            // the next.
+            let mut ungrouped = 0.0f64;
             let mut add_block = |entries: &[Entry<T>],
                                  rank: &mut [f64],
                                  sums: &mut [f64],
@@ -306,9 +309,8 @@ fn gene<T: Float>(
                             sums[g] += e.val.to_f64();
                             s.count[g] += 1;
                         }
-                    }
-                    if fused {
-                        total += e.val.to_f64();
+                    } else if fused {
+                        ungrouped += e.val.to_f64();
                     }
                 }
                 *before += cnt;
@@ -336,6 +338,7 @@ fn gene<T: Float>(
                 }
             }
             if rest && m.exact[c] {
+                let total = sums.iter().fold(ungrouped, |a, &x| a + x);
                 let (rest_sums, _) = tail.split_at_mut(g_count);
                 for (rs, &gs) in rest_sums.iter_mut().zip(sums.iter()) {
                     *rs = total - gs;
