@@ -37,6 +37,7 @@ Wilcoxon test; they are left as zeros, on 1.12 as None, on the internal object).
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,10 +124,38 @@ def fast(upstream, *args, **kwargs):
     _serving.tie_correct = bool(p["tie_correct"])
     _serving.on = True
     try:
-        return upstream(*args, **kwargs)
+        with _eliminate_zeros_only_if_stored(x):
+            return upstream(*args, **kwargs)
     finally:
         _serving.on = False
         _serving.checked = None
+
+
+@contextmanager
+def _eliminate_zeros_only_if_stored(x):
+    """Upstream's ``_RankGenes`` calls ``X.eliminate_zeros()`` on the matrix it
+    ranks, an O(non-zeros) rewrite of its arrays. On a matrix that stores no zero
+    (and no entries past ``indptr[-1]``), as after any earlier call, it changes
+    no value: for the duration of the call the matrix's own method first checks
+    that with one read of ``data``, which costs a third of the rewrite. Only the
+    object upstream reads (an AnnData view gives upstream a new one, which keeps
+    scipy's method); removed afterwards."""
+    if not (sp.issparse(x) and x.format in ("csr", "csc")) or "eliminate_zeros" in vars(x):
+        yield
+        return
+    rewrite = x.eliminate_zeros
+
+    def eliminate_zeros():
+        nnz = int(x.indptr[-1])
+        if len(x.data) == nnz and len(x.indices) == nnz and x.data.all():
+            return
+        rewrite()
+
+    x.eliminate_zeros = eliminate_zeros
+    try:
+        yield
+    finally:
+        vars(x).pop("eliminate_zeros", None)
 
 
 def _check_matrix(x, up: Upstream) -> None:
@@ -199,6 +228,11 @@ def _install() -> None:
                     return
                 yield from _wilcoxon(self, reply, tie_correct=tie_correct)
 
+            def compute_statistics(self, method, **kwargs):
+                if self._autozyme_reply is None or method != "wilcoxon" or set(kwargs) - _STATISTICS_KEYWORDS:
+                    return base.compute_statistics(self, method, **kwargs)
+                _compute_statistics(self, mod, **kwargs)
+
         def check_nonnegative_integers(x, /):
             known = getattr(_serving, "checked", None)
             if known is not None and known[0] is x:
@@ -267,6 +301,67 @@ def _request_stats(self, tie_correct):
     reply.fields["group_counts"] = np.bincount(labels[labels != NO_GROUP].astype(np.int64), minlength=n_sent)
     last.cache_hit = bool(reply.cache_hit)
     return reply
+
+
+# compute_statistics' keywords besides ``method`` (anything else: upstream's own).
+_STATISTICS_KEYWORDS = {"corr_method", "n_genes_user", "rankby_abs", "tie_correct"}
+
+
+def _compute_statistics(self, mod, *, corr_method="benjamini-hochberg", n_genes_user=None,
+                        rankby_abs=False, tie_correct=False):
+    """Upstream's ``compute_statistics`` for the Wilcoxon test (the same in 1.11.5
+    and 1.12.3-1.12.4): the same arrays from the same expressions, in the same
+    order, but ``self.stats`` is made in one step instead of one pandas column
+    insertion per group and field (45 for 9 groups, most of its time).
+
+    Reproduced as upstream builds it: the columns in order of first assignment (a
+    repeated group name overwrites in place), the MultiIndex levels in order of
+    first appearance (``MultiIndex.insert`` appends; the order of the keys written
+    to ``uns``), each array copied when stored (as ``DataFrame.__setitem__`` does,
+    so the later ``pvals[isnan] = 1`` does not reach the stored p-values), the
+    index ``var_names`` without ``n_genes_user`` (else a RangeIndex)."""
+    import pandas as pd
+
+    columns: dict[tuple[str, str], object] = {}
+    n_genes = self.X.shape[1]
+    for group_index, scores, pvals in self.wilcoxon(tie_correct=tie_correct):
+        group_name = str(self.groups_order[group_index])
+        if n_genes_user is not None:
+            scores_sort = np.abs(scores) if rankby_abs else scores
+            global_indices = mod._select_top_n(scores_sort, n_genes_user)
+            columns[group_name, "names"] = self.var_names[global_indices]
+        else:
+            global_indices = slice(None)
+        columns[group_name, "scores"] = np.array(scores[global_indices])
+        if pvals is not None:
+            columns[group_name, "pvals"] = np.array(pvals[global_indices])
+            if corr_method == "benjamini-hochberg":
+                from statsmodels.stats.multitest import multipletests
+
+                pvals[np.isnan(pvals)] = 1
+                _, pvals_adj, _, _ = multipletests(pvals, alpha=0.05, method="fdr_bh")
+            elif corr_method == "bonferroni":
+                pvals_adj = np.minimum(pvals * n_genes, 1.0)
+            columns[group_name, "pvals_adj"] = np.array(pvals_adj[global_indices])
+        if self.means is not None:
+            mean_group = self.means[group_index]
+            if self.ireference is None:
+                mean_rest = self.means_rest[group_index]
+            else:
+                mean_rest = self.means[self.ireference]
+            foldchanges = (self.expm1_func(mean_group) + 1e-9) / (self.expm1_func(mean_rest) + 1e-9)
+            columns[group_name, "logfoldchanges"] = np.log2(foldchanges[global_indices])
+    self.stats = None
+    if not columns:
+        return
+    keys = list(columns)
+    levels = [list(dict.fromkeys(k[0] for k in keys)), list(dict.fromkeys(k[1] for k in keys))]
+    codes = [[levels[0].index(k[0]) for k in keys], [levels[1].index(k[1]) for k in keys]]
+    stats = pd.DataFrame(dict(enumerate(columns.values())), copy=False)
+    stats.columns = pd.MultiIndex(levels=levels, codes=codes)
+    if n_genes_user is None:
+        stats.index = self.var_names
+    self.stats = stats
 
 
 def _basic_stats_sliced(self, reply):
