@@ -2,13 +2,15 @@
 
 Upstream's own function runs the call: argument checks, ``sanitize_anndata``,
 group selection and its errors (single-cell groups), the numba thread limit of
-1.12.2 and later (``settings.n_jobs``, restored afterwards), ``compute_statistics``
-(top-n selection, ``multipletests``, log fold changes) and everything written to
-``adata.uns[key_added]``. Only the two O(cells x genes) steps of its ``_RankGenes``
-move to the daemon: ``_basic_stats`` (per-group means and fractions of expressing
-cells) and the dense ranking of every cell of every gene in ``wilcoxon``. For
-that, scanpy's ``_RankGenes`` is replaced by a subclass that behaves exactly as
-upstream unless this patch is serving the call in the current thread.
+1.12.2 and later (``settings.n_jobs``, restored afterwards) and everything written
+to ``adata.uns[key_added]``. Only the two O(cells x genes) steps of its
+``_RankGenes`` move to the daemon: ``_basic_stats`` (per-group means and fractions
+of expressing cells) and the dense ranking of every cell of every gene in
+``wilcoxon``. For that, scanpy's ``_RankGenes`` is replaced by a subclass that
+behaves exactly as upstream unless this patch is serving the call in the current
+thread. When serving, the subclass also makes ``compute_statistics``' table in one
+step (same numbers, columns and order; see ``_compute_statistics``), and the
+call skips ``eliminate_zeros``' rewrite of a matrix that stores no zero.
 
 The daemon returns exact rank sums (half-integers), upstream's tie-correction
 factors term by term, per-group f64 sums in the order upstream adds them, and
