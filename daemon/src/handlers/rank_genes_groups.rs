@@ -191,12 +191,7 @@ fn build(regions: MatrixRegions) -> Result<Sorted> {
             // Not `validated_column_indices`: the build's count pass checks every
             // column index itself (a bad one is a BadMatrix failure as there), so
             // a separate pass over the indices would only repeat it.
-            let indices = csr
-                .indices
-                .as_ref()
-                .ok_or_else(|| Failure::bad_request("rank_genes_groups needs the CSR indices"))?
-                .indices()
-                .expect("dtype checked in resolve");
+            let indices = csr.column_indices()?;
             let indptr = csr.indptr.indices().expect("dtype checked");
             let data = csr.data.floats().expect("dtype checked");
             let (n, m) = (csr.n_rows, csr.n_cols);

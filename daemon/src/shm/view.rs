@@ -432,15 +432,21 @@ impl CsrRegions {
         }
     }
 
-    /// The column indices, for kernels that index by column: present, and every
-    /// one in `0..n_cols`.
-    pub fn validated_column_indices(&self) -> Result<IndexSlice<'_>> {
-        let indices = self
+    /// The column indices, present but not checked against `n_cols` (for a kernel
+    /// that checks each one as it reads it).
+    pub fn column_indices(&self) -> Result<IndexSlice<'_>> {
+        Ok(self
             .indices
             .as_ref()
             .ok_or_else(|| Failure::bad_request("this request needs the CSR indices"))?
             .indices()
-            .expect("dtype checked in resolve");
+            .expect("dtype checked in resolve"))
+    }
+
+    /// The column indices, for kernels that index by column: present, and every
+    /// one in `0..n_cols`.
+    pub fn validated_column_indices(&self) -> Result<IndexSlice<'_>> {
+        let indices = self.column_indices()?;
         match indices {
             IndexSlice::I32(i) => check_columns(i, self.n_cols)?,
             IndexSlice::I64(i) => check_columns(i, self.n_cols)?,
