@@ -442,8 +442,9 @@ struct Scratch<T> {
     /// Per column of the group: next free and end position in the group.
     next: Vec<(usize, usize)>,
     order: ValueOrder,
-    /// One column in value order, before it is copied back.
-    sorted: Vec<Entry<T>>,
+    /// The few-distinct sort's output, before it is copied back (the other
+    /// paths read the column into their keys first and write it in place).
+    by_distinct: Vec<Entry<T>>,
 }
 
 impl<T> Default for Scratch<T> {
@@ -452,7 +453,7 @@ impl<T> Default for Scratch<T> {
             entries: Vec::new(),
             next: Vec::new(),
             order: ValueOrder::default(),
-            sorted: Vec::new(),
+            by_distinct: Vec::new(),
         }
     }
 }
@@ -504,7 +505,7 @@ fn sort_group<T: Float>(
     let mut row_copies = Vec::new();
     for lc in 0..width {
         let range = colptr[lc] - base..colptr[lc + 1] - base;
-        let col = &es[range.clone()];
+        let col = &mut es[range];
         let facts = column_facts(col);
         if let Some(row) = facts.duplicate_row {
             return Err(BuildError::DuplicateEntry {
@@ -515,17 +516,7 @@ fn sort_group<T: Float>(
         if !facts.exact {
             row_copies.extend_from_slice(col);
         }
-        let sorted = &mut scratch.sorted;
-        sorted.clear();
-        sorted.resize(
-            col.len(),
-            Entry {
-                row: 0,
-                val: T::from_f64(0.0),
-            },
-        );
-        scratch.order.sort(col, sorted);
-        es[range].copy_from_slice(sorted);
+        scratch.order.sort(col, &mut scratch.by_distinct);
         neg[lc] = facts.n_neg;
         ex[lc] = facts.exact;
     }
@@ -594,13 +585,17 @@ fn key_of<T: Float>(v: T) -> u64 {
 }
 
 impl ValueOrder {
-    /// Writes the entries of `col` (rows ascending) in increasing order of their
-    /// values, ties in row order, into `out`, with [`TIE_START`] on each tie
-    /// block's first row.
-    fn sort<T: Float>(&mut self, col: &[Entry<T>], out: &mut [Entry<T>]) {
+    /// Reorders the entries of `col` (rows ascending) in place into increasing
+    /// order of their values, ties in row order, with [`TIE_START`] on each tie
+    /// block's first row. `spare` holds the few-distinct path's output.
+    fn sort<T: Float>(&mut self, col: &mut [Entry<T>], spare: &mut Vec<Entry<T>>) {
         let n = col.len();
         if n >= SMALL && self.try_distinct() {
-            if self.by_distinct(col, out) {
+            if spare.len() < n {
+                spare.resize(n, col[0]); // grown only: every slot used is written
+            }
+            if self.by_distinct(col, &mut spare[..n]) {
+                col.copy_from_slice(&spare[..n]);
                 self.distinct_misses = 0;
                 return;
             }
@@ -636,7 +631,7 @@ impl ValueOrder {
             }
             // The key gives back the value: no lookup of the entry it came from.
             let mut prev = None;
-            for (slot, &k) in out.iter_mut().zip(&self.a) {
+            for (slot, &k) in col.iter_mut().zip(&self.a) {
                 let key = k >> 32;
                 let row = if Some(key) == prev {
                     k as u32
@@ -655,7 +650,7 @@ impl ValueOrder {
                 .extend(col.iter().map(|e| (key_of(e.val), e.row)));
             self.pairs.sort_unstable();
             let mut prev = None;
-            for (slot, &(key, r)) in out.iter_mut().zip(&self.pairs) {
+            for (slot, &(key, r)) in col.iter_mut().zip(&self.pairs) {
                 *slot = Entry {
                     row: if Some(key) == prev { r } else { r | TIE_START },
                     val: T::from_f64(value_of_key(key)),

@@ -267,7 +267,6 @@ fn gene<T: Float>(
         }
     }
     let col_nnz = (hi - lo) as u64;
-    s.nnz.copy_from_slice(&s.count);
 
     // Rank sums and tie terms, in value order.
     let n_neg = (m.n_neg[c] as usize).min(sorted.len());
@@ -329,9 +328,9 @@ fn gene<T: Float>(
             tie_blocks(sorted, n_neg..sorted.len(), |entries| {
                 add_block(entries, rank, sums, &mut before, &mut tie_total)
             });
-            if fused {
-                s.nnz.copy_from_slice(&s.count);
-            }
+            // Each group's non-zero count: taken in the pass above when fused,
+            // else before it.
+            s.nnz.copy_from_slice(&s.count);
             if zeros > 0 {
                 for (g, x) in rank.iter_mut().enumerate() {
                     *x += (t.sizes[g] - s.nnz[g]) as f64 * zero_rank;
@@ -351,6 +350,8 @@ fn gene<T: Float>(
             };
         }
         Some(reference) => {
+            // `count` becomes each tie block's tally below.
+            s.nnz.copy_from_slice(&s.count);
             s.before.iter_mut().for_each(|x| *x = 0);
             s.count.iter_mut().for_each(|x| *x = 0);
             let sizes = &t.sizes;
