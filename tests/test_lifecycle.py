@@ -98,6 +98,26 @@ def test_cli_stop(fresh_runtime):
     assert not (fresh_runtime / "daemon.sock").exists()
 
 
+def test_daemon_exits_when_its_runtime_dir_is_removed(fresh_runtime):
+    """No client can reach a daemon whose socket is gone: it exits once idle,
+    not after its idle timeout (300 s in these tests)."""
+    pid = client_mod.get_client().connection().hello.pid
+    client_mod.get_client().reset()
+    shutil.rmtree(fresh_runtime)
+    assert wait_until(lambda: not runtime.pid_alive(pid), timeout=15)
+
+
+def test_a_connected_client_keeps_the_daemon_until_it_leaves(fresh_runtime):
+    c = client_mod.get_client()
+    pid = c.connection().hello.pid
+    (fresh_runtime / "daemon.sock").unlink()
+    time.sleep(2.5)
+    assert runtime.pid_alive(pid)
+    assert c.call(codec.msg("Ping")).tag == "Pong"
+    c.reset()
+    assert wait_until(lambda: not runtime.pid_alive(pid), timeout=15)
+
+
 def test_stale_socket_and_pid_file(fresh_runtime):
     d = fresh_runtime
     # A socket file nobody listens on, and a pid file naming a dead process.

@@ -28,6 +28,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connection threads notice shutdown within their read poll (200 ms).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the accept loop checks that its socket is still the runtime dir's.
+const SOCKET_CHECK: Duration = Duration::from_secs(1);
 
 /// Exit code for a runtime dir that cannot be used safely.
 pub const EXIT_RUNTIME_DIR: i32 = 2;
@@ -182,11 +184,34 @@ fn detach_stdout() {
 fn serve(daemon: &Arc<Daemon>, socket: BoundSocket, pid_file: PidFile) -> i32 {
     spawn_sweeper(daemon);
     let idle_timeout = Duration::from_secs(daemon.config.idle_timeout_s);
+    let socket_path = daemon.config.socket_path();
+    let mut last_socket_check = Instant::now();
     let mut next_id = 0u64;
     loop {
         if daemon.shutting_down() {
             log("shutting down");
             break;
+        }
+        // With its socket removed (the runtime dir deleted) or replaced (a newer
+        // daemon took over), no client can reach this daemon again: once nothing
+        // is running or connected, exit instead of waiting out the idle timeout.
+        if last_socket_check.elapsed() >= SOCKET_CHECK {
+            last_socket_check = Instant::now();
+            let reachable = std::fs::symlink_metadata(&socket_path)
+                .is_ok_and(|m| (m.dev(), m.ino()) == socket.dev_ino);
+            let quiet = daemon.in_flight() == 0
+                && daemon
+                    .open_connections
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                    == 0;
+            if !reachable && quiet {
+                log(&format!(
+                    "{} is gone or another daemon's; exiting",
+                    socket_path.display()
+                ));
+                daemon.request_shutdown();
+                break;
+            }
         }
         if !idle_timeout.is_zero() && daemon.idle_for() >= idle_timeout {
             log(&format!("idle for {} s; exiting", idle_timeout.as_secs()));
@@ -217,7 +242,6 @@ fn serve(daemon: &Arc<Daemon>, socket: BoundSocket, pid_file: PidFile) -> i32 {
 
     // Stop accepting before anything else: new clients get "connection refused"
     // and start (or fall back) instead of waiting on a dying daemon.
-    let socket_path = daemon.config.socket_path();
     let ours =
         std::fs::symlink_metadata(&socket_path).is_ok_and(|m| (m.dev(), m.ino()) == socket.dev_ino);
     if ours {
