@@ -261,7 +261,7 @@ pub fn status(daemon: &Daemon) -> DaemonStatus {
         peak_rss_bytes,
         requests_served: daemon.requests_served.load(Ordering::SeqCst),
         requests_failed: daemon.requests_failed.load(Ordering::SeqCst),
-        open_connections: daemon.open_connections.load(Ordering::SeqCst),
+        open_connections: daemon.open_connections(),
         mapped_segments,
         mapped_bytes,
         cache: daemon.cache.entries(),

@@ -157,6 +157,14 @@ struct BoundSocket {
     dev_ino: (u64, u64),
 }
 
+impl BoundSocket {
+    /// Whether the file at `path` is still the socket we created (not removed,
+    /// not replaced by another daemon's).
+    fn is_at(&self, path: &Path) -> bool {
+        std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == self.dev_ino)
+    }
+}
+
 fn bind(path: &Path) -> std::io::Result<Listener> {
     ListenerOptions::new()
         .name(path.to_fs_name::<GenericFilePath>()?)
@@ -197,14 +205,8 @@ fn serve(daemon: &Arc<Daemon>, socket: BoundSocket, pid_file: PidFile) -> i32 {
         // is running or connected, exit instead of waiting out the idle timeout.
         if last_socket_check.elapsed() >= SOCKET_CHECK {
             last_socket_check = Instant::now();
-            let reachable = std::fs::symlink_metadata(&socket_path)
-                .is_ok_and(|m| (m.dev(), m.ino()) == socket.dev_ino);
-            let quiet = daemon.in_flight() == 0
-                && daemon
-                    .open_connections
-                    .load(std::sync::atomic::Ordering::SeqCst)
-                    == 0;
-            if !reachable && quiet {
+            let quiet = daemon.in_flight() == 0 && daemon.open_connections() == 0;
+            if !socket.is_at(&socket_path) && quiet {
                 log(&format!(
                     "{} is gone or another daemon's; exiting",
                     socket_path.display()
@@ -242,9 +244,7 @@ fn serve(daemon: &Arc<Daemon>, socket: BoundSocket, pid_file: PidFile) -> i32 {
 
     // Stop accepting before anything else: new clients get "connection refused"
     // and start (or fall back) instead of waiting on a dying daemon.
-    let ours =
-        std::fs::symlink_metadata(&socket_path).is_ok_and(|m| (m.dev(), m.ino()) == socket.dev_ino);
-    if ours {
+    if socket.is_at(&socket_path) {
         let _ = std::fs::remove_file(&socket_path);
     }
     drop(socket.listener);
@@ -257,12 +257,7 @@ fn serve(daemon: &Arc<Daemon>, socket: BoundSocket, pid_file: PidFile) -> i32 {
             DRAIN_TIMEOUT.as_secs()
         ));
     }
-    wait_until(CLOSE_TIMEOUT, || {
-        daemon
-            .open_connections
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == 0
-    });
+    wait_until(CLOSE_TIMEOUT, || daemon.open_connections() == 0);
     daemon.pool.unlink_all();
     // Last: while we hold the lock, a new daemon cannot start and take over the
     // socket path we were cleaning up.

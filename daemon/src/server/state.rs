@@ -75,6 +75,10 @@ impl Daemon {
         self.in_flight.load(Ordering::SeqCst)
     }
 
+    pub fn open_connections(&self) -> u32 {
+        self.open_connections.load(Ordering::SeqCst)
+    }
+
     /// Counts a request as in flight until the guard drops.
     pub fn begin_request(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
