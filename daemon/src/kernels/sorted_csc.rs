@@ -438,13 +438,11 @@ fn changed() -> BuildError {
 
 /// Per-thread buffers reused from group to group and column to column.
 struct Scratch<T> {
+    /// The group counting-sorted by column, each column still in row order.
     entries: Vec<Entry<T>>,
     /// Per column of the group: next free and end position in the group.
     next: Vec<(usize, usize)>,
     order: ValueOrder,
-    /// The few-distinct sort's output, before it is copied back (the other
-    /// paths read the column into their keys first and write it in place).
-    by_distinct: Vec<Entry<T>>,
 }
 
 impl<T> Default for Scratch<T> {
@@ -453,7 +451,6 @@ impl<T> Default for Scratch<T> {
             entries: Vec::new(),
             next: Vec::new(),
             order: ValueOrder::default(),
-            by_distinct: Vec::new(),
         }
     }
 }
@@ -480,12 +477,15 @@ fn sort_group<T: Float>(
     scratch
         .next
         .extend(colptr.windows(2).map(|w| (w[0] - base, w[1] - base)));
-    scratch.entries.clear();
-    scratch.entries.extend_from_slice(es);
-    // Stable counting sort by column. A column that overflows its count means the
-    // matrix changed between the passes; with none overflowing and `len` entries
-    // in all, every column is exactly full.
-    for (k, e) in scratch.entries.iter().enumerate() {
+    if scratch.entries.len() < es.len() {
+        scratch.entries.resize(es.len(), es[0]); // grown only: every slot used is written
+    }
+    let by_col = &mut scratch.entries[..es.len()];
+    // Stable counting sort by column, from the group into the scratch; each column
+    // is then ordered by value from there back into the group. A column that
+    // overflows its count means the matrix changed between the passes; with none
+    // overflowing and `len` entries in all, every column is exactly full.
+    for (k, e) in es.iter().enumerate() {
         // The group was written long ago, by both threads: it is read from memory.
         prefetch(es.as_ptr().wrapping_add(k + READ_AHEAD));
         let lc = (e.row as u64 >> row_bits) as usize;
@@ -497,7 +497,7 @@ fn sort_group<T: Float>(
             return Err(changed());
         }
         *next = at + 1;
-        es[at] = Entry {
+        by_col[at] = Entry {
             row: e.row & row_mask,
             val: e.val,
         };
@@ -505,10 +505,9 @@ fn sort_group<T: Float>(
     let mut row_copies = Vec::new();
     for lc in 0..width {
         let range = colptr[lc] - base..colptr[lc + 1] - base;
-        let col = &mut es[range];
         let facts = scratch
             .order
-            .sort(col, &mut scratch.by_distinct, &mut row_copies);
+            .sort(&by_col[range.clone()], &mut es[range], &mut row_copies);
         if let Some(row) = facts.duplicate_row {
             return Err(BuildError::DuplicateEntry {
                 row,
@@ -583,16 +582,15 @@ fn key_of<T: Float>(v: T) -> u64 {
 }
 
 impl ValueOrder {
-    /// Reorders the entries of `col` (rows ascending) in place into increasing
-    /// order of their values, ties in row order, with [`TIE_START`] on each tie
-    /// block's first row, and returns the column's facts; first appends the
-    /// column, in row order, to `row_copies` if its sums are not exact. `spare`
-    /// holds the few-distinct path's output. A column with a duplicate row is
-    /// left in any order (the build fails on it).
+    /// Writes the entries of `col` (rows ascending) to `out` in increasing order
+    /// of their values, ties in row order, with [`TIE_START`] on each tie
+    /// block's first row, and returns the column's facts; appends the column, in
+    /// row order, to `row_copies` if its sums are not exact. A column with a
+    /// duplicate row is written in any order (the build fails on it).
     fn sort<T: Float>(
         &mut self,
-        col: &mut [Entry<T>],
-        spare: &mut Vec<Entry<T>>,
+        col: &[Entry<T>],
+        out: &mut [Entry<T>],
         row_copies: &mut Vec<Entry<T>>,
     ) -> ColumnFacts {
         let n = col.len();
@@ -604,14 +602,9 @@ impl ValueOrder {
             facts
         };
         if n >= SMALL && self.try_distinct() {
-            if spare.len() < n {
-                spare.resize(n, col[0]); // grown only: every slot used is written
-            }
-            if self.by_distinct(col, &mut spare[..n]) {
-                let facts = facts_before(col, row_copies);
-                col.copy_from_slice(&spare[..n]);
+            if self.by_distinct(col, out) {
                 self.distinct_misses = 0;
-                return facts;
+                return facts_before(col, row_copies);
             }
             self.distinct_misses += 1;
         }
@@ -656,7 +649,7 @@ impl ValueOrder {
             }
             // The key gives back the value: no lookup of the entry it came from.
             let mut prev = None;
-            for (slot, &k) in col.iter_mut().zip(&self.a) {
+            for (slot, &k) in out.iter_mut().zip(&self.a) {
                 let key = k >> 32;
                 let row = if Some(key) == prev {
                     k as u32
@@ -682,7 +675,7 @@ impl ValueOrder {
                 .extend(col.iter().map(|e| (key_of(e.val), e.row)));
             self.pairs.sort_unstable();
             let mut prev = None;
-            for (slot, &(key, r)) in col.iter_mut().zip(&self.pairs) {
+            for (slot, &(key, r)) in out.iter_mut().zip(&self.pairs) {
                 *slot = Entry {
                     row: if Some(key) == prev { r } else { r | TIE_START },
                     val: T::from_f64(value_of_key(key)),
