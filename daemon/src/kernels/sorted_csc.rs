@@ -100,11 +100,41 @@ impl<T: Float> SortedCsc<T> {
     }
 }
 
-/// A source of rows: `for_row(r, f)` calls `f(col, value)` for each stored value of
-/// row `r` in storage order.
-trait Rows<T>: Sync {
+/// Where a build reads the matrix from: `n_bands()` consecutive parts of its stored
+/// values, in storage order (rows ascending). The build reads every band twice,
+/// first to count ([`Pass::Count`]), then to place the values ([`Pass::Place`]),
+/// both times in parallel over bands.
+pub trait Bands<T>: Sync {
     fn n_rows(&self) -> usize;
-    fn for_row(&self, r: usize, f: impl FnMut(usize, T));
+    /// At least one. Each band's stored values number below 2^32.
+    fn n_bands(&self) -> usize;
+    /// Calls `f(row, col, value)` for each stored value of band `b`, in storage
+    /// order, until `f` returns false. A negative column index is passed as
+    /// `usize::MAX`, which the build rejects. An error (the source could not be
+    /// read) fails the build.
+    fn for_band(
+        &self,
+        b: usize,
+        pass: Pass,
+        f: impl FnMut(usize, usize, T) -> bool,
+    ) -> Result<(), BuildError>;
+}
+
+/// Which of the build's two reads of a band.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    Count,
+    Place,
+}
+
+/// Rows in bands of consecutive rows (up to 32 bands).
+fn row_band(n_rows: usize, b: usize) -> std::ops::Range<usize> {
+    let n_bands = row_bands(n_rows);
+    (b * n_rows / n_bands)..((b + 1) * n_rows / n_bands)
+}
+
+fn row_bands(n_rows: usize) -> usize {
+    n_rows.clamp(1, 32)
 }
 
 struct CsrRows<'a, T, P, I> {
@@ -114,19 +144,29 @@ struct CsrRows<'a, T, P, I> {
     n_rows: usize,
 }
 
-impl<T: Float, P: SparseIndex, I: SparseIndex> Rows<T> for CsrRows<'_, T, P, I> {
+impl<T: Float, P: SparseIndex, I: SparseIndex> Bands<T> for CsrRows<'_, T, P, I> {
     fn n_rows(&self) -> usize {
         self.n_rows
     }
-    fn for_row(&self, r: usize, mut f: impl FnMut(usize, T)) {
+    fn n_bands(&self) -> usize {
+        row_bands(self.n_rows)
+    }
+    fn for_band(
+        &self,
+        b: usize,
+        _: Pass,
+        mut f: impl FnMut(usize, usize, T) -> bool,
+    ) -> Result<(), BuildError> {
         let nnz = self.data.len().min(self.indices.len());
-        for j in row_range(self.indptr, r, nnz) {
-            // A negative index maps to usize::MAX, which every caller rejects.
-            f(
-                self.indices[j].to_usize().unwrap_or(usize::MAX),
-                self.data[j],
-            );
+        for r in row_band(self.n_rows, b) {
+            for j in row_range(self.indptr, r, nnz) {
+                let c = self.indices[j].to_usize().unwrap_or(usize::MAX);
+                if !f(r, c, self.data[j]) {
+                    return Ok(());
+                }
+            }
         }
+        Ok(())
     }
 }
 
@@ -136,15 +176,28 @@ struct DenseRows<'a, T> {
     n_cols: usize,
 }
 
-impl<T: Float> Rows<T> for DenseRows<'_, T> {
+impl<T: Float> Bands<T> for DenseRows<'_, T> {
     fn n_rows(&self) -> usize {
         self.n_rows
     }
-    fn for_row(&self, r: usize, mut f: impl FnMut(usize, T)) {
-        let row = &self.data[r * self.n_cols..(r + 1) * self.n_cols];
-        for (c, &v) in row.iter().enumerate() {
-            f(c, v);
+    fn n_bands(&self) -> usize {
+        row_bands(self.n_rows)
+    }
+    fn for_band(
+        &self,
+        b: usize,
+        _: Pass,
+        mut f: impl FnMut(usize, usize, T) -> bool,
+    ) -> Result<(), BuildError> {
+        for r in row_band(self.n_rows, b) {
+            let row = &self.data[r * self.n_cols..(r + 1) * self.n_cols];
+            for (c, &v) in row.iter().enumerate() {
+                if !f(r, c, v) {
+                    return Ok(());
+                }
+            }
         }
+        Ok(())
     }
 }
 
@@ -165,6 +218,14 @@ pub fn from_csr<T: Float, P: SparseIndex, I: SparseIndex>(
         },
         n_cols,
     )
+}
+
+/// From any source of bands (see [`Bands`]), whose column indices are checked here.
+pub fn from_bands<T: Float>(
+    src: &impl Bands<T>,
+    n_cols: usize,
+) -> Result<SortedCsc<T>, BuildError> {
+    build(src, n_cols)
 }
 
 /// From a C-contiguous dense matrix of `n_rows * n_cols` values.
@@ -221,38 +282,33 @@ const GROUP_MAX_COLS: usize = 1 << 20;
 ///    place; then each column is ordered by value (ties keep row order, which is
 ///    the (value, row) order), in place, after a row-order copy of the column
 ///    goes to `row_order` if its sums are not exact.
-fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, BuildError> {
+fn build<T: Float>(src: &impl Bands<T>, n_cols: usize) -> Result<SortedCsc<T>, BuildError> {
     let n_rows = src.n_rows();
     if n_rows > MAX_ROWS {
         return Err(BuildError::TooManyRows(n_rows));
     }
-    let n_bands = n_rows.clamp(1, 32);
-    let band = |b: usize| (b * n_rows / n_bands)..((b + 1) * n_rows / n_bands);
-    // A band's count per column fits a u32: it is at most the band's row count.
+    let n_bands = src.n_bands();
+    // A band's count per column fits a u32: it is at most the band's value count.
     let counts: Vec<Result<(Vec<u32>, bool), BuildError>> = (0..n_bands)
         .into_par_iter()
         .map(|b| {
             let mut counts = vec![0u32; n_cols];
             let mut integers = true;
             let mut bad = None;
-            for r in band(b) {
-                src.for_row(r, |c, v| {
-                    integers &= v.is_finite() && !v.is_sign_negative() && !v.has_fraction();
-                    let nan = v.to_f64().is_nan();
-                    if nan || c >= n_cols {
-                        bad.get_or_insert(if nan {
-                            BuildError::NotANumber { row: r }
-                        } else {
-                            BuildError::Malformed(format!("column index out of range in row {r}"))
-                        });
+            src.for_band(b, Pass::Count, |r, c, v| {
+                integers &= v.is_finite() && !v.is_sign_negative() && !v.has_fraction();
+                let nan = v.to_f64().is_nan();
+                if nan || c >= n_cols {
+                    bad = Some(if nan {
+                        BuildError::NotANumber { row: r }
                     } else {
-                        counts[c] += !is_zero(v) as u32;
-                    }
-                });
-                if bad.is_some() {
-                    break;
+                        BuildError::Malformed(format!("column index out of range in row {r}"))
+                    });
+                    return false;
                 }
-            }
+                counts[c] += !is_zero(v) as u32;
+                true
+            })?;
             bad.map_or(Ok((counts, integers)), Err)
         })
         .collect();
@@ -306,7 +362,7 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
     huge_pages(by_value.spare_capacity_mut());
     let entries_at = SharedMut(by_value.as_mut_ptr());
     let (gstart, group_of_col) = (&gstart, &group_of_col);
-    let filled: Vec<bool> = cursors
+    let filled: Vec<Result<bool, BuildError>> = cursors
         .into_par_iter()
         .enumerate()
         .map(|(b, mut cursor)| {
@@ -314,38 +370,38 @@ fn build<T: Float>(src: &impl Rows<T>, n_cols: usize) -> Result<SortedCsc<T>, Bu
             #[allow(clippy::redundant_locals)]
             let entries_at = entries_at;
             let mut ok = true;
-            for r in band(b) {
-                src.for_row(r, |c, v| {
-                    if c >= n_cols || is_zero(v) || v.to_f64().is_nan() {
-                        return;
-                    }
-                    let g = group_of_col[c] as usize;
-                    let (next, end) = &mut cursor[g];
-                    let at = *next;
-                    // The count pass bounds each band's share of each group; data
-                    // rewritten meanwhile by the client must not write outside it.
-                    if at >= *end {
-                        ok = false;
-                        return;
-                    }
-                    *next = at + 1;
-                    // Hundreds of streams are more than the hardware prefetcher
-                    // follows, so each new cache line would stall the stores.
-                    prefetch(entries_at.0.wrapping_add(at + PREFETCH_AHEAD));
-                    // SAFETY: `at` lies in band b's own range of group g (checked
-                    // above), which no other band writes; the vector has room for
-                    // nnz entries.
-                    unsafe {
-                        entries_at.0.add(at).write(Entry {
-                            row: (((c - gstart[g]) << row_bits) | r) as u32,
-                            val: v,
-                        });
-                    }
-                });
-            }
-            ok && cursor.iter().all(|(next, end)| next == end)
+            src.for_band(b, Pass::Place, |r, c, v| {
+                if c >= n_cols || is_zero(v) || v.to_f64().is_nan() {
+                    return true;
+                }
+                let g = group_of_col[c] as usize;
+                let (next, end) = &mut cursor[g];
+                let at = *next;
+                // The count pass bounds each band's share of each group; data
+                // rewritten meanwhile by the client must not write outside it.
+                if at >= *end {
+                    ok = false;
+                    return false;
+                }
+                *next = at + 1;
+                // Hundreds of streams are more than the hardware prefetcher
+                // follows, so each new cache line would stall the stores.
+                prefetch(entries_at.0.wrapping_add(at + PREFETCH_AHEAD));
+                // SAFETY: `at` lies in band b's own range of group g (checked
+                // above), which no other band writes; the vector has room for
+                // nnz entries.
+                unsafe {
+                    entries_at.0.add(at).write(Entry {
+                        row: (((c - gstart[g]) << row_bits) | r) as u32,
+                        val: v,
+                    });
+                }
+                true
+            })?;
+            Ok(ok && cursor.iter().all(|(next, end)| next == end))
         })
         .collect();
+    let filled: Vec<bool> = filled.into_iter().collect::<Result<_, _>>()?;
     if filled.contains(&false) {
         return Err(changed());
     }
