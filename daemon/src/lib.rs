@@ -11,6 +11,7 @@ pub mod error;
 pub mod faults;
 pub mod handlers;
 pub mod kernels;
+pub mod peer_csr;
 pub mod server;
 pub mod shm;
 pub mod streaming;

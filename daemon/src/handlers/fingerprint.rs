@@ -49,6 +49,28 @@ pub fn fingerprint_resolved(x: &Matrix, regions: &MatrixRegions) -> Result<u128>
     })
 }
 
+/// [`fingerprint`] of a CSR matrix whose data and indices were hashed piece by
+/// piece as they were read (see [`crate::peer_csr`]), with its resolved indptr.
+pub fn fingerprint_csr_pieces(
+    x: &Matrix,
+    data: &[(u64, u64)],
+    indices: &[(u64, u64)],
+    indptr: &Region,
+) -> Result<u128> {
+    // In the order `fingerprint_by` hashes them: data, indices, indptr.
+    let mut next = 0;
+    fingerprint_by(x, |array, what, h| {
+        next += 1;
+        let pieces = match next {
+            1 => data,
+            2 => indices,
+            _ => return hash_region(indptr, what, h),
+        };
+        h.update_pieces(pieces, array.len * array.dtype.size() as u64);
+        Ok(())
+    })
+}
+
 fn fingerprint_by(
     x: &Matrix,
     mut hash: impl FnMut(&ArrayRef, &str, &mut ContentHash) -> Result<()>,

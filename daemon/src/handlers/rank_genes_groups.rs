@@ -2,20 +2,27 @@
 //! statistics): fingerprint the matrix, get (or build and cache) its
 //! value-sorted per-gene structure, run the Wilcoxon kernel for this grouping.
 
-use super::fingerprint::{fingerprint, fingerprint_resolved, matrix_arrays};
+use super::fingerprint::{
+    fingerprint, fingerprint_csr_pieces, fingerprint_resolved, matrix_arrays,
+};
 use crate::cache::Sorted;
 use crate::error::{Failure, Result};
 use crate::kernels::content_hash::{bytes_of, ContentHash};
 use crate::kernels::sorted_csc::{self, BuildError, SortedCsc};
 use crate::kernels::wilcoxon::{wilcoxon_stats, Query, Stats, NO_GROUP};
 use crate::kernels::{Float, SparseIndex};
+use crate::peer_csr::{PeerCsr, PieceHashes};
 use crate::server::state::Daemon;
-use crate::shm::{FloatSlice, IndexSlice, MatrixRegions, Peer, Resolver};
-use autozyme_protocol::{ErrorKind, Location, Matrix, Response};
+use crate::shm::{CsrRegions, FloatSlice, IndexSlice, MatrixRegions, Peer, Resolver};
+use crate::streaming::PeerArray;
+use autozyme_protocol::{DType, ErrorKind, Location, Matrix, Response};
 use std::sync::Arc;
 
 /// Largest `cells x groups` table the rest statistics may need.
 const MAX_CELL_GROUPS: u64 = 1 << 31;
+/// Most cells ranked: every rank sum (a multiple of 1/2 up to about n^2 / 2) is
+/// then exact in f64, so the order of its additions cannot change it.
+const MAX_RANKED_CELLS: u64 = 1 << 26;
 
 #[allow(clippy::too_many_arguments)]
 pub fn rank_genes_groups(
@@ -46,6 +53,12 @@ pub fn rank_genes_groups(
             format!("{n_groups} groups over {n_rows} cells"),
         ));
     }
+    if n_rows > MAX_RANKED_CELLS {
+        return Err(Failure::new(
+            ErrorKind::Unsupported,
+            format!("{n_rows} cells: rank sums are exact only up to {MAX_RANKED_CELLS}"),
+        ));
+    }
     if reference.is_some_and(|r| r >= n_groups) {
         return Err(Failure::bad_request("reference group out of range"));
     }
@@ -66,19 +79,29 @@ pub fn rank_genes_groups(
 
     debug_lap("start");
     let mut resolver = Resolver::new(&daemon.segments, peer);
-    // A matrix in the client's memory is copied across for a build. When no
-    // cached structure has its shape, it is certainly new: copy it first and
-    // hash the copy, rather than read it across once to hash and again to copy.
+    // When no cached structure has the matrix's shape, it is certainly new: a
+    // CSR matrix in the client's memory is built from at once, read across in
+    // blocks and hashed as it is read (`peer_csr`); a dense one is copied first
+    // and hashed from the copy. Otherwise it is hashed where it lies, and read
+    // again only on a miss.
     let in_client_memory = matrix_arrays(x)?
         .iter()
         .all(|(a, _)| matches!(a.location, Location::Peer { .. }));
+    let streamable = in_client_memory && matches!(x, Matrix::Csr { .. });
     let mut regions = None;
+    let mut built_now = None;
     let key = if in_client_memory && !daemon.cache.may_hold(n_rows as usize, n_cols as usize) {
         check_room(x)?;
-        let resolved = MatrixRegions::resolve(&mut resolver, x)?;
-        let key = fingerprint_resolved(x, &resolved)?;
-        regions = Some(resolved);
-        key
+        if streamable {
+            let (built, key) = build_from_client(&mut resolver, peer, x)?;
+            built_now = Some(Arc::new(built));
+            key
+        } else {
+            let resolved = MatrixRegions::resolve(&mut resolver, x)?;
+            let key = fingerprint_resolved(x, &resolved)?;
+            regions = Some(resolved);
+            key
+        }
     } else {
         fingerprint(&mut resolver, peer, x)?
     };
@@ -93,24 +116,35 @@ pub fn rank_genes_groups(
     params.update_u64(rest_stats as u64);
     params.update(bytes_of(group_of_row));
     let result_key = params.finish();
+    if let Some(built) = &built_now {
+        daemon.cache.insert(key, Arc::clone(built));
+    }
     if let Some(kept) = daemon.cache.result::<(Stats, bool)>(result_key) {
         // The same matrix (by content) and the same request: the same answer.
         let (stats, nonneg_integers) = (&kept.0, kept.1);
         let _ = daemon.cache.get(key); // counted as a hit of the structure it came from
         return Ok(response(n_cols, stats.clone(), true, nonneg_integers));
     }
-    let (sorted, cache_hit) = match daemon.cache.get(key) {
-        Some(s) => (s, true),
-        None => {
-            let regions = match regions.take() {
-                Some(r) => r, // room checked before the copy
+    let (sorted, cache_hit) = match (built_now, daemon.cache.get(key)) {
+        (Some(built), _) => (built, false),
+        (None, Some(s)) => (s, true),
+        (None, None) => {
+            let built = match regions.take() {
+                Some(r) => build(r)?, // room checked before the copy
+                None if streamable => {
+                    check_room(x)?;
+                    let (built, read_key) = build_from_client(&mut resolver, peer, x)?;
+                    if read_key != key {
+                        return Err(Failure::bad_matrix("the matrix changed while it was read"));
+                    }
+                    built
+                }
                 None => {
                     check_room(x)?;
-                    MatrixRegions::resolve(&mut resolver, x)?
+                    build(MatrixRegions::resolve(&mut resolver, x)?)?
                 }
             };
-            debug_lap("resolve");
-            let built = Arc::new(build(regions)?);
+            let built = Arc::new(built);
             daemon.cache.insert(key, Arc::clone(&built));
             (built, false)
         }
@@ -209,6 +243,103 @@ fn build(regions: MatrixRegions) -> Result<Sorted> {
             .map_err(build_failure)
         }
     }
+}
+
+/// Builds the structure of a CSR matrix whose arrays are all in the client's
+/// memory, reading them across in blocks (see [`crate::peer_csr`]), and returns
+/// it with the matrix's fingerprint, taken from the same reads.
+fn build_from_client(
+    resolver: &mut Resolver<'_>,
+    peer: Peer,
+    x: &Matrix,
+) -> Result<(Sorted, u128)> {
+    let Matrix::Csr {
+        n_rows,
+        n_cols,
+        data,
+        indices: Some(indices),
+        indptr,
+    } = x
+    else {
+        return Err(Failure::bad_request(
+            "a CSR matrix with its indices is needed",
+        ));
+    };
+    let indptr_region = CsrRegions::resolve_indptr_streaming(
+        resolver,
+        *n_rows,
+        *n_cols,
+        data,
+        Some(indices),
+        indptr,
+    )?;
+    let [data_at, indices_at] =
+        [(data, "CSR data"), (indices, "CSR indices")].map(|(a, what)| match a.location {
+            Location::Peer { address } if address.is_multiple_of(a.dtype.size() as u64) => {
+                Ok(PeerArray {
+                    address,
+                    len: a.len as usize,
+                })
+            }
+            _ => Err(Failure::bad_request(format!(
+                "{what}: not an aligned array in the client's memory"
+            ))),
+        });
+    let (data_at, indices_at) = (data_at?, indices_at?);
+    let n_cols = *n_cols as usize;
+    let (data, indices) = ((data.dtype, data_at), (indices.dtype, indices_at));
+    let (built, (data_pieces, index_pieces)) = match indptr_region.indices().expect("dtype checked")
+    {
+        IndexSlice::I32(p) => from_client_indptr(peer, p, data, indices, n_cols),
+        IndexSlice::I64(p) => from_client_indptr(peer, p, data, indices, n_cols),
+    }?;
+    let key = fingerprint_csr_pieces(x, &data_pieces, &index_pieces, &indptr_region)?;
+    Ok((built, key))
+}
+
+/// [`build_from_client`] for one indptr type, dispatching on the other two.
+fn from_client_indptr<P: SparseIndex>(
+    peer: Peer,
+    indptr: &[P],
+    (data, data_at): (DType, PeerArray),
+    (indices, indices_at): (DType, PeerArray),
+    n_cols: usize,
+) -> Result<(Sorted, PieceHashes)> {
+    fn run<T: Float, I: SparseIndex, P: SparseIndex>(
+        src: PeerCsr<'_, T, I, P>,
+        n_cols: usize,
+    ) -> Result<(SortedCsc<T>, PieceHashes)> {
+        let built = sorted_csc::from_bands(&src, n_cols);
+        // A failed read is the reply's reason, not the build error it caused.
+        if let Some(failure) = src.failure() {
+            return Err(failure);
+        }
+        Ok((built.map_err(build_failure)?, src.piece_hashes()?))
+    }
+    let at = (peer, indptr, data_at, indices_at);
+    Ok(match (data, indices) {
+        (DType::F32, DType::I32) => {
+            let (m, h) = run(PeerCsr::<f32, i32, P>::new(at.0, at.1, at.2, at.3), n_cols)?;
+            (Sorted::F32(m), h)
+        }
+        (DType::F32, DType::I64) => {
+            let (m, h) = run(PeerCsr::<f32, i64, P>::new(at.0, at.1, at.2, at.3), n_cols)?;
+            (Sorted::F32(m), h)
+        }
+        (DType::F64, DType::I32) => {
+            let (m, h) = run(PeerCsr::<f64, i32, P>::new(at.0, at.1, at.2, at.3), n_cols)?;
+            (Sorted::F64(m), h)
+        }
+        (DType::F64, DType::I64) => {
+            let (m, h) = run(PeerCsr::<f64, i64, P>::new(at.0, at.1, at.2, at.3), n_cols)?;
+            (Sorted::F64(m), h)
+        }
+        _ => {
+            return Err(Failure::bad_matrix(
+                "CSR data must be F32 or F64 and indices I32 or I64",
+            ))
+        }
+    })
 }
 
 fn csr_with_indices<P: SparseIndex>(

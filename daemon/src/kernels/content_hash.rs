@@ -32,8 +32,9 @@ fn avalanche(mut h: u64) -> u64 {
     h ^ (h >> 32)
 }
 
-/// Two 64-bit hashes of one piece.
-fn piece_hash(bytes: &[u8]) -> (u64, u64) {
+/// Two 64-bit hashes of one piece: at most [`PIECE`] bytes, and only a stream's
+/// last piece shorter (see [`ContentHash::update_pieces`]).
+pub fn piece_hash(bytes: &[u8]) -> (u64, u64) {
     let mut lanes = [P1.wrapping_add(P2), P2, 0, P1.wrapping_neg()];
     let mut blocks = bytes.chunks_exact(32);
     for block in &mut blocks {
@@ -90,11 +91,23 @@ impl ContentHash {
             "previous update was not whole pieces"
         );
         let pieces: Vec<(u64, u64)> = bytes.par_chunks(PIECE).map(piece_hash).collect();
-        for (a, b) in pieces {
+        self.update_pieces(&pieces, bytes.len() as u64);
+    }
+
+    /// Adds pieces hashed elsewhere ([`piece_hash`] of consecutive [`PIECE`]-byte
+    /// pieces of `bytes` bytes in all, in order): the same as [`ContentHash::update`]
+    /// with those bytes, for a reader that hashes each piece as it passes.
+    pub fn update_pieces(&mut self, pieces: &[(u64, u64)], bytes: u64) {
+        debug_assert!(
+            self.len.is_multiple_of(PIECE as u64),
+            "previous update was not whole pieces"
+        );
+        debug_assert_eq!(pieces.len() as u64, bytes.div_ceil(PIECE as u64));
+        for &(a, b) in pieces {
             self.state.0 = avalanche(self.state.0.rotate_left(17) ^ a).wrapping_mul(P1);
             self.state.1 = avalanche(self.state.1.wrapping_add(b)).rotate_left(29) ^ P3;
         }
-        self.len += bytes.len() as u64;
+        self.len += bytes;
     }
 
     /// Adds a number (shapes, dtypes) to the stream as its own piece.
@@ -148,6 +161,15 @@ mod tests {
         let mut other_tag = ContentHash::new(8);
         other_tag.update(&data);
         assert_ne!(whole, other_tag.finish());
+    }
+
+    #[test]
+    fn pieces_hashed_elsewhere_give_the_same_hash() {
+        let data: Vec<u8> = (0..(2 * PIECE + 77)).map(|i| (i % 241) as u8).collect();
+        let pieces: Vec<(u64, u64)> = data.chunks(PIECE).map(piece_hash).collect();
+        let mut h = ContentHash::new(7);
+        h.update_pieces(&pieces, data.len() as u64);
+        assert_eq!(h.finish(), hash(&[&data]));
     }
 
     #[test]

@@ -134,6 +134,8 @@ struct Scratch {
     count: Vec<u64>,
     nnz: Vec<u64>,
     before: Vec<u64>,
+    /// Without a reference: twice each group's rank sum over the stored values.
+    twice_rank: Vec<u64>,
     touched: Vec<usize>,
 }
 
@@ -162,6 +164,7 @@ pub fn wilcoxon_stats<T: Float>(m: &SortedCsc<T>, q: &Query<'_>) -> Stats {
                 count: vec![0; g_count],
                 nnz: vec![0; g_count],
                 before: vec![0; g_count],
+                twice_rank: vec![0; g_count],
                 touched: Vec::with_capacity(g_count),
             },
             |s, (c, out)| gene(m, q, &t, c, s, out),
@@ -284,38 +287,35 @@ fn gene<T: Float>(
             // these are added here, so no f64 add chains from one value to
             // the next.
             let mut ungrouped = 0.0f64;
-            let mut add_block = |entries: &[Entry<T>],
-                                 rank: &mut [f64],
-                                 sums: &mut [f64],
-                                 before: &mut u64,
-                                 tie_total: &mut f64| {
-                let cnt = entries.len() as u64;
-                let avg = if cnt == 1 {
-                    // Most blocks of continuous data: one cell, whose average
-                    // rank is `before + 1` exactly.
-                    (*before + 1) as f64
-                } else {
-                    if q.tie_correct {
+            // Twice each group's rank sum, in integers: one integer add a value
+            // instead of a chain of dependent f64 adds. Halved into f64 below,
+            // the same value as adding the ranks in f64 (every such sum is exact).
+            s.twice_rank.iter_mut().for_each(|x| *x = 0);
+            let twice_rank = &mut s.twice_rank;
+            let mut add_block =
+                |entries: &[Entry<T>], sums: &mut [f64], before: &mut u64, tie_total: &mut f64| {
+                    let cnt = entries.len() as u64;
+                    // Twice the average rank `before + (cnt + 1) / 2`.
+                    let avg2 = 2 * *before + cnt + 1;
+                    if cnt > 1 && q.tie_correct {
                         *tie_total += tie_term(cnt);
                     }
-                    average_rank(*before, cnt)
-                };
-                for e in entries {
-                    let g = group_of(e);
-                    if let Some(x) = rank.get_mut(g) {
-                        *x += avg;
-                        if fused {
-                            sums[g] += e.val.to_f64();
-                            s.count[g] += 1;
+                    for e in entries {
+                        let g = group_of(e);
+                        if let Some(x) = twice_rank.get_mut(g) {
+                            *x += avg2;
+                            if fused {
+                                sums[g] += e.val.to_f64();
+                                s.count[g] += 1;
+                            }
+                        } else if fused {
+                            ungrouped += e.val.to_f64();
                         }
-                    } else if fused {
-                        ungrouped += e.val.to_f64();
                     }
-                }
-                *before += cnt;
-            };
+                    *before += cnt;
+                };
             tie_blocks(sorted, 0..n_neg, |entries| {
-                add_block(entries, rank, sums, &mut before, &mut tie_total)
+                add_block(entries, sums, &mut before, &mut tie_total)
             });
             // The zero block: its tie term here, in value order; its rank sums
             // below, once each group's count is known (rank sums are exact in
@@ -326,8 +326,11 @@ fn gene<T: Float>(
             }
             before += zeros;
             tie_blocks(sorted, n_neg..sorted.len(), |entries| {
-                add_block(entries, rank, sums, &mut before, &mut tie_total)
+                add_block(entries, sums, &mut before, &mut tie_total)
             });
+            for (x, &r2) in rank.iter_mut().zip(s.twice_rank.iter()) {
+                *x = r2 as f64 * 0.5;
+            }
             // Each group's non-zero count: taken in the pass above when fused,
             // else before it.
             s.nnz.copy_from_slice(&s.count);
@@ -638,6 +641,64 @@ mod timing {
     use super::*;
     use crate::kernels::sorted_csc::from_csr;
     use crate::kernels::test_util::Lcg;
+
+    /// Build and query on a CSR matrix saved as raw little-endian files
+    /// (`indptr.bin`, `indices.bin` as i32, `data.bin` as f32; e.g. the bench's
+    /// log-normalised 30k x 18k), 9 groups of unequal sizes, scanpy 1.12's
+    /// request: `RGG_BIN=DIR cargo test --release -p autozymed timing_saved --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn timing_saved() {
+        let dir = std::env::var("RGG_BIN").expect("RGG_BIN: a directory of saved arrays");
+        let words = |f: &str| -> Vec<u32> {
+            let bytes = std::fs::read(format!("{dir}/{f}")).unwrap();
+            bytes
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+                .collect()
+        };
+        let indptr: Vec<i32> = words("indptr.bin").into_iter().map(|w| w as i32).collect();
+        let indices: Vec<i32> = words("indices.bin").into_iter().map(|w| w as i32).collect();
+        let data: Vec<f32> = words("data.bin").into_iter().map(f32::from_bits).collect();
+        let (n, m) = (
+            indptr.len() - 1,
+            indices.iter().max().map_or(0, |&c| c as usize + 1),
+        );
+        let mut rng = Lcg(1);
+        let weights = [30u64, 20, 14, 11, 9, 7, 5, 3, 1];
+        let groups: Vec<u32> = (0..n)
+            .map(|_| {
+                let mut x = rng.below(100);
+                let mut g = 0;
+                while x >= weights[g] {
+                    x -= weights[g];
+                    g += 1;
+                }
+                g as u32
+            })
+            .collect();
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let s = from_csr(&indptr, &indices, &data, n, m).unwrap();
+            let built = t.elapsed();
+            let q = Query {
+                group_of_row: &groups,
+                n_groups: 9,
+                reference: None,
+                tie_correct: false,
+                slots: 1,
+                rest_stats: false,
+            };
+            let t = std::time::Instant::now();
+            let st = wilcoxon_stats(&s, &q);
+            eprintln!(
+                "build {built:?} query {:?} {}",
+                t.elapsed(),
+                st.rank_sums[5]
+            );
+        }
+    }
 
     /// `cargo test --release -p autozymed timing_20k -- --ignored --nocapture`
     #[test]

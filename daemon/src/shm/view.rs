@@ -413,7 +413,20 @@ impl CsrRegions {
         indptr: &ArrayRef,
     ) -> Result<Region> {
         // Streaming kernels never read columns, so no column count to check.
-        check_csr_shape(n_rows, 0, data, None, indptr)?;
+        Self::resolve_indptr_streaming(resolver, n_rows, 0, data, None, indptr)
+    }
+
+    /// [`CsrRegions::resolve_indptr_only`] for a kernel that streams the column
+    /// indices too: their dtype and length are checked as well.
+    pub fn resolve_indptr_streaming(
+        resolver: &mut Resolver<'_>,
+        n_rows: u64,
+        n_cols: u64,
+        data: &ArrayRef,
+        indices: Option<&ArrayRef>,
+        indptr: &ArrayRef,
+    ) -> Result<Region> {
+        check_csr_shape(n_rows, n_cols, data, indices, indptr)?;
         let region = resolver.region(indptr, "CSR indptr")?;
         let nnz = to_usize(data.len, "CSR data length")?;
         match region.indices().expect("dtype checked") {
