@@ -285,52 +285,20 @@ mod tests {
 mod timing {
     use super::*;
     use crate::kernels::sorted_csc::from_bands;
-    use crate::kernels::wilcoxon::{wilcoxon_stats, Query};
+    use crate::kernels::wilcoxon::{nine_groups_query, wilcoxon_stats};
 
     /// The first call's daemon work (build from the client's memory, then the
-    /// query) on a CSR matrix saved as raw little-endian files (`indptr.bin`,
-    /// `indices.bin` as i32, `data.bin` as f32; e.g. the bench's log-normalised
-    /// 30k x 18k), read from this process's own memory as from a client's, 9
-    /// unequal groups, scanpy 1.12's request: `RGG_BIN=DIR cargo test --release
-    /// -p autozymed timing_first_call -- --ignored --nocapture`.
+    /// query) on a saved CSR matrix (see `test_util::saved_csr`) read from this
+    /// process's own memory as from a client's, 9 unequal groups, scanpy 1.12's
+    /// request: `RGG_BIN=DIR cargo test --release -p autozymed timing_first_call
+    /// -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn timing_first_call() {
-        let dir = std::env::var("RGG_BIN").expect("RGG_BIN: a directory of saved arrays");
-        let words = |f: &str| -> Vec<u32> {
-            let bytes = std::fs::read(format!("{dir}/{f}")).unwrap();
-            bytes
-                .chunks_exact(4)
-                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-                .collect()
-        };
-        let indptr: Vec<i32> = words("indptr.bin").into_iter().map(|w| w as i32).collect();
-        let indices: Vec<i32> = words("indices.bin").into_iter().map(|w| w as i32).collect();
-        let data: Vec<f32> = words("data.bin").into_iter().map(f32::from_bits).collect();
-        let (n, m) = (
-            indptr.len() - 1,
-            indices.iter().max().map_or(0, |&c| c as usize + 1),
-        );
-        let weights = [30usize, 20, 14, 11, 9, 7, 5, 3, 1];
-        let groups: Vec<u32> = (0..n)
-            .map(|r| {
-                let mut x = r * 7919 % 100;
-                let mut g = 0;
-                while x >= weights[g] {
-                    x -= weights[g];
-                    g += 1;
-                }
-                g as u32
-            })
-            .collect();
-        let q = Query {
-            group_of_row: &groups,
-            n_groups: 9,
-            reference: None,
-            tie_correct: false,
-            slots: 1,
-            rest_stats: false,
-        };
+        let (indptr, indices, data, m) = crate::kernels::test_util::saved_csr();
+        let n = indptr.len() - 1;
+        let groups = crate::kernels::test_util::unequal_groups(n);
+        let q = nine_groups_query(&groups);
         let me = Peer {
             uid: unsafe { libc::getuid() },
             pid: std::process::id() as i32,

@@ -280,6 +280,42 @@ pub fn place_group_blocks(
 
 #[cfg(test)]
 pub(crate) mod test_util {
+    /// A CSR matrix saved as raw little-endian files in the directory named by
+    /// `RGG_BIN` (`indptr.bin`, `indices.bin` as i32, `data.bin` as f32; e.g. the
+    /// bench's log-normalised 30k x 18k), for the ignored timing tests: indptr,
+    /// indices, data and the column count.
+    pub fn saved_csr() -> (Vec<i32>, Vec<i32>, Vec<f32>, usize) {
+        let dir = std::env::var("RGG_BIN").expect("RGG_BIN: a directory of saved arrays");
+        let words = |f: &str| -> Vec<u32> {
+            let bytes = std::fs::read(format!("{dir}/{f}")).unwrap();
+            bytes
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+                .collect()
+        };
+        let indptr: Vec<i32> = words("indptr.bin").into_iter().map(|w| w as i32).collect();
+        let indices: Vec<i32> = words("indices.bin").into_iter().map(|w| w as i32).collect();
+        let data: Vec<f32> = words("data.bin").into_iter().map(f32::from_bits).collect();
+        let n_cols = indices.iter().max().map_or(0, |&c| c as usize + 1);
+        (indptr, indices, data, n_cols)
+    }
+
+    /// `n` cells spread over 9 groups of 30% down to 1% of them, as the bench's.
+    pub fn unequal_groups(n: usize) -> Vec<u32> {
+        const PERCENT: [usize; 9] = [30, 20, 14, 11, 9, 7, 5, 3, 1];
+        (0..n)
+            .map(|r| {
+                let mut x = r * 7919 % 100;
+                let mut g = 0;
+                while x >= PERCENT[g] {
+                    x -= PERCENT[g];
+                    g += 1;
+                }
+                g as u32
+            })
+            .collect()
+    }
+
     /// Runs `f` on a fresh local pool of `threads` threads.
     pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
         rayon::ThreadPoolBuilder::new()

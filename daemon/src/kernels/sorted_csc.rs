@@ -1338,34 +1338,6 @@ mod tests {
         }
     }
 
-    /// The build on a CSR matrix saved as raw little-endian files (`indptr.bin`,
-    /// `indices.bin` as i32, `data.bin` as f32; e.g. the bench's log-normalised
-    /// 30k x 18k): `RGG_BIN=DIR cargo test --release -p autozymed --lib
-    /// bench_build_saved -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn bench_build_saved() {
-        let dir = std::env::var("RGG_BIN").expect("RGG_BIN: a directory of saved arrays");
-        let words = |f: &str| -> Vec<u32> {
-            let bytes = std::fs::read(format!("{dir}/{f}")).unwrap();
-            bytes
-                .chunks_exact(4)
-                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-                .collect()
-        };
-        let indptr: Vec<i32> = words("indptr.bin").into_iter().map(|w| w as i32).collect();
-        let indices: Vec<i32> = words("indices.bin").into_iter().map(|w| w as i32).collect();
-        let data: Vec<f32> = words("data.bin").into_iter().map(f32::from_bits).collect();
-        let n_cols = indices.iter().max().map_or(0, |&c| c as usize + 1);
-        for _ in 0..4 {
-            let t = std::time::Instant::now();
-            let c0 = cpu();
-            let m = from_csr(&indptr, &indices, &data, indptr.len() - 1, n_cols).unwrap();
-            eprintln!("build {:?} cpu {:?}", t.elapsed(), cpu() - c0);
-            drop(m);
-        }
-    }
-
     #[test]
     fn exactness_flag() {
         fn exact<T: Float>(vs: &[T]) -> bool {

@@ -636,60 +636,40 @@ mod tests {
     }
 }
 
+/// The timing tests' request: scanpy 1.12's defaults (reference "rest", no tie
+/// correction, one partial sum, no rest statistics) over 9 groups.
+#[cfg(test)]
+pub(crate) fn nine_groups_query(groups: &[u32]) -> Query<'_> {
+    Query {
+        group_of_row: groups,
+        n_groups: 9,
+        reference: None,
+        tie_correct: false,
+        slots: 1,
+        rest_stats: false,
+    }
+}
+
 #[cfg(test)]
 mod timing {
     use super::*;
     use crate::kernels::sorted_csc::from_csr;
     use crate::kernels::test_util::Lcg;
 
-    /// Build and query on a CSR matrix saved as raw little-endian files
-    /// (`indptr.bin`, `indices.bin` as i32, `data.bin` as f32; e.g. the bench's
-    /// log-normalised 30k x 18k), 9 groups of unequal sizes, scanpy 1.12's
-    /// request: `RGG_BIN=DIR cargo test --release -p autozymed timing_saved --
-    /// --ignored --nocapture`.
+    /// Build and query on a saved CSR matrix (see `test_util::saved_csr`), 9
+    /// unequal groups, scanpy 1.12's request: `RGG_BIN=DIR cargo test --release
+    /// -p autozymed timing_saved -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn timing_saved() {
-        let dir = std::env::var("RGG_BIN").expect("RGG_BIN: a directory of saved arrays");
-        let words = |f: &str| -> Vec<u32> {
-            let bytes = std::fs::read(format!("{dir}/{f}")).unwrap();
-            bytes
-                .chunks_exact(4)
-                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-                .collect()
-        };
-        let indptr: Vec<i32> = words("indptr.bin").into_iter().map(|w| w as i32).collect();
-        let indices: Vec<i32> = words("indices.bin").into_iter().map(|w| w as i32).collect();
-        let data: Vec<f32> = words("data.bin").into_iter().map(f32::from_bits).collect();
-        let (n, m) = (
-            indptr.len() - 1,
-            indices.iter().max().map_or(0, |&c| c as usize + 1),
-        );
-        let mut rng = Lcg(1);
-        let weights = [30u64, 20, 14, 11, 9, 7, 5, 3, 1];
-        let groups: Vec<u32> = (0..n)
-            .map(|_| {
-                let mut x = rng.below(100);
-                let mut g = 0;
-                while x >= weights[g] {
-                    x -= weights[g];
-                    g += 1;
-                }
-                g as u32
-            })
-            .collect();
+        let (indptr, indices, data, m) = crate::kernels::test_util::saved_csr();
+        let n = indptr.len() - 1;
+        let groups = crate::kernels::test_util::unequal_groups(n);
         for _ in 0..3 {
             let t = std::time::Instant::now();
             let s = from_csr(&indptr, &indices, &data, n, m).unwrap();
             let built = t.elapsed();
-            let q = Query {
-                group_of_row: &groups,
-                n_groups: 9,
-                reference: None,
-                tie_correct: false,
-                slots: 1,
-                rest_stats: false,
-            };
+            let q = nine_groups_query(&groups);
             let t = std::time::Instant::now();
             let st = wilcoxon_stats(&s, &q);
             eprintln!(
