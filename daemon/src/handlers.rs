@@ -356,7 +356,8 @@ fn row_sums(
     let mut resolver = Resolver::new(&daemon.segments, peer);
     if let (None, Some(data_at)) = (exclude_max_fraction, peer_array(data)?) {
         // Plain sums of data in the client's memory: streamed, not copied whole.
-        let indptr = CsrRegions::resolve_indptr_only(&mut resolver, *n_rows, data, indptr)?;
+        let indptr =
+            CsrRegions::resolve_indptr_only(&mut resolver, *n_rows, 0, data, None, indptr)?;
         let n = indptr.len() - 1;
         let sums = match (indptr.indices().expect("dtype checked"), data.dtype) {
             (IndexSlice::I32(p), DType::F32) => {
@@ -510,7 +511,8 @@ fn divide_rows(
     {
         if let (Some(data_at), Some(out_at)) = (peer_array(data)?, peer_array(out)?) {
             // Data and output in the client's memory: streamed block by block.
-            let indptr = CsrRegions::resolve_indptr_only(&mut resolver, *n_rows, data, indptr)?;
+            let indptr =
+                CsrRegions::resolve_indptr_only(&mut resolver, *n_rows, 0, data, None, indptr)?;
             check_factors_len(factors, indptr.len() - 1)?;
             check_out_len(out_at.len, data_at.len)?;
             let (lo, hi) = (data_at.address, out_at.address);

@@ -18,7 +18,7 @@ use crate::kernels::sorted_csc::{Bands, BuildError, Pass};
 use crate::kernels::{Float, SparseIndex};
 use crate::shm::peer::PeerBuffer;
 use crate::shm::Peer;
-use crate::streaming::PeerArray;
+use crate::streaming::{read_block, PeerArray};
 use std::sync::Mutex;
 
 /// Stored values per block read at a time: one piece of 4-byte arrays, two of
@@ -93,14 +93,6 @@ impl<'a, T: Float, I: SparseIndex, P: SparseIndex> PeerCsr<'a, T, I, P> {
         self.nnz.div_ceil(BLOCK)
     }
 
-    /// `values` elements of `U` from `array`, starting at element `start`.
-    fn read<U>(&self, array: PeerArray, start: usize, values: usize) -> Result<PeerBuffer> {
-        let item = std::mem::size_of::<U>();
-        let mut buf = PeerBuffer::new(array.address + (start * item) as u64, values * item)?;
-        buf.read_from(self.peer.pid)?;
-        Ok(buf)
-    }
-
     fn record(&self, f: Failure) -> BuildError {
         let mut slot = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         slot.get_or_insert(f);
@@ -117,12 +109,12 @@ fn hash_pieces(bytes: &[u8], first: usize, hashes: &Mutex<Vec<Option<(u64, u64)>
     }
 }
 
-/// A buffer's bytes as values of `U` (i32, i64, f32 or f64: any bit pattern is a
-/// value; the buffer is 8-byte aligned and holds `n` of them).
-fn values<U>(buf: &PeerBuffer, n: usize) -> &[U] {
-    debug_assert!(n * std::mem::size_of::<U>() <= buf.bytes);
+/// A buffer's values as indices (i32 or i64: any bit pattern is a value; the
+/// buffer is 8-byte aligned and holds `n` of them).
+fn indices_of<I: SparseIndex>(buf: &PeerBuffer, n: usize) -> &[I] {
+    assert!(n * std::mem::size_of::<I>() <= buf.bytes);
     // SAFETY: as above; the buffer outlives the slice.
-    unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const U, n) }
+    unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const I, n) }
 }
 
 impl<T: Float, I: SparseIndex, P: SparseIndex> Bands<T> for PeerCsr<'_, T, I, P> {
@@ -146,32 +138,23 @@ impl<T: Float, I: SparseIndex, P: SparseIndex> Bands<T> for PeerCsr<'_, T, I, P>
         for block in blocks {
             let start = block * BLOCK;
             let n = BLOCK.min(self.nnz - start);
-            let data = self
-                .read::<T>(self.data, start, n)
-                .map_err(|e| self.record(e))?;
-            let indices = self
-                .read::<I>(self.indices, start, n)
-                .map_err(|e| self.record(e))?;
+            let values = start..start + n;
+            let data =
+                read_block::<T>(self.peer, self.data, &values).map_err(|e| self.record(e))?;
+            let indices =
+                read_block::<I>(self.peer, self.indices, &values).map_err(|e| self.record(e))?;
             if pass == Pass::Count {
                 let (dp, ip) = (std::mem::size_of::<T>() / 4, std::mem::size_of::<I>() / 4);
-                hash_pieces(
-                    values::<u8>(&data, data.bytes),
-                    block * dp,
-                    &self.data_pieces,
-                );
-                hash_pieces(
-                    values::<u8>(&indices, indices.bytes),
-                    block * ip,
-                    &self.index_pieces,
-                );
+                hash_pieces(data.as_bytes(), block * dp, &self.data_pieces);
+                hash_pieces(indices.as_bytes(), block * ip, &self.index_pieces);
             }
             // The row of the block's first value: the first row ending after it
             // (empty rows before it end at or before it).
             let mut r = self.indptr[1..].partition_point(|&p| p.to_usize().unwrap_or(0) <= start);
             let mut row_end = end_of(r);
-            for (k, (&c, &v)) in values::<I>(&indices, n)
+            for (k, (&c, &v)) in indices_of::<I>(&indices, n)
                 .iter()
-                .zip(values::<T>(&data, n))
+                .zip(data.as_slice::<T>())
                 .enumerate()
             {
                 while start + k >= row_end {

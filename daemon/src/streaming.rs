@@ -49,8 +49,13 @@ fn block_layout<P: SparseIndex>(
     (first..end, local)
 }
 
-/// Reads `values` elements of `T` starting at element `start` of `array`.
-fn read_block<T: Float>(peer: Peer, array: PeerArray, values: &Range<usize>) -> Result<PeerBuffer> {
+/// Reads `values` elements of `T` (a plain number type: only its size is used)
+/// starting at element `start` of `array`.
+pub(crate) fn read_block<T>(
+    peer: Peer,
+    array: PeerArray,
+    values: &Range<usize>,
+) -> Result<PeerBuffer> {
     let size = std::mem::size_of::<T>();
     if values.end > array.len {
         return Err(Failure::bad_matrix(

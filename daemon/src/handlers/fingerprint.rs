@@ -140,8 +140,7 @@ fn hash_array(
                 let n = block.min(bytes - at);
                 let mut buf = PeerBuffer::new(address + at as u64, n)?;
                 buf.read_from(peer.pid)?;
-                // SAFETY: the buffer holds `n` initialized bytes.
-                h.update(unsafe { std::slice::from_raw_parts(buf.as_ptr(), n) });
+                h.update(buf.as_bytes());
                 at += n;
             }
         }

@@ -265,27 +265,14 @@ fn build_from_client(
             "a CSR matrix with its indices is needed",
         ));
     };
-    let indptr_region = CsrRegions::resolve_indptr_streaming(
-        resolver,
-        *n_rows,
-        *n_cols,
-        data,
-        Some(indices),
-        indptr,
-    )?;
-    let [data_at, indices_at] =
-        [(data, "CSR data"), (indices, "CSR indices")].map(|(a, what)| match a.location {
-            Location::Peer { address } if address.is_multiple_of(a.dtype.size() as u64) => {
-                Ok(PeerArray {
-                    address,
-                    len: a.len as usize,
-                })
-            }
-            _ => Err(Failure::bad_request(format!(
-                "{what}: not an aligned array in the client's memory"
-            ))),
-        });
-    let (data_at, indices_at) = (data_at?, indices_at?);
+    let indptr_region =
+        CsrRegions::resolve_indptr_only(resolver, *n_rows, *n_cols, data, Some(indices), indptr)?;
+    // Only called with every array in the client's memory (`streamable`).
+    let in_client = |a| {
+        super::peer_array(a)?
+            .ok_or_else(|| Failure::bad_request("an array not in the client's memory"))
+    };
+    let (data_at, indices_at) = (in_client(data)?, in_client(indices)?);
     let n_cols = *n_cols as usize;
     let (data, indices) = ((data.dtype, data_at), (indices.dtype, indices_at));
     let (built, (data_pieces, index_pieces)) = match indptr_region.indices().expect("dtype checked")
@@ -306,9 +293,13 @@ fn from_client_indptr<P: SparseIndex>(
     n_cols: usize,
 ) -> Result<(Sorted, PieceHashes)> {
     fn run<T: Float, I: SparseIndex, P: SparseIndex>(
-        src: PeerCsr<'_, T, I, P>,
+        peer: Peer,
+        indptr: &[P],
+        data: PeerArray,
+        indices: PeerArray,
         n_cols: usize,
     ) -> Result<(SortedCsc<T>, PieceHashes)> {
+        let src = PeerCsr::<T, I, P>::new(peer, indptr, data, indices);
         let built = sorted_csc::from_bands(&src, n_cols);
         // A failed read is the reply's reason, not the build error it caused.
         if let Some(failure) = src.failure() {
@@ -316,30 +307,24 @@ fn from_client_indptr<P: SparseIndex>(
         }
         Ok((built.map_err(build_failure)?, src.piece_hashes()?))
     }
-    let at = (peer, indptr, data_at, indices_at);
-    Ok(match (data, indices) {
+    let (d, i) = (data_at, indices_at);
+    match (data, indices) {
         (DType::F32, DType::I32) => {
-            let (m, h) = run(PeerCsr::<f32, i32, P>::new(at.0, at.1, at.2, at.3), n_cols)?;
-            (Sorted::F32(m), h)
+            run::<f32, i32, P>(peer, indptr, d, i, n_cols).map(|(m, h)| (Sorted::F32(m), h))
         }
         (DType::F32, DType::I64) => {
-            let (m, h) = run(PeerCsr::<f32, i64, P>::new(at.0, at.1, at.2, at.3), n_cols)?;
-            (Sorted::F32(m), h)
+            run::<f32, i64, P>(peer, indptr, d, i, n_cols).map(|(m, h)| (Sorted::F32(m), h))
         }
         (DType::F64, DType::I32) => {
-            let (m, h) = run(PeerCsr::<f64, i32, P>::new(at.0, at.1, at.2, at.3), n_cols)?;
-            (Sorted::F64(m), h)
+            run::<f64, i32, P>(peer, indptr, d, i, n_cols).map(|(m, h)| (Sorted::F64(m), h))
         }
         (DType::F64, DType::I64) => {
-            let (m, h) = run(PeerCsr::<f64, i64, P>::new(at.0, at.1, at.2, at.3), n_cols)?;
-            (Sorted::F64(m), h)
+            run::<f64, i64, P>(peer, indptr, d, i, n_cols).map(|(m, h)| (Sorted::F64(m), h))
         }
-        _ => {
-            return Err(Failure::bad_matrix(
-                "CSR data must be F32 or F64 and indices I32 or I64",
-            ))
-        }
-    })
+        _ => Err(Failure::bad_matrix(
+            "CSR data must be F32 or F64 and indices I32 or I64",
+        )),
+    }
 }
 
 fn csr_with_indices<P: SparseIndex>(

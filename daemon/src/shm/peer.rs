@@ -134,6 +134,12 @@ impl PeerBuffer {
         self.words.as_mut_ptr() as *mut u8
     }
 
+    /// The buffer's `bytes` bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: the words hold at least `bytes` initialized bytes.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.bytes) }
+    }
+
     /// The buffer as `bytes / size_of::<T>()` values (f32/f64: every bit pattern
     /// is a value, and the storage is 8-byte aligned).
     pub fn as_slice<T: Float>(&self) -> &[T] {

@@ -404,21 +404,11 @@ impl CsrRegions {
         })
     }
 
-    /// For kernels that stream the data instead (see `crate::streaming`): the same
-    /// checks, with only indptr resolved, and its contents validated.
+    /// For kernels that stream the data instead (see `crate::streaming`,
+    /// `crate::peer_csr`): the same checks, with only indptr resolved, and its
+    /// contents validated. `indices`, for a kernel that streams them too (a
+    /// kernel that never reads columns passes none, and 0 columns).
     pub fn resolve_indptr_only(
-        resolver: &mut Resolver<'_>,
-        n_rows: u64,
-        data: &ArrayRef,
-        indptr: &ArrayRef,
-    ) -> Result<Region> {
-        // Streaming kernels never read columns, so no column count to check.
-        Self::resolve_indptr_streaming(resolver, n_rows, 0, data, None, indptr)
-    }
-
-    /// [`CsrRegions::resolve_indptr_only`] for a kernel that streams the column
-    /// indices too: their dtype and length are checked as well.
-    pub fn resolve_indptr_streaming(
         resolver: &mut Resolver<'_>,
         n_rows: u64,
         n_cols: u64,
