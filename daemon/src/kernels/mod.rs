@@ -21,6 +21,7 @@ pub mod row_sums;
 pub mod scale_apply;
 pub mod scale_stats;
 pub mod sorted_csc;
+pub mod umap_layout;
 pub mod wilcoxon;
 
 use rayon::prelude::*;
