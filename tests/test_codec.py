@@ -84,6 +84,12 @@ REQUESTS = {
         n_groups=2, reference=1, tie_correct=True, mean_slots=2,
     ),
     "req_leiden": msg("Leiden", graph=CSR, use_weights=True, resolution=0.8, n_iterations=None, seed=7),
+    "req_umap_layout": msg(
+        "UmapLayout", embedding=peer(4096, 6, "F32"), dim=2, head=arr("azm_1000_42_5", 0, 4, "I32"),
+        tail=arr("azm_1000_42_5", 16, 4, "I32"), epochs_per_sample=peer(8192, 4, "F64"), a=0.583,
+        b=1.334, gamma=1.0, initial_alpha=1.0, negative_sample_rate=5.0, n_epochs=200,
+        rng_state=np.array([1, 2**64 - 1, 1 << 40], dtype=np.uint64),
+    ),
     "req_fingerprint": msg("Fingerprint", x=CSR),
     "req_rank_genes_groups_group_sums": msg(
         "RankGenesGroupsGroupSums", x=CSR, group_of_row=np.array([0, 2, 1], dtype=np.uint64),

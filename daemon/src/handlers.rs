@@ -29,6 +29,7 @@ mod hvg;
 mod leiden;
 mod rank_genes_groups;
 mod scale;
+mod umap;
 
 /// What the connection should do after sending the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,6 +226,42 @@ fn dispatch(daemon: &Daemon, peer: Peer, request: Request) -> Result<(Response, 
         } => hvg::clipped_sums_from(
             daemon, peer, &x, &batches, n_batches, &clip, &sums, &squares,
         )?,
+        Request::UmapLayout {
+            embedding,
+            dim,
+            head,
+            tail,
+            epochs_per_sample,
+            a,
+            b,
+            gamma,
+            initial_alpha,
+            negative_sample_rate,
+            n_epochs,
+            rng_state,
+        } => {
+            let Ok(rng_state) = <[u64; 3]>::try_from(rng_state.as_slice()) else {
+                return Err(Failure::bad_request("rng_state must hold 3 words"));
+            };
+            let params = crate::kernels::umap_layout::Params {
+                a,
+                b,
+                gamma,
+                initial_alpha,
+                negative_sample_rate,
+                n_epochs,
+                rng_state: rng_state.map(|w| w as i64),
+            };
+            let request = umap::Layout {
+                embedding: &embedding,
+                dim,
+                head: &head,
+                tail: &tail,
+                epochs_per_sample: &epochs_per_sample,
+                params,
+            };
+            umap::handle(daemon, peer, request)?
+        }
     };
     Ok((response, After::Continue))
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// Bumped on any change of the wire types below.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Largest frame either side accepts. Bulk data never travels in frames (it lives
 /// in shared memory); the largest inline payloads are per-cell or per-gene vectors.
@@ -298,6 +298,28 @@ pub enum Request {
         clip: Vec<f64>,
         sums: Vec<f64>,
         squares: Vec<f64>,
+    },
+    /// sc.tl.umap's layout optimisation: umap-learn's `optimize_layout_euclidean`
+    /// (0.5.x) with `move_other` and no densMAP, for `n_epochs` epochs, on
+    /// `embedding` (`n × dim` f32, row-major; the result replaces it) for the
+    /// edges `head[i] → tail[i]` (i32 or i64, sorted by head) with
+    /// `epochs_per_sample` (f64). `rng_state`: the three int64 words upstream
+    /// draws, as their bits. Bit for bit what umap's numba code computes on an
+    /// x86-64 CPU with FMA for `dim` up to 3 (the client checks that on a small
+    /// graph first); anything else is Unsupported. Replies `Done`.
+    UmapLayout {
+        embedding: ArrayRef,
+        dim: u64,
+        head: ArrayRef,
+        tail: ArrayRef,
+        epochs_per_sample: ArrayRef,
+        a: f64,
+        b: f64,
+        gamma: f64,
+        initial_alpha: f64,
+        negative_sample_rate: f64,
+        n_epochs: u64,
+        rng_state: Vec<u64>,
     },
 }
 

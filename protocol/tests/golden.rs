@@ -208,6 +208,23 @@ fn requests() -> Vec<(&'static str, Request)> {
                 squares: vec![0.0, 2.25, 4.0, 0.0625],
             },
         ),
+        (
+            "req_umap_layout",
+            Request::UmapLayout {
+                embedding: peer(4096, 6, DType::F32),
+                dim: 2,
+                head: arr("azm_1000_42_5", 0, 4, DType::I32),
+                tail: arr("azm_1000_42_5", 16, 4, DType::I32),
+                epochs_per_sample: peer(8192, 4, DType::F64),
+                a: 0.583,
+                b: 1.334,
+                gamma: 1.0,
+                initial_alpha: 1.0,
+                negative_sample_rate: 5.0,
+                n_epochs: 200,
+                rng_state: vec![1, u64::MAX, 1 << 40],
+            },
+        ),
     ]
 }
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 MAX_FRAME_BYTES = 256 << 20
 
 
@@ -314,6 +314,23 @@ REQUEST = Enum(
                 ("clip", Vec(F64)),
                 ("sums", Vec(F64)),
                 ("squares", Vec(F64)),
+            ],
+        ),
+        (
+            "UmapLayout",
+            [
+                ("embedding", ARRAY_REF),
+                ("dim", U64),
+                ("head", ARRAY_REF),
+                ("tail", ARRAY_REF),
+                ("epochs_per_sample", ARRAY_REF),
+                ("a", F64),
+                ("b", F64),
+                ("gamma", F64),
+                ("initial_alpha", F64),
+                ("negative_sample_rate", F64),
+                ("n_epochs", U64),
+                ("rng_state", Vec(U64)),
             ],
         ),
     ],

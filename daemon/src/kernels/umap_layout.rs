@@ -36,8 +36,9 @@
 //! order gives it, for any number of threads.
 
 use super::SparseIndex;
+use std::cell::UnsafeCell;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// The scalars of one call, as upstream receives them.
 #[derive(Debug, Clone, Copy)]
@@ -71,43 +72,52 @@ pub fn optimize<I: SparseIndex>(
     if !fma_available() {
         return Err("the CPU has no FMA (numba's code would differ)".into());
     }
-    let mut next_sample = plan.epochs_per_sample.clone();
-    let mut next_negative = plan.epochs_per_negative_sample.clone();
-    // umap: `rng_state + head_embedding[:, 0].astype(float64).view(int64)`.
-    let mut rng: Vec<[i64; 3]> = (0..plan.n)
-        .map(|v| {
-            let bits = (embedding[v * dim] as f64).to_bits() as i64;
-            plan.rng_state.map(|s| s.wrapping_add(bits))
-        })
-        .collect();
-    // A run's draws must go in epoch order: with fewer runs than two per thread,
-    // one thread.
-    let workers = if plan.runs.len() < 2 * threads {
-        1
-    } else {
-        threads.min(64)
-    };
-    let state = State {
-        embedding: SharedSlice::new(embedding),
-        next_sample: SharedSlice::new(&mut next_sample),
-        next_negative: SharedSlice::new(&mut next_negative),
-        rng: SharedSlice::new(&mut rng),
-        slots: (0..workers).map(|_| Slot::new()).collect(),
-        next: AtomicU64::new(0),
-        announced: AtomicU64::new(0),
-    };
-    if workers == 1 {
-        // SAFETY: FMA is available (checked above).
-        unsafe { state.alone(&plan) };
-    } else {
-        rayon::scope(|s| {
-            for slot in 0..workers {
-                let (state, plan) = (&state, &plan);
-                // SAFETY: FMA is available (checked above).
-                s.spawn(move |_| unsafe { state.work(plan, slot) });
-            }
-        });
+    // Each run's mutable state in a block of its own cache lines (threads
+    // take neighbouring runs): the head's random state (umap's
+    // `rng_state + head_embedding[:, 0].astype(float64).view(int64)`), then per
+    // edge upstream's `epoch_of_next_sample` and `epoch_of_next_negative_sample`.
+    let mut run_base = Vec::with_capacity(plan.runs.len());
+    let mut blocks: Vec<u64> = Vec::new();
+    for &(start, end) in &plan.runs {
+        run_base.push(blocks.len());
+        let bits = (embedding[plan.heads[start] as usize * dim] as f64).to_bits() as i64;
+        blocks.extend(plan.rng_state.map(|s| s.wrapping_add(bits) as u64));
+        for i in start..end {
+            blocks.push(plan.epochs_per_sample[i].to_bits());
+            blocks.push(plan.epochs_per_negative_sample[i].to_bits());
+        }
+        blocks.resize(blocks.len().next_multiple_of(8), 0);
     }
+    let state = State {
+        runs: SharedSlice::new(&mut blocks),
+        run_base,
+        slots: [Slot::new(dim), Slot::new(dim)],
+        next: Line(AtomicU64::new(0)),
+        announced: Line(AtomicU64::new(0)),
+        failed: AtomicBool::new(false),
+    };
+    // A run's draws must go in epoch order, so two threads need a few runs.
+    if threads < 2 || plan.runs.len() < 4 {
+        // SAFETY: FMA is available (checked above); one thread.
+        unsafe { state.alone(&plan, embedding) };
+        return Ok(());
+    }
+    let start: &[f32] = embedding;
+    // Two threads of their own, not the pool's: the pair must run at the same
+    // time (each waits for the other), which a busy pool does not promise.
+    let (mut result, cursor) = std::thread::scope(|scope| {
+        let (state, plan) = (&state, &plan);
+        // SAFETY (both): FMA is available (checked above); one thread a slot.
+        let other = scope.spawn(move || unsafe { state.work(plan, 1, start) });
+        let mine = unsafe { state.work(plan, 0, start) };
+        // A panic in either is re-raised here (the other stops on `failed`).
+        other
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        mine
+    });
+    state.slots[1].replay(&mut result, cursor, dim);
+    embedding.copy_from_slice(&result);
     Ok(())
 }
 
@@ -154,7 +164,7 @@ impl Plan {
         if !(1..=MAX_DIM).contains(&dim) {
             return Err(format!("{dim} dimensions (served: 1 to {MAX_DIM})"));
         }
-        if embedding.len() % dim != 0 {
+        if !embedding.len().is_multiple_of(dim) {
             return Err("the embedding's length is not a multiple of its dimensions".into());
         }
         let n = embedding.len() / dim;
@@ -271,54 +281,110 @@ impl<'a, T: Copy> SharedSlice<'a, T> {
     }
 }
 
-/// A thread's announced task, for the threads announcing after it.
+/// What a thread shares with the other: its announced task, and a log of the
+/// rows its finished tasks wrote (each thread works on its own copy of the
+/// embedding and replays the other's log into it: sharing the embedding's cache
+/// lines between two cores costs more than the work).
 struct Slot {
     /// The task's head and its draws (`draw`'s format), published at the
     /// announcement; written only by the owner while it announces, read only by
-    /// other threads while they announce, and announcements take turns.
-    task: std::cell::UnsafeCell<(u32, Vec<u32>)>,
+    /// the other thread while it announces, and announcements take turns.
+    task: UnsafeCell<(u32, Vec<u32>)>,
     /// Stamp (task number + 1) of the slot's last announced task.
-    current: AtomicU64,
-    /// Stamp of the slot's last finished task.
-    done: AtomicU64,
+    current: Line<AtomicU64>,
+    /// Stamp of the slot's last finished task (its log written first).
+    done: Line<AtomicU64>,
+    /// A ring of `LOG` entries: the row, then its `dim` coordinates' bits.
+    log: Vec<AtomicU32>,
+    /// Entries written, and entries the other thread has replayed.
+    written: Line<AtomicU64>,
+    replayed: Line<AtomicU64>,
 }
+
+/// Entries in a slot's log; a thread waits (replaying the other's) when its own
+/// is this far ahead of the other thread.
+const LOG: u64 = 1 << 14;
 
 // SAFETY: `task` is accessed as its comment says, announcements ordered by
 // `State::announced` (release/acquire).
 unsafe impl Sync for Slot {}
 
 impl Slot {
-    fn new() -> Self {
+    fn new(dim: usize) -> Self {
         Slot {
-            task: std::cell::UnsafeCell::new((0, Vec::new())),
-            current: AtomicU64::new(0),
-            done: AtomicU64::new(0),
+            task: UnsafeCell::new((0, Vec::new())),
+            current: Line(AtomicU64::new(0)),
+            done: Line(AtomicU64::new(0)),
+            log: (0..LOG as usize * (1 + dim))
+                .map(|_| AtomicU32::new(0))
+                .collect(),
+            written: Line(AtomicU64::new(0)),
+            replayed: Line(AtomicU64::new(0)),
         }
+    }
+
+    /// Copies the rows logged from entry `from` on into `local`; returns the
+    /// entries read so far.
+    fn replay(&self, local: &mut [f32], from: u64, dim: usize) -> u64 {
+        let to = self.written.load(Ordering::Acquire);
+        for e in from..to {
+            let at = (e % LOG) as usize * (1 + dim);
+            let row = self.log[at].load(Ordering::Relaxed) as usize;
+            for c in 0..dim {
+                local[row * dim + c] = f32::from_bits(self.log[at + 1 + c].load(Ordering::Relaxed));
+            }
+        }
+        to
     }
 }
 
 struct State<'a> {
-    embedding: SharedSlice<'a, f32>,
-    /// Upstream's `epoch_of_next_sample` and `epoch_of_next_negative_sample`.
-    next_sample: SharedSlice<'a, f64>,
-    next_negative: SharedSlice<'a, f64>,
-    /// Upstream's `rng_state_per_sample`.
-    rng: SharedSlice<'a, [i64; 3]>,
-    slots: Vec<Slot>,
-    /// Next task to take, and the number of tasks announced.
-    next: AtomicU64,
-    announced: AtomicU64,
+    /// Per run, from `run_base`: the head's random state and the edges' epochs.
+    runs: SharedSlice<'a, u64>,
+    run_base: Vec<usize>,
+    slots: [Slot; 2],
+    /// Next task to take, and the number of tasks announced (own cache lines:
+    /// both threads write them).
+    next: Line<AtomicU64>,
+    announced: Line<AtomicU64>,
+    /// Set when a thread panics, so that the other stops waiting for it.
+    failed: AtomicBool,
 }
 
-pub static WAITS: AtomicU64 = AtomicU64::new(0);
-pub static SPINS: AtomicU64 = AtomicU64::new(0);
-/// Waits for `ready`, spinning briefly, then yielding: the other threads hold
-/// tasks they are running, so the wait is short unless the machine is busy.
-#[inline]
-fn wait_for(ready: impl Fn() -> bool) {
+/// Raises `State::failed` if its thread unwinds.
+struct FailGuard<'f>(&'f AtomicBool);
+
+impl Drop for FailGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A value alone on its cache line.
+#[repr(align(128))]
+struct Line<T>(T);
+
+impl<T> std::ops::Deref for Line<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// Waits for `ready`, doing `meanwhile` (replaying the other thread's log, which
+/// is what that thread may itself be waiting for), spinning briefly, then
+/// yielding: the other thread holds a task it is running, so the wait is short
+/// unless the machine is busy.
+fn wait_for(failed: &AtomicBool, ready: impl Fn() -> bool, mut meanwhile: impl FnMut()) {
     let mut spins = 0u32;
     while !ready() {
-        SPINS.fetch_add(1, Ordering::Relaxed);
+        assert!(
+            !failed.load(Ordering::Relaxed),
+            "the other layout thread failed"
+        );
+        meanwhile();
         if spins < 256 {
             std::hint::spin_loop();
             spins += 1;
@@ -334,25 +400,32 @@ impl State<'_> {
     /// # Safety
     /// The CPU has FMA; no other thread uses the state.
     #[cfg_attr(target_arch = "x86_64", target_feature(enable = "fma"))]
-    unsafe fn alone(&self, plan: &Plan) {
+    unsafe fn alone(&self, plan: &Plan, embedding: &mut [f32]) {
         let modulo = FastMod::new(plan.n as u32);
         let mut ops: Vec<u32> = Vec::new();
         for epoch in 0..plan.alpha.len() {
             for run in 0..plan.runs.len() {
                 unsafe {
                     self.draw(plan, &modulo, epoch, run, &mut ops);
-                    self.run(plan, epoch, plan.heads[plan.runs[run].0], &ops);
+                    run_task(plan, epoch, plan.heads[plan.runs[run].0], &ops, embedding);
                 }
             }
         }
     }
 
-    /// One thread's share: take tasks in order until none is left.
+    /// One of the two threads: takes tasks in order until none is left, on its
+    /// own copy of the embedding. Returns the copy and how much of the other
+    /// thread's log it holds.
     ///
     /// # Safety
-    /// The CPU has FMA.
+    /// The CPU has FMA; `slot` is 0 or 1, each used by one thread.
     #[cfg_attr(target_arch = "x86_64", target_feature(enable = "fma"))]
-    unsafe fn work(&self, plan: &Plan, slot: usize) {
+    unsafe fn work(&self, plan: &Plan, slot: usize, start: &[f32]) -> (Vec<f32>, u64) {
+        let _failing = FailGuard(&self.failed);
+        let dim = plan.dim;
+        let (mine, theirs) = (&self.slots[slot], &self.slots[1 - slot]);
+        let mut local = start.to_vec();
+        let mut replayed = 0u64;
         let n_runs = plan.runs.len() as u64;
         let total = plan.n_tasks();
         let modulo = FastMod::new(plan.n as u32);
@@ -361,17 +434,16 @@ impl State<'_> {
         // Per vertex: `task << 1 | writes` of this thread's last task touching it
         // (low 32 bits: a stale mark equal by chance only makes a task wait).
         let mut marks = vec![u32::MAX; plan.n];
-        let mut waits: Vec<(usize, u64)> = Vec::new();
+        let mut written = 0u64;
         loop {
             let task = self.next.fetch_add(1, Ordering::Relaxed);
             if task >= total {
-                return;
+                return (local, replayed);
             }
             let (epoch, run) = ((task / n_runs) as usize, (task % n_runs) as usize);
             let head = plan.heads[plan.runs[run].0];
             // SAFETY: this thread holds the task (module comment).
             unsafe { self.draw(plan, &modulo, epoch, run, &mut ops) };
-            let stamp = task + 1;
             let stamp32 = (task as u32) << 1;
             Rows { head, ops: &ops }.each(|v, writes| {
                 // A row both read and written keeps its write bit.
@@ -379,25 +451,58 @@ impl State<'_> {
                 let kept = if *mark & !1 == stamp32 { *mark & 1 } else { 0 };
                 *mark = stamp32 | kept | writes as u32;
             });
-            wait_for(|| self.announced.load(Ordering::Acquire) == task);
-            // SAFETY: announcements take turns (`announced`), so no other thread
-            // reads or writes a slot's task now but this one.
-            unsafe { self.announce(slot, task, head, &mut ops, &marks, &mut waits) };
-            self.announced.store(stamp, Ordering::Release);
-            if !waits.is_empty() {
-                WAITS.fetch_add(1, Ordering::Relaxed);
-            }
-            for &(other, until) in &waits {
-                wait_for(|| self.slots[other].done.load(Ordering::Acquire) >= until);
-            }
-            // SAFETY: every earlier task touching these rows has finished, and no
-            // later one touches them before this one finishes (`announce`); the
-            // slot's task changes only at this thread's next announcement.
-            unsafe {
-                let (head, published) = &*self.slots[slot].task.get();
-                self.run(plan, epoch, *head, published)
+            let mut catch_up = |local: &mut Vec<f32>| {
+                replayed = theirs.replay(local, replayed, dim);
+                mine.replayed.store(replayed, Ordering::Release);
             };
-            self.slots[slot].done.store(stamp, Ordering::Release);
+            wait_for(
+                &self.failed,
+                || self.announced.load(Ordering::Acquire) == task,
+                || catch_up(&mut local),
+            );
+            // SAFETY: announcements take turns (`announced`): no other thread
+            // reads or writes a slot's task now.
+            let wait = unsafe { self.announce(slot, task, head, &mut ops, &marks) };
+            self.announced.store(task + 1, Ordering::Release);
+            if let Some(until) = wait {
+                wait_for(
+                    &self.failed,
+                    || theirs.done.load(Ordering::Acquire) >= until,
+                    || catch_up(&mut local),
+                );
+            }
+            // Every finished task of the other thread is in its log: replayed,
+            // this copy holds what the sequential order gives this task's rows.
+            catch_up(&mut local);
+            // SAFETY: the slot's task changes only at this thread's next
+            // announcement.
+            let (head, published) = unsafe { &*mine.task.get() };
+            unsafe { run_task(plan, epoch, *head, published, &mut local) };
+            // Log the rows written (the head, the sampled edges' tails).
+            let rows = Rows {
+                head: *head,
+                ops: published,
+            };
+            let mut count = 0u64;
+            rows.each(|_, writes| count += writes as u64);
+            wait_for(
+                &self.failed,
+                || written + count <= theirs.replayed.load(Ordering::Acquire) + LOG,
+                || catch_up(&mut local),
+            );
+            rows.each(|v, writes| {
+                if writes {
+                    let at = (written % LOG) as usize * (1 + dim);
+                    mine.log[at].store(v, Ordering::Relaxed);
+                    for c in 0..dim {
+                        mine.log[at + 1 + c]
+                            .store(local[v as usize * dim + c].to_bits(), Ordering::Relaxed);
+                    }
+                    written += 1;
+                }
+            });
+            mine.written.store(written, Ordering::Release);
+            mine.done.store(task + 1, Ordering::Release);
         }
     }
 
@@ -417,19 +522,23 @@ impl State<'_> {
     ) {
         ops.clear();
         let (start, end) = plan.runs[run];
-        let j = plan.heads[start] as usize;
         let now = epoch as f64;
-        let mut rng = unsafe { self.rng.get(j) };
+        let base = self.run_base[run];
+        let mut rng = unsafe { [0, 1, 2].map(|c| self.runs.get(base + c) as i64) };
+        let edge = |i: usize| base + 3 + 2 * (i - start);
         for i in start..end {
-            let next = unsafe { self.next_sample.get(i) };
+            let next = unsafe { f64::from_bits(self.runs.get(edge(i))) };
             // `if epoch_of_next_sample[i] <= n` (false for NaN).
-            if !(now >= next) {
+            if now < next || next.is_nan() {
                 continue;
             }
             ops.push(plan.tails[i]);
-            unsafe { self.next_sample.set(i, plan.epochs_per_sample[i] + next) };
+            unsafe {
+                self.runs
+                    .set(edge(i), (plan.epochs_per_sample[i] + next).to_bits())
+            };
             let per_negative = plan.epochs_per_negative_sample[i];
-            let next_negative = unsafe { self.next_negative.get(i) };
+            let next_negative = unsafe { f64::from_bits(self.runs.get(edge(i) + 1)) };
             let count = truncate_cvttsd2si((now - next_negative) / per_negative);
             let slot = ops.len();
             ops.push(0);
@@ -440,14 +549,16 @@ impl State<'_> {
             }
             ops[slot] = drawn;
             let moved = per_negative.mul_add(count as f64, next_negative);
-            unsafe { self.next_negative.set(i, moved) };
+            unsafe { self.runs.set(edge(i) + 1, moved.to_bits()) };
         }
-        unsafe { self.rng.set(j, rng) };
+        for (c, w) in rng.iter().enumerate() {
+            unsafe { self.runs.set(base + c, *w as u64) };
+        }
     }
 
-    /// Phase 2, in task order: finds the running tasks of other threads that
-    /// write a row this task touches or touch a row it writes (`marks` holds this
-    /// task's rows), into `waits`; then publishes this task in the slot.
+    /// Phase 2, in task order: whether the other thread's running task writes a
+    /// row this task touches or touches a row it writes (`marks` holds this
+    /// task's rows): then this task waits for its stamp. Publishes this task.
     ///
     /// # Safety
     /// No other thread announces meanwhile.
@@ -458,27 +569,24 @@ impl State<'_> {
         head: u32,
         ops: &mut Vec<u32>,
         marks: &[u32],
-        waits: &mut Vec<(usize, u64)>,
-    ) {
-        waits.clear();
+    ) -> Option<u64> {
         let stamp = task as u32;
-        for (other, s) in self.slots.iter().enumerate() {
-            let running = s.current.load(Ordering::Relaxed);
-            if other == slot || s.done.load(Ordering::Acquire) >= running || ops.is_empty() {
-                continue;
-            }
+        let theirs = &self.slots[1 - slot];
+        let running = theirs.current.load(Ordering::Relaxed);
+        let mut wait = None;
+        if !ops.is_empty() && theirs.done.load(Ordering::Acquire) < running {
             // SAFETY: as the function's.
-            let (their_head, theirs) = unsafe { &*s.task.get() };
+            let (their_head, their_ops) = unsafe { &*theirs.task.get() };
             let conflict = Rows {
                 head: *their_head,
-                ops: theirs,
+                ops: their_ops,
             }
             .any(|v, writes| {
                 let mark = marks[v as usize];
                 mark & !1 == stamp << 1 && (writes || mark & 1 == 1)
             });
             if conflict {
-                waits.push((other, running));
+                wait = Some(running);
             }
         }
         let mine = &self.slots[slot];
@@ -487,58 +595,58 @@ impl State<'_> {
         published.0 = head;
         std::mem::swap(&mut published.1, ops);
         mine.current.store(task + 1, Ordering::Relaxed);
+        wait
     }
+}
 
-    /// Phase 3: upstream's epoch body for the run's sampled edges.
-    ///
-    /// # Safety
-    /// The CPU has FMA; no other thread touches the task's rows meanwhile.
-    #[cfg_attr(target_arch = "x86_64", target_feature(enable = "fma"))]
-    unsafe fn run(&self, plan: &Plan, epoch: usize, head: u32, ops: &[u32]) {
-        let dim = plan.dim;
-        let alpha = plan.alpha[epoch];
-        let emb = &self.embedding;
-        let j = head as usize * dim;
-        let mut at = 0;
-        while at < ops.len() {
-            let k = ops[at] as usize * dim;
-            let count = ops[at + 1] as usize;
-            let negatives = &ops[at + 2..at + 2 + count];
-            at += 2 + count;
-            let d2 = unsafe { squared_distance(emb, j, k, dim) };
-            let g = if d2 > 0.0 {
-                let d = d2 as f64;
-                let denominator = d.powf(plan.b).mul_add(plan.a, 1.0);
-                (d.powf(plan.b_minus_one) * plan.attraction) / denominator
-            } else {
-                0.0
-            };
-            for c in 0..dim {
-                let x = unsafe { emb.get(j + c) };
-                let diff = (x - unsafe { emb.get(k + c) }) as f64;
-                let step = alpha * clip(g * diff);
-                unsafe { emb.set(j + c, (x as f64 + step) as f32) };
-                // Read after the write: the tail may be the head itself.
-                let y = unsafe { emb.get(k + c) };
-                unsafe { emb.set(k + c, (y as f64 - step) as f32) };
+/// Phase 3: upstream's epoch body for the run's sampled edges.
+///
+/// # Safety
+/// The CPU has FMA.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "fma"))]
+unsafe fn run_task(plan: &Plan, epoch: usize, head: u32, ops: &[u32], emb: &mut [f32]) {
+    let dim = plan.dim;
+    let alpha = plan.alpha[epoch];
+    let j = head as usize * dim;
+    let mut at = 0;
+    while at < ops.len() {
+        let k = ops[at] as usize * dim;
+        let count = ops[at + 1] as usize;
+        let negatives = &ops[at + 2..at + 2 + count];
+        at += 2 + count;
+        let d2 = squared_distance(emb, j, k, dim);
+        let g = if d2 > 0.0 {
+            let d = d2 as f64;
+            let denominator = d.powf(plan.b).mul_add(plan.a, 1.0);
+            (d.powf(plan.b_minus_one) * plan.attraction) / denominator
+        } else {
+            0.0
+        };
+        for c in 0..dim {
+            let x = emb[j + c];
+            let diff = (x - emb[k + c]) as f64;
+            let step = alpha * clip(g * diff);
+            emb[j + c] = (x as f64 + step) as f32;
+            // Read after the write: the tail may be the head itself.
+            let y = emb[k + c];
+            emb[k + c] = (y as f64 - step) as f32;
+        }
+        for &negative in negatives {
+            let k = negative as usize * dim;
+            let d2 = squared_distance(emb, j, k, dim);
+            if d2 <= 0.0 || d2.is_nan() {
+                continue;
             }
-            for &negative in negatives {
-                let k = negative as usize * dim;
-                let d2 = unsafe { squared_distance(emb, j, k, dim) };
-                if !(d2 > 0.0) {
-                    continue;
-                }
-                let d = d2 as f64;
-                let s = d + 0.001;
-                let g = plan.repulsion / s.mul_add(d.powf(plan.b) * plan.a, s);
-                if !(g > 0.0) {
-                    continue;
-                }
-                for c in 0..dim {
-                    let x = unsafe { emb.get(j + c) };
-                    let diff = (x - unsafe { emb.get(k + c) }) as f64;
-                    unsafe { emb.set(j + c, alpha.mul_add(clip(g * diff), x as f64) as f32) };
-                }
+            let d = d2 as f64;
+            let s = d + 0.001;
+            let g = plan.repulsion / s.mul_add(d.powf(plan.b) * plan.a, s);
+            if g <= 0.0 || g.is_nan() {
+                continue;
+            }
+            for c in 0..dim {
+                let x = emb[j + c];
+                let diff = (x - emb[k + c]) as f64;
+                emb[j + c] = alpha.mul_add(clip(g * diff), x as f64) as f32;
             }
         }
     }
@@ -619,14 +727,11 @@ impl FastMod {
 }
 
 /// umap's `rdist` as numba compiles it below 4 dimensions: an f32 FMA chain.
-///
-/// # Safety
-/// As `State::run`.
 #[inline(always)]
-unsafe fn squared_distance(emb: &SharedSlice<'_, f32>, j: usize, k: usize, dim: usize) -> f32 {
+fn squared_distance(emb: &[f32], j: usize, k: usize, dim: usize) -> f32 {
     let mut sum = 0.0f32;
     for c in 0..dim {
-        let diff = unsafe { emb.get(j + c) - emb.get(k + c) };
+        let diff = emb[j + c] - emb[k + c];
         sum = diff.mul_add(diff, sum);
     }
     sum
@@ -646,7 +751,9 @@ fn clip(t: f64) -> f64 {
 /// x86's CVTTSD2SI: truncation, with i64::MIN for NaN and out-of-range values.
 #[inline(always)]
 fn truncate_cvttsd2si(x: f64) -> i64 {
-    if x >= -9.223_372_036_854_775_808e18 && x < 9.223_372_036_854_775_808e18 {
+    // 2^63: the first value outside i64 (the range's bounds are exact in f64).
+    const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+    if (-LIMIT..LIMIT).contains(&x) {
         x as i64
     } else {
         i64::MIN
@@ -723,11 +830,7 @@ mod tests {
                 .unwrap();
             pool.install(|| optimize(&mut emb, 2, &head, &tail, &eps, &params, threads))
                 .unwrap();
-            eprintln!(
-                "waits {} spins {}",
-                WAITS.swap(0, Ordering::Relaxed),
-                SPINS.swap(0, Ordering::Relaxed)
-            );
+
             let same = emb
                 .iter()
                 .zip(&want)

@@ -240,5 +240,6 @@ pub(crate) fn variant_name(request: &Request) -> &'static str {
         Request::HvgBatchWelford { .. } => "HvgBatchWelford",
         Request::ScaleChunkStats { .. } => "ScaleChunkStats",
         Request::HvgClippedSumsFrom { .. } => "HvgClippedSumsFrom",
+        Request::UmapLayout { .. } => "UmapLayout",
     }
 }

@@ -17,6 +17,7 @@ It exits after ``AUTOZYME_IDLE_TIMEOUT`` seconds without a request (default
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import os
 import socket
@@ -27,7 +28,7 @@ import time
 import traceback
 import warnings
 
-from . import wire
+from . import umap_layout, wire
 
 DEFAULT_IDLE_TIMEOUT_S = 1800
 NICE = 19  # CFS weight 15 against 1024: the user's own calls keep ~98% of a core
@@ -99,7 +100,8 @@ def _run(req: dict) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            _function(req["func"])(a, *req["args"], **req["kwargs"])
+            with umap_layout.served() if req["func"] == "umap" else contextlib.nullcontext():
+                _function(req["func"])(a, *req["args"], **req["kwargs"])
         except Exception as e:  # noqa: BLE001 - upstream's own error: the caller reruns upstream
             return {"ok": False, "kind": "upstream", "error": f"{type(e).__name__}: {e}"}
     out = {"ok": True, "warnings": [(w.category, str(w.message)) for w in caught]}
@@ -140,6 +142,7 @@ def _warm_stage(dtype: str, n: int, with_umap: bool) -> None:
         _function("neighbors")(a, use_rep="X_pca")
         if with_umap:
             _function("umap")(a, maxiter=5)
+            umap_layout.probe(umap_layout.upstream())
 
 
 def _warm() -> None:
