@@ -79,6 +79,11 @@ def test_bit_identical_to_fresh_upstream(warm, upstream_results, index):
     served = fallback.counts()["served"]
     assert served.get("neighbors") == 1, fallback.counts()
     assert served.get("umap", 0) == (case[7] is not None), fallback.counts()
+    if case[7] is not None:  # umap's layout ran in the daemon, not in numba
+        import autozyme
+
+        layouts = autozyme.status()["warm_worker"]["umap_layout"]
+        assert set(layouts) == {"served"}, layouts
     expected = upstream_results()
     assert expected, "the upstream subprocess failed"
     same(got, expected[case[0]], case[0])

@@ -112,6 +112,11 @@ def format_status(st: dict | None = None) -> str:
             f"warm worker (neighbors, umap): pid {w['pid']}, {w['state']}{took}{stage}; "
             f"{w['served']} served, {w['failed']} failed; idle exit after {w['idle_timeout_s']:.0f}s"
         )
+        layouts = w.get("umap_layout") or {}
+        if layouts:
+            others = ", ".join(f"{why} {n}" for why, n in sorted(layouts.items()) if why != "served")
+            lines.append(f"  umap layouts in the daemon: {layouts.get('served', 0)}"
+                         + (f"; upstream's: {others}" if others else ""))
     else:
         lines.append("warm worker (neighbors, umap): not running")
     m = st["shared_memory"]

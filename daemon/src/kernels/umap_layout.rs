@@ -31,9 +31,12 @@
 //! which only that vertex's tasks advance, so a thread can draw them (with the
 //! edges' epoch bookkeeping, which depends on no position) as soon as it takes
 //! the task. Tasks then announce their rows in task order; a task that touches a
-//! row an earlier, still running task writes (or writes a row it reads) waits
-//! for it. Every task therefore sees exactly the coordinates the sequential
-//! order gives it, for any number of threads.
+//! row the other thread's running task writes (or writes a row it reads) waits
+//! for it. Each of the two threads works on its own copy of the embedding and
+//! logs the rows each task wrote; before a task it replays the other's log.
+//! Every task therefore sees exactly the coordinates the sequential order gives
+//! it. (One shared embedding was no faster than one thread: its cache lines
+//! moved between the cores on almost every access. See docs/umap.md.)
 
 use super::SparseIndex;
 use std::cell::UnsafeCell;
@@ -775,6 +778,131 @@ fn tau_rand_int(s: &mut [i64; 3]) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kNN-like graph sorted by head: `k` random tails per vertex, epochs per
+    /// sample from 1 to 20, and a random embedding.
+    fn graph(
+        n: usize,
+        k: usize,
+        dim: usize,
+        seed: u64,
+    ) -> (Vec<f32>, Vec<i32>, Vec<i32>, Vec<f64>) {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        let head: Vec<i32> = (0..n)
+            .flat_map(|v| std::iter::repeat_n(v as i32, k))
+            .collect();
+        let tail: Vec<i32> = head.iter().map(|_| (next() as usize % n) as i32).collect();
+        let epochs: Vec<f64> = head
+            .iter()
+            .map(|_| 1.0 + (next() % 1900) as f64 / 100.0)
+            .collect();
+        let embedding: Vec<f32> = (0..n * dim)
+            .map(|_| (next() % 10_000) as f32 / 997.0)
+            .collect();
+        (embedding, head, tail, epochs)
+    }
+
+    fn params(n_epochs: u64) -> Params {
+        Params {
+            a: 0.583,
+            b: 1.334,
+            gamma: 1.0,
+            initial_alpha: 1.0,
+            negative_sample_rate: 5.0,
+            n_epochs,
+            rng_state: [-631_472_624, 247_551_186, -1_380_708_704],
+        }
+    }
+
+    #[test]
+    fn two_threads_give_what_one_gives() {
+        // Small graphs: the threads' tasks conflict often, so waits and log
+        // replays are exercised as well as the common path.
+        for (n, k, dim, seed) in [
+            (40, 6, 2, 1),
+            (500, 10, 2, 2),
+            (300, 4, 3, 3),
+            (200, 3, 1, 4),
+        ] {
+            let (start, head, tail, epochs) = graph(n, k, dim, seed);
+            let mut one = start.clone();
+            optimize(&mut one, dim, &head, &tail, &epochs, &params(60), 1).unwrap();
+            let mut two = start.clone();
+            optimize(&mut two, dim, &head, &tail, &epochs, &params(60), 2).unwrap();
+            assert_ne!(one, start);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&one), bits(&two), "n {n} k {k} dim {dim}");
+        }
+    }
+
+    #[test]
+    fn calls_outside_the_compiled_arithmetic_are_refused_untouched() {
+        let (start, head, tail, epochs) = graph(30, 3, 2, 5);
+        let refused = |dim: usize, head: &[i32], tail: &[i32], epochs: &[f64], p: Params| {
+            let mut e = start.clone();
+            let why = optimize(&mut e, dim, head, tail, epochs, &p, 2).unwrap_err();
+            assert_eq!(e, start);
+            why
+        };
+        assert!(refused(4, &head[..], &tail[..], &epochs[..], params(5)).contains("dimensions"));
+        let mut unsorted = head.clone();
+        unsorted.swap(0, 40);
+        assert!(refused(2, &unsorted, &tail, &epochs, params(5)).contains("sorted"));
+        let mut outside = tail.clone();
+        outside[3] = 30;
+        assert!(refused(2, &head, &outside, &epochs, params(5)).contains("outside"));
+        let mut small = epochs.clone();
+        small[7] = 0.5;
+        assert!(refused(2, &head, &tail, &small, params(5)).contains("epochs_per_sample"));
+        let negative_a = Params {
+            a: -1.0,
+            ..params(5)
+        };
+        assert!(refused(2, &head, &tail, &epochs, negative_a).contains("negative sample rate"));
+        assert!(refused(2, &head[1..], &tail, &epochs, params(5)).contains("length"));
+    }
+
+    #[test]
+    fn python_modulo_by_multiplication() {
+        for n in [1u32, 2, 3, 7, 50_000, 1 << 31, u32::MAX] {
+            let m = FastMod::new(n);
+            for a in [
+                0i32,
+                1,
+                -1,
+                2,
+                -2,
+                12345,
+                -12345,
+                i32::MAX,
+                i32::MIN,
+                i32::MIN + 1,
+            ] {
+                assert_eq!(
+                    m.python_mod(a) as i64,
+                    (a as i64).rem_euclid(n as i64),
+                    "{a} % {n}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn truncation_as_cvttsd2si() {
+        assert_eq!(truncate_cvttsd2si(2.9), 2);
+        assert_eq!(truncate_cvttsd2si(-2.9), -2);
+        assert_eq!(truncate_cvttsd2si(f64::NAN), i64::MIN);
+        assert_eq!(truncate_cvttsd2si(1e19), i64::MIN);
+        assert_eq!(truncate_cvttsd2si(-1e19), i64::MIN);
+    }
 
     /// The pipeline's 50,000-cell layout saved by a probe script
     /// (`UMAP_BIN=dir`: emb.bin, head.bin, tail.bin, eps.bin, rng.bin, out.bin).

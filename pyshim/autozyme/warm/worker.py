@@ -165,7 +165,8 @@ def _warm() -> None:
 
 def _status(key: str) -> dict:
     return {"pid": os.getpid(), "key": key, "idle_timeout_s": _idle_timeout(),
-            "nice": os.nice(0), **{k: v for k, v in _state.items() if k != "last_request"}}
+            "nice": os.nice(0), "umap_layout": dict(umap_layout.counts),
+            **{k: v for k, v in _state.items() if k != "last_request"}}
 
 
 def _handle(conn: socket.socket, key: str) -> None:
