@@ -171,10 +171,10 @@ impl Plan {
             return Err("the embedding's length is not a multiple of its dimensions".into());
         }
         let n = embedding.len() / dim;
-        if n > u32::MAX as usize
-            || head.len() != tail.len()
-            || head.len() != epochs_per_sample.len()
-        {
+        if n > u32::MAX as usize {
+            return Err(format!("{n} vertices (served: up to 2^32 - 1)"));
+        }
+        if head.len() != tail.len() || head.len() != epochs_per_sample.len() {
             return Err("head, tail and epochs_per_sample differ in length".into());
         }
         let vertex = |v: I| v.to_usize().filter(|&v| v < n).map(|v| v as u32);
@@ -196,10 +196,19 @@ impl Plan {
         }
         let finite = [p.a, p.b, p.gamma, p.initial_alpha, p.negative_sample_rate];
         if finite.iter().any(|v| !v.is_finite()) || p.a <= 0.0 || p.negative_sample_rate <= 0.0 {
-            return Err("a, b, gamma, alpha or the negative sample rate".into());
+            return Err(
+                "a and the negative sample rate must be positive, and a, b, gamma and \
+                 alpha finite"
+                    .into(),
+            );
         }
+        // Bounds on the work a request can ask for (upstream's defaults are 200 or
+        // 500 epochs and 5 negative samples per edge).
         if p.n_epochs > 1 << 20 {
             return Err(format!("{} epochs", p.n_epochs));
+        }
+        if p.negative_sample_rate > 1e4 {
+            return Err(format!("negative sample rate {}", p.negative_sample_rate));
         }
         let mut runs = Vec::new();
         let mut start = 0;
@@ -254,10 +263,11 @@ struct SharedSlice<'a, T> {
 }
 
 // SAFETY: every element is accessed by one thread at a time, as `State::work`
-// arranges: an edge's bookkeeping and a vertex's random state by the thread
-// holding that run's task (tasks of one run are a whole epoch apart, and a
-// thread takes a task at most `threads` ahead of the announcements), and a
-// coordinate by the tasks that announced it, one after another in task order.
+// arranges: a run's block (its edges' epochs, its head's random state) only by
+// the thread holding one of that run's tasks. Those are a whole epoch (4 tasks
+// or more) apart, and a thread cannot take a task before announcing its
+// previous one, which waits for the other thread's previous announcement, so
+// neither thread is more than two tasks ahead of the other.
 unsafe impl<T: Send> Sync for SharedSlice<'_, T> {}
 
 impl<'a, T: Copy> SharedSlice<'a, T> {
@@ -868,6 +878,11 @@ mod tests {
         };
         assert!(refused(2, &head, &tail, &epochs, negative_a).contains("negative sample rate"));
         assert!(refused(2, &head[1..], &tail, &epochs, params(5)).contains("length"));
+        let too_many = Params {
+            negative_sample_rate: 1e5,
+            ..params(5)
+        };
+        assert!(refused(2, &head, &tail, &epochs, too_many).contains("negative sample rate"));
     }
 
     #[test]
