@@ -136,14 +136,15 @@ fn fma_available() -> bool {
 }
 
 /// The validated call: runs of edges, per-edge constants, per-epoch learning rates.
-struct Plan {
+struct Plan<'a> {
     n: usize,
     dim: usize,
     /// `(start, end)` of each run of edges with one head vertex.
     runs: Vec<(usize, usize)>,
     heads: Vec<u32>,
     tails: Vec<u32>,
-    epochs_per_sample: Vec<f64>,
+    /// The caller's, borrowed (read-only; the epochs that move are in the run blocks).
+    epochs_per_sample: &'a [f64],
     epochs_per_negative_sample: Vec<f64>,
     /// Learning rate of each epoch.
     alpha: Vec<f64>,
@@ -155,13 +156,13 @@ struct Plan {
     rng_state: [i64; 3],
 }
 
-impl Plan {
+impl<'a> Plan<'a> {
     fn new<I: SparseIndex>(
         embedding: &[f32],
         dim: usize,
         head: &[I],
         tail: &[I],
-        epochs_per_sample: &[f64],
+        epochs_per_sample: &'a [f64],
         p: &Params,
     ) -> Result<Self, String> {
         if !(1..=MAX_DIM).contains(&dim) {
@@ -233,7 +234,7 @@ impl Plan {
             runs,
             heads,
             tails,
-            epochs_per_sample: epochs_per_sample.to_vec(),
+            epochs_per_sample,
             epochs_per_negative_sample: epochs_per_sample
                 .iter()
                 .map(|e| e / p.negative_sample_rate)
@@ -413,7 +414,7 @@ impl State<'_> {
     /// # Safety
     /// The CPU has FMA; no other thread uses the state.
     #[cfg_attr(target_arch = "x86_64", target_feature(enable = "fma"))]
-    unsafe fn alone(&self, plan: &Plan, embedding: &mut [f32]) {
+    unsafe fn alone(&self, plan: &Plan<'_>, embedding: &mut [f32]) {
         let modulo = FastMod::new(plan.n as u32);
         let mut ops: Vec<u32> = Vec::new();
         for epoch in 0..plan.alpha.len() {
@@ -433,7 +434,7 @@ impl State<'_> {
     /// # Safety
     /// The CPU has FMA; `slot` is 0 or 1, each used by one thread.
     #[cfg_attr(target_arch = "x86_64", target_feature(enable = "fma"))]
-    unsafe fn work(&self, plan: &Plan, slot: usize, start: &[f32]) -> (Vec<f32>, u64) {
+    unsafe fn work(&self, plan: &Plan<'_>, slot: usize, start: &[f32]) -> (Vec<f32>, u64) {
         let _failing = FailGuard(&self.failed);
         let dim = plan.dim;
         let (mine, theirs) = (&self.slots[slot], &self.slots[1 - slot]);
@@ -527,7 +528,7 @@ impl State<'_> {
     #[inline(always)]
     unsafe fn draw(
         &self,
-        plan: &Plan,
+        plan: &Plan<'_>,
         modulo: &FastMod,
         epoch: usize,
         run: usize,
@@ -617,7 +618,7 @@ impl State<'_> {
 /// # Safety
 /// The CPU has FMA.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "fma"))]
-unsafe fn run_task(plan: &Plan, epoch: usize, head: u32, ops: &[u32], emb: &mut [f32]) {
+unsafe fn run_task(plan: &Plan<'_>, epoch: usize, head: u32, ops: &[u32], emb: &mut [f32]) {
     let dim = plan.dim;
     let alpha = plan.alpha[epoch];
     let j = head as usize * dim;

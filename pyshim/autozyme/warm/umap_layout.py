@@ -112,7 +112,9 @@ def layout(original, *args, **kwargs):
 
 
 def _daemon_layout(emb, head, tail, epochs, a, b, gamma, alpha, rate, n_epochs, rng_state):
-    """The daemon's layout, written into ``emb`` only once it succeeded."""
+    """The daemon's layout, written into ``emb`` only once it succeeded: a reply
+    lost after the daemon wrote its result must leave ``emb`` as upstream's
+    function (the fallback) needs it."""
     out = np.array(emb, order="C")
     request = msg("UmapLayout", embedding=shm.peer_ref(out), dim=out.shape[1],
                   head=shm.peer_ref(head), tail=shm.peer_ref(tail),
@@ -120,7 +122,9 @@ def _daemon_layout(emb, head, tail, epochs, a, b, gamma, alpha, rate, n_epochs, 
                   initial_alpha=alpha, negative_sample_rate=rate, n_epochs=n_epochs,
                   rng_state=rng_state.view(np.uint64))
     try:
-        get_client().call(request, retry=True)
+        # Not resent on a broken connection: the daemon may already have moved
+        # `out`, and a second run would start from the moved coordinates.
+        get_client().call(request, retry=False)
     except (DaemonError, DaemonUnavailable) as e:
         raise NotServed(f"daemon: {e}") from e
     emb[...] = out
