@@ -75,32 +75,30 @@ pub fn optimize<I: SparseIndex>(
     if !fma_available() {
         return Err("the CPU has no FMA (numba's code would differ)".into());
     }
-    // Each run's mutable state in a block of its own cache lines (threads
-    // take neighbouring runs): the head's random state (umap's
-    // `rng_state + head_embedding[:, 0].astype(float64).view(int64)`), then per
-    // edge upstream's `epoch_of_next_sample` and `epoch_of_next_negative_sample`.
-    let mut run_base = Vec::with_capacity(plan.runs.len());
-    let mut blocks: Vec<u64> = Vec::new();
-    for &(start, end) in &plan.runs {
-        run_base.push(blocks.len());
+    // The mutable state, as upstream keeps it: per edge `epoch_of_next_sample`
+    // and `epoch_of_next_negative_sample`, per run its head's random state
+    // (umap's `rng_state + head_embedding[:, 0].astype(float64).view(int64)`).
+    // Each epoch reads every edge's next sample, so that array is on its own.
+    let mut next_sample = plan.epochs_per_sample.to_vec();
+    let mut next_negative = plan.epochs_per_negative_sample.clone();
+    let mut rng: Vec<i64> = Vec::with_capacity(3 * plan.runs.len());
+    for &(start, _) in &plan.runs {
         let bits = (embedding[plan.heads[start] as usize * dim] as f64).to_bits() as i64;
-        blocks.extend(plan.rng_state.map(|s| s.wrapping_add(bits) as u64));
-        for i in start..end {
-            blocks.push(plan.epochs_per_sample[i].to_bits());
-            blocks.push(plan.epochs_per_negative_sample[i].to_bits());
-        }
-        blocks.resize(blocks.len().next_multiple_of(8), 0);
+        rng.extend(plan.rng_state.map(|s| s.wrapping_add(bits)));
     }
     let state = State {
-        runs: SharedSlice::new(&mut blocks),
-        run_base,
+        next_sample: SharedSlice::new(&mut next_sample),
+        next_negative: SharedSlice::new(&mut next_negative),
+        rng: SharedSlice::new(&mut rng),
         slots: [Slot::new(dim), Slot::new(dim)],
+        chunk: std::env::var("UMAP_CHUNK").ok().and_then(|v| v.parse().ok()).unwrap_or(CHUNK).min(plan.runs.len() as u64 / 2),
         next: Line(AtomicU64::new(0)),
         announced: Line(AtomicU64::new(0)),
         failed: AtomicBool::new(false),
     };
-    // A run's draws must go in epoch order, so two threads need a few runs.
-    if threads < 2 || plan.runs.len() < 4 {
+    // A run's draws must go in epoch order, so two threads need a few runs
+    // (two chunks an epoch); chunks are numbered in 32 bits.
+    if threads < 2 || plan.runs.len() < 4 || plan.n_tasks() / state.chunk >= u32::MAX as u64 {
         // SAFETY: FMA is available (checked above); one thread.
         unsafe { state.alone(&plan, embedding) };
         return Ok(());
@@ -265,10 +263,11 @@ struct SharedSlice<'a, T> {
 
 // SAFETY: every element is accessed by one thread at a time, as `State::work`
 // arranges: a run's block (its edges' epochs, its head's random state) only by
-// the thread holding one of that run's tasks. Those are a whole epoch (4 tasks
-// or more) apart, and a thread cannot take a task before announcing its
-// previous one, which waits for the other thread's previous announcement, so
-// neither thread is more than two tasks ahead of the other.
+// the thread drawing one of that run's tasks. Those are a whole epoch (two
+// chunks or more) apart, and a thread takes a chunk only after announcing its
+// previous one, which waits for the announcement of the chunk before it: when
+// a chunk is taken, the one two before it has been drawn (and the taking
+// `fetch_add` acquires what its drawing thread released).
 unsafe impl<T: Send> Sync for SharedSlice<'_, T> {}
 
 impl<'a, T: Copy> SharedSlice<'a, T> {
@@ -295,18 +294,17 @@ impl<'a, T: Copy> SharedSlice<'a, T> {
     }
 }
 
-/// What a thread shares with the other: its announced task, and a log of the
-/// rows its finished tasks wrote (each thread works on its own copy of the
+/// What a thread shares with the other: its announced chunk of tasks, and a log
+/// of the rows its finished tasks wrote (each thread works on its own copy of the
 /// embedding and replays the other's log into it: sharing the embedding's cache
 /// lines between two cores costs more than the work).
 struct Slot {
-    /// The task's head and its draws (`draw`'s format), published at the
-    /// announcement; written only by the owner while it announces, read only by
-    /// the other thread while it announces, and announcements take turns.
-    task: UnsafeCell<(u32, Vec<u32>)>,
-    /// Stamp (task number + 1) of the slot's last announced task.
-    current: Line<AtomicU64>,
-    /// Stamp of the slot's last finished task (its log written first).
+    /// The slot's last announced chunk; written only by the owner while it
+    /// announces, read only by the other thread while it announces, and
+    /// announcements take turns.
+    chunk: UnsafeCell<Chunk>,
+    /// Stamp (task number + 1) of the slot's last finished task (its log written
+    /// first).
     done: Line<AtomicU64>,
     /// A ring of `LOG` entries: the row, then its `dim` coordinates' bits.
     log: Vec<AtomicU32>,
@@ -315,19 +313,51 @@ struct Slot {
     replayed: Line<AtomicU64>,
 }
 
+/// Consecutive tasks taken, drawn and announced together: what each costs in
+/// handing over between the cores (a few cache lines) is paid once for all of
+/// them. Tasks wait only for the other thread's tasks they conflict with, so a
+/// larger chunk makes few tasks wait.
+const CHUNK: u64 = 16;
+
 /// Entries in a slot's log; a thread waits (replaying the other's) when its own
 /// is this far ahead of the other thread.
 const LOG: u64 = 1 << 14;
 
-// SAFETY: `task` is accessed as its comment says, announcements ordered by
+/// No task of the chunk (in a mark's first-writer field).
+const NONE: u64 = 0xFFFF;
+
+/// The drawn tasks of a chunk: per task its head and its ops (`draw`'s format).
+#[derive(Default)]
+struct Chunk {
+    /// Number of the chunk's first task.
+    first: u64,
+    heads: Vec<u32>,
+    /// End of each task's ops in `ops`.
+    ends: Vec<usize>,
+    ops: Vec<u32>,
+}
+
+impl Chunk {
+    fn len(&self) -> usize {
+        self.heads.len()
+    }
+    fn rows(&self, j: usize) -> Rows<'_> {
+        let start = if j == 0 { 0 } else { self.ends[j - 1] };
+        Rows {
+            head: self.heads[j],
+            ops: &self.ops[start..self.ends[j]],
+        }
+    }
+}
+
+// SAFETY: `chunk` is accessed as its comment says, announcements ordered by
 // `State::announced` (release/acquire).
 unsafe impl Sync for Slot {}
 
 impl Slot {
     fn new(dim: usize) -> Self {
         Slot {
-            task: UnsafeCell::new((0, Vec::new())),
-            current: Line(AtomicU64::new(0)),
+            chunk: UnsafeCell::new(Chunk::default()),
             done: Line(AtomicU64::new(0)),
             log: (0..LOG as usize * (1 + dim))
                 .map(|_| AtomicU32::new(0))
@@ -353,11 +383,15 @@ impl Slot {
 }
 
 struct State<'a> {
-    /// Per run, from `run_base`: the head's random state and the edges' epochs.
-    runs: SharedSlice<'a, u64>,
-    run_base: Vec<usize>,
+    /// Per edge, the epoch of its next sample and of its next negative samples.
+    next_sample: SharedSlice<'a, f64>,
+    next_negative: SharedSlice<'a, f64>,
+    /// Per run, its head's random state (three words).
+    rng: SharedSlice<'a, i64>,
     slots: [Slot; 2],
-    /// Next task to take, and the number of tasks announced (own cache lines:
+    /// Tasks in a chunk (a run's tasks of two epochs must be two chunks apart).
+    chunk: u64,
+    /// Next chunk to take, and the number of chunks announced (own cache lines:
     /// both threads write them).
     next: Line<AtomicU64>,
     announced: Line<AtomicU64>,
@@ -419,6 +453,7 @@ impl State<'_> {
         let mut ops: Vec<u32> = Vec::new();
         for epoch in 0..plan.alpha.len() {
             for run in 0..plan.runs.len() {
+                ops.clear();
                 unsafe {
                     self.draw(plan, &modulo, epoch, run, &mut ops);
                     run_task(plan, epoch, plan.heads[plan.runs[run].0], &ops, embedding);
@@ -427,9 +462,9 @@ impl State<'_> {
         }
     }
 
-    /// One of the two threads: takes tasks in order until none is left, on its
-    /// own copy of the embedding. Returns the copy and how much of the other
-    /// thread's log it holds.
+    /// One of the two threads: takes chunks of tasks in order until none is
+    /// left, on its own copy of the embedding. Returns the copy and how much of
+    /// the other thread's log it holds.
     ///
     /// # Safety
     /// The CPU has FMA; `slot` is 0 or 1, each used by one thread.
@@ -443,69 +478,102 @@ impl State<'_> {
         let n_runs = plan.runs.len() as u64;
         let total = plan.n_tasks();
         let modulo = FastMod::new(plan.n as u32);
-        // Per sampled edge: its tail, the number of negative samples, the samples.
-        let mut ops: Vec<u32> = Vec::new();
-        // Per vertex: `task << 1 | writes` of this thread's last task touching it
-        // (low 32 bits: a stale mark equal by chance only makes a task wait).
-        let mut marks = vec![u32::MAX; plan.n];
+        // The chunk being drawn (swapped with the published one at announcing).
+        let mut draft = Chunk::default();
+        // Per vertex, for this thread's last chunk touching it: `chunk + 1` in
+        // the high 32 bits, then the first of its tasks touching the row and the
+        // first writing it (`NONE`), 16 bits each.
+        let mut marks = vec![0u64; plan.n];
+        // Per task of the chunk: the other thread's `done` it waits for.
+        let mut needs: Vec<u64> = Vec::new();
         let mut written = 0u64;
+        // The other thread's `replayed` as last read (room in the log).
+        let mut room = LOG;
         loop {
-            let task = self.next.fetch_add(1, Ordering::Relaxed);
-            if task >= total {
+            let chunk = self.next.fetch_add(1, Ordering::AcqRel);
+            let first = chunk * self.chunk;
+            if first >= total {
                 return (local, replayed);
             }
-            let (epoch, run) = ((task / n_runs) as usize, (task % n_runs) as usize);
-            let head = plan.heads[plan.runs[run].0];
-            // SAFETY: this thread holds the task (module comment).
-            unsafe { self.draw(plan, &modulo, epoch, run, &mut ops) };
-            let stamp32 = (task as u32) << 1;
-            Rows { head, ops: &ops }.each(|v, writes| {
-                // A row both read and written keeps its write bit.
-                let mark = &mut marks[v as usize];
-                let kept = if *mark & !1 == stamp32 { *mark & 1 } else { 0 };
-                *mark = stamp32 | kept | writes as u32;
-            });
+            let end = (first + self.chunk).min(total);
+            draft.first = first;
+            draft.heads.clear();
+            draft.ends.clear();
+            draft.ops.clear();
+            // Chunk numbers fit in 32 bits (`optimize`).
+            let stamp = chunk + 1;
+            for task in first..end {
+                let (epoch, run) = ((task / n_runs) as usize, (task % n_runs) as usize);
+                let head = plan.heads[plan.runs[run].0];
+                let from = draft.ops.len();
+                // SAFETY: this thread holds the task (module comment).
+                unsafe { self.draw(plan, &modulo, epoch, run, &mut draft.ops) };
+                let j = draft.heads.len() as u64;
+                draft.heads.push(head);
+                draft.ends.push(draft.ops.len());
+                Rows {
+                    head,
+                    ops: &draft.ops[from..],
+                }
+                .each(|v, writes| {
+                    let mark = &mut marks[v as usize];
+                    if *mark >> 32 != stamp {
+                        *mark = stamp << 32 | j << 16 | if writes { j } else { NONE };
+                    } else if writes && *mark & NONE == NONE {
+                        *mark = *mark & !NONE | j;
+                    }
+                });
+            }
             let mut catch_up = |local: &mut Vec<f32>| {
                 replayed = theirs.replay(local, replayed, dim);
                 mine.replayed.store(replayed, Ordering::Release);
             };
             wait_for(
                 &self.failed,
-                || self.announced.load(Ordering::Acquire) == task,
+                || self.announced.load(Ordering::Acquire) == chunk,
                 || catch_up(&mut local),
             );
             // SAFETY: announcements take turns (`announced`): no other thread
-            // reads or writes a slot's task now.
-            let wait = unsafe { self.announce(slot, task, head, &mut ops, &marks) };
-            self.announced.store(task + 1, Ordering::Release);
-            if let Some(until) = wait {
-                wait_for(
-                    &self.failed,
-                    || theirs.done.load(Ordering::Acquire) >= until,
-                    || catch_up(&mut local),
-                );
-            }
-            // Every finished task of the other thread is in its log: replayed,
-            // this copy holds what the sequential order gives this task's rows.
+            // reads or writes a slot's chunk now.
+            unsafe { self.announce(slot, &mut draft, &marks, stamp, &mut needs) };
+            self.announced.store(chunk + 1, Ordering::Release);
+            // The other thread's earlier chunks are finished and in its log.
+            let mut seen = theirs.done.load(Ordering::Acquire);
             catch_up(&mut local);
-            // SAFETY: the slot's task changes only at this thread's next
+            // SAFETY: the slot's chunk changes only at this thread's next
             // announcement.
-            let (head, published) = unsafe { &*mine.task.get() };
-            unsafe { run_task(plan, epoch, *head, published, &mut local) };
-            // Log the rows written (the head, the sampled edges' tails).
-            let rows = Rows {
-                head: *head,
-                ops: published,
-            };
-            let mut count = 0u64;
-            rows.each(|_, writes| count += writes as u64);
-            wait_for(
-                &self.failed,
-                || written + count <= theirs.replayed.load(Ordering::Acquire) + LOG,
-                || catch_up(&mut local),
-            );
-            rows.each(|v, writes| {
-                if writes {
+            let published = unsafe { &*mine.chunk.get() };
+            for (j, &need) in needs.iter().enumerate() {
+                if need > seen {
+                    wait_for(
+                        &self.failed,
+                        || theirs.done.load(Ordering::Acquire) >= need,
+                        || catch_up(&mut local),
+                    );
+                    // Every task the wait was for is in the other's log.
+                    seen = theirs.done.load(Ordering::Acquire);
+                    catch_up(&mut local);
+                }
+                let task = published.first + j as u64;
+                let rows = published.rows(j);
+                let epoch = (task / n_runs) as usize;
+                unsafe { run_task(plan, epoch, rows.head, rows.ops, &mut local) };
+                // Log the rows written (the head, the sampled edges' tails).
+                rows.each(|v, writes| {
+                    if !writes {
+                        return;
+                    }
+                    if written >= room {
+                        // Full: publish what is there and wait for the other
+                        // thread to replay some.
+                        mine.written.store(written, Ordering::Release);
+                        wait_for(
+                            &self.failed,
+                            || written < theirs.replayed.load(Ordering::Acquire) + LOG,
+                            || catch_up(&mut local),
+                        );
+                        room = theirs.replayed.load(Ordering::Acquire) + LOG;
+                    }
                     let at = (written % LOG) as usize * (1 + dim);
                     mine.log[at].store(v, Ordering::Relaxed);
                     for c in 0..dim {
@@ -513,15 +581,16 @@ impl State<'_> {
                             .store(local[v as usize * dim + c].to_bits(), Ordering::Relaxed);
                     }
                     written += 1;
-                }
-            });
-            mine.written.store(written, Ordering::Release);
-            mine.done.store(task + 1, Ordering::Release);
+                });
+                mine.written.store(written, Ordering::Release);
+                mine.done.store(task + 1, Ordering::Release);
+            }
         }
     }
 
     /// Phase 1, positions not needed: which of the run's edges the epoch samples,
-    /// their negative samples, and the edges' bookkeeping for later epochs.
+    /// their negative samples, and the edges' bookkeeping for later epochs;
+    /// appended to `ops`.
     ///
     /// # Safety
     /// The calling thread holds the task (its run's edges and head's random state).
@@ -534,25 +603,19 @@ impl State<'_> {
         run: usize,
         ops: &mut Vec<u32>,
     ) {
-        ops.clear();
         let (start, end) = plan.runs[run];
         let now = epoch as f64;
-        let base = self.run_base[run];
-        let mut rng = unsafe { [0, 1, 2].map(|c| self.runs.get(base + c) as i64) };
-        let edge = |i: usize| base + 3 + 2 * (i - start);
+        let mut rng = unsafe { [0, 1, 2].map(|c| self.rng.get(3 * run + c)) };
         for i in start..end {
-            let next = unsafe { f64::from_bits(self.runs.get(edge(i))) };
+            let next = unsafe { self.next_sample.get(i) };
             // `if epoch_of_next_sample[i] <= n` (false for NaN).
             if now < next || next.is_nan() {
                 continue;
             }
             ops.push(plan.tails[i]);
-            unsafe {
-                self.runs
-                    .set(edge(i), (plan.epochs_per_sample[i] + next).to_bits())
-            };
+            unsafe { self.next_sample.set(i, plan.epochs_per_sample[i] + next) };
             let per_negative = plan.epochs_per_negative_sample[i];
-            let next_negative = unsafe { f64::from_bits(self.runs.get(edge(i) + 1)) };
+            let next_negative = unsafe { self.next_negative.get(i) };
             let count = truncate_cvttsd2si((now - next_negative) / per_negative);
             let slot = ops.len();
             ops.push(0);
@@ -563,53 +626,60 @@ impl State<'_> {
             }
             ops[slot] = drawn;
             let moved = per_negative.mul_add(count as f64, next_negative);
-            unsafe { self.runs.set(edge(i) + 1, moved.to_bits()) };
+            unsafe { self.next_negative.set(i, moved) };
         }
-        for (c, w) in rng.iter().enumerate() {
-            unsafe { self.runs.set(base + c, *w as u64) };
+        for (c, w) in rng.into_iter().enumerate() {
+            unsafe { self.rng.set(3 * run + c, w) };
         }
     }
 
-    /// Phase 2, in task order: whether the other thread's running task writes a
-    /// row this task touches or touches a row it writes (`marks` holds this
-    /// task's rows): then this task waits for its stamp. Publishes this task.
+    /// Phase 2, in chunk order: for each task of this chunk, the other thread's
+    /// `done` stamp it waits for: that of the last task of the other's running
+    /// chunk that writes a row the task touches or touches a row it writes
+    /// (`marks` holds this chunk's first task touching and first task writing
+    /// each row), made cumulative since the tasks run in order. Publishes the
+    /// chunk.
     ///
     /// # Safety
     /// No other thread announces meanwhile.
     unsafe fn announce(
         &self,
         slot: usize,
-        task: u64,
-        head: u32,
-        ops: &mut Vec<u32>,
-        marks: &[u32],
-    ) -> Option<u64> {
-        let stamp = task as u32;
+        draft: &mut Chunk,
+        marks: &[u64],
+        stamp: u64,
+        needs: &mut Vec<u64>,
+    ) {
+        needs.clear();
+        needs.resize(draft.len(), 0);
         let theirs = &self.slots[1 - slot];
-        let running = theirs.current.load(Ordering::Relaxed);
-        let mut wait = None;
-        if !ops.is_empty() && theirs.done.load(Ordering::Acquire) < running {
-            // SAFETY: as the function's.
-            let (their_head, their_ops) = unsafe { &*theirs.task.get() };
-            let conflict = Rows {
-                head: *their_head,
-                ops: their_ops,
-            }
-            .any(|v, writes| {
-                let mark = marks[v as usize];
-                mark & !1 == stamp << 1 && (writes || mark & 1 == 1)
-            });
-            if conflict {
-                wait = Some(running);
-            }
-        }
-        let mine = &self.slots[slot];
         // SAFETY: as the function's.
-        let published = unsafe { &mut *mine.task.get() };
-        published.0 = head;
-        std::mem::swap(&mut published.1, ops);
-        mine.current.store(task + 1, Ordering::Relaxed);
-        wait
+        let their = unsafe { &*theirs.chunk.get() };
+        // Their tasks before `done` are finished (and their earlier chunks).
+        let done = theirs.done.load(Ordering::Acquire);
+        for i in done.saturating_sub(their.first) as usize..their.len() {
+            let need = their.first + i as u64 + 1;
+            their.rows(i).each(|v, writes| {
+                let mark = marks[v as usize];
+                if mark >> 32 != stamp {
+                    return;
+                }
+                // They write: my first task touching the row waits; they read:
+                // my first task writing it.
+                let j = if writes { mark >> 16 & NONE } else { mark & NONE };
+                if j != NONE {
+                    needs[j as usize] = needs[j as usize].max(need);
+                }
+            });
+        }
+        let mut latest = 0;
+        for need in needs.iter_mut() {
+            latest = latest.max(*need);
+            *need = latest;
+        }
+        // SAFETY: as the function's.
+        let published = unsafe { &mut *self.slots[slot].chunk.get() };
+        std::mem::swap(published, draft);
     }
 }
 
