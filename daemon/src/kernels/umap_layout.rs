@@ -450,14 +450,42 @@ impl State<'_> {
     #[cfg_attr(target_arch = "x86_64", target_feature(enable = "fma"))]
     unsafe fn alone(&self, plan: &Plan<'_>, embedding: &mut [f32]) {
         let modulo = FastMod::new(plan.n as u32);
-        let mut ops: Vec<u32> = Vec::new();
-        for epoch in 0..plan.alpha.len() {
-            for run in 0..plan.runs.len() {
-                ops.clear();
-                unsafe {
-                    self.draw(plan, &modulo, epoch, run, &mut ops);
-                    run_task(plan, epoch, plan.heads[plan.runs[run].0], &ops, embedding);
-                }
+        let n_runs = plan.runs.len() as u64;
+        let head = |task: u64| plan.heads[plan.runs[(task % n_runs) as usize].0];
+        let (mut ops, mut next_ops): (Vec<u32>, Vec<u32>) = (Vec::new(), Vec::new());
+        let mut seen = vec![0u64; plan.n];
+        let mut stamp = 0u64;
+        let total = plan.n_tasks();
+        let mut drawn = false;
+        let mut task = 0;
+        // Draws stay in task order: a task's draw before the next one's.
+        let draw = |task: u64, ops: &mut Vec<u32>| {
+            ops.clear();
+            let (epoch, run) = ((task / n_runs) as usize, (task % n_runs) as usize);
+            unsafe { self.draw(plan, &modulo, epoch, run, ops) };
+        };
+        while task < total {
+            if !drawn {
+                draw(task, &mut ops);
+            }
+            let a = Lane::new(plan, task, head(task), &ops);
+            if task + 1 == total {
+                unsafe { run_tasks(plan, a, None, embedding) };
+                break;
+            }
+            draw(task + 1, &mut next_ops);
+            let (ra, rb) = (
+                Rows { head: head(task), ops: &ops },
+                Rows { head: head(task + 1), ops: &next_ops },
+            );
+            if !conflict(&ra, &rb, &mut seen, &mut stamp) {
+                let b = Lane::new(plan, task + 1, head(task + 1), &next_ops);
+                unsafe { run_tasks(plan, a, Some(b), embedding) };
+                (drawn, task) = (false, task + 2);
+            } else {
+                unsafe { run_tasks(plan, a, None, embedding) };
+                std::mem::swap(&mut ops, &mut next_ops);
+                (drawn, task) = (true, task + 1);
             }
         }
     }
@@ -486,6 +514,9 @@ impl State<'_> {
         let mut marks = vec![0u64; plan.n];
         // Per task of the chunk: the other thread's `done` it waits for.
         let mut needs: Vec<u64> = Vec::new();
+        // Scratch of `conflict` for pairing the chunk's tasks.
+        let mut pair_seen = vec![0u64; plan.n];
+        let mut pair_stamp = 0u64;
         let mut written = 0u64;
         // The other thread's `replayed` as last read (room in the log).
         let mut room = LOG;
@@ -543,7 +574,9 @@ impl State<'_> {
             // SAFETY: the slot's chunk changes only at this thread's next
             // announcement.
             let published = unsafe { &*mine.chunk.get() };
-            for (j, &need) in needs.iter().enumerate() {
+            let mut j = 0;
+            while j < published.len() {
+                let need = needs[j];
                 if need > seen {
                     wait_for(
                         &self.failed,
@@ -556,34 +589,45 @@ impl State<'_> {
                 }
                 let task = published.first + j as u64;
                 let rows = published.rows(j);
-                let epoch = (task / n_runs) as usize;
-                unsafe { run_task(plan, epoch, rows.head, rows.ops, &mut local) };
-                // Log the rows written (the head, the sampled edges' tails).
-                rows.each(|v, writes| {
-                    if !writes {
-                        return;
-                    }
-                    if written >= room {
-                        // Full: publish what is there and wait for the other
-                        // thread to replay some.
-                        mine.written.store(written, Ordering::Release);
-                        wait_for(
-                            &self.failed,
-                            || written < theirs.replayed.load(Ordering::Acquire) + LOG,
-                            || catch_up(&mut local),
-                        );
-                        room = theirs.replayed.load(Ordering::Acquire) + LOG;
-                    }
-                    let at = (written % LOG) as usize * (1 + dim);
-                    mine.log[at].store(v, Ordering::Relaxed);
-                    for c in 0..dim {
-                        mine.log[at + 1 + c]
-                            .store(local[v as usize * dim + c].to_bits(), Ordering::Relaxed);
-                    }
-                    written += 1;
+                let a = Lane::new(plan, task, rows.head, rows.ops);
+                // The next task alongside, unless it waits or conflicts.
+                let pair = j + 1 < published.len()
+                    && needs[j + 1] <= seen
+                    && !conflict(&rows, &published.rows(j + 1), &mut pair_seen, &mut pair_stamp);
+                let b = pair.then(|| {
+                    let rows = published.rows(j + 1);
+                    Lane::new(plan, task + 1, rows.head, rows.ops)
                 });
+                unsafe { run_tasks(plan, a, b, &mut local) };
+                // Log the rows written (the heads, the sampled edges' tails).
+                for ran in j..=j + pair as usize {
+                    published.rows(ran).each(|v, writes| {
+                        if !writes {
+                            return;
+                        }
+                        if written >= room {
+                            // Full: publish what is there and wait for the other
+                            // thread to replay some.
+                            mine.written.store(written, Ordering::Release);
+                            wait_for(
+                                &self.failed,
+                                || written < theirs.replayed.load(Ordering::Acquire) + LOG,
+                                || catch_up(&mut local),
+                            );
+                            room = theirs.replayed.load(Ordering::Acquire) + LOG;
+                        }
+                        let at = (written % LOG) as usize * (1 + dim);
+                        mine.log[at].store(v, Ordering::Relaxed);
+                        for c in 0..dim {
+                            mine.log[at + 1 + c]
+                                .store(local[v as usize * dim + c].to_bits(), Ordering::Relaxed);
+                        }
+                        written += 1;
+                    });
+                }
+                j += 1 + pair as usize;
                 mine.written.store(written, Ordering::Release);
-                mine.done.store(task + 1, Ordering::Release);
+                mine.done.store(published.first + j as u64, Ordering::Release);
             }
         }
     }
@@ -683,22 +727,66 @@ impl State<'_> {
     }
 }
 
-/// Phase 3: upstream's epoch body for the run's sampled edges.
-///
-/// # Safety
-/// The CPU has FMA.
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "fma"))]
-unsafe fn run_task(plan: &Plan<'_>, epoch: usize, head: u32, ops: &[u32], emb: &mut [f32]) {
-    let dim = plan.dim;
-    let alpha = plan.alpha[epoch];
-    let j = head as usize * dim;
-    let mut at = 0;
-    while at < ops.len() {
-        let k = ops[at] as usize * dim;
-        let count = ops[at + 1] as usize;
-        let negatives = &ops[at + 2..at + 2 + count];
-        at += 2 + count;
-        let d2 = squared_distance(emb, j, k, dim);
+/// Phase 3: upstream's epoch body for a task's sampled edges, one link at a
+/// time: an edge's attraction, or one of its negative samples. Each link waits
+/// for the previous one's result (mostly `pow`'s latency), so two tasks that do
+/// not conflict run interleaved, each one's links filling the other's waits.
+struct Lane<'o> {
+    head: usize,
+    ops: &'o [u32],
+    alpha: f64,
+    /// Next edge in `ops`, and the current edge's negative samples still to do.
+    at: usize,
+    negative: usize,
+    negatives_end: usize,
+}
+
+impl<'o> Lane<'o> {
+    fn new(plan: &Plan<'_>, task: u64, head: u32, ops: &'o [u32]) -> Self {
+        Lane {
+            head: head as usize,
+            ops,
+            alpha: plan.alpha[(task / plan.runs.len() as u64) as usize],
+            at: 0,
+            negative: 0,
+            negatives_end: 0,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.negative == self.negatives_end && self.at == self.ops.len()
+    }
+
+    /// The next link.
+    #[inline(always)]
+    fn step<const D: usize>(&mut self, plan: &Plan<'_>, emb: &mut [f32]) {
+        let (j, alpha) = (self.head * D, self.alpha);
+        if self.negative < self.negatives_end {
+            let k = self.ops[self.negative] as usize * D;
+            self.negative += 1;
+            let d2 = squared_distance::<D>(emb, j, k);
+            if d2 <= 0.0 || d2.is_nan() {
+                return;
+            }
+            let d = d2 as f64;
+            let s = d + 0.001;
+            let g = plan.repulsion / s.mul_add(d.powf(plan.b) * plan.a, s);
+            if g <= 0.0 || g.is_nan() {
+                return;
+            }
+            for c in 0..D {
+                let x = emb[j + c];
+                let diff = (x - emb[k + c]) as f64;
+                emb[j + c] = alpha.mul_add(clip(g * diff), x as f64) as f32;
+            }
+            return;
+        }
+        let k = self.ops[self.at] as usize * D;
+        let count = self.ops[self.at + 1] as usize;
+        self.negative = self.at + 2;
+        self.negatives_end = self.negative + count;
+        self.at = self.negatives_end;
+        let d2 = squared_distance::<D>(emb, j, k);
         let g = if d2 > 0.0 {
             let d = d2 as f64;
             let denominator = d.powf(plan.b).mul_add(plan.a, 1.0);
@@ -706,7 +794,7 @@ unsafe fn run_task(plan: &Plan<'_>, epoch: usize, head: u32, ops: &[u32], emb: &
         } else {
             0.0
         };
-        for c in 0..dim {
+        for c in 0..D {
             let x = emb[j + c];
             let diff = (x - emb[k + c]) as f64;
             let step = alpha * clip(g * diff);
@@ -715,25 +803,55 @@ unsafe fn run_task(plan: &Plan<'_>, epoch: usize, head: u32, ops: &[u32], emb: &
             let y = emb[k + c];
             emb[k + c] = (y as f64 - step) as f32;
         }
-        for &negative in negatives {
-            let k = negative as usize * dim;
-            let d2 = squared_distance(emb, j, k, dim);
-            if d2 <= 0.0 || d2.is_nan() {
-                continue;
-            }
-            let d = d2 as f64;
-            let s = d + 0.001;
-            let g = plan.repulsion / s.mul_add(d.powf(plan.b) * plan.a, s);
-            if g <= 0.0 || g.is_nan() {
-                continue;
-            }
-            for c in 0..dim {
-                let x = emb[j + c];
-                let diff = (x - emb[k + c]) as f64;
-                emb[j + c] = alpha.mul_add(clip(g * diff), x as f64) as f32;
-            }
+    }
+}
+
+/// Runs task `a`, or `a` then `b` interleaved: `b` must touch no row `a` writes
+/// and write no row `a` touches, so that each sees what the order `a`, `b` gives.
+///
+/// # Safety
+/// The CPU has FMA.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "fma"))]
+unsafe fn run_tasks(plan: &Plan<'_>, a: Lane<'_>, b: Option<Lane<'_>>, emb: &mut [f32]) {
+    match plan.dim {
+        1 => run_lanes::<1>(plan, a, b, emb),
+        2 => run_lanes::<2>(plan, a, b, emb),
+        _ => run_lanes::<3>(plan, a, b, emb),
+    }
+}
+
+#[inline(always)]
+fn run_lanes<const D: usize>(plan: &Plan<'_>, mut a: Lane<'_>, b: Option<Lane<'_>>, emb: &mut [f32]) {
+    if let Some(mut b) = b {
+        while !a.done() && !b.done() {
+            a.step::<D>(plan, emb);
+            b.step::<D>(plan, emb);
+        }
+        while !b.done() {
+            b.step::<D>(plan, emb);
         }
     }
+    while !a.done() {
+        a.step::<D>(plan, emb);
+    }
+}
+
+/// Whether two tasks conflict: one writes a row the other touches. `seen` is
+/// per-vertex scratch, `stamp` its last stamp.
+fn conflict(a: &Rows<'_>, b: &Rows<'_>, seen: &mut [u64], stamp: &mut u64) -> bool {
+    if a.ops.is_empty() || b.ops.is_empty() {
+        return false;
+    }
+    *stamp += 1;
+    let mark = *stamp << 1;
+    a.each(|v, writes| {
+        let s = &mut seen[v as usize];
+        *s = if *s & !1 == mark { *s | writes as u64 } else { mark | writes as u64 };
+    });
+    b.any(|v, writes| {
+        let s = seen[v as usize];
+        s & !1 == mark && (writes || s & 1 == 1)
+    })
 }
 
 /// The rows a task touches: its head and positive tails (written), its negative
@@ -812,9 +930,9 @@ impl FastMod {
 
 /// umap's `rdist` as numba compiles it below 4 dimensions: an f32 FMA chain.
 #[inline(always)]
-fn squared_distance(emb: &[f32], j: usize, k: usize, dim: usize) -> f32 {
+fn squared_distance<const D: usize>(emb: &[f32], j: usize, k: usize) -> f32 {
     let mut sum = 0.0f32;
-    for c in 0..dim {
+    for c in 0..D {
         let diff = emb[j + c] - emb[k + c];
         sum = diff.mul_add(diff, sum);
     }
