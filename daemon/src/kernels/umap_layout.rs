@@ -319,6 +319,10 @@ struct Slot {
 /// larger chunk makes few tasks wait.
 const CHUNK: u64 = 16;
 
+/// Most tasks run interleaved by one thread (each lane's links wait on `pow`;
+/// three fill those waits about as far as the CPU's other limits allow).
+const LANES: usize = 3;
+
 /// Entries in a slot's log; a thread waits (replaying the other's) when its own
 /// is this far ahead of the other thread.
 const LOG: u64 = 1 << 14;
@@ -341,6 +345,40 @@ impl Chunk {
     fn len(&self) -> usize {
         self.heads.len()
     }
+    /// Task `j`'s lane.
+    fn lane(&self, plan: &Plan<'_>, j: usize) -> Lane<'_> {
+        let rows = self.rows(j);
+        Lane::new(plan, self.first + j as u64, rows.head, rows.ops)
+    }
+
+    /// How many tasks from `j` (at most `most`) can run interleaved: none
+    /// writes a row another touches. `seen` is per-vertex scratch, `stamp` its
+    /// last stamp.
+    fn group(&self, j: usize, most: usize, seen: &mut [u64], stamp: &mut u64) -> usize {
+        *stamp += 1;
+        let mark = *stamp << 1;
+        let add = |rows: &Rows<'_>, seen: &mut [u64]| {
+            rows.each(|v, writes| {
+                let s = &mut seen[v as usize];
+                *s = if *s & !1 == mark { *s } else { mark } | writes as u64;
+            })
+        };
+        add(&self.rows(j), seen);
+        let mut k = 1;
+        while k < most && j + k < self.len() {
+            let rows = self.rows(j + k);
+            if rows.any(|v, writes| {
+                let s = seen[v as usize];
+                s & !1 == mark && (writes || s & 1 == 1)
+            }) {
+                break;
+            }
+            add(&rows, seen);
+            k += 1;
+        }
+        k
+    }
+
     fn rows(&self, j: usize) -> Rows<'_> {
         let start = if j == 0 { 0 } else { self.ends[j - 1] };
         Rows {
@@ -443,50 +481,55 @@ fn wait_for(failed: &AtomicBool, ready: impl Fn() -> bool, mut meanwhile: impl F
 }
 
 impl State<'_> {
-    /// The whole optimisation on the calling thread.
+    /// The whole optimisation on the calling thread, chunk by chunk, tasks in
+    /// groups that run interleaved.
     ///
     /// # Safety
     /// The CPU has FMA; no other thread uses the state.
     #[cfg_attr(target_arch = "x86_64", target_feature(enable = "fma"))]
     unsafe fn alone(&self, plan: &Plan<'_>, embedding: &mut [f32]) {
         let modulo = FastMod::new(plan.n as u32);
-        let n_runs = plan.runs.len() as u64;
-        let head = |task: u64| plan.heads[plan.runs[(task % n_runs) as usize].0];
-        let (mut ops, mut next_ops): (Vec<u32>, Vec<u32>) = (Vec::new(), Vec::new());
+        let total = plan.n_tasks();
         let mut seen = vec![0u64; plan.n];
         let mut stamp = 0u64;
-        let total = plan.n_tasks();
-        let mut drawn = false;
-        let mut task = 0;
-        // Draws stay in task order: a task's draw before the next one's.
-        let draw = |task: u64, ops: &mut Vec<u32>| {
-            ops.clear();
+        let mut chunk = Chunk::default();
+        let mut first = 0;
+        while first < total {
+            let end = (first + CHUNK).min(total);
+            // SAFETY: one thread, drawing in task order.
+            unsafe { self.draw_chunk(plan, &modulo, first..end, &mut chunk) };
+            let mut j = 0;
+            while j < chunk.len() {
+                let k = chunk.group(j, LANES, &mut seen, &mut stamp);
+                unsafe { run_group(plan, &chunk, j, k, embedding) };
+                j += k;
+            }
+            first = end;
+        }
+    }
+
+    /// Draws tasks `tasks` into `chunk` (replacing what it held).
+    ///
+    /// # Safety
+    /// As `draw`'s, for each task.
+    #[inline(always)]
+    unsafe fn draw_chunk(
+        &self,
+        plan: &Plan<'_>,
+        modulo: &FastMod,
+        tasks: std::ops::Range<u64>,
+        chunk: &mut Chunk,
+    ) {
+        let n_runs = plan.runs.len() as u64;
+        chunk.first = tasks.start;
+        chunk.heads.clear();
+        chunk.ends.clear();
+        chunk.ops.clear();
+        for task in tasks {
             let (epoch, run) = ((task / n_runs) as usize, (task % n_runs) as usize);
-            unsafe { self.draw(plan, &modulo, epoch, run, ops) };
-        };
-        while task < total {
-            if !drawn {
-                draw(task, &mut ops);
-            }
-            let a = Lane::new(plan, task, head(task), &ops);
-            if task + 1 == total {
-                unsafe { run_tasks(plan, a, None, embedding) };
-                break;
-            }
-            draw(task + 1, &mut next_ops);
-            let (ra, rb) = (
-                Rows { head: head(task), ops: &ops },
-                Rows { head: head(task + 1), ops: &next_ops },
-            );
-            if !conflict(&ra, &rb, &mut seen, &mut stamp) {
-                let b = Lane::new(plan, task + 1, head(task + 1), &next_ops);
-                unsafe { run_tasks(plan, a, Some(b), embedding) };
-                (drawn, task) = (false, task + 2);
-            } else {
-                unsafe { run_tasks(plan, a, None, embedding) };
-                std::mem::swap(&mut ops, &mut next_ops);
-                (drawn, task) = (true, task + 1);
-            }
+            unsafe { self.draw(plan, modulo, epoch, run, &mut chunk.ops) };
+            chunk.heads.push(plan.heads[plan.runs[run].0]);
+            chunk.ends.push(chunk.ops.len());
         }
     }
 
@@ -503,7 +546,6 @@ impl State<'_> {
         let (mine, theirs) = (&self.slots[slot], &self.slots[1 - slot]);
         let mut local = start.to_vec();
         let mut replayed = 0u64;
-        let n_runs = plan.runs.len() as u64;
         let total = plan.n_tasks();
         let modulo = FastMod::new(plan.n as u32);
         // The chunk being drawn (swapped with the published one at announcing).
@@ -514,9 +556,9 @@ impl State<'_> {
         let mut marks = vec![0u64; plan.n];
         // Per task of the chunk: the other thread's `done` it waits for.
         let mut needs: Vec<u64> = Vec::new();
-        // Scratch of `conflict` for pairing the chunk's tasks.
-        let mut pair_seen = vec![0u64; plan.n];
-        let mut pair_stamp = 0u64;
+        // Scratch of `Chunk::group`.
+        let mut group_seen = vec![0u64; plan.n];
+        let mut group_stamp = 0u64;
         let mut written = 0u64;
         // The other thread's `replayed` as last read (room in the log).
         let mut room = LOG;
@@ -527,27 +569,13 @@ impl State<'_> {
                 return (local, replayed);
             }
             let end = (first + self.chunk).min(total);
-            draft.first = first;
-            draft.heads.clear();
-            draft.ends.clear();
-            draft.ops.clear();
+            // SAFETY: this thread holds the tasks (module comment).
+            unsafe { self.draw_chunk(plan, &modulo, first..end, &mut draft) };
             // Chunk numbers fit in 32 bits (`optimize`).
             let stamp = chunk + 1;
-            for task in first..end {
-                let (epoch, run) = ((task / n_runs) as usize, (task % n_runs) as usize);
-                let head = plan.heads[plan.runs[run].0];
-                let from = draft.ops.len();
-                // SAFETY: this thread holds the task (module comment).
-                unsafe { self.draw(plan, &modulo, epoch, run, &mut draft.ops) };
-                let j = draft.heads.len() as u64;
-                draft.heads.push(head);
-                draft.ends.push(draft.ops.len());
-                Rows {
-                    head,
-                    ops: &draft.ops[from..],
-                }
-                .each(|v, writes| {
-                    let mark = &mut marks[v as usize];
+            for j in 0..draft.len() {
+                draft.rows(j).each(|v, writes| {
+                    let (j, mark) = (j as u64, &mut marks[v as usize]);
                     if *mark >> 32 != stamp {
                         *mark = stamp << 32 | j << 16 | if writes { j } else { NONE };
                     } else if writes && *mark & NONE == NONE {
@@ -587,20 +615,15 @@ impl State<'_> {
                     seen = theirs.done.load(Ordering::Acquire);
                     catch_up(&mut local);
                 }
-                let task = published.first + j as u64;
-                let rows = published.rows(j);
-                let a = Lane::new(plan, task, rows.head, rows.ops);
-                // The next task alongside, unless it waits or conflicts.
-                let pair = j + 1 < published.len()
-                    && needs[j + 1] <= seen
-                    && !conflict(&rows, &published.rows(j + 1), &mut pair_seen, &mut pair_stamp);
-                let b = pair.then(|| {
-                    let rows = published.rows(j + 1);
-                    Lane::new(plan, task + 1, rows.head, rows.ops)
-                });
-                unsafe { run_tasks(plan, a, b, &mut local) };
+                // The next tasks alongside, unless they wait or conflict.
+                let mut most = 1;
+                while most < LANES && j + most < published.len() && needs[j + most] <= seen {
+                    most += 1;
+                }
+                let k = published.group(j, most, &mut group_seen, &mut group_stamp);
+                unsafe { run_group(plan, published, j, k, &mut local) };
                 // Log the rows written (the heads, the sampled edges' tails).
-                for ran in j..=j + pair as usize {
+                for ran in j..j + k {
                     published.rows(ran).each(|v, writes| {
                         if !writes {
                             return;
@@ -625,7 +648,7 @@ impl State<'_> {
                         written += 1;
                     });
                 }
-                j += 1 + pair as usize;
+                j += k;
                 mine.written.store(written, Ordering::Release);
                 mine.done.store(published.first + j as u64, Ordering::Release);
             }
@@ -806,52 +829,46 @@ impl<'o> Lane<'o> {
     }
 }
 
-/// Runs task `a`, or `a` then `b` interleaved: `b` must touch no row `a` writes
-/// and write no row `a` touches, so that each sees what the order `a`, `b` gives.
+/// Runs tasks `j..j + k` of `chunk` interleaved (`Chunk::group`: none writes a
+/// row another touches, so each sees what the task order gives it).
 ///
 /// # Safety
 /// The CPU has FMA.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "fma"))]
-unsafe fn run_tasks(plan: &Plan<'_>, a: Lane<'_>, b: Option<Lane<'_>>, emb: &mut [f32]) {
+unsafe fn run_group(plan: &Plan<'_>, chunk: &Chunk, j: usize, k: usize, emb: &mut [f32]) {
+    let lanes = std::array::from_fn(|i| chunk.lane(plan, j + i.min(k - 1)));
     match plan.dim {
-        1 => run_lanes::<1>(plan, a, b, emb),
-        2 => run_lanes::<2>(plan, a, b, emb),
-        _ => run_lanes::<3>(plan, a, b, emb),
+        1 => run_lanes::<1>(plan, lanes, k, emb),
+        2 => run_lanes::<2>(plan, lanes, k, emb),
+        _ => run_lanes::<3>(plan, lanes, k, emb),
     }
 }
 
+/// Steps the first `live` lanes in turn until all are done.
 #[inline(always)]
-fn run_lanes<const D: usize>(plan: &Plan<'_>, mut a: Lane<'_>, b: Option<Lane<'_>>, emb: &mut [f32]) {
-    if let Some(mut b) = b {
-        while !a.done() && !b.done() {
-            a.step::<D>(plan, emb);
-            b.step::<D>(plan, emb);
+fn run_lanes<const D: usize>(
+    plan: &Plan<'_>,
+    mut lanes: [Lane<'_>; LANES],
+    mut live: usize,
+    emb: &mut [f32],
+) {
+    loop {
+        let mut i = 0;
+        while i < live {
+            if lanes[i].done() {
+                live -= 1;
+                lanes.swap(i, live);
+            } else {
+                i += 1;
+            }
         }
-        while !b.done() {
-            b.step::<D>(plan, emb);
+        if live == 0 {
+            return;
+        }
+        for lane in &mut lanes[..live] {
+            lane.step::<D>(plan, emb);
         }
     }
-    while !a.done() {
-        a.step::<D>(plan, emb);
-    }
-}
-
-/// Whether two tasks conflict: one writes a row the other touches. `seen` is
-/// per-vertex scratch, `stamp` its last stamp.
-fn conflict(a: &Rows<'_>, b: &Rows<'_>, seen: &mut [u64], stamp: &mut u64) -> bool {
-    if a.ops.is_empty() || b.ops.is_empty() {
-        return false;
-    }
-    *stamp += 1;
-    let mark = *stamp << 1;
-    a.each(|v, writes| {
-        let s = &mut seen[v as usize];
-        *s = if *s & !1 == mark { *s | writes as u64 } else { mark | writes as u64 };
-    });
-    b.any(|v, writes| {
-        let s = seen[v as usize];
-        s & !1 == mark && (writes || s & 1 == 1)
-    })
 }
 
 /// The rows a task touches: its head and positive tails (written), its negative
