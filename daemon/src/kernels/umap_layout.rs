@@ -323,12 +323,12 @@ const CHUNK: u64 = 16;
 /// three fill those waits about as far as the CPU's other limits allow).
 const LANES: usize = 3;
 
+/// Most pending tasks `Chunk::pick` looks at for a group.
+const SCAN: usize = 8;
+
 /// Entries in a slot's log; a thread waits (replaying the other's) when its own
 /// is this far ahead of the other thread.
 const LOG: u64 = 1 << 14;
-
-/// No task of the chunk (in a mark's first-writer field).
-const NONE: u64 = 0xFFFF;
 
 /// The drawn tasks of a chunk: per task its head and its ops (`draw`'s format).
 #[derive(Default)]
@@ -351,32 +351,41 @@ impl Chunk {
         Lane::new(plan, self.first + j as u64, rows.head, rows.ops)
     }
 
-    /// How many tasks from `j` (at most `most`) can run interleaved: none
-    /// writes a row another touches. `seen` is per-vertex scratch, `stamp` its
-    /// last stamp.
-    fn group(&self, j: usize, most: usize, seen: &mut [u64], stamp: &mut u64) -> usize {
+    /// Chooses into `group` up to `LANES` of the `pending` tasks (in task
+    /// order) to run now, interleaved: each one's `needs` (the other thread's
+    /// `done`) are met, and it conflicts (writes a row another touches) with no
+    /// pending task before it. Looks at `SCAN` tasks at most. `seen` is
+    /// per-vertex scratch, `stamp` its last stamp.
+    fn pick(
+        &self,
+        pending: &[usize],
+        needs: &[u64],
+        done: u64,
+        group: &mut Vec<usize>,
+        seen: &mut [u64],
+        stamp: &mut u64,
+    ) {
+        group.clear();
         *stamp += 1;
         let mark = *stamp << 1;
-        let add = |rows: &Rows<'_>, seen: &mut [u64]| {
+        for &j in pending.iter().take(SCAN) {
+            let rows = self.rows(j);
+            let free = needs[j] <= done
+                && !rows.any(|v, writes| {
+                    let s = seen[v as usize];
+                    s & !1 == mark && (writes || s & 1 == 1)
+                });
+            if free {
+                group.push(j);
+                if group.len() == LANES {
+                    return;
+                }
+            }
             rows.each(|v, writes| {
                 let s = &mut seen[v as usize];
                 *s = if *s & !1 == mark { *s } else { mark } | writes as u64;
-            })
-        };
-        add(&self.rows(j), seen);
-        let mut k = 1;
-        while k < most && j + k < self.len() {
-            let rows = self.rows(j + k);
-            if rows.any(|v, writes| {
-                let s = seen[v as usize];
-                s & !1 == mark && (writes || s & 1 == 1)
-            }) {
-                break;
-            }
-            add(&rows, seen);
-            k += 1;
+            });
         }
-        k
     }
 
     fn rows(&self, j: usize) -> Rows<'_> {
@@ -471,7 +480,7 @@ fn wait_for(failed: &AtomicBool, ready: impl Fn() -> bool, mut meanwhile: impl F
             "the other layout thread failed"
         );
         meanwhile();
-        if spins < 256 {
+        if spins < 1 << 12 {
             std::hint::spin_loop();
             spins += 1;
         } else {
@@ -493,16 +502,19 @@ impl State<'_> {
         let mut seen = vec![0u64; plan.n];
         let mut stamp = 0u64;
         let mut chunk = Chunk::default();
+        let needs = [0; CHUNK as usize];
+        let (mut pending, mut group): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
         let mut first = 0;
         while first < total {
             let end = (first + CHUNK).min(total);
             // SAFETY: one thread, drawing in task order.
             unsafe { self.draw_chunk(plan, &modulo, first..end, &mut chunk) };
-            let mut j = 0;
-            while j < chunk.len() {
-                let k = chunk.group(j, LANES, &mut seen, &mut stamp);
-                unsafe { run_group(plan, &chunk, j, k, embedding) };
-                j += k;
+            pending.clear();
+            pending.extend(0..chunk.len());
+            while !pending.is_empty() {
+                chunk.pick(&pending, &needs, 0, &mut group, &mut seen, &mut stamp);
+                unsafe { run_group(plan, &chunk, &group, embedding) };
+                pending.retain(|j| !group.contains(j));
             }
             first = end;
         }
@@ -550,15 +562,16 @@ impl State<'_> {
         let modulo = FastMod::new(plan.n as u32);
         // The chunk being drawn (swapped with the published one at announcing).
         let mut draft = Chunk::default();
-        // Per vertex, for this thread's last chunk touching it: `chunk + 1` in
-        // the high 32 bits, then the first of its tasks touching the row and the
-        // first writing it (`NONE`), 16 bits each.
-        let mut marks = vec![0u64; plan.n];
+        // Per vertex, the other thread's pending tasks touching it (`announce`).
+        let mut their_rows = vec![0u64; plan.n];
+        let mut their_stamp = 0u64;
         // Per task of the chunk: the other thread's `done` it waits for.
         let mut needs: Vec<u64> = Vec::new();
         // Scratch of `Chunk::group`.
         let mut group_seen = vec![0u64; plan.n];
         let mut group_stamp = 0u64;
+        // The chunk's tasks not yet run, and those running together.
+        let (mut pending, mut group): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
         let mut written = 0u64;
         // The other thread's `replayed` as last read (room in the log).
         let mut room = LOG;
@@ -571,18 +584,6 @@ impl State<'_> {
             let end = (first + self.chunk).min(total);
             // SAFETY: this thread holds the tasks (module comment).
             unsafe { self.draw_chunk(plan, &modulo, first..end, &mut draft) };
-            // Chunk numbers fit in 32 bits (`optimize`).
-            let stamp = chunk + 1;
-            for j in 0..draft.len() {
-                draft.rows(j).each(|v, writes| {
-                    let (j, mark) = (j as u64, &mut marks[v as usize]);
-                    if *mark >> 32 != stamp {
-                        *mark = stamp << 32 | j << 16 | if writes { j } else { NONE };
-                    } else if writes && *mark & NONE == NONE {
-                        *mark = *mark & !NONE | j;
-                    }
-                });
-            }
             let mut catch_up = |local: &mut Vec<f32>| {
                 replayed = theirs.replay(local, replayed, dim);
                 mine.replayed.store(replayed, Ordering::Release);
@@ -594,7 +595,7 @@ impl State<'_> {
             );
             // SAFETY: announcements take turns (`announced`): no other thread
             // reads or writes a slot's chunk now.
-            unsafe { self.announce(slot, &mut draft, &marks, stamp, &mut needs) };
+            unsafe { self.announce(slot, &mut draft, &mut their_rows, &mut their_stamp, &mut needs) };
             self.announced.store(chunk + 1, Ordering::Release);
             // The other thread's earlier chunks are finished and in its log.
             let mut seen = theirs.done.load(Ordering::Acquire);
@@ -602,28 +603,30 @@ impl State<'_> {
             // SAFETY: the slot's chunk changes only at this thread's next
             // announcement.
             let published = unsafe { &*mine.chunk.get() };
-            let mut j = 0;
-            while j < published.len() {
-                let need = needs[j];
-                if need > seen {
+            pending.clear();
+            pending.extend(0..published.len());
+            while let Some(&oldest) = pending.first() {
+                // The other thread's progress, and its log up to there.
+                let done = theirs.done.load(Ordering::Acquire);
+                if done > seen {
+                    seen = done;
+                    catch_up(&mut local);
+                }
+                published.pick(&pending, &needs, seen, &mut group, &mut group_seen, &mut group_stamp);
+                if group.is_empty() {
+                    // The oldest pending task conflicts with none before it: it
+                    // waits for the other thread.
+                    let need = needs[oldest];
                     wait_for(
                         &self.failed,
                         || theirs.done.load(Ordering::Acquire) >= need,
                         || catch_up(&mut local),
                     );
-                    // Every task the wait was for is in the other's log.
-                    seen = theirs.done.load(Ordering::Acquire);
-                    catch_up(&mut local);
+                    continue;
                 }
-                // The next tasks alongside, unless they wait or conflict.
-                let mut most = 1;
-                while most < LANES && j + most < published.len() && needs[j + most] <= seen {
-                    most += 1;
-                }
-                let k = published.group(j, most, &mut group_seen, &mut group_stamp);
-                unsafe { run_group(plan, published, j, k, &mut local) };
+                unsafe { run_group(plan, published, &group, &mut local) };
                 // Log the rows written (the heads, the sampled edges' tails).
-                for ran in j..j + k {
+                for &ran in &group {
                     published.rows(ran).each(|v, writes| {
                         if !writes {
                             return;
@@ -648,9 +651,11 @@ impl State<'_> {
                         written += 1;
                     });
                 }
-                j += k;
+                pending.retain(|j| !group.contains(j));
+                // Done: the tasks before the oldest pending one.
+                let oldest = pending.first().copied().unwrap_or(published.len());
                 mine.written.store(written, Ordering::Release);
-                mine.done.store(published.first + j as u64, Ordering::Release);
+                mine.done.store(published.first + oldest as u64, Ordering::Release);
             }
         }
     }
@@ -703,9 +708,8 @@ impl State<'_> {
     /// Phase 2, in chunk order: for each task of this chunk, the other thread's
     /// `done` stamp it waits for: that of the last task of the other's running
     /// chunk that writes a row the task touches or touches a row it writes
-    /// (`marks` holds this chunk's first task touching and first task writing
-    /// each row), made cumulative since the tasks run in order. Publishes the
-    /// chunk.
+    /// (`their_rows` is per-vertex scratch, `stamp` its last stamp). Publishes
+    /// the chunk.
     ///
     /// # Safety
     /// No other thread announces meanwhile.
@@ -713,8 +717,8 @@ impl State<'_> {
         &self,
         slot: usize,
         draft: &mut Chunk,
-        marks: &[u64],
-        stamp: u64,
+        their_rows: &mut [u64],
+        stamp: &mut u64,
         needs: &mut Vec<u64>,
     ) {
         needs.clear();
@@ -724,25 +728,35 @@ impl State<'_> {
         let their = unsafe { &*theirs.chunk.get() };
         // Their tasks before `done` are finished (and their earlier chunks).
         let done = theirs.done.load(Ordering::Acquire);
-        for i in done.saturating_sub(their.first) as usize..their.len() {
-            let need = their.first + i as u64 + 1;
-            their.rows(i).each(|v, writes| {
-                let mark = marks[v as usize];
-                if mark >> 32 != stamp {
-                    return;
-                }
-                // They write: my first task touching the row waits; they read:
-                // my first task writing it.
-                let j = if writes { mark >> 16 & NONE } else { mark & NONE };
-                if j != NONE {
-                    needs[j as usize] = needs[j as usize].max(need);
-                }
-            });
-        }
-        let mut latest = 0;
-        for need in needs.iter_mut() {
-            latest = latest.max(*need);
-            *need = latest;
+        let from = done.saturating_sub(their.first) as usize;
+        if from < their.len() {
+            // Per row, the last of their pending tasks touching it and the last
+            // writing it (index + 1, 0 for none), under this stamp (fits in 32
+            // bits: one per chunk).
+            *stamp += 1;
+            let stamp = *stamp;
+            for i in from..their.len() {
+                let n = i as u64 + 1;
+                their.rows(i).each(|v, writes| {
+                    let row = &mut their_rows[v as usize];
+                    let writer = if *row >> 32 == stamp { *row & 0xFFFF } else { 0 };
+                    *row = stamp << 32 | n << 16 | if writes { n } else { writer };
+                });
+            }
+            for (j, need) in needs.iter_mut().enumerate() {
+                draft.rows(j).each(|v, writes| {
+                    let row = their_rows[v as usize];
+                    if row >> 32 != stamp {
+                        return;
+                    }
+                    // Writing, wait for their last task touching the row;
+                    // reading, for their last writing it.
+                    let last = if writes { row >> 16 & 0xFFFF } else { row & 0xFFFF };
+                    if last > 0 {
+                        *need = (*need).max(their.first + last);
+                    }
+                });
+            }
         }
         // SAFETY: as the function's.
         let published = unsafe { &mut *self.slots[slot].chunk.get() };
@@ -829,14 +843,15 @@ impl<'o> Lane<'o> {
     }
 }
 
-/// Runs tasks `j..j + k` of `chunk` interleaved (`Chunk::group`: none writes a
+/// Runs the tasks `group` of `chunk` interleaved (`Chunk::pick`: none writes a
 /// row another touches, so each sees what the task order gives it).
 ///
 /// # Safety
 /// The CPU has FMA.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "fma"))]
-unsafe fn run_group(plan: &Plan<'_>, chunk: &Chunk, j: usize, k: usize, emb: &mut [f32]) {
-    let lanes = std::array::from_fn(|i| chunk.lane(plan, j + i.min(k - 1)));
+unsafe fn run_group(plan: &Plan<'_>, chunk: &Chunk, group: &[usize], emb: &mut [f32]) {
+    let k = group.len();
+    let lanes = std::array::from_fn(|i| chunk.lane(plan, group[i.min(k - 1)]));
     match plan.dim {
         1 => run_lanes::<1>(plan, lanes, k, emb),
         2 => run_lanes::<2>(plan, lanes, k, emb),
