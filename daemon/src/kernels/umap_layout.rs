@@ -23,19 +23,29 @@
 //! results equal upstream's on this machine before trusting them (the shim runs
 //! both on a small graph once per process).
 //!
-//! **Threads, exactly.** Each epoch visits the edges in order, grouped in runs of
+//! **Tasks, exactly.** Each epoch visits the edges in order, grouped in runs of
 //! one head vertex (the edges come row-sorted from a CSR graph). A run is a task;
 //! tasks are numbered epoch by epoch. What a task reads and writes is known
 //! before it runs: its head and its edges' tails are moved, and its negative
 //! samples are read. The samples come from the head vertex's own random state,
-//! which only that vertex's tasks advance, so a thread can draw them (with the
-//! edges' epoch bookkeeping, which depends on no position) as soon as it takes
-//! the task. Tasks then announce their rows in task order; a task that touches a
-//! row the other thread's running task writes (or writes a row it reads) waits
-//! for it. Each of the two threads works on its own copy of the embedding and
-//! logs the rows each task wrote; before a task it replays the other's log.
-//! Every task therefore sees exactly the coordinates the sequential order gives
-//! it. (One shared embedding was no faster than one thread: its cache lines
+//! which only that vertex's tasks advance, so they can be drawn (with the
+//! edges' epoch bookkeeping, which depends on no position) before any position
+//! is known. Two tasks conflict when one writes a row the other touches; tasks
+//! that do not may run in any order, or at once, and each still sees exactly
+//! the coordinates the sequential order gives it.
+//!
+//! **Within a thread**, every link of a task (an attraction, a negative sample)
+//! waits for the previous link's `pow`, so the core idles most of the time: up
+//! to three tasks that do not conflict run interleaved, one link each in turn
+//! (`run_group`), and each one's `pow` fills the others' waits.
+//!
+//! **Two threads** take chunks of consecutive tasks, draw them, and announce
+//! them in chunk order. A task waits for the other thread's tasks of its
+//! running chunk that conflict with it, and runs out of order past a waiting
+//! task it does not conflict with. Each thread works on its own copy of the
+//! embedding and logs the rows its tasks wrote; it replays the other's log
+//! before using what the other wrote. (One shared embedding was no faster than
+//! one thread: its cache lines
 //! moved between the cores on almost every access. See docs/umap.md.)
 
 use super::SparseIndex;
@@ -91,7 +101,7 @@ pub fn optimize<I: SparseIndex>(
         next_negative: SharedSlice::new(&mut next_negative),
         rng: SharedSlice::new(&mut rng),
         slots: [Slot::new(dim), Slot::new(dim)],
-        chunk: std::env::var("UMAP_CHUNK").ok().and_then(|v| v.parse().ok()).unwrap_or(CHUNK).min(plan.runs.len() as u64 / 2),
+        chunk: CHUNK.min(plan.runs.len() as u64 / 2),
         next: Line(AtomicU64::new(0)),
         announced: Line(AtomicU64::new(0)),
         failed: AtomicBool::new(false),
@@ -317,14 +327,14 @@ struct Slot {
 /// handing over between the cores (a few cache lines) is paid once for all of
 /// them. Tasks wait only for the other thread's tasks they conflict with, so a
 /// larger chunk makes few tasks wait.
-const CHUNK: u64 = 16;
+const CHUNK: u64 = 32;
 
 /// Most tasks run interleaved by one thread (each lane's links wait on `pow`;
 /// three fill those waits about as far as the CPU's other limits allow).
 const LANES: usize = 3;
 
 /// Most pending tasks `Chunk::pick` looks at for a group.
-const SCAN: usize = 8;
+const SCAN: usize = 16;
 
 /// Entries in a slot's log; a thread waits (replaying the other's) when its own
 /// is this far ahead of the other thread.
@@ -469,9 +479,9 @@ impl<T> std::ops::Deref for Line<T> {
 }
 
 /// Waits for `ready`, doing `meanwhile` (replaying the other thread's log, which
-/// is what that thread may itself be waiting for), spinning briefly, then
-/// yielding: the other thread holds a task it is running, so the wait is short
-/// unless the machine is busy.
+/// is what that thread may itself be waiting for), spinning for some tens of
+/// microseconds (a few tasks), then yielding: the other thread holds a task it
+/// is running, so the wait is short unless the machine is busy.
 fn wait_for(failed: &AtomicBool, ready: impl Fn() -> bool, mut meanwhile: impl FnMut()) {
     let mut spins = 0u32;
     while !ready() {
@@ -595,7 +605,15 @@ impl State<'_> {
             );
             // SAFETY: announcements take turns (`announced`): no other thread
             // reads or writes a slot's chunk now.
-            unsafe { self.announce(slot, &mut draft, &mut their_rows, &mut their_stamp, &mut needs) };
+            unsafe {
+                self.announce(
+                    slot,
+                    &mut draft,
+                    &mut their_rows,
+                    &mut their_stamp,
+                    &mut needs,
+                )
+            };
             self.announced.store(chunk + 1, Ordering::Release);
             // The other thread's earlier chunks are finished and in its log.
             let mut seen = theirs.done.load(Ordering::Acquire);
@@ -612,7 +630,14 @@ impl State<'_> {
                     seen = done;
                     catch_up(&mut local);
                 }
-                published.pick(&pending, &needs, seen, &mut group, &mut group_seen, &mut group_stamp);
+                published.pick(
+                    &pending,
+                    &needs,
+                    seen,
+                    &mut group,
+                    &mut group_seen,
+                    &mut group_stamp,
+                );
                 if group.is_empty() {
                     // The oldest pending task conflicts with none before it: it
                     // waits for the other thread.
@@ -655,7 +680,8 @@ impl State<'_> {
                 // Done: the tasks before the oldest pending one.
                 let oldest = pending.first().copied().unwrap_or(published.len());
                 mine.written.store(written, Ordering::Release);
-                mine.done.store(published.first + oldest as u64, Ordering::Release);
+                mine.done
+                    .store(published.first + oldest as u64, Ordering::Release);
             }
         }
     }
@@ -739,7 +765,11 @@ impl State<'_> {
                 let n = i as u64 + 1;
                 their.rows(i).each(|v, writes| {
                     let row = &mut their_rows[v as usize];
-                    let writer = if *row >> 32 == stamp { *row & 0xFFFF } else { 0 };
+                    let writer = if *row >> 32 == stamp {
+                        *row & 0xFFFF
+                    } else {
+                        0
+                    };
                     *row = stamp << 32 | n << 16 | if writes { n } else { writer };
                 });
             }
@@ -751,7 +781,11 @@ impl State<'_> {
                     }
                     // Writing, wait for their last task touching the row;
                     // reading, for their last writing it.
-                    let last = if writes { row >> 16 & 0xFFFF } else { row & 0xFFFF };
+                    let last = if writes {
+                        row >> 16 & 0xFFFF
+                    } else {
+                        row & 0xFFFF
+                    };
                     if last > 0 {
                         *need = (*need).max(their.first + last);
                     }
