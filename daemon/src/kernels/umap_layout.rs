@@ -831,25 +831,11 @@ impl<'o> Lane<'o> {
     /// The next link.
     #[inline(always)]
     fn step<const D: usize>(&mut self, plan: &Plan<'_>, emb: &mut [f32]) {
-        let (j, alpha) = (self.head * D, self.alpha);
+        let j = self.head * D;
         if self.negative < self.negatives_end {
             let k = self.ops[self.negative] as usize * D;
             self.negative += 1;
-            let d2 = squared_distance::<D>(emb, j, k);
-            if d2 <= 0.0 || d2.is_nan() {
-                return;
-            }
-            let d = d2 as f64;
-            let s = d + 0.001;
-            let g = plan.repulsion / s.mul_add(d.powf(plan.b) * plan.a, s);
-            if g <= 0.0 || g.is_nan() {
-                return;
-            }
-            for c in 0..D {
-                let x = emb[j + c];
-                let diff = (x - emb[k + c]) as f64;
-                emb[j + c] = alpha.mul_add(clip(g * diff), x as f64) as f32;
-            }
+            repel::<D>(plan, self.alpha, j, k, emb);
             return;
         }
         let k = self.ops[self.at] as usize * D;
@@ -857,23 +843,49 @@ impl<'o> Lane<'o> {
         self.negative = self.at + 2;
         self.negatives_end = self.negative + count;
         self.at = self.negatives_end;
-        let d2 = squared_distance::<D>(emb, j, k);
-        let g = if d2 > 0.0 {
-            let d = d2 as f64;
-            let denominator = d.powf(plan.b).mul_add(plan.a, 1.0);
-            (d.powf(plan.b_minus_one) * plan.attraction) / denominator
-        } else {
-            0.0
-        };
-        for c in 0..D {
-            let x = emb[j + c];
-            let diff = (x - emb[k + c]) as f64;
-            let step = alpha * clip(g * diff);
-            emb[j + c] = (x as f64 + step) as f32;
-            // Read after the write: the tail may be the head itself.
-            let y = emb[k + c];
-            emb[k + c] = (y as f64 - step) as f32;
-        }
+        attract::<D>(plan, self.alpha, j, k, emb);
+    }
+}
+
+/// An edge's attraction: moves the head (row offset `j`) and the tail (`k`).
+#[inline(always)]
+fn attract<const D: usize>(plan: &Plan<'_>, alpha: f64, j: usize, k: usize, emb: &mut [f32]) {
+    let d2 = squared_distance::<D>(emb, j, k);
+    let g = if d2 > 0.0 {
+        let d = d2 as f64;
+        let denominator = d.powf(plan.b).mul_add(plan.a, 1.0);
+        (d.powf(plan.b_minus_one) * plan.attraction) / denominator
+    } else {
+        0.0
+    };
+    for c in 0..D {
+        let x = emb[j + c];
+        let diff = (x - emb[k + c]) as f64;
+        let step = alpha * clip(g * diff);
+        emb[j + c] = (x as f64 + step) as f32;
+        // Read after the write: the tail may be the head itself.
+        let y = emb[k + c];
+        emb[k + c] = (y as f64 - step) as f32;
+    }
+}
+
+/// A negative sample's repulsion: moves the head (row offset `j`) away from `k`.
+#[inline(always)]
+fn repel<const D: usize>(plan: &Plan<'_>, alpha: f64, j: usize, k: usize, emb: &mut [f32]) {
+    let d2 = squared_distance::<D>(emb, j, k);
+    if d2 <= 0.0 || d2.is_nan() {
+        return;
+    }
+    let d = d2 as f64;
+    let s = d + 0.001;
+    let g = plan.repulsion / s.mul_add(d.powf(plan.b) * plan.a, s);
+    if g <= 0.0 || g.is_nan() {
+        return;
+    }
+    for c in 0..D {
+        let x = emb[j + c];
+        let diff = (x - emb[k + c]) as f64;
+        emb[j + c] = alpha.mul_add(clip(g * diff), x as f64) as f32;
     }
 }
 
@@ -1084,6 +1096,76 @@ mod tests {
             negative_sample_rate: 5.0,
             n_epochs,
             rng_state: [-631_472_624, 247_551_186, -1_380_708_704],
+        }
+    }
+
+    /// upstream's loops as written, edge by edge and epoch by epoch, with the
+    /// kernel's arithmetic: the order the tasks, groups and threads reproduce.
+    fn in_order(emb: &mut [f32], dim: usize, head: &[i32], tail: &[i32], eps: &[f64], p: &Params) {
+        let plan = Plan::new(emb, dim, head, tail, eps, p).unwrap();
+        let n = emb.len() / dim;
+        let modulo = FastMod::new(n as u32);
+        let mut next = eps.to_vec();
+        let mut next_negative = plan.epochs_per_negative_sample.clone();
+        let mut rng: Vec<[i64; 3]> = (0..n)
+            .map(|v| {
+                let bits = (emb[v * dim] as f64).to_bits() as i64;
+                p.rng_state.map(|s| s.wrapping_add(bits))
+            })
+            .collect();
+        for (epoch, &alpha) in plan.alpha.iter().enumerate() {
+            let now = epoch as f64;
+            for i in 0..head.len() {
+                if next[i] > now || next[i].is_nan() {
+                    continue;
+                }
+                let (j, k) = (head[i] as usize * dim, tail[i] as usize * dim);
+                let link = |k: usize, emb: &mut [f32], attraction: bool| match (dim, attraction) {
+                    (1, true) => attract::<1>(&plan, alpha, j, k, emb),
+                    (2, true) => attract::<2>(&plan, alpha, j, k, emb),
+                    (_, true) => attract::<3>(&plan, alpha, j, k, emb),
+                    (1, false) => repel::<1>(&plan, alpha, j, k, emb),
+                    (2, false) => repel::<2>(&plan, alpha, j, k, emb),
+                    (_, false) => repel::<3>(&plan, alpha, j, k, emb),
+                };
+                link(k, emb, true);
+                next[i] += eps[i];
+                let per_negative = plan.epochs_per_negative_sample[i];
+                let count = truncate_cvttsd2si((now - next_negative[i]) / per_negative);
+                for _ in 0..count.max(0) {
+                    let sample = modulo.python_mod(tau_rand_int(&mut rng[head[i] as usize]));
+                    link(sample as usize * dim, emb, false);
+                }
+                next_negative[i] = per_negative.mul_add(count as f64, next_negative[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn one_and_two_threads_give_the_order_of_upstreams_loops() {
+        // Small graphs (many conflicts: waits, tasks out of order, small
+        // groups), hubs (long tasks) and chunks cut across epochs.
+        for (n, k, dim, seed, epochs) in [
+            (40, 6, 2, 11, 60),
+            (2000, 12, 2, 12, 30),
+            (300, 4, 3, 13, 40),
+            (200, 3, 1, 14, 40),
+            (7, 30, 2, 15, 50),
+        ] {
+            let (start, head, tail, eps) = graph(n, k, dim, seed);
+            let mut want = start.clone();
+            in_order(&mut want, dim, &head, &tail, &eps, &params(epochs));
+            assert_ne!(want, start);
+            for threads in [1, 2] {
+                let mut got = start.clone();
+                optimize(&mut got, dim, &head, &tail, &eps, &params(epochs), threads).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "n {n} k {k} dim {dim} threads {threads}"
+                );
+            }
         }
     }
 
