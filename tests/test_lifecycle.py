@@ -531,6 +531,20 @@ def test_a_daemon_whose_replies_cannot_be_decoded_is_replaced(fresh_runtime):
     assert hello.build_id == runtime.expected_build_id()
 
 
+def test_a_request_sent_at_most_once_is_not_lost_to_a_closed_connection(fresh_runtime):
+    """A request that is never resent (``retry=False``: umap's layout writes the
+    coordinates it starts from) still reaches a daemon when the one its connection
+    led to has left in between (exited idle, replaced): that connection is found
+    closed before anything is sent, and a new one is opened."""
+    client = client_mod.Client()
+    first = client.status(autostart=True)
+    assert client_mod.Client().shutdown()  # another client stops that daemon
+    assert wait_until(lambda: not runtime.pid_alive(first.pid))
+    reply = client.call(codec.msg("Status"), retry=False)
+    assert reply.value.pid != first.pid
+    client.reset()
+
+
 def test_adopted_data_in_a_lent_segment_survives_a_daemon_restart(fresh_runtime):
     """A daemon that exits unlinks the segments it lent; a client still holding
     one re-places its data and is served by the next daemon (strict mode on)."""

@@ -61,6 +61,20 @@ class Connection:
             raise DaemonUnavailable(f"daemon sent a frame of {n} bytes")
         return codec.decode(RESPONSE, self._recv_exact(n))
 
+    def open(self) -> bool:
+        """Whether the daemon still holds this connection: false once it has closed
+        it (it exited or was replaced since the last request). Nothing is sent."""
+        try:
+            self.sock.setblocking(False)
+            try:
+                return self.sock.recv(1, socket.MSG_PEEK) != b""
+            finally:
+                self.sock.setblocking(True)
+        except BlockingIOError:
+            return True  # open, nothing to read
+        except OSError:
+            return False
+
     def _recv_exact(self, n: int) -> bytes:
         buf = bytearray(n)
         view = memoryview(buf)
@@ -197,6 +211,10 @@ class Client:
         A daemon error reply raises DaemonError; anything else DaemonUnavailable."""
         timeout = request_timeout() if timeout is None else timeout
         with self._lock:
+            if not retry and self._conn is not None and not self._conn.open():
+                # A request that must not be sent twice goes on a connection the
+                # daemon still holds: one it closed since would fail it unsent.
+                self.reset()
             for attempt in (0, 1):
                 try:
                     reply = self.connection(autostart).call(request, timeout)

@@ -272,7 +272,7 @@ struct SharedSlice<'a, T> {
 }
 
 // SAFETY: every element is accessed by one thread at a time, as `State::work`
-// arranges: a run's block (its edges' epochs, its head's random state) only by
+// arranges: a run's state (its edges' epochs, its head's random state) only by
 // the thread drawing one of that run's tasks. Those are a whole epoch (two
 // chunks or more) apart, and a thread takes a chunk only after announcing its
 // previous one, which waits for the announcement of the chunk before it: when
@@ -325,8 +325,9 @@ struct Slot {
 
 /// Consecutive tasks taken, drawn and announced together: what each costs in
 /// handing over between the cores (a few cache lines) is paid once for all of
-/// them. Tasks wait only for the other thread's tasks they conflict with, so a
-/// larger chunk makes few tasks wait.
+/// them. Tasks wait only for the other thread's tasks they conflict with, and
+/// others run meanwhile, so a larger chunk costs few waits (the pipeline's layout:
+/// 32 and 64 alike, 8 and 16 a little slower; docs/umap.md).
 const CHUNK: u64 = 32;
 
 /// Most tasks run interleaved by one thread (each lane's links wait on `pow`;
