@@ -45,8 +45,8 @@
 //! task it does not conflict with. Each thread works on its own copy of the
 //! embedding and logs the rows its tasks wrote; it replays the other's log
 //! before using what the other wrote. (One shared embedding was no faster than
-//! one thread: its cache lines
-//! moved between the cores on almost every access. See docs/umap.md.)
+//! one thread: its cache lines moved between the cores on almost every access.
+//! See docs/umap.md.)
 
 use super::SparseIndex;
 use std::cell::UnsafeCell;
@@ -151,7 +151,7 @@ struct Plan<'a> {
     runs: Vec<(usize, usize)>,
     heads: Vec<u32>,
     tails: Vec<u32>,
-    /// The caller's, borrowed (read-only; the epochs that move are in the run blocks).
+    /// The caller's, borrowed (read-only; the epochs that move are in `State`).
     epochs_per_sample: &'a [f64],
     epochs_per_negative_sample: Vec<f64>,
     /// Learning rate of each epoch.
@@ -578,7 +578,7 @@ impl State<'_> {
         let mut their_stamp = 0u64;
         // Per task of the chunk: the other thread's `done` it waits for.
         let mut needs: Vec<u64> = Vec::new();
-        // Scratch of `Chunk::group`.
+        // Scratch of `Chunk::pick`.
         let mut group_seen = vec![0u64; plan.n];
         let mut group_stamp = 0u64;
         // The chunk's tasks not yet run, and those running together.
@@ -801,8 +801,9 @@ impl State<'_> {
 
 /// Phase 3: upstream's epoch body for a task's sampled edges, one link at a
 /// time: an edge's attraction, or one of its negative samples. Each link waits
-/// for the previous one's result (mostly `pow`'s latency), so two tasks that do
-/// not conflict run interleaved, each one's links filling the other's waits.
+/// for the previous one's result (mostly `pow`'s latency), so up to `LANES`
+/// tasks that do not conflict run interleaved, each one's links filling the
+/// others' waits.
 struct Lane<'o> {
     head: usize,
     ops: &'o [u32],
